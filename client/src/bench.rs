@@ -1,0 +1,302 @@
+//! `raftblk bench`: drives a running cluster through the client library
+//! (4 KiB random writes and reads at QD1 and QD32, 1 MiB sequential writes)
+//! and, in the same run, measures this machine's local limits: a 4 KiB
+//! write + fdatasync at QD1, and synced RocksDB writes from 32 threads.
+//! Prints one table with IOPS, MiB/s, p50/p99 latency and the ratio to the
+//! local limit.
+
+use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use rand::Rng as _;
+use raftblk_client::size::parse_size;
+use raftblk_client::{Client, Volume};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Seconds per workload.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Size of the scratch volume (created and deleted by the bench); the
+    /// random workloads touch the region the sequential write filled.
+    #[arg(long, default_value = "1G")]
+    pub size: String,
+    /// Directory on the disk the nodes use, for the local-limit runs.
+    #[arg(long, default_value = ".")]
+    pub local_dir: PathBuf,
+    /// Keep the scratch volume instead of deleting it.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// Latency samples kept per workload.
+const SAMPLES_MAX: usize = 2_000_000;
+
+struct Stats {
+    name: String,
+    ops: u64,
+    bytes: u64,
+    elapsed: Duration,
+    lat_us: Vec<u32>,
+}
+
+impl Stats {
+    fn iops(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    fn mib_s(&self) -> f64 {
+        self.bytes as f64 / (1 << 20) as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    fn pct(&mut self, p: f64) -> f64 {
+        if self.lat_us.is_empty() {
+            return 0.0;
+        }
+        self.lat_us.sort_unstable();
+        let i = ((self.lat_us.len() - 1) as f64 * p).round() as usize;
+        self.lat_us[i] as f64 / 1000.0
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Op {
+    Read,
+    Write,
+}
+
+async fn workload(
+    vol: &Volume,
+    name: &str,
+    op: Op,
+    qd: usize,
+    block: u64,
+    region: u64,
+    sequential: bool,
+    seconds: u64,
+) -> anyhow::Result<Stats> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..qd {
+        let vol = vol.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut ops = 0u64;
+            let data = raftblk_client_bench_payload(w as u64, block as usize);
+            let slots = region / block;
+            while Instant::now() < deadline {
+                let off = if sequential {
+                    (next.fetch_add(1, Ordering::Relaxed) % slots) * block
+                } else {
+                    rand::thread_rng().gen_range(0..slots) * block
+                };
+                let t = Instant::now();
+                match op {
+                    Op::Write => vol.write(off, &data).await?,
+                    Op::Read => {
+                        vol.read(off, block).await?;
+                    }
+                }
+                if lat.len() < SAMPLES_MAX / qd.max(1) {
+                    lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                }
+                ops += 1;
+            }
+            anyhow::Ok((ops, lat))
+        }));
+    }
+    let mut stats = Stats {
+        name: name.to_owned(),
+        ops: 0,
+        bytes: 0,
+        elapsed: Duration::ZERO,
+        lat_us: Vec::new(),
+    };
+    for t in tasks {
+        let (ops, lat) = t.await??;
+        stats.ops += ops;
+        stats.lat_us.extend(lat);
+    }
+    stats.elapsed = started.elapsed();
+    stats.bytes = stats.ops * block;
+    Ok(stats)
+}
+
+fn raftblk_client_bench_payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// 4 KiB pwrite + fdatasync at QD1 on a scratch file in `dir`.
+fn local_fdatasync(dir: &std::path::Path, seconds: u64) -> anyhow::Result<Stats> {
+    let path = dir.join(format!(".raftblk-bench-{}.dat", std::process::id()));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    let buf = raftblk_client_bench_payload(1, 4096);
+    let slots = 16384u64; // 64 MiB file
+    f.set_len(slots * 4096)?;
+    f.sync_all()?;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut lat = Vec::new();
+    let mut ops = 0u64;
+    let mut rng = rand::thread_rng();
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        f.write_all_at(&buf, rng.gen_range(0..slots) * 4096)?;
+        f.sync_data()?;
+        if lat.len() < SAMPLES_MAX {
+            lat.push(t.elapsed().as_micros() as u32);
+        }
+        ops += 1;
+    }
+    let elapsed = started.elapsed();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    Ok(Stats {
+        name: "local 4K write+fdatasync QD1".into(),
+        ops,
+        bytes: ops * 4096,
+        elapsed,
+        lat_us: lat,
+    })
+}
+
+/// Synced RocksDB puts of 4 KiB values from 32 threads.
+fn local_rocksdb(dir: &std::path::Path, seconds: u64) -> anyhow::Result<Stats> {
+    let path = dir.join(format!(".raftblk-bench-rocksdb-{}", std::process::id()));
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    let db = Arc::new(rocksdb::DB::open(&opts, &path)?);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let threads: Vec<_> = (0..32u64)
+        .map(|t| {
+            let db = db.clone();
+            std::thread::spawn(move || -> anyhow::Result<(u64, Vec<u32>)> {
+                let mut wo = rocksdb::WriteOptions::default();
+                wo.set_sync(true);
+                let value = raftblk_client_bench_payload(t, 4096);
+                let mut ops = 0u64;
+                let mut lat = Vec::new();
+                while Instant::now() < deadline {
+                    let key = ((t << 40) | (ops % 16384)).to_be_bytes();
+                    let s = Instant::now();
+                    db.put_opt(key, &value, &wo)?;
+                    if lat.len() < SAMPLES_MAX / 32 {
+                        lat.push(s.elapsed().as_micros() as u32);
+                    }
+                    ops += 1;
+                }
+                Ok((ops, lat))
+            })
+        })
+        .collect();
+    let mut stats = Stats {
+        name: "local RocksDB synced put, 32 writers".into(),
+        ops: 0,
+        bytes: 0,
+        elapsed: Duration::ZERO,
+        lat_us: Vec::new(),
+    };
+    for t in threads {
+        let (ops, lat) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("rocksdb bench thread panicked"))??;
+        stats.ops += ops;
+        stats.lat_us.extend(lat);
+    }
+    stats.elapsed = started.elapsed();
+    stats.bytes = stats.ops * 4096;
+    drop(db);
+    let _ = rocksdb::DB::destroy(&rocksdb::Options::default(), &path);
+    let _ = std::fs::remove_dir_all(&path);
+    Ok(stats)
+}
+
+pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
+    let size = parse_size(&args.size).map_err(|e| anyhow::anyhow!("--size: {e}"))?;
+    if size < (64 << 20) || size % 4096 != 0 {
+        anyhow::bail!("--size: at least 64M and a multiple of 4096");
+    }
+    if args.seconds == 0 || args.seconds > 3600 {
+        anyhow::bail!("--seconds: must be in 1..=3600");
+    }
+    let s = args.seconds;
+    let dir = args.local_dir.clone();
+    eprintln!("measuring local limits in {} ({s} s each)...", dir.display());
+    let d1 = dir.clone();
+    let mut fsync = tokio::task::spawn_blocking(move || local_fdatasync(&d1, s)).await??;
+    let d2 = dir.clone();
+    let mut rocks = tokio::task::spawn_blocking(move || local_rocksdb(&d2, s)).await??;
+
+    let name = format!("bench-{}", std::process::id());
+    client.create_volume(&name, size).await?;
+    let vol = client.open_volume(&name).await?;
+    let result = async {
+        eprintln!("running cluster workloads on volume {name} ({s} s each)...");
+        let mut seq = workload(&vol, "1M seq write QD4", Op::Write, 4, 1 << 20, size, true, s).await?;
+        // Random I/O within what the sequential pass filled.
+        let region = (seq.ops * (1 << 20)).clamp(64 << 20, size);
+        let mut w1 = workload(&vol, "4K rand write QD1", Op::Write, 1, 4096, region, false, s).await?;
+        let mut w32 = workload(&vol, "4K rand write QD32", Op::Write, 32, 4096, region, false, s).await?;
+        let mut r1 = workload(&vol, "4K rand read QD1", Op::Read, 1, 4096, region, false, s).await?;
+        let mut r32 = workload(&vol, "4K rand read QD32", Op::Read, 32, 4096, region, false, s).await?;
+        let fs_p50 = fsync.pct(0.5);
+        let rocks_iops = rocks.iops();
+        let mut out = String::new();
+        out += "| workload | IOPS | MiB/s | p50 ms | p99 ms | vs local limit |\n";
+        out += "|---|---:|---:|---:|---:|---|\n";
+        let mut row = |st: &mut Stats, ratio: String| {
+            let (p50, p99) = (st.pct(0.5), st.pct(0.99));
+            out += &format!(
+                "| {} | {:.0} | {:.1} | {:.3} | {:.3} | {} |\n",
+                st.name,
+                st.iops(),
+                st.mib_s(),
+                p50,
+                p99,
+                ratio
+            );
+        };
+        row(&mut fsync, "(local limit: QD1 latency)".into());
+        row(&mut rocks, "(local limit: QD32 IOPS)".into());
+        let w1_p50 = w1.pct(0.5);
+        row(&mut w1, format!("p50 = {:.2}x local fdatasync p50", w1_p50 / fs_p50.max(1e-9)));
+        let w32_iops = w32.iops();
+        row(&mut w32, format!("IOPS = {:.2}x local RocksDB 32 writers", w32_iops / rocks_iops.max(1e-9)));
+        row(&mut r1, "-".into());
+        row(&mut r32, "-".into());
+        row(&mut seq, "-".into());
+        anyhow::Ok(out)
+    }
+    .await;
+    if !args.keep {
+        if let Err(e) = client.delete_volume(&name).await {
+            eprintln!("warning: could not delete scratch volume {name}: {e}");
+        }
+    }
+    let table = result?;
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "{table}")?;
+    Ok(())
+}

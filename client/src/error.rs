@@ -1,0 +1,36 @@
+//! Errors the client library reports to its callers.
+
+use raftblk_proto::{Error as PbError, ErrorCode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the cluster at {addrs}: {reason}")]
+    Unreachable { addrs: String, reason: String },
+    #[error("no volume named {0:?}")]
+    NoSuchVolume(String),
+    #[error("volume {0:?} already exists")]
+    VolumeExists(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("out of range: {0}")]
+    OutOfRange(String),
+    #[error("{what} did not complete before its deadline; last error: {last}")]
+    Timeout { what: String, last: String },
+    #[error("server error: {0}")]
+    Server(PbError),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ClientError {
+    /// Maps a final (non-retryable) server error.
+    pub fn from_server(e: PbError, name: Option<&str>) -> ClientError {
+        match e.kind() {
+            ErrorCode::NoSuchVolume => ClientError::NoSuchVolume(name.map(str::to_owned).unwrap_or(e.message)),
+            ErrorCode::VolumeExists => ClientError::VolumeExists(name.map(str::to_owned).unwrap_or(e.message)),
+            ErrorCode::InvalidArgument => ClientError::InvalidArgument(e.message),
+            ErrorCode::OutOfRange => ClientError::OutOfRange(e.message),
+            _ => ClientError::Server(e),
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! raftblk client library: what every consumer (the CLI, the vhost-user-blk
+//! frontend, the tests) uses to reach the cluster.
+//!
+//! - `topology`: the cluster's shape, fetched from any reachable node.
+//! - `router`: group → leader cache, per-attempt timeouts, retries of
+//!   NotLeader / unavailable / timeouts with backoff under a deadline.
+//! - `volume`: a volume handle that validates I/O, splits it at chunk
+//!   boundaries and sends the pieces concurrently.
+
+pub mod error;
+pub mod router;
+pub mod size;
+pub mod topology;
+pub mod volume;
+
+pub use error::ClientError;
+pub use router::{Client, ClientOptions};
+pub use volume::Volume;

@@ -1,0 +1,339 @@
+//! `raftblk`: the admin CLI (cluster status, volume management, raw image
+//! import/export, benchmark).
+
+mod bench;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use raftblk_client::size::{format_size, parse_size};
+use raftblk_client::{Client, ClientOptions};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+#[derive(Parser, Debug)]
+#[command(name = "raftblk", version, about = "raftblk admin CLI")]
+struct Cli {
+    /// Cluster node addresses (host:port, comma separated).
+    #[arg(long, env = "RAFTBLK_CLUSTER", default_value = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103", global = true)]
+    cluster: String,
+    /// Deadline of one operation, retries included, in seconds.
+    #[arg(long, default_value_t = 30, global = true)]
+    timeout_secs: u64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Cluster-wide operations.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+    /// Volume management.
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+    },
+    /// Benchmark a running cluster against this machine's local limits.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Members, groups, leaders, terms, indexes and health.
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCmd {
+    /// Create a thin volume.
+    Create {
+        name: String,
+        /// Size, e.g. 10G (a multiple of 512 bytes).
+        #[arg(long)]
+        size: String,
+    },
+    /// List volumes.
+    List,
+    /// Show one volume.
+    Info { name: String },
+    /// Delete a volume (its blocks are freed in the background).
+    Delete { name: String },
+    /// Grow a volume.
+    Grow {
+        name: String,
+        /// New size, e.g. 20G.
+        #[arg(long)]
+        size: String,
+    },
+    /// Copy a raw image file into a volume.
+    Import { name: String, file: PathBuf },
+    /// Copy a volume into a raw image file.
+    Export { name: String, file: PathBuf },
+}
+
+/// Bytes per import/export step.
+const COPY_PIECE_BYTES: u64 = 1 << 20;
+/// Steps in flight during import/export.
+const COPY_IN_FLIGHT: usize = 8;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("raftblk: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("raftblk: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<Client> {
+    let seeds: Vec<String> = cli
+        .cluster
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let opts = ClientOptions {
+        deadline: Duration::from_secs(cli.timeout_secs.max(1)),
+        ..ClientOptions::default()
+    };
+    Ok(Client::connect(&seeds, opts).await?)
+}
+
+fn parse_volume_size(text: &str) -> anyhow::Result<u64> {
+    let size = parse_size(text).map_err(|e| anyhow::anyhow!("--size: {e}"))?;
+    if size == 0 {
+        bail!("--size: must be positive");
+    }
+    if size % 512 != 0 {
+        bail!("--size: {size} bytes is not a multiple of 512");
+    }
+    Ok(size)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.cmd {
+        Cmd::Cluster { cmd: ClusterCmd::Status } => status(&connect(&cli).await?).await,
+        Cmd::Volume { cmd } => volume(&cli, cmd).await,
+        Cmd::Bench(args) => bench::run(&connect(&cli).await?, args).await,
+    }
+}
+
+async fn status(client: &Client) -> anyhow::Result<()> {
+    let topo = client.topology();
+    println!(
+        "cluster: {} nodes, {} data groups, {} replicas, chunk {}",
+        topo.nodes.len(),
+        topo.data_groups,
+        topo.replicas,
+        format_size(topo.chunk_size_bytes)
+    );
+    let statuses = client.node_statuses().await;
+    println!("{:<6} {:<22} {:<8} {:>7} {:>9} {:>10} {:>10}", "NODE", "ADDRESS", "HEALTH", "GROUPS", "LEADING", "CRC-ERRS", "SNAPSHOTS");
+    let mut leaders = std::collections::BTreeMap::new();
+    for (id, addr, r) in &statuses {
+        match r {
+            Ok(s) => {
+                let leading = s.groups.iter().filter(|g| g.role == "leader").count();
+                for g in &s.groups {
+                    if g.role == "leader" {
+                        leaders.insert(g.group_id, (*id, g.term, g.commit_index, g.applied_index));
+                    }
+                }
+                println!(
+                    "{:<6} {:<22} {:<8} {:>7} {:>9} {:>10} {:>4}/{:<5}",
+                    id,
+                    addr,
+                    "up",
+                    s.groups.len(),
+                    leading,
+                    s.checksum_errors,
+                    s.snapshots_sent,
+                    s.snapshots_applied
+                );
+            }
+            Err(e) => println!("{:<6} {:<22} {:<8} ({e})", id, addr, "DOWN"),
+        }
+    }
+    println!();
+    println!("{:<6} {:<14} {:<8} {:>6} {:>10} {:>10}", "GROUP", "REPLICAS", "LEADER", "TERM", "COMMIT", "APPLIED");
+    let mut unhealthy = 0;
+    for g in 0..=topo.data_groups {
+        let replicas = topo.replicas_of(g);
+        let reps = replicas.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
+        match leaders.get(&g) {
+            Some((l, term, commit, applied)) => println!(
+                "{:<6} {:<14} {:<8} {:>6} {:>10} {:>10}",
+                if g == 0 { "meta".to_string() } else { g.to_string() },
+                reps,
+                l,
+                term,
+                commit,
+                applied
+            ),
+            None => {
+                unhealthy += 1;
+                println!("{:<6} {:<14} {:<8}", if g == 0 { "meta".to_string() } else { g.to_string() }, reps, "NONE")
+            }
+        }
+    }
+    let down = statuses.iter().filter(|(_, _, r)| r.is_err()).count();
+    println!();
+    if down == 0 && unhealthy == 0 {
+        println!("health: OK");
+    } else {
+        println!("health: DEGRADED ({down} node(s) down, {unhealthy} group(s) without a leader)");
+    }
+    Ok(())
+}
+
+async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
+    // Validate arguments before touching the network.
+    let size = match cmd {
+        VolumeCmd::Create { size, .. } | VolumeCmd::Grow { size, .. } => Some(parse_volume_size(size)?),
+        _ => None,
+    };
+    if let VolumeCmd::Import { file, .. } = cmd {
+        let meta = std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
+        if !meta.is_file() {
+            bail!("{} is not a regular file", file.display());
+        }
+    }
+    let client = connect(cli).await?;
+    match cmd {
+        VolumeCmd::Create { name, .. } => {
+            let v = client.create_volume(name, size.unwrap_or(0)).await?;
+            println!("created volume {} (id {}, {})", v.name, v.id, format_size(v.size_bytes));
+        }
+        VolumeCmd::List => {
+            let vols = client.list_volumes().await?;
+            println!("{:<6} {:<32} {:>14} {:>12}", "ID", "NAME", "SIZE", "CHUNK");
+            for v in vols {
+                println!("{:<6} {:<32} {:>14} {:>12}", v.id, v.name, format_size(v.size_bytes), format_size(v.chunk_size_bytes));
+            }
+        }
+        VolumeCmd::Info { name } => {
+            let v = client.volume_info(name).await?;
+            println!("name:       {}", v.name);
+            println!("id:         {}", v.id);
+            println!("size:       {} ({} bytes)", format_size(v.size_bytes), v.size_bytes);
+            println!("chunk size: {}", format_size(v.chunk_size_bytes));
+            println!("chunks:     {}", v.size_bytes.div_ceil(v.chunk_size_bytes));
+            println!("created:    {} (unix ms)", v.created_unix_ms);
+        }
+        VolumeCmd::Delete { name } => {
+            let v = client.delete_volume(name).await?;
+            println!("deleted volume {} (id {})", v.name, v.id);
+        }
+        VolumeCmd::Grow { name, .. } => {
+            let v = client.grow_volume(name, size.unwrap_or(0)).await?;
+            println!("volume {} is now {}", v.name, format_size(v.size_bytes));
+        }
+        VolumeCmd::Import { name, file } => import(&client, name, file).await?,
+        VolumeCmd::Export { name, file } => export(&client, name, file).await?,
+    }
+    Ok(())
+}
+
+fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_owned());
+    pb
+}
+
+async fn import(client: &Client, name: &str, file: &std::path::Path) -> anyhow::Result<()> {
+    let vol = client.open_volume(name).await?;
+    let file_len = std::fs::metadata(file)?.len();
+    if file_len > vol.size_bytes() {
+        bail!(
+            "{} is {} bytes, larger than volume {name} ({} bytes)",
+            file.display(),
+            file_len,
+            vol.size_bytes()
+        );
+    }
+    let pb = progress(file_len, "import");
+    let steps: Vec<u64> = (0..file_len.div_ceil(COPY_PIECE_BYTES)).map(|i| i * COPY_PIECE_BYTES).collect();
+    let path = file.to_owned();
+    stream::iter(steps)
+        .map(|off| {
+            let vol = vol.clone();
+            let path = path.clone();
+            let pb = pb.clone();
+            async move {
+                let len = COPY_PIECE_BYTES.min(file_len - off);
+                let mut f = tokio::fs::File::open(&path).await?;
+                f.seek(std::io::SeekFrom::Start(off)).await?;
+                let mut buf = vec![0u8; len as usize];
+                f.read_exact(&mut buf).await?;
+                // Pad a final partial sector with zeros.
+                let padded = len.div_ceil(512) * 512;
+                buf.resize(padded as usize, 0);
+                if buf.iter().all(|&b| b == 0) {
+                    vol.write_zeroes(off, padded).await?;
+                } else {
+                    vol.write(off, &buf).await?;
+                }
+                pb.inc(len);
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(COPY_IN_FLIGHT)
+        .try_collect::<Vec<()>>()
+        .await?;
+    vol.flush().await?;
+    pb.finish_and_clear();
+    println!("imported {} ({file_len} bytes) into volume {name}", file.display());
+    Ok(())
+}
+
+async fn export(client: &Client, name: &str, file: &std::path::Path) -> anyhow::Result<()> {
+    let vol = client.open_volume(name).await?;
+    let size = vol.size_bytes();
+    let mut out = tokio::fs::File::create(file)
+        .await
+        .with_context(|| format!("cannot create {}", file.display()))?;
+    let pb = progress(size, "export");
+    let steps: Vec<u64> = (0..size.div_ceil(COPY_PIECE_BYTES)).map(|i| i * COPY_PIECE_BYTES).collect();
+    let mut reads = stream::iter(steps)
+        .map(|off| {
+            let vol = vol.clone();
+            async move { vol.read(off, COPY_PIECE_BYTES.min(size - off)).await }
+        })
+        .buffered(COPY_IN_FLIGHT);
+    while let Some(data) = reads.next().await {
+        let data = data?;
+        out.write_all(&data).await?;
+        pb.inc(data.len() as u64);
+    }
+    out.flush().await?;
+    out.sync_all().await?;
+    pb.finish_and_clear();
+    println!("exported volume {name} ({size} bytes) to {}", file.display());
+    Ok(())
+}

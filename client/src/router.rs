@@ -1,0 +1,382 @@
+//! The client: connections, the group → leader cache, and the retry loop
+//! every request goes through (per-attempt timeout, leader hints, bounded
+//! exponential backoff with jitter, an overall deadline).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use raftblk_proto::cluster_client::ClusterClient;
+use raftblk_proto::volumes_client::VolumesClient;
+use raftblk_proto::{
+    CreateVolumeRequest, Empty, Error as PbError, ErrorCode, GrowVolumeRequest, NodeStatusResponse, VolumeInfo,
+    VolumeNameRequest, GRPC_MESSAGE_BYTES_MAX, META_GROUP_ID,
+};
+use rand::Rng as _;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::ClientError;
+use crate::topology::Topology;
+use crate::volume::Volume;
+
+/// Timeouts and retry bounds.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// One RPC attempt.
+    pub attempt_timeout: Duration,
+    /// A whole operation, retries included.
+    pub deadline: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub connect_timeout: Duration,
+    /// Pieces of one volume operation in flight at once.
+    pub pieces_in_flight_max: usize,
+    /// Largest piece sent in one RPC (the node's `limits.io_bytes_max`).
+    pub piece_bytes_max: u64,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            attempt_timeout: Duration::from_secs(5),
+            deadline: Duration::from_secs(30),
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(1000),
+            connect_timeout: Duration::from_secs(1),
+            pieces_in_flight_max: 64,
+            piece_bytes_max: 1 << 20,
+        }
+    }
+}
+
+/// Outcome of one attempt: the server's domain error (if any) and a value.
+pub type Attempt<T> = Result<(Option<PbError>, T), tonic::Status>;
+
+/// A connection to a raftblk cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    seeds: Vec<String>,
+    opts: ClientOptions,
+    topology: RwLock<Topology>,
+    channels: Mutex<HashMap<String, Channel>>,
+    leaders: RwLock<HashMap<u64, u64>>,
+}
+
+impl Client {
+    /// Connects through any of `seeds` (host:port) and learns the topology.
+    pub async fn connect(seeds: &[String], opts: ClientOptions) -> Result<Client, ClientError> {
+        if seeds.is_empty() {
+            return Err(ClientError::InvalidArgument("no cluster address given".into()));
+        }
+        let mut reasons = Vec::new();
+        for seed in seeds {
+            let ch = match channel_for(seed, &opts) {
+                Ok(c) => c,
+                Err(e) => {
+                    reasons.push(format!("{seed}: {e}"));
+                    continue;
+                }
+            };
+            let mut c = ClusterClient::new(ch.clone());
+            match tokio::time::timeout(opts.attempt_timeout, c.status(Empty {})).await {
+                Ok(Ok(resp)) => {
+                    let status = resp.into_inner();
+                    let mut channels = HashMap::new();
+                    channels.insert(seed.clone(), ch);
+                    return Ok(Client {
+                        inner: Arc::new(Inner {
+                            seeds: seeds.to_vec(),
+                            opts,
+                            topology: RwLock::new(Topology::from_status(&status)),
+                            channels: Mutex::new(channels),
+                            leaders: RwLock::new(HashMap::new()),
+                        }),
+                    });
+                }
+                Ok(Err(e)) => reasons.push(format!("{seed}: {}", e.message())),
+                Err(_) => reasons.push(format!("{seed}: timed out")),
+            }
+        }
+        Err(ClientError::Unreachable {
+            addrs: seeds.join(","),
+            reason: reasons.join("; "),
+        })
+    }
+
+    pub fn options(&self) -> &ClientOptions {
+        &self.inner.opts
+    }
+
+    pub fn seeds(&self) -> &[String] {
+        &self.inner.seeds
+    }
+
+    /// The topology learned at connect time.
+    pub fn topology(&self) -> Topology {
+        match self.inner.topology.read() {
+            Ok(t) => t.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// A (lazily connected) channel to `addr`.
+    pub fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+        let mut map = self
+            .inner
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = channel_for(addr, &self.inner.opts).map_err(|e| ClientError::InvalidArgument(format!("address {addr}: {e}")))?;
+        map.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// Status of every member that answers: `(node id, address, result)`.
+    pub async fn node_statuses(&self) -> Vec<(u64, String, Result<NodeStatusResponse, String>)> {
+        let topo = self.topology();
+        let mut out = Vec::new();
+        for (id, addr) in topo.nodes {
+            let r = match self.channel(&addr) {
+                Ok(ch) => {
+                    let mut c = ClusterClient::new(ch);
+                    match tokio::time::timeout(self.inner.opts.attempt_timeout, c.status(Empty {})).await {
+                        Ok(Ok(r)) => Ok(r.into_inner()),
+                        Ok(Err(e)) => Err(e.message().to_owned()),
+                        Err(_) => Err("timed out".to_owned()),
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            out.push((id, addr, r));
+        }
+        out
+    }
+
+    fn cached_leader(&self, group: u64) -> Option<u64> {
+        self.inner.leaders.read().ok()?.get(&group).copied()
+    }
+
+    fn remember_leader(&self, group: u64, node: u64) {
+        if let Ok(mut l) = self.inner.leaders.write() {
+            l.insert(group, node);
+        }
+    }
+
+    /// Runs `op` against the leader of `group`, retrying under the deadline.
+    pub async fn call_group<T, F, Fut>(&self, group: u64, what: &str, op: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Attempt<T>>,
+    {
+        let opts = &self.inner.opts;
+        let deadline = Instant::now() + opts.deadline;
+        let topo = self.topology();
+        let replicas = topo.replicas_of(group);
+        if replicas.is_empty() {
+            return Err(ClientError::InvalidArgument(format!("group {group} has no replicas")));
+        }
+        let mut candidate = self
+            .cached_leader(group)
+            .filter(|l| replicas.contains(l))
+            .unwrap_or(replicas[0]);
+        let mut backoff = opts.backoff_min;
+        let mut hops = 0usize;
+        let mut last: String;
+        loop {
+            let next_replica = |c: u64| {
+                let i = replicas.iter().position(|r| *r == c).unwrap_or(0);
+                replicas[(i + 1) % replicas.len()]
+            };
+            let mut sleep = true;
+            let addr = topo.nodes.get(&candidate).cloned().unwrap_or_default();
+            let attempt = match self.channel(&addr) {
+                Ok(ch) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    tokio::time::timeout(opts.attempt_timeout.min(left), op(ch)).await
+                }
+                Err(e) => return Err(e),
+            };
+            match attempt {
+                Ok(Ok((None, v))) => {
+                    self.remember_leader(group, candidate);
+                    return Ok(v);
+                }
+                Ok(Ok((Some(e), _))) => {
+                    last = format!("node {candidate}: {e}");
+                    match e.kind() {
+                        ErrorCode::NotLeader => {
+                            if e.leader_id != 0 && e.leader_id != candidate && replicas.contains(&e.leader_id) {
+                                candidate = e.leader_id;
+                                hops += 1;
+                                sleep = hops > 2 * replicas.len();
+                            } else {
+                                candidate = next_replica(candidate);
+                            }
+                        }
+                        ErrorCode::Unavailable | ErrorCode::Corrupted | ErrorCode::Storage => {
+                            candidate = next_replica(candidate);
+                        }
+                        _ => return Err(ClientError::Server(e)),
+                    }
+                }
+                Ok(Err(status)) => {
+                    last = format!("node {candidate}: {}: {}", status.code(), status.message());
+                    candidate = next_replica(candidate);
+                }
+                Err(_) => {
+                    last = format!("node {candidate}: attempt timed out");
+                    candidate = next_replica(candidate);
+                }
+            }
+            if sleep {
+                let jitter = rand::thread_rng().gen_range(0..=backoff.as_micros() as u64 / 2);
+                let pause = backoff + Duration::from_micros(jitter);
+                if Instant::now() + pause >= deadline {
+                    return Err(ClientError::Timeout {
+                        what: format!("{what} (group {group})"),
+                        last,
+                    });
+                }
+                tokio::time::sleep(pause).await;
+                backoff = (backoff * 2).min(opts.backoff_max);
+                hops = 0;
+            } else if Instant::now() >= deadline {
+                return Err(ClientError::Timeout {
+                    what: format!("{what} (group {group})"),
+                    last,
+                });
+            }
+        }
+    }
+
+    async fn volume_call(
+        &self,
+        what: &str,
+        name: Option<&str>,
+        op: impl Fn(VolumesClient<Channel>) -> std::pin::Pin<Box<dyn Future<Output = Attempt<Option<VolumeInfo>>> + Send>>,
+    ) -> Result<Option<VolumeInfo>, ClientError> {
+        self.call_group(META_GROUP_ID, what, |ch| op(VolumesClient::new(ch)))
+            .await
+            .map_err(|e| match e {
+                ClientError::Server(pb) => ClientError::from_server(pb, name),
+                other => other,
+            })
+    }
+
+    /// Creates a volume of `size_bytes` (a positive multiple of 512).
+    pub async fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo, ClientError> {
+        if size_bytes == 0 || size_bytes % 512 != 0 {
+            return Err(ClientError::InvalidArgument(format!(
+                "volume size {size_bytes} is not a positive multiple of 512 bytes"
+            )));
+        }
+        let n = name.to_owned();
+        let v = self
+            .volume_call("create volume", Some(name), move |mut c| {
+                let req = CreateVolumeRequest {
+                    name: n.clone(),
+                    size_bytes,
+                };
+                Box::pin(async move {
+                    let r = c.create(req).await?.into_inner();
+                    Ok((r.error, r.volume))
+                })
+            })
+            .await?;
+        v.ok_or_else(|| ClientError::InvalidArgument("server returned no volume".into()))
+    }
+
+    /// The catalog entry of `name`.
+    pub async fn volume_info(&self, name: &str) -> Result<VolumeInfo, ClientError> {
+        let n = name.to_owned();
+        let v = self
+            .volume_call("get volume", Some(name), move |mut c| {
+                let req = VolumeNameRequest { name: n.clone() };
+                Box::pin(async move {
+                    let r = c.get(req).await?.into_inner();
+                    Ok((r.error, r.volume))
+                })
+            })
+            .await?;
+        v.ok_or_else(|| ClientError::NoSuchVolume(name.to_owned()))
+    }
+
+    /// Deletes `name`; its blocks are purged in the background.
+    pub async fn delete_volume(&self, name: &str) -> Result<VolumeInfo, ClientError> {
+        let n = name.to_owned();
+        let v = self
+            .volume_call("delete volume", Some(name), move |mut c| {
+                let req = VolumeNameRequest { name: n.clone() };
+                Box::pin(async move {
+                    let r = c.delete(req).await?.into_inner();
+                    Ok((r.error, r.volume))
+                })
+            })
+            .await?;
+        v.ok_or_else(|| ClientError::NoSuchVolume(name.to_owned()))
+    }
+
+    /// Grows `name` to `new_size_bytes` (never shrinks).
+    pub async fn grow_volume(&self, name: &str, new_size_bytes: u64) -> Result<VolumeInfo, ClientError> {
+        if new_size_bytes == 0 || new_size_bytes % 512 != 0 {
+            return Err(ClientError::InvalidArgument(format!(
+                "volume size {new_size_bytes} is not a positive multiple of 512 bytes"
+            )));
+        }
+        let n = name.to_owned();
+        let v = self
+            .volume_call("grow volume", Some(name), move |mut c| {
+                let req = GrowVolumeRequest {
+                    name: n.clone(),
+                    new_size_bytes,
+                };
+                Box::pin(async move {
+                    let r = c.grow(req).await?.into_inner();
+                    Ok((r.error, r.volume))
+                })
+            })
+            .await?;
+        v.ok_or_else(|| ClientError::NoSuchVolume(name.to_owned()))
+    }
+
+    /// Every volume, in name order.
+    pub async fn list_volumes(&self) -> Result<Vec<VolumeInfo>, ClientError> {
+        self.call_group(META_GROUP_ID, "list volumes", |ch| async move {
+            let r = VolumesClient::new(ch).list(Empty {}).await?.into_inner();
+            Ok((r.error, r.volumes))
+        })
+        .await
+        .map_err(|e| match e {
+            ClientError::Server(pb) => ClientError::from_server(pb, None),
+            other => other,
+        })
+    }
+
+    /// Opens volume `name` for I/O.
+    pub async fn open_volume(&self, name: &str) -> Result<Volume, ClientError> {
+        let info = self.volume_info(name).await?;
+        Ok(Volume::new(self.clone(), info))
+    }
+}
+
+fn channel_for(addr: &str, opts: &ClientOptions) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(opts.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+/// Largest gRPC message the client accepts.
+pub const MESSAGE_BYTES_MAX: usize = GRPC_MESSAGE_BYTES_MAX;

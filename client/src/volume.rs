@@ -1,0 +1,290 @@
+//! A volume handle: validates guest-style I/O (512-byte aligned, inside the
+//! volume), splits it at chunk boundaries and at the per-RPC size limit, and
+//! sends the pieces to their groups' leaders concurrently.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use raftblk_proto::block_io_client::BlockIoClient;
+use raftblk_proto::{placement, BlockRange, DiscardRequest, FlushRequest, ReadRequest, VolumeInfo, WriteRequest, SECTOR_BYTES};
+
+use crate::error::ClientError;
+use crate::router::{Client, MESSAGE_BYTES_MAX};
+
+/// One piece of a request: a range inside one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub group: u64,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// An open volume.
+#[derive(Clone)]
+pub struct Volume {
+    client: Client,
+    info: VolumeInfo,
+    data_groups: u64,
+    written_groups: Arc<Mutex<HashSet<u64>>>,
+}
+
+/// Splits `[offset, offset+len)` at chunk boundaries and every `piece_max`.
+pub fn split(volume_id: u64, offset: u64, len: u64, chunk: u64, piece_max: u64, data_groups: u64) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let end = offset + len;
+    let mut at = offset;
+    while at < end {
+        let chunk_end = (at / chunk + 1) * chunk;
+        let piece_end = end.min(chunk_end).min(at + piece_max);
+        out.push(Piece {
+            group: placement::chunk_group(volume_id, at / chunk, data_groups),
+            offset: at,
+            len: piece_end - at,
+        });
+        at = piece_end;
+    }
+    out
+}
+
+impl Volume {
+    pub(crate) fn new(client: Client, info: VolumeInfo) -> Volume {
+        let data_groups = client.topology().data_groups;
+        Volume {
+            client,
+            info,
+            data_groups,
+            written_groups: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    pub fn info(&self) -> &VolumeInfo {
+        &self.info
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.info.size_bytes
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        if offset % SECTOR_BYTES != 0 || len % SECTOR_BYTES != 0 {
+            return Err(ClientError::InvalidArgument(format!(
+                "offset {offset} and length {len} must be multiples of 512"
+            )));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.info.size_bytes => Ok(()),
+            _ => Err(ClientError::OutOfRange(format!(
+                "range at {offset} of {len} bytes ends past volume {:?} ({} bytes)",
+                self.info.name, self.info.size_bytes
+            ))),
+        }
+    }
+
+    fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
+        let max = self.client.options().piece_bytes_max.min(MESSAGE_BYTES_MAX as u64 / 2);
+        split(self.info.id, offset, len, self.info.chunk_size_bytes, max, self.data_groups)
+    }
+
+    fn range(&self, p: &Piece) -> BlockRange {
+        BlockRange {
+            group_id: p.group,
+            volume_id: self.info.id,
+            offset_bytes: p.offset,
+            length_bytes: p.len,
+        }
+    }
+
+    fn map_err(&self, e: ClientError) -> ClientError {
+        match e {
+            ClientError::Server(pb) => ClientError::from_server(pb, Some(&self.info.name)),
+            other => other,
+        }
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, ClientError> {
+        self.check(offset, len)?;
+        let mut out = vec![0u8; len as usize];
+        let pieces = self.pieces(offset, len);
+        let results: Vec<(Piece, Bytes)> = stream::iter(pieces)
+            .map(|p| async move {
+                let range = self.range(&p);
+                let data = self
+                    .client
+                    .call_group(p.group, "read", |ch| {
+                        let range = range;
+                        async move {
+                            let r = BlockIoClient::new(ch)
+                                .max_decoding_message_size(MESSAGE_BYTES_MAX)
+                                .read(ReadRequest { range: Some(range) })
+                                .await?
+                                .into_inner();
+                            Ok((r.error, r.data))
+                        }
+                    })
+                    .await
+                    .map_err(|e| self.map_err(e))?;
+                if data.len() as u64 != p.len {
+                    return Err(ClientError::InvalidArgument(format!(
+                        "server returned {} bytes for a {}-byte read",
+                        data.len(),
+                        p.len
+                    )));
+                }
+                Ok((p, data))
+            })
+            .buffer_unordered(self.client.options().pieces_in_flight_max)
+            .try_collect()
+            .await?;
+        for (p, data) in results {
+            let at = (p.offset - offset) as usize;
+            out[at..at + p.len as usize].copy_from_slice(&data);
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` at `offset`; returns once every piece is committed.
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), ClientError> {
+        let len = data.len() as u64;
+        self.check(offset, len)?;
+        let all = Bytes::copy_from_slice(data);
+        let pieces = self.pieces(offset, len);
+        self.note_written(&pieces);
+        stream::iter(pieces)
+            .map(|p| {
+                let at = (p.offset - offset) as usize;
+                let chunk = all.slice(at..at + p.len as usize);
+                async move {
+                    let range = self.range(&p);
+                    self.client
+                        .call_group(p.group, "write", |ch| {
+                            let req = WriteRequest {
+                                range: Some(range),
+                                data: chunk.clone(),
+                            };
+                            async move {
+                                let r = BlockIoClient::new(ch)
+                                    .max_encoding_message_size(MESSAGE_BYTES_MAX)
+                                    .write(req)
+                                    .await?
+                                    .into_inner();
+                                Ok((r.error, ()))
+                            }
+                        })
+                        .await
+                        .map_err(|e| self.map_err(e))
+                }
+            })
+            .buffer_unordered(self.client.options().pieces_in_flight_max)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    /// Deallocates `[offset, offset+len)`: it reads as zeros afterwards and
+    /// its blocks take no space.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.discard_inner(offset, len, false).await
+    }
+
+    /// Zeroes `[offset, offset+len)` (thin: the blocks are freed).
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.discard_inner(offset, len, true).await
+    }
+
+    async fn discard_inner(&self, offset: u64, len: u64, zeroes: bool) -> Result<(), ClientError> {
+        self.check(offset, len)?;
+        // Discards carry no data: pieces may be as large as a chunk.
+        let pieces = split(
+            self.info.id,
+            offset,
+            len,
+            self.info.chunk_size_bytes,
+            self.info.chunk_size_bytes.min(self.client.options().piece_bytes_max),
+            self.data_groups,
+        );
+        self.note_written(&pieces);
+        stream::iter(pieces)
+            .map(|p| async move {
+                let range = self.range(&p);
+                self.client
+                    .call_group(p.group, "discard", |ch| async move {
+                        let r = BlockIoClient::new(ch)
+                            .discard(DiscardRequest {
+                                range: Some(range),
+                                zeroes,
+                            })
+                            .await?
+                            .into_inner();
+                        Ok((r.error, ()))
+                    })
+                    .await
+                    .map_err(|e| self.map_err(e))
+            })
+            .buffer_unordered(self.client.options().pieces_in_flight_max)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    /// Barrier: returns once every write completed before the call is
+    /// durable. Writes complete only after commit (fsynced on a majority),
+    /// so this confirms with each group written since the last flush that
+    /// its leader still holds a quorum and has applied them.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        let groups: Vec<u64> = {
+            let mut g = self.written_groups.lock().unwrap_or_else(|p| p.into_inner());
+            g.drain().collect()
+        };
+        let res = stream::iter(groups.clone())
+            .map(|group| async move {
+                self.client
+                    .call_group(group, "flush", |ch| async move {
+                        let r = BlockIoClient::new(ch)
+                            .flush(FlushRequest { group_id: group })
+                            .await?
+                            .into_inner();
+                        Ok((r.error, ()))
+                    })
+                    .await
+                    .map_err(|e| self.map_err(e))
+            })
+            .buffer_unordered(self.client.options().pieces_in_flight_max)
+            .try_collect::<Vec<()>>()
+            .await;
+        if res.is_err() {
+            // Keep them for the next flush.
+            let mut g = self.written_groups.lock().unwrap_or_else(|p| p.into_inner());
+            g.extend(groups);
+        }
+        res.map(|_| ())
+    }
+
+    fn note_written(&self, pieces: &[Piece]) {
+        let mut g = self.written_groups.lock().unwrap_or_else(|p| p.into_inner());
+        g.extend(pieces.iter().map(|p| p.group));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_at_chunks_and_piece_limit() {
+        let chunk = 1 << 20;
+        let p = split(7, chunk - 4096, 8192, chunk, 1 << 20, 16);
+        assert_eq!(p.len(), 2);
+        assert_eq!((p[0].offset, p[0].len), (chunk - 4096, 4096));
+        assert_eq!((p[1].offset, p[1].len), (chunk, 4096));
+        assert_eq!(p[0].group, placement::chunk_group(7, 0, 16));
+        assert_eq!(p[1].group, placement::chunk_group(7, 1, 16));
+        let p = split(7, 0, 3 << 20, 4 << 20, 1 << 20, 16);
+        assert_eq!(p.len(), 3);
+        assert!(p.iter().all(|x| x.len == 1 << 20));
+        let total: u64 = split(1, 512, 10 << 20, 4 << 20, 1 << 20, 4).iter().map(|x| x.len).sum();
+        assert_eq!(total, 10 << 20);
+    }
+}

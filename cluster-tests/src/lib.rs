@@ -1,0 +1,363 @@
+//! Test harness: a raftblk cluster of real `raftblk-node` processes on
+//! loopback, each with its own config and data directory in a temporary
+//! directory, that tests can kill, stop, restart and inspect.
+//!
+//! Every wait here is bounded in time; dropping the cluster kills every
+//! process it started (by PID) and removes the directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use raftblk_client::{Client, ClientOptions};
+use raftblk_proto::cluster_client::ClusterClient;
+use raftblk_proto::{Empty, GroupDigestRequest, NodeStatusResponse, TransferLeaderRequest};
+
+/// Shape and tuning of a test cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub nodes: usize,
+    pub data_groups: u64,
+    pub replicas: u64,
+    pub chunk_size_bytes: u64,
+    pub tick_interval_ms: u64,
+    pub election_ticks: usize,
+    pub log_compact_threshold_entries: u64,
+    pub log_retain_entries: u64,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            nodes: 3,
+            data_groups: 4,
+            replicas: 3,
+            chunk_size_bytes: 1 << 20,
+            tick_interval_ms: 50,
+            election_ticks: 10,
+            log_compact_threshold_entries: 4096,
+            log_retain_entries: 256,
+        }
+    }
+}
+
+/// Directory holding the workspace's binaries (next to the test binary).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> → target/<profile>
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Path of a workspace binary; panics with a hint when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not found: build the workspace binaries first (cargo test --workspace builds them)",
+        p.display()
+    );
+    p
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// A running test cluster.
+pub struct LocalCluster {
+    pub spec: ClusterSpec,
+    dir: tempfile::TempDir,
+    ports: Vec<u16>,
+    procs: Vec<Option<Child>>,
+}
+
+impl LocalCluster {
+    /// Writes configs and starts every node.
+    pub fn start(spec: ClusterSpec) -> anyhow::Result<LocalCluster> {
+        let dir = tempfile::Builder::new().prefix("raftblk-test-").tempdir()?;
+        let ports: Vec<u16> = (0..spec.nodes).map(|_| free_port()).collect();
+        let mut c = LocalCluster {
+            spec,
+            dir,
+            ports,
+            procs: Vec::new(),
+        };
+        for i in 1..=c.spec.nodes {
+            std::fs::write(c.config_path(i), c.config_text(i))?;
+            c.procs.push(None);
+        }
+        for i in 1..=c.spec.nodes {
+            c.start_node(i)?;
+        }
+        Ok(c)
+    }
+
+    fn config_text(&self, i: usize) -> String {
+        let s = &self.spec;
+        let mut t = format!(
+            "node_id = {i}\nlisten_addr = \"{}\"\ndata_dir = \"{}\"\n\n[cluster]\ndata_groups = {}\nreplicas = {}\nchunk_size_bytes = {}\n",
+            self.addr(i),
+            self.data_dir(i).display(),
+            s.data_groups,
+            s.replicas,
+            s.chunk_size_bytes
+        );
+        for j in 1..=s.nodes {
+            t += &format!("\n[[cluster.nodes]]\nid = {j}\naddr = \"{}\"\n", self.addr(j));
+        }
+        t += &format!(
+            "\n[raft]\ntick_interval_ms = {}\nelection_ticks = {}\nheartbeat_ticks = 2\nlog_compact_threshold_entries = {}\nlog_retain_entries = {}\n",
+            s.tick_interval_ms, s.election_ticks, s.log_compact_threshold_entries, s.log_retain_entries
+        );
+        t
+    }
+
+    pub fn config_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("node{i}.toml"))
+    }
+
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("node{i}"))
+    }
+
+    pub fn log_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("node{i}.log"))
+    }
+
+    pub fn addr(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[i - 1])
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        (1..=self.spec.nodes).map(|i| self.addr(i)).collect()
+    }
+
+    /// The `--cluster` argument for the CLI.
+    pub fn cluster_arg(&self) -> String {
+        self.addrs().join(",")
+    }
+
+    /// Starts node `i` (1-based) if it is not running.
+    pub fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.procs[i - 1].is_some() {
+            return Ok(());
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(i))?;
+        let child = Command::new(bin("raftblk-node"))
+            .arg("--config")
+            .arg(self.config_path(i))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn raftblk-node")?;
+        self.procs[i - 1] = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILLs node `i` and reaps it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.procs[i - 1].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERMs node `i` and waits (bounded) for it to exit.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.procs[i - 1].take() {
+            // SAFETY: kill(2) on the PID of a child we spawned and have not
+            // reaped yet, so the PID cannot have been reused.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&self, i: usize) -> bool {
+        self.procs[i - 1].is_some()
+    }
+
+    /// Node `i`'s log (for failure messages).
+    pub fn log_tail(&self, i: usize, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.log_path(i)).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    async fn cluster_client(&self, i: usize) -> anyhow::Result<ClusterClient<tonic::transport::Channel>> {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr(i)))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        Ok(ClusterClient::new(ch))
+    }
+
+    /// Status of node `i`.
+    pub async fn status(&self, i: usize) -> anyhow::Result<NodeStatusResponse> {
+        Ok(self.cluster_client(i).await?.status(Empty {}).await?.into_inner())
+    }
+
+    /// Node id that currently leads `group`, as reported by a running node
+    /// that claims it.
+    pub async fn leader_of(&self, group: u64) -> Option<usize> {
+        for i in 1..=self.spec.nodes {
+            if !self.is_running(i) {
+                continue;
+            }
+            if let Ok(s) = self.status(i).await {
+                if s.groups.iter().any(|g| g.group_id == group && g.role == "leader") {
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits until every group hosted by a running node has a leader among
+    /// the running nodes.
+    pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut led = std::collections::BTreeSet::new();
+            let mut ok = true;
+            for i in 1..=self.spec.nodes {
+                if !self.is_running(i) {
+                    continue;
+                }
+                match self.status(i).await {
+                    Ok(s) => {
+                        for g in s.groups {
+                            if g.role == "leader" {
+                                led.insert(g.group_id);
+                            }
+                        }
+                    }
+                    Err(_) => ok = false,
+                }
+            }
+            if ok && led.len() as u64 == self.spec.data_groups + 1 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("cluster not healthy after {timeout:?}: groups with a leader {led:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A client connected through every node's address.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        self.client_with(ClientOptions::default()).await
+    }
+
+    pub async fn client_with(&self, opts: ClientOptions) -> anyhow::Result<Client> {
+        Ok(Client::connect(&self.addrs(), opts).await?)
+    }
+
+    /// `(applied index, kv count, digest)` of `group` on node `i`.
+    pub async fn digest(&self, i: usize, group: u64) -> anyhow::Result<(u64, u64, u64)> {
+        let r = self
+            .cluster_client(i)
+            .await?
+            .group_digest(GroupDigestRequest { group_id: group })
+            .await?
+            .into_inner();
+        if let Some(e) = r.error {
+            bail!("digest of group {group} on node {i}: {e}");
+        }
+        Ok((r.applied_index, r.kv_count, r.digest))
+    }
+
+    /// Waits until every running replica of `group` reports the same applied
+    /// index and digest; returns the digest.
+    pub async fn wait_replicas_identical(&self, group: u64, timeout: Duration) -> anyhow::Result<(u64, u64)> {
+        let deadline = Instant::now() + timeout;
+        let topo_nodes: Vec<u64> = (1..=self.spec.nodes as u64).collect();
+        let replicas = raftblk_proto::placement::group_replicas(&topo_nodes, group, self.spec.replicas);
+        loop {
+            let mut seen = Vec::new();
+            for &r in &replicas {
+                if self.is_running(r as usize) {
+                    seen.push(self.digest(r as usize, group).await);
+                }
+            }
+            let ok: Vec<(u64, u64, u64)> = seen.iter().filter_map(|r| r.as_ref().ok().copied()).collect();
+            if ok.len() == seen.len() && !ok.is_empty() && ok.iter().all(|d| *d == ok[0]) {
+                return Ok((ok[0].1, ok[0].2));
+            }
+            if Instant::now() >= deadline {
+                bail!("replicas of group {group} differ after {timeout:?}: {seen:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Asks the leader of `group` to hand leadership to node `to`, and
+    /// waits (bounded) until it has.
+    pub async fn transfer_leader(&self, group: u64, to: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.leader_of(group).await {
+                Some(l) if l == to => return Ok(()),
+                Some(l) => {
+                    let _ = self
+                        .cluster_client(l)
+                        .await?
+                        .transfer_leader(TransferLeaderRequest {
+                            group_id: group,
+                            to_node: to as u64,
+                        })
+                        .await;
+                }
+                None => {}
+            }
+            if Instant::now() >= deadline {
+                bail!("leadership of group {group} did not move to node {to} within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for i in 1..=self.procs.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Deterministic, unique-looking payload for `(seed, offset, len)`.
+pub fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}

@@ -1,0 +1,327 @@
+//! Node configuration: the TOML file `raftblk-node --config FILE` reads,
+//! validated at load with messages that name the offending key.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why a config file was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// The whole node config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id; must appear in `cluster.nodes`.
+    pub node_id: u64,
+    /// Address the gRPC server binds, e.g. `127.0.0.1:7101`.
+    pub listen_addr: String,
+    /// Directory that holds the node's RocksDB and snapshot staging files.
+    pub data_dir: PathBuf,
+    pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub raft: RaftConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Cluster-wide parameters, fixed at bootstrap: every node must carry the
+/// same values.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Number of data raft groups (like Ceph PGs).
+    pub data_groups: u64,
+    /// Replicas per data group.
+    #[serde(default = "default_replicas")]
+    pub replicas: u64,
+    /// Chunk size; a power of two, at least 64 KiB.
+    #[serde(default = "default_chunk_size_bytes")]
+    pub chunk_size_bytes: u64,
+    /// Every node of the cluster.
+    pub nodes: Vec<NodeEntry>,
+}
+
+/// One cluster member.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEntry {
+    pub id: u64,
+    /// Address other nodes and clients use to reach it.
+    pub addr: String,
+}
+
+/// Raft timing and log management.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    pub tick_interval_ms: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Compact a group's log once it holds this many applied entries.
+    pub log_compact_threshold_entries: u64,
+    /// Applied entries kept after compaction, for followers slightly behind.
+    pub log_retain_entries: u64,
+    /// Upper bound of one snapshot piece on the wire.
+    pub snapshot_piece_bytes: u64,
+    pub max_inflight_msgs: usize,
+    pub max_size_per_msg_bytes: u64,
+}
+
+/// Bounds on queues, batches and waits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest read or write one block RPC may carry.
+    pub io_bytes_max: u64,
+    /// Capacity of the raft store's inbox.
+    pub inbox_capacity: usize,
+    /// Raft messages queued per peer before new ones are dropped.
+    pub peer_queue_capacity: usize,
+    /// Raft messages (and bytes) per transport batch.
+    pub transport_batch_msgs_max: usize,
+    pub transport_batch_bytes_max: usize,
+    /// How long a proposal or read may wait inside the store.
+    pub request_timeout_ms: u64,
+    /// Volume size limit.
+    pub volume_size_bytes_max: u64,
+}
+
+fn default_replicas() -> u64 {
+    3
+}
+fn default_chunk_size_bytes() -> u64 {
+    4 * 1024 * 1024
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            tick_interval_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            log_compact_threshold_entries: 4096,
+            log_retain_entries: 512,
+            snapshot_piece_bytes: 1024 * 1024,
+            max_inflight_msgs: 256,
+            max_size_per_msg_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            io_bytes_max: 1024 * 1024,
+            inbox_capacity: 8192,
+            peer_queue_capacity: 8192,
+            transport_batch_msgs_max: 256,
+            transport_batch_bytes_max: 8 * 1024 * 1024,
+            request_timeout_ms: 5000,
+            volume_size_bytes_max: 1 << 50,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` only labels errors.
+    pub fn parse(text: &str, path: &Path) -> Result<NodeConfig, ConfigError> {
+        let config: NodeConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        if self.node_id == 0 {
+            return Err(bad("node_id", "must be at least 1".into()));
+        }
+        self.listen_addr
+            .parse::<SocketAddr>()
+            .map_err(|e| bad("listen_addr", format!("`{}`: {e}", self.listen_addr)))?;
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(bad("data_dir", "must not be empty".into()));
+        }
+        let c = &self.cluster;
+        if c.nodes.is_empty() {
+            return Err(bad("cluster.nodes", "must list at least one node".into()));
+        }
+        let mut ids = HashSet::new();
+        let mut addrs = HashSet::new();
+        for (i, n) in c.nodes.iter().enumerate() {
+            if n.id == 0 {
+                return Err(bad(&format!("cluster.nodes[{i}].id"), "must be at least 1".into()));
+            }
+            if !ids.insert(n.id) {
+                return Err(bad(&format!("cluster.nodes[{i}].id"), format!("duplicate node id {}", n.id)));
+            }
+            n.addr.parse::<SocketAddr>().map_err(|e| {
+                bad(&format!("cluster.nodes[{i}].addr"), format!("`{}`: {e}", n.addr))
+            })?;
+            if !addrs.insert(n.addr.clone()) {
+                return Err(bad(&format!("cluster.nodes[{i}].addr"), format!("duplicate address {}", n.addr)));
+            }
+        }
+        if !ids.contains(&self.node_id) {
+            return Err(bad("node_id", format!("{} is not listed in cluster.nodes", self.node_id)));
+        }
+        if c.data_groups == 0 || c.data_groups > 4096 {
+            return Err(bad("cluster.data_groups", format!("{} is not in 1..=4096", c.data_groups)));
+        }
+        if c.replicas == 0 || c.replicas > c.nodes.len() as u64 {
+            return Err(bad(
+                "cluster.replicas",
+                format!("{} is not in 1..={} (the number of nodes)", c.replicas, c.nodes.len()),
+            ));
+        }
+        if !c.chunk_size_bytes.is_power_of_two()
+            || c.chunk_size_bytes < 64 * 1024
+            || c.chunk_size_bytes > 1 << 30
+        {
+            return Err(bad(
+                "cluster.chunk_size_bytes",
+                format!("{} must be a power of two between 64 KiB and 1 GiB", c.chunk_size_bytes),
+            ));
+        }
+        let r = &self.raft;
+        if r.tick_interval_ms == 0 || r.tick_interval_ms > 10_000 {
+            return Err(bad("raft.tick_interval_ms", format!("{} is not in 1..=10000", r.tick_interval_ms)));
+        }
+        if r.heartbeat_ticks == 0 || r.election_ticks <= r.heartbeat_ticks {
+            return Err(bad(
+                "raft.election_ticks",
+                format!("{} must exceed raft.heartbeat_ticks ({})", r.election_ticks, r.heartbeat_ticks),
+            ));
+        }
+        if r.log_compact_threshold_entries == 0 || r.log_retain_entries >= r.log_compact_threshold_entries {
+            return Err(bad(
+                "raft.log_retain_entries",
+                format!(
+                    "{} must be below raft.log_compact_threshold_entries ({})",
+                    r.log_retain_entries, r.log_compact_threshold_entries
+                ),
+            ));
+        }
+        if r.snapshot_piece_bytes < 4096 || r.snapshot_piece_bytes > 8 * 1024 * 1024 {
+            return Err(bad("raft.snapshot_piece_bytes", format!("{} is not in 4096..=8388608", r.snapshot_piece_bytes)));
+        }
+        if r.max_inflight_msgs == 0 {
+            return Err(bad("raft.max_inflight_msgs", "must be at least 1".into()));
+        }
+        let l = &self.limits;
+        if l.io_bytes_max < 4096 || l.io_bytes_max % 4096 != 0 || l.io_bytes_max > 4 * 1024 * 1024 {
+            return Err(bad("limits.io_bytes_max", format!("{} must be a multiple of 4096 in 4096..=4194304", l.io_bytes_max)));
+        }
+        for (key, v) in [
+            ("limits.inbox_capacity", l.inbox_capacity),
+            ("limits.peer_queue_capacity", l.peer_queue_capacity),
+            ("limits.transport_batch_msgs_max", l.transport_batch_msgs_max),
+            ("limits.transport_batch_bytes_max", l.transport_batch_bytes_max),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be at least 1".into()));
+            }
+        }
+        if l.request_timeout_ms < 100 {
+            return Err(bad("limits.request_timeout_ms", format!("{} is below 100", l.request_timeout_ms)));
+        }
+        if l.volume_size_bytes_max == 0 || l.volume_size_bytes_max % 512 != 0 {
+            return Err(bad("limits.volume_size_bytes_max", "must be a positive multiple of 512".into()));
+        }
+        Ok(())
+    }
+
+    /// Address of node `id`, if it is a member.
+    pub fn node_addr(&self, id: u64) -> Option<&str> {
+        self.cluster.nodes.iter().find(|n| n.id == id).map(|n| n.addr.as_str())
+    }
+
+    /// Ids of every member.
+    pub fn node_ids(&self) -> Vec<u64> {
+        self.cluster.nodes.iter().map(|n| n.id).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node_id = 1
+listen_addr = "127.0.0.1:7101"
+data_dir = "/tmp/x"
+[cluster]
+data_groups = 8
+[[cluster.nodes]]
+id = 1
+addr = "127.0.0.1:7101"
+[[cluster.nodes]]
+id = 2
+addr = "127.0.0.1:7102"
+[[cluster.nodes]]
+id = 3
+addr = "127.0.0.1:7103"
+"#;
+
+    fn err(text: &str) -> String {
+        match NodeConfig::parse(text, Path::new("t.toml")) {
+            Ok(_) => panic!("accepted bad config"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn good_config_loads_with_defaults() {
+        let c = NodeConfig::parse(GOOD, Path::new("t.toml")).expect("valid");
+        assert_eq!(c.cluster.replicas, 3);
+        assert_eq!(c.cluster.chunk_size_bytes, 4 << 20);
+        assert_eq!(c.raft.election_ticks, 10);
+        assert_eq!(c.node_addr(2), Some("127.0.0.1:7102"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err(&GOOD.replace("node_id = 1", "node_id = 9")).contains("`node_id`"));
+        assert!(err(&GOOD.replace("data_groups = 8", "data_groups = 0")).contains("cluster.data_groups"));
+        assert!(err(&GOOD.replace("\"127.0.0.1:7102\"", "\"nope\"")).contains("cluster.nodes[1].addr"));
+        assert!(err(&GOOD.replace("data_groups = 8", "data_groups = 8\nreplicas = 4")).contains("cluster.replicas"));
+        assert!(err(&GOOD.replace("data_groups = 8", "data_groups = 8\nchunk_size_bytes = 1000")).contains("cluster.chunk_size_bytes"));
+        let unknown = err(&GOOD.replace("node_id = 1", "node_id = 1\nbogus = 3"));
+        assert!(unknown.contains("bogus"), "{unknown}");
+        let typed = err(&GOOD.replace("data_groups = 8", "data_groups = \"eight\""));
+        assert!(typed.contains("data_groups"), "{typed}");
+    }
+}

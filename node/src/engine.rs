@@ -1,0 +1,134 @@
+//! The node's one RocksDB: opening it with its column families, synced and
+//! unsynced writes, and snapshots that outlive the borrow of the DB handle.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+
+use crate::keys::{CF_KV, CF_RAFT};
+
+/// Storage-layer failures.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("corrupt record under key {key:02x?}: {what}")]
+    Corrupt { key: Vec<u8>, what: String },
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Shared handle to the node's RocksDB.
+#[derive(Clone)]
+pub struct Engine {
+    db: Arc<DB>,
+}
+
+impl Engine {
+    /// Opens (creating if needed) the DB under `dir`.
+    pub fn open(dir: &Path) -> Result<Engine, EngineError> {
+        std::fs::create_dir_all(dir)?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_background_jobs(2);
+        opts.set_bytes_per_sync(1 << 20);
+        opts.set_keep_log_file_num(4);
+        let mut raft_opts = Options::default();
+        raft_opts.set_write_buffer_size(64 << 20);
+        let mut kv_opts = Options::default();
+        kv_opts.set_write_buffer_size(64 << 20);
+        kv_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_RAFT, raft_opts),
+            ColumnFamilyDescriptor::new(CF_KV, kv_opts),
+        ];
+        let db = DB::open_cf_descriptors(&opts, dir.join("db"), cfs)?;
+        Ok(Engine { db: Arc::new(db) })
+    }
+
+    pub fn db(&self) -> &DB {
+        &self.db
+    }
+
+    /// Column family handle; both families are created at open.
+    pub fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .unwrap_or_else(|| panic!("column family {name} is created at open"))
+    }
+
+    pub fn raft_cf(&self) -> &ColumnFamily {
+        self.cf(CF_RAFT)
+    }
+
+    pub fn kv_cf(&self) -> &ColumnFamily {
+        self.cf(CF_KV)
+    }
+
+    /// Writes a batch; `sync` fsyncs the WAL before returning.
+    pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    pub fn get_raft(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        Ok(self.db.get_cf(self.raft_cf(), key)?)
+    }
+
+    pub fn get_kv(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        Ok(self.db.get_cf(self.kv_cf(), key)?)
+    }
+
+    /// A point-in-time view of the whole DB that can be sent to another
+    /// thread and kept as long as needed.
+    pub fn snapshot(&self) -> OwnedSnapshot {
+        let snap = self.db.snapshot();
+        // SAFETY: `snap` borrows the DB behind `self.db`. The returned value
+        // owns a clone of that `Arc`, so the DB lives (and, being on the
+        // heap, stays put) for as long as the snapshot; field order makes
+        // `snap` drop before `_db`.
+        let snap: rocksdb::SnapshotWithThreadMode<'static, DB> = unsafe { std::mem::transmute(snap) };
+        OwnedSnapshot {
+            snap,
+            _db: self.db.clone(),
+        }
+    }
+}
+
+/// A RocksDB snapshot bundled with the DB it reads from.
+pub struct OwnedSnapshot {
+    // Declared first: dropped before `_db`.
+    snap: rocksdb::SnapshotWithThreadMode<'static, DB>,
+    _db: Arc<DB>,
+}
+
+impl OwnedSnapshot {
+    /// Calls `f` with every `(key, value)` of the `kv` family in
+    /// `[start, end)`, in key order; stops early when `f` returns false.
+    pub fn scan_kv(
+        &self,
+        engine: &Engine,
+        start: &[u8],
+        end: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(end.to_vec());
+        let iter = self.snap.iterator_cf_opt(
+            engine.kv_cf(),
+            ro,
+            rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item?;
+            if !f(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}

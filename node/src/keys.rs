@@ -1,0 +1,159 @@
+//! Key layout of the node's one RocksDB.
+//!
+//! Two column families:
+//! - `raft`: per group, log entries `G|e|index`, hard state `G|h`, conf
+//!   state `G|c`, truncated state `G|t`, apply state `G|a`, snapshot-apply
+//!   marker `G|s`.
+//! - `kv`: each group's state machine under the prefix `G`: blocks
+//!   `G|b|volume|block`, catalog volumes `G|v|name`, id index `G|i|id`,
+//!   next volume id `G|n`.
+//!
+//! `G` and all integers are 8-byte big-endian so keys sort numerically and a
+//! group's state machine is one contiguous range (what a snapshot copies).
+
+pub const CF_RAFT: &str = "raft";
+pub const CF_KV: &str = "kv";
+
+fn with_group(group: u64, tag: u8, extra: usize) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + extra);
+    k.extend_from_slice(&group.to_be_bytes());
+    k.push(tag);
+    k
+}
+
+pub fn entry(group: u64, index: u64) -> Vec<u8> {
+    let mut k = with_group(group, b'e', 8);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// Index encoded in an entry key, if it is one of `group`'s.
+pub fn entry_index(group: u64, key: &[u8]) -> Option<u64> {
+    if key.len() != 17 || key[..8] != group.to_be_bytes() || key[8] != b'e' {
+        return None;
+    }
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&key[9..17]);
+    Some(u64::from_be_bytes(b))
+}
+
+pub fn hard_state(group: u64) -> Vec<u8> {
+    with_group(group, b'h', 0)
+}
+pub fn conf_state(group: u64) -> Vec<u8> {
+    with_group(group, b'c', 0)
+}
+pub fn truncated_state(group: u64) -> Vec<u8> {
+    with_group(group, b't', 0)
+}
+pub fn apply_state(group: u64) -> Vec<u8> {
+    with_group(group, b'a', 0)
+}
+pub fn snapshot_marker(group: u64) -> Vec<u8> {
+    with_group(group, b's', 0)
+}
+
+pub fn block(group: u64, volume: u64, block: u64) -> Vec<u8> {
+    let mut k = with_group(group, b'b', 16);
+    k.extend_from_slice(&volume.to_be_bytes());
+    k.extend_from_slice(&block.to_be_bytes());
+    k
+}
+
+/// First key of `volume`'s blocks in `group`.
+pub fn volume_blocks_start(group: u64, volume: u64) -> Vec<u8> {
+    block(group, volume, 0)
+}
+
+/// First key after `volume`'s blocks in `group`.
+pub fn volume_blocks_end(group: u64, volume: u64) -> Vec<u8> {
+    match volume.checked_add(1) {
+        Some(next) => block(group, next, 0),
+        None => with_group(group, b'c', 0),
+    }
+}
+
+/// `(volume, block)` of a block key of `group`.
+pub fn parse_block(group: u64, key: &[u8]) -> Option<(u64, u64)> {
+    if key.len() != 25 || key[..8] != group.to_be_bytes() || key[8] != b'b' {
+        return None;
+    }
+    let mut v = [0u8; 8];
+    let mut b = [0u8; 8];
+    v.copy_from_slice(&key[9..17]);
+    b.copy_from_slice(&key[17..25]);
+    Some((u64::from_be_bytes(v), u64::from_be_bytes(b)))
+}
+
+pub fn volume(group: u64, name: &str) -> Vec<u8> {
+    let mut k = with_group(group, b'v', name.len());
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+pub fn volumes_start(group: u64) -> Vec<u8> {
+    with_group(group, b'v', 0)
+}
+pub fn volumes_end(group: u64) -> Vec<u8> {
+    with_group(group, b'w', 0)
+}
+pub fn volume_by_id(group: u64, id: u64) -> Vec<u8> {
+    let mut k = with_group(group, b'i', 8);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+pub fn next_volume_id(group: u64) -> Vec<u8> {
+    with_group(group, b'n', 0)
+}
+
+/// The state-machine range of `group` in the `kv` family: `[start, end)`.
+pub fn group_range(group: u64) -> (Vec<u8>, Vec<u8>) {
+    let start = group.to_be_bytes().to_vec();
+    let end = match group.checked_add(1) {
+        Some(g) => g.to_be_bytes().to_vec(),
+        None => vec![0xff; 9],
+    };
+    (start, end)
+}
+
+/// Every raft-family key of `group`: `[start, end)`.
+pub fn group_raft_range(group: u64) -> (Vec<u8>, Vec<u8>) {
+    group_range(group)
+}
+
+pub fn u64_pair(a: u64, b: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&a.to_be_bytes());
+    v.extend_from_slice(&b.to_be_bytes());
+    v
+}
+
+pub fn parse_u64_pair(v: &[u8]) -> Option<(u64, u64)> {
+    if v.len() != 16 {
+        return None;
+    }
+    let mut a = [0u8; 8];
+    let mut b = [0u8; 8];
+    a.copy_from_slice(&v[..8]);
+    b.copy_from_slice(&v[8..]);
+    Some((u64::from_be_bytes(a), u64::from_be_bytes(b)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_sort() {
+        assert_eq!(entry_index(3, &entry(3, 77)), Some(77));
+        assert_eq!(entry_index(4, &entry(3, 77)), None);
+        assert!(entry(1, 255) < entry(1, 256));
+        assert_eq!(parse_block(2, &block(2, 9, 1000)), Some((9, 1000)));
+        let (s, e) = group_range(5);
+        for k in [block(5, 1, 1), volume(5, "x"), next_volume_id(5)] {
+            assert!(k >= s && k < e);
+        }
+        assert!(block(6, 0, 0) >= e);
+        assert!(volume_blocks_end(5, 1) > block(5, 1, u64::MAX));
+        assert_eq!(parse_u64_pair(&u64_pair(4, 5)), Some((4, 5)));
+    }
+}

@@ -1,0 +1,20 @@
+//! raftblk storage node: keeps chunks of volumes in one RocksDB and
+//! replicates them with multi-raft over gRPC.
+//!
+//! Data flow inside a node, following DESIGN.md:
+//! `service` (gRPC) → `store` (ready loop, one thread, all groups) →
+//! `raft_storage` (raft log on RocksDB) + `apply` (state machine) →
+//! `engine` (RocksDB); `transport` carries raft messages and snapshots
+//! between nodes, `snapshot_file` stages and installs received snapshots.
+
+pub mod apply;
+pub mod block;
+pub mod config;
+pub mod engine;
+pub mod keys;
+pub mod raft_storage;
+pub mod server;
+pub mod service;
+pub mod snapshot_file;
+pub mod store;
+pub mod transport;

@@ -1,0 +1,382 @@
+//! One group replica's raft log and raft state on RocksDB: implements
+//! raft-rs's `Storage` for reads, and stages appends, hard states and
+//! compactions into the ready loop's shared write batch.
+//!
+//! Log entries are stored as `term (8 bytes BE) ++ protobuf(Entry)` so the
+//! term of every live entry can be kept in memory (`terms`) without parsing.
+
+use std::collections::VecDeque;
+
+use protobuf::Message as _;
+use raft::prelude::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use rocksdb::WriteBatch;
+
+use crate::engine::{Engine, EngineError};
+use crate::keys;
+
+/// The raft-side state of one group replica.
+pub struct GroupStorage {
+    group: u64,
+    engine: Engine,
+    hard_state: HardState,
+    conf_state: ConfState,
+    truncated_index: u64,
+    truncated_term: u64,
+    last_index: u64,
+    /// Terms of entries `truncated_index + 1 ..= last_index`.
+    terms: VecDeque<u64>,
+    /// Apply state as persisted (what the `kv` family reflects).
+    applied_index: u64,
+    applied_term: u64,
+    /// Set by `snapshot()`: the peer and index a snapshot was made for; the
+    /// store hands the DB view to the transport when the message goes out.
+    snapshot_requests: std::cell::RefCell<Vec<(u64, u64, u64)>>,
+}
+
+fn storage_err(e: impl std::fmt::Display) -> raft::Error {
+    raft::Error::Store(StorageError::Other(e.to_string().into()))
+}
+
+fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, EngineError> {
+    if value.len() < 8 {
+        return Err(EngineError::Corrupt {
+            key: key.to_vec(),
+            what: "log entry shorter than its term".into(),
+        });
+    }
+    Entry::parse_from_bytes(&value[8..]).map_err(|e| EngineError::Corrupt {
+        key: key.to_vec(),
+        what: format!("log entry: {e}"),
+    })
+}
+
+fn encode_entry(e: &Entry) -> Result<Vec<u8>, EngineError> {
+    let body = e.write_to_bytes().map_err(|err| EngineError::Corrupt {
+        key: Vec::new(),
+        what: format!("cannot encode entry: {err}"),
+    })?;
+    let mut v = Vec::with_capacity(8 + body.len());
+    v.extend_from_slice(&e.term.to_be_bytes());
+    v.extend_from_slice(&body);
+    Ok(v)
+}
+
+impl GroupStorage {
+    /// Loads a group's raft state; a group never seen before starts empty
+    /// with `voters` as its configuration (static bootstrap).
+    pub fn open(engine: Engine, group: u64, voters: &[u64]) -> Result<GroupStorage, EngineError> {
+        let hard_state = match engine.get_raft(&keys::hard_state(group))? {
+            Some(v) => HardState::parse_from_bytes(&v).map_err(|e| EngineError::Corrupt {
+                key: keys::hard_state(group),
+                what: e.to_string(),
+            })?,
+            None => HardState::default(),
+        };
+        let conf_state = match engine.get_raft(&keys::conf_state(group))? {
+            Some(v) => ConfState::parse_from_bytes(&v).map_err(|e| EngineError::Corrupt {
+                key: keys::conf_state(group),
+                what: e.to_string(),
+            })?,
+            None => {
+                let mut cs = ConfState::default();
+                cs.voters = voters.to_vec();
+                let mut wb = WriteBatch::default();
+                let bytes = cs.write_to_bytes().map_err(|e| EngineError::Corrupt {
+                    key: keys::conf_state(group),
+                    what: e.to_string(),
+                })?;
+                wb.put_cf(engine.raft_cf(), keys::conf_state(group), bytes);
+                engine.write(wb, true)?;
+                cs
+            }
+        };
+        let pair = |key: Vec<u8>| -> Result<(u64, u64), EngineError> {
+            match engine.get_raft(&key)? {
+                Some(v) => keys::parse_u64_pair(&v).ok_or(EngineError::Corrupt {
+                    key,
+                    what: "expected 16 bytes".into(),
+                }),
+                None => Ok((0, 0)),
+            }
+        };
+        let (truncated_index, truncated_term) = pair(keys::truncated_state(group))?;
+        let (applied_index, applied_term) = pair(keys::apply_state(group))?;
+        let mut terms = VecDeque::new();
+        let mut last_index = truncated_index;
+        {
+            let db = engine.db();
+            let mut ro = rocksdb::ReadOptions::default();
+            ro.set_iterate_upper_bound(keys::entry(group, u64::MAX));
+            let start = keys::entry(group, truncated_index + 1);
+            let iter = db.iterator_cf_opt(
+                engine.raft_cf(),
+                ro,
+                rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+            );
+            for item in iter {
+                let (k, v) = item?;
+                let Some(index) = keys::entry_index(group, &k) else {
+                    break;
+                };
+                if index != last_index + 1 || v.len() < 8 {
+                    return Err(EngineError::Corrupt {
+                        key: k.to_vec(),
+                        what: format!("log gap: expected index {}, found {index}", last_index + 1),
+                    });
+                }
+                let mut t = [0u8; 8];
+                t.copy_from_slice(&v[..8]);
+                terms.push_back(u64::from_be_bytes(t));
+                last_index = index;
+            }
+        }
+        Ok(GroupStorage {
+            group,
+            engine,
+            hard_state,
+            conf_state,
+            truncated_index,
+            truncated_term,
+            last_index,
+            terms,
+            applied_index,
+            applied_term,
+            snapshot_requests: std::cell::RefCell::new(Vec::new()),
+        })
+    }
+
+    pub fn group(&self) -> u64 {
+        self.group
+    }
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+    pub fn applied_term(&self) -> u64 {
+        self.applied_term
+    }
+    pub fn truncated_index(&self) -> u64 {
+        self.truncated_index
+    }
+    pub fn last_index_now(&self) -> u64 {
+        self.last_index
+    }
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    /// Snapshot requests recorded since the last call: `(to, index, term)`.
+    pub fn take_snapshot_requests(&self) -> Vec<(u64, u64, u64)> {
+        std::mem::take(&mut *self.snapshot_requests.borrow_mut())
+    }
+
+    /// Stages new log entries (overwriting any conflicting suffix).
+    pub fn stage_append(&mut self, wb: &mut WriteBatch, entries: &[Entry]) -> Result<(), EngineError> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        assert!(
+            first.index > self.truncated_index && first.index <= self.last_index + 1,
+            "group {}: append at {} outside ({}, {}]",
+            self.group,
+            first.index,
+            self.truncated_index,
+            self.last_index + 1
+        );
+        let cf = self.engine.raft_cf();
+        for e in entries {
+            wb.put_cf(cf, keys::entry(self.group, e.index), encode_entry(e)?);
+        }
+        let new_last = entries[entries.len() - 1].index;
+        if new_last < self.last_index {
+            wb.delete_range_cf(
+                cf,
+                keys::entry(self.group, new_last + 1),
+                keys::entry(self.group, self.last_index + 1),
+            );
+        }
+        let keep = (first.index - self.truncated_index - 1) as usize;
+        self.terms.truncate(keep);
+        self.terms.extend(entries.iter().map(|e| e.term));
+        self.last_index = new_last;
+        debug_assert_eq!(self.terms.len() as u64, self.last_index - self.truncated_index);
+        Ok(())
+    }
+
+    /// Stages a new hard state.
+    pub fn stage_hard_state(&mut self, wb: &mut WriteBatch, hs: &HardState) -> Result<(), EngineError> {
+        let bytes = hs.write_to_bytes().map_err(|e| EngineError::Corrupt {
+            key: keys::hard_state(self.group),
+            what: e.to_string(),
+        })?;
+        wb.put_cf(self.engine.raft_cf(), keys::hard_state(self.group), bytes);
+        self.hard_state = hs.clone();
+        Ok(())
+    }
+
+    /// Stages a commit index update (from a light ready).
+    pub fn stage_commit(&mut self, wb: &mut WriteBatch, commit: u64) -> Result<(), EngineError> {
+        let mut hs = self.hard_state.clone();
+        hs.commit = commit;
+        self.stage_hard_state(wb, &hs)
+    }
+
+    /// Stages the apply state; `set_applied` must follow once written.
+    pub fn stage_apply_state(&self, wb: &mut WriteBatch, index: u64, term: u64) {
+        wb.put_cf(self.engine.raft_cf(), keys::apply_state(self.group), keys::u64_pair(index, term));
+    }
+
+    /// Records that the apply state staged earlier is now written.
+    pub fn set_applied(&mut self, index: u64, term: u64) {
+        debug_assert!(index >= self.applied_index);
+        self.applied_index = index;
+        self.applied_term = term;
+    }
+
+    /// Stages log compaction up to and including `index` (≤ applied).
+    pub fn stage_compact(&mut self, wb: &mut WriteBatch, index: u64) -> Result<(), raft::Error> {
+        if index <= self.truncated_index {
+            return Ok(());
+        }
+        assert!(index <= self.applied_index, "compacting unapplied entries");
+        assert!(index <= self.last_index, "compacting past the log");
+        let term = raft::Storage::term(self, index)?;
+        let cf = self.engine.raft_cf();
+        wb.delete_range_cf(
+            cf,
+            keys::entry(self.group, self.truncated_index + 1),
+            keys::entry(self.group, index + 1),
+        );
+        wb.put_cf(cf, keys::truncated_state(self.group), keys::u64_pair(index, term));
+        let drop = (index - self.truncated_index) as usize;
+        self.terms.drain(..drop);
+        self.truncated_index = index;
+        self.truncated_term = term;
+        Ok(())
+    }
+
+    /// Stages the raft side of installing a snapshot at `(index, term)`:
+    /// the whole log goes, the truncated and apply states move to it.
+    pub fn stage_snapshot(&mut self, wb: &mut WriteBatch, snap: &Snapshot) -> Result<(), EngineError> {
+        let meta = snap.get_metadata();
+        let cf = self.engine.raft_cf();
+        wb.delete_range_cf(cf, keys::entry(self.group, 0), keys::entry(self.group, u64::MAX));
+        wb.put_cf(cf, keys::truncated_state(self.group), keys::u64_pair(meta.index, meta.term));
+        wb.put_cf(cf, keys::apply_state(self.group), keys::u64_pair(meta.index, meta.term));
+        let cs = meta.get_conf_state().clone();
+        let bytes = cs.write_to_bytes().map_err(|e| EngineError::Corrupt {
+            key: keys::conf_state(self.group),
+            what: e.to_string(),
+        })?;
+        wb.put_cf(cf, keys::conf_state(self.group), bytes);
+        let mut hs = self.hard_state.clone();
+        hs.commit = hs.commit.max(meta.index);
+        hs.term = hs.term.max(meta.term);
+        self.stage_hard_state(wb, &hs)?;
+        self.conf_state = cs;
+        self.truncated_index = meta.index;
+        self.truncated_term = meta.term;
+        self.last_index = meta.index;
+        self.terms.clear();
+        Ok(())
+    }
+}
+
+impl raft::Storage for GroupStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low <= self.truncated_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last_index + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let max_size = max_size.into().unwrap_or(u64::MAX);
+        let mut out = Vec::with_capacity((high - low).min(1024) as usize);
+        let mut size = 0u64;
+        let db = self.engine.db();
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::entry(self.group, high));
+        let start = keys::entry(self.group, low);
+        let iter = db.iterator_cf_opt(
+            self.engine.raft_cf(),
+            ro,
+            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        let mut expect = low;
+        for item in iter {
+            let (k, v) = item.map_err(storage_err)?;
+            let e = decode_entry(&k, &v).map_err(storage_err)?;
+            if e.index != expect {
+                return Err(storage_err(format!(
+                    "group {}: log gap at {expect} (found {})",
+                    self.group, e.index
+                )));
+            }
+            expect += 1;
+            size += e.compute_size() as u64;
+            if !out.is_empty() && size > max_size {
+                break;
+            }
+            out.push(e);
+        }
+        if out.is_empty() || (expect != high && (out.len() as u64) < high - low && size <= max_size) {
+            return Err(storage_err(format!(
+                "group {}: entries [{low}, {high}) missing from the log",
+                self.group
+            )));
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.truncated_index {
+            return Ok(self.truncated_term);
+        }
+        if idx < self.truncated_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.last_index {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(self.terms[(idx - self.truncated_index - 1) as usize])
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.truncated_index + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last_index)
+    }
+
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        if self.applied_index < request_index || self.applied_index == 0 {
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        }
+        let mut snap = Snapshot::default();
+        let meta = snap.mut_metadata();
+        meta.index = self.applied_index;
+        meta.term = self.applied_term;
+        meta.set_conf_state(self.conf_state.clone());
+        // The data travels out of band (streamed from a DB snapshot); the
+        // message itself only names the group.
+        snap.data = self.group.to_be_bytes().to_vec().into();
+        self.snapshot_requests
+            .borrow_mut()
+            .push((to, self.applied_index, self.applied_term));
+        Ok(snap)
+    }
+}

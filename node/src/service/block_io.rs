@@ -1,0 +1,255 @@
+//! The BlockIo service: reads, writes, flushes and discards of byte ranges
+//! inside one chunk. Every request is validated (alignment, size, chunk,
+//! group, volume, bounds) before it touches the store; writes are raft
+//! proposals acknowledged after commit and apply; reads wait for ReadIndex
+//! and verify every block's checksum.
+
+use std::sync::atomic::Ordering;
+
+use raftblk_proto::block_io_server::BlockIo;
+use raftblk_proto::{
+    command::Cmd, placement, BlockRange, Command, DiscardCmd, DiscardRequest, Error as PbError, ErrorCode,
+    FlushRequest, ReadRequest, ReadResponse, VolumeInfo, WriteCmd, WriteRequest, WriteResponse, BLOCK_BYTES,
+    META_GROUP_ID, SECTOR_BYTES,
+};
+use tonic::{Request, Response, Status};
+
+use super::store_error;
+use crate::apply::{self, ApplyOutput};
+use crate::block;
+use crate::keys;
+use crate::store::{StoreError, StoreHandle};
+
+pub struct BlockIoService {
+    pub store: StoreHandle,
+}
+
+fn invalid(msg: String) -> PbError {
+    PbError::new(ErrorCode::InvalidArgument, msg)
+}
+
+impl BlockIoService {
+    /// Checks a range and returns the volume it addresses.
+    async fn validate(&self, range: Option<&BlockRange>) -> Result<VolumeInfo, PbError> {
+        let r = range.ok_or_else(|| invalid("request has no range".into()))?;
+        let cfg = &self.store.config;
+        if r.length_bytes == 0 {
+            return Err(invalid("length must be positive".into()));
+        }
+        if r.offset_bytes % SECTOR_BYTES != 0 || r.length_bytes % SECTOR_BYTES != 0 {
+            return Err(invalid(format!(
+                "offset {} and length {} must be multiples of 512",
+                r.offset_bytes, r.length_bytes
+            )));
+        }
+        if r.length_bytes > cfg.limits.io_bytes_max {
+            return Err(invalid(format!(
+                "length {} exceeds the limit of {} bytes per request",
+                r.length_bytes, cfg.limits.io_bytes_max
+            )));
+        }
+        let end = r
+            .offset_bytes
+            .checked_add(r.length_bytes)
+            .ok_or_else(|| PbError::new(ErrorCode::OutOfRange, "range overflows".to_string()))?;
+        let volume = self.volume(r.volume_id, end).await?;
+        let chunk = placement::chunk_index(r.offset_bytes, volume.chunk_size_bytes);
+        if chunk != placement::chunk_index(end - 1, volume.chunk_size_bytes) {
+            return Err(invalid(format!(
+                "range [{}, {end}) crosses a chunk boundary (chunk size {})",
+                r.offset_bytes, volume.chunk_size_bytes
+            )));
+        }
+        let want = placement::chunk_group(r.volume_id, chunk, cfg.cluster.data_groups);
+        if want != r.group_id {
+            return Err(PbError::new(
+                ErrorCode::WrongGroup,
+                format!("chunk {chunk} of volume {} lives in group {want}, not {}", r.volume_id, r.group_id),
+            ));
+        }
+        Ok(volume)
+    }
+
+    /// The volume `id`, checking that `[.., end)` lies inside it. Uses the
+    /// local catalog replica; on a miss (it may lag) re-reads after a
+    /// ReadIndex on the meta group.
+    async fn volume(&self, id: u64, end: u64) -> Result<VolumeInfo, PbError> {
+        let engine = &self.store.engine;
+        let storage = |e: crate::engine::EngineError| PbError::new(ErrorCode::Storage, e.to_string());
+        let mut v = apply::lookup_volume_by_id(engine, id).map_err(storage)?;
+        if v.as_ref().is_none_or(|v| end > v.size_bytes) {
+            self.store
+                .read_index(META_GROUP_ID, true)
+                .await
+                .map_err(|e| store_error(&self.store, e))?;
+            v = apply::lookup_volume_by_id(engine, id).map_err(storage)?;
+        }
+        let v = v.ok_or_else(|| PbError::new(ErrorCode::NoSuchVolume, format!("no volume with id {id}")))?;
+        if end > v.size_bytes {
+            return Err(PbError::new(
+                ErrorCode::OutOfRange,
+                format!("range ends at byte {end}, past the end of volume {:?} ({} bytes)", v.name, v.size_bytes),
+            ));
+        }
+        Ok(v)
+    }
+
+    async fn propose(&self, group: u64, cmd: Cmd) -> WriteResponse {
+        match self.store.propose(group, &Command { cmd: Some(cmd) }).await {
+            Ok(Ok(ApplyOutput::Done | ApplyOutput::Volume(_))) => WriteResponse { error: None },
+            Ok(Err(e)) => WriteResponse { error: Some(e) },
+            Err(e) => WriteResponse {
+                error: Some(store_error(&self.store, e)),
+            },
+        }
+    }
+
+    fn check_leader(&self, group: u64) -> Result<(), PbError> {
+        match self.store.view(group) {
+            None => Err(store_error(&self.store, StoreError::NoSuchGroup(group))),
+            Some(v) if v.role != "leader" => Err(store_error(
+                &self.store,
+                StoreError::NotLeader {
+                    group,
+                    leader: (v.leader_id != 0).then_some(v.leader_id),
+                },
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+/// Reads `[offset, offset+len)` of `volume` from `group`'s blocks,
+/// verifying checksums; absent blocks read as zeros.
+fn read_blocks(store: &StoreHandle, group: u64, volume: u64, offset: u64, len: u64) -> Result<Vec<u8>, PbError> {
+    let engine = &store.engine;
+    let mut out = vec![0u8; len as usize];
+    let end = offset + len;
+    let first = offset / BLOCK_BYTES;
+    let last = (end - 1) / BLOCK_BYTES;
+    let keys: Vec<Vec<u8>> = (first..=last).map(|b| keys::block(group, volume, b)).collect();
+    let values = engine.db().multi_get_cf(keys.iter().map(|k| (engine.kv_cf(), k.as_slice())));
+    for (i, value) in values.into_iter().enumerate() {
+        let b = first + i as u64;
+        let Some(stored) = value.map_err(|e| PbError::new(ErrorCode::Storage, e.to_string()))? else {
+            continue;
+        };
+        let data = match block::decode(&stored) {
+            Ok(d) => d,
+            Err(e) => {
+                store.counters.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(group, volume, block = b, node = store.config.node_id, error = %e, "checksum mismatch on read");
+                return Err(PbError::new(
+                    ErrorCode::Corrupted,
+                    format!("block {b} of volume {volume} failed its checksum on node {}", store.config.node_id),
+                ));
+            }
+        };
+        let bstart = b * BLOCK_BYTES;
+        let lo = offset.max(bstart);
+        let hi = end.min(bstart + BLOCK_BYTES);
+        out[(lo - offset) as usize..(hi - offset) as usize]
+            .copy_from_slice(&data[(lo - bstart) as usize..(hi - bstart) as usize]);
+    }
+    Ok(out)
+}
+
+#[tonic::async_trait]
+impl BlockIo for BlockIoService {
+    async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
+        let r = req.into_inner();
+        let fail = |e| Ok(Response::new(ReadResponse { error: Some(e), data: Default::default() }));
+        let range = match r.range {
+            Some(range) => range,
+            None => return fail(invalid("request has no range".into())),
+        };
+        if let Err(e) = self.validate(Some(&range)).await {
+            return fail(e);
+        }
+        if let Err(e) = self.check_leader(range.group_id) {
+            return fail(e);
+        }
+        if let Err(e) = self.store.read_index(range.group_id, false).await {
+            return fail(store_error(&self.store, e));
+        }
+        let store = self.store.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            read_blocks(&store, range.group_id, range.volume_id, range.offset_bytes, range.length_bytes)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        match res {
+            Ok(data) => Ok(Response::new(ReadResponse { error: None, data: data.into() })),
+            Err(e) => {
+                if e.kind() == ErrorCode::Corrupted {
+                    // This replica's copy is bad: hand leadership to a healthy
+                    // replica so the client's retry reads a good copy.
+                    self.store.request_transfer_leader(range.group_id, None);
+                }
+                fail(e)
+            }
+        }
+    }
+
+    async fn write(&self, req: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        let r = req.into_inner();
+        let fail = |e| Ok(Response::new(WriteResponse { error: Some(e) }));
+        let Some(range) = r.range else {
+            return fail(invalid("request has no range".into()));
+        };
+        if r.data.len() as u64 != range.length_bytes {
+            return fail(invalid(format!(
+                "data is {} bytes but the range is {} bytes",
+                r.data.len(),
+                range.length_bytes
+            )));
+        }
+        if let Err(e) = self.validate(Some(&range)).await {
+            return fail(e);
+        }
+        if let Err(e) = self.check_leader(range.group_id) {
+            return fail(e);
+        }
+        let cmd = Cmd::Write(WriteCmd {
+            volume_id: range.volume_id,
+            offset_bytes: range.offset_bytes,
+            data: r.data,
+        });
+        Ok(Response::new(self.propose(range.group_id, cmd).await))
+    }
+
+    async fn flush(&self, req: Request<FlushRequest>) -> Result<Response<WriteResponse>, Status> {
+        // Writes are acknowledged only once committed (fsynced on a
+        // majority), so a flush has nothing to force to disk: it is a
+        // barrier that confirms, via ReadIndex, that this node still leads
+        // the group and has applied every acknowledged write.
+        let group = req.into_inner().group_id;
+        let error = self
+            .store
+            .read_index(group, false)
+            .await
+            .err()
+            .map(|e| store_error(&self.store, e));
+        Ok(Response::new(WriteResponse { error }))
+    }
+
+    async fn discard(&self, req: Request<DiscardRequest>) -> Result<Response<WriteResponse>, Status> {
+        let r = req.into_inner();
+        let fail = |e| Ok(Response::new(WriteResponse { error: Some(e) }));
+        let Some(range) = r.range else {
+            return fail(invalid("request has no range".into()));
+        };
+        if let Err(e) = self.validate(Some(&range)).await {
+            return fail(e);
+        }
+        if let Err(e) = self.check_leader(range.group_id) {
+            return fail(e);
+        }
+        let cmd = Cmd::Discard(DiscardCmd {
+            volume_id: range.volume_id,
+            offset_bytes: range.offset_bytes,
+            length_bytes: range.length_bytes,
+        });
+        Ok(Response::new(self.propose(range.group_id, cmd).await))
+    }
+}

@@ -1,0 +1,134 @@
+//! The Cluster service: this node's view of the cluster (members, hosted
+//! groups with leader, term and indexes, counters) and per-group digests
+//! for comparing replicas.
+
+use std::sync::atomic::Ordering;
+
+use raftblk_proto::cluster_server::Cluster;
+use raftblk_proto::{
+    Empty, Error as PbError, ErrorCode, GroupDigestRequest, GroupDigestResponse, GroupStatus, NodeInfo,
+    NodeStatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+};
+use tonic::{Request, Response, Status};
+
+use super::store_error;
+use crate::keys;
+use crate::store::StoreHandle;
+
+pub struct ClusterService {
+    pub store: StoreHandle,
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn status(&self, _req: Request<Empty>) -> Result<Response<NodeStatusResponse>, Status> {
+        let cfg = &self.store.config;
+        let c = &self.store.counters;
+        let groups = self
+            .store
+            .views()
+            .into_iter()
+            .map(|v| GroupStatus {
+                group_id: v.group,
+                replicas: v.replicas,
+                leader_id: v.leader_id,
+                term: v.term,
+                commit_index: v.commit_index,
+                applied_index: v.applied_index,
+                first_index: v.first_index,
+                last_index: v.last_index,
+                role: v.role.to_string(),
+            })
+            .collect();
+        Ok(Response::new(NodeStatusResponse {
+            node_id: cfg.node_id,
+            nodes: cfg
+                .cluster
+                .nodes
+                .iter()
+                .map(|n| NodeInfo {
+                    id: n.id,
+                    addr: n.addr.clone(),
+                })
+                .collect(),
+            data_group_count: cfg.cluster.data_groups,
+            replicas: cfg.cluster.replicas,
+            chunk_size_bytes: cfg.cluster.chunk_size_bytes,
+            groups,
+            checksum_errors: c.checksum_errors.load(Ordering::Relaxed),
+            snapshots_sent: c.snapshots_sent.load(Ordering::Relaxed),
+            snapshots_applied: c.snapshots_applied.load(Ordering::Relaxed),
+        }))
+    }
+
+    async fn group_digest(&self, req: Request<GroupDigestRequest>) -> Result<Response<GroupDigestResponse>, Status> {
+        let group = req.into_inner().group_id;
+        let (snap, applied) = match self.store.digest_snapshot(group).await {
+            Ok(s) => s,
+            Err(e) => {
+                return Ok(Response::new(GroupDigestResponse {
+                    error: Some(store_error(&self.store, e)),
+                    ..Default::default()
+                }))
+            }
+        };
+        let engine = self.store.engine.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let (start, end) = keys::group_range(group);
+            let mut h = crc32fast::Hasher::new();
+            let mut h2 = crc32fast::Hasher::new_with_initial(0x5a5a_5a5a);
+            let mut n = 0u64;
+            snap.scan_kv(&engine, &start, &end, |k, v| {
+                for x in [k, v] {
+                    h.update(&(x.len() as u32).to_le_bytes());
+                    h.update(x);
+                    h2.update(x);
+                }
+                n += 1;
+                true
+            })
+            .map(|_| (n, (u64::from(h.finalize()) << 32) | u64::from(h2.finalize())))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(match res {
+            Ok((kv_count, digest)) => GroupDigestResponse {
+                error: None,
+                applied_index: applied,
+                kv_count,
+                digest,
+            },
+            Err(e) => GroupDigestResponse {
+                error: Some(PbError::new(ErrorCode::Storage, e.to_string())),
+                ..Default::default()
+            },
+        }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let r = req.into_inner();
+        let error = match self.store.view(r.group_id) {
+            None => Some(PbError::new(ErrorCode::WrongGroup, format!("group {} is not hosted here", r.group_id))),
+            Some(v) if v.role != "leader" => Some(store_error(
+                &self.store,
+                crate::store::StoreError::NotLeader {
+                    group: r.group_id,
+                    leader: (v.leader_id != 0).then_some(v.leader_id),
+                },
+            )),
+            Some(v) if r.to_node != 0 && !v.replicas.contains(&r.to_node) => Some(PbError::new(
+                ErrorCode::InvalidArgument,
+                format!("node {} is not a replica of group {}", r.to_node, r.group_id),
+            )),
+            Some(_) => {
+                self.store
+                    .request_transfer_leader(r.group_id, (r.to_node != 0).then_some(r.to_node));
+                None
+            }
+        };
+        Ok(Response::new(TransferLeaderResponse { error }))
+    }
+}

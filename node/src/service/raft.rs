@@ -1,0 +1,121 @@
+//! Raft transport, receiving side: decodes batches of raft messages from
+//! peer streams into the store's inbox, and stages incoming snapshots to
+//! files in bounded pieces.
+//!
+//! Raft messages are decoded with raft-rs's protobuf 2 codec (which has
+//! RUSTSEC-2024-0437, unbounded recursion in `skip_group`): only cluster
+//! peers may reach this service; deployments must keep the node port on a
+//! trusted network.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use protobuf::Message as _;
+use raft::prelude::{Message, MessageType};
+use raftblk_proto::raft_transport_server::RaftTransport;
+use raftblk_proto::{Empty, RaftBatch, SnapshotPiece};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::snapshot_file::SnapshotWriter;
+use crate::store::{StoreHandle, StoreMsg};
+
+/// Envelopes accepted in one batch.
+const BATCH_ENVELOPES_MAX: usize = 4096;
+
+pub struct RaftService {
+    pub store: StoreHandle,
+    pub store_tx: mpsc::Sender<StoreMsg>,
+    pub nonce: AtomicU64,
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn send(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<Empty>, Status> {
+        let me = self.store.config.node_id;
+        let mut stream = req.into_inner();
+        while let Some(batch) = stream.message().await? {
+            if batch.to_node != me {
+                return Err(Status::invalid_argument(format!(
+                    "batch for node {} reached node {me}",
+                    batch.to_node
+                )));
+            }
+            if batch.envelopes.len() > BATCH_ENVELOPES_MAX {
+                return Err(Status::invalid_argument("too many envelopes in one batch"));
+            }
+            let mut msgs = Vec::with_capacity(batch.envelopes.len());
+            for env in batch.envelopes {
+                match Message::parse_from_bytes(&env.message) {
+                    Ok(m) if m.get_msg_type() != MessageType::MsgSnapshot => msgs.push((env.group_id, m)),
+                    Ok(_) => tracing::warn!(from = batch.from_node, "snapshot on the message stream ignored"),
+                    Err(e) => tracing::warn!(from = batch.from_node, error = %e, "undecodable raft message"),
+                }
+            }
+            if self.store_tx.send(StoreMsg::Raft { msgs }).await.is_err() {
+                return Err(Status::unavailable("store stopped"));
+            }
+        }
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn snapshot(&self, req: Request<Streaming<SnapshotPiece>>) -> Result<Response<Empty>, Status> {
+        let me = self.store.config.node_id;
+        let mut stream = req.into_inner();
+        let Some(first) = stream.message().await? else {
+            return Err(Status::invalid_argument("empty snapshot stream"));
+        };
+        let header = first
+            .header
+            .ok_or_else(|| Status::invalid_argument("first snapshot piece lacks the header"))?;
+        let msg = Message::parse_from_bytes(&header.message)
+            .map_err(|e| Status::invalid_argument(format!("undecodable snapshot header: {e}")))?;
+        if msg.get_msg_type() != MessageType::MsgSnapshot || msg.to != me || first.to_node != me {
+            return Err(Status::invalid_argument("snapshot header is not a MsgSnapshot for this node"));
+        }
+        let group = header.group_id;
+        if self.store.view(group).is_none() {
+            return Err(Status::invalid_argument(format!("group {group} is not hosted here")));
+        }
+        let meta = msg.get_snapshot().get_metadata();
+        let dir = self.store.config.data_dir.join("snap");
+        let nonce = self.nonce.fetch_add(1, Ordering::Relaxed);
+        let mut writer = SnapshotWriter::create(&dir, group, meta.index, meta.term, nonce)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let mut done = false;
+        let mut total = 0;
+        while let Some(piece) = stream.message().await? {
+            if done {
+                writer.abandon();
+                return Err(Status::invalid_argument("snapshot pieces after the last one"));
+            }
+            for kv in &piece.kvs {
+                if let Err(e) = writer.push(&kv.key, &kv.value) {
+                    writer.abandon();
+                    return Err(Status::invalid_argument(e.to_string()));
+                }
+            }
+            if piece.done {
+                done = true;
+                total = piece.total_kvs;
+            }
+        }
+        if !done || total != writer.count() {
+            let got = writer.count();
+            writer.abandon();
+            return Err(Status::data_loss(format!(
+                "snapshot stream incomplete: {got} of {total} pairs"
+            )));
+        }
+        let path = writer.finish().map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(group, index = meta.index, pairs = total, "snapshot received");
+        self.store_tx
+            .send(StoreMsg::SnapshotReceived {
+                group,
+                msg: Box::new(msg),
+                path,
+            })
+            .await
+            .map_err(|_| Status::unavailable("store stopped"))?;
+        Ok(Response::new(Empty {}))
+    }
+}

@@ -1,0 +1,304 @@
+//! Raft transport, sending side: one long-lived gRPC stream per peer node,
+//! messages batched per peer, reconnect with backoff, bounded queues (a full
+//! queue drops messages: raft retransmits). Snapshots go on their own
+//! stream, read from a DB snapshot in bounded pieces.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protobuf::Message as _;
+use raft::prelude::Message;
+use raftblk_proto::raft_transport_client::RaftTransportClient;
+use raftblk_proto::{RaftBatch, RaftEnvelope, SnapshotKv, SnapshotPiece, GRPC_MESSAGE_BYTES_MAX};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::NodeConfig;
+use crate::engine::{Engine, OwnedSnapshot};
+use crate::keys;
+use crate::store::{Counters, StoreMsg};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A whole snapshot transfer must finish within this time.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Opens a channel to a peer with the keepalives and timeouts every
+/// internal connection uses.
+pub async fn connect(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+}
+
+/// Sending side of the raft transport, owned by the store thread.
+pub struct Transport {
+    node_id: u64,
+    peers: HashMap<u64, mpsc::Sender<(u64, Message)>>,
+    addrs: HashMap<u64, String>,
+    rt: tokio::runtime::Handle,
+    store_tx: mpsc::Sender<StoreMsg>,
+    counters: Arc<Counters>,
+    engine: Engine,
+    piece_bytes: usize,
+}
+
+impl Transport {
+    /// Spawns one sender task per peer on `rt`.
+    pub fn new(
+        config: &NodeConfig,
+        engine: Engine,
+        rt: tokio::runtime::Handle,
+        store_tx: mpsc::Sender<StoreMsg>,
+        counters: Arc<Counters>,
+    ) -> Transport {
+        let mut peers = HashMap::new();
+        let mut addrs = HashMap::new();
+        for n in &config.cluster.nodes {
+            if n.id == config.node_id {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(config.limits.peer_queue_capacity);
+            peers.insert(n.id, tx);
+            addrs.insert(n.id, n.addr.clone());
+            let peer = PeerLink {
+                from: config.node_id,
+                to: n.id,
+                addr: n.addr.clone(),
+                rx,
+                store_tx: store_tx.clone(),
+                batch_msgs_max: config.limits.transport_batch_msgs_max,
+                batch_bytes_max: config.limits.transport_batch_bytes_max,
+            };
+            rt.spawn(peer.run());
+        }
+        Transport {
+            node_id: config.node_id,
+            peers,
+            addrs,
+            rt,
+            store_tx,
+            counters,
+            engine,
+            piece_bytes: config.raft.snapshot_piece_bytes as usize,
+        }
+    }
+
+    /// Queues a raft message; drops it if the peer's queue is full.
+    pub fn send(&self, group: u64, msg: Message) {
+        let Some(tx) = self.peers.get(&msg.to) else {
+            self.counters.dropped_messages.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if tx.try_send((group, msg)).is_err() {
+            self.counters.dropped_messages.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Streams a snapshot to its receiver in the background and reports the
+    /// outcome to the store.
+    pub fn send_snapshot(&self, group: u64, msg: Message, snap: OwnedSnapshot) {
+        let to = msg.to;
+        let Some(addr) = self.addrs.get(&to).cloned() else {
+            return;
+        };
+        let from = self.node_id;
+        let store_tx = self.store_tx.clone();
+        let engine = self.engine.clone();
+        let piece_bytes = self.piece_bytes;
+        self.rt.spawn(async move {
+            let r = send_snapshot(from, addr, group, msg, snap, engine, piece_bytes).await;
+            if let Err(e) = &r {
+                tracing::warn!(group, to, error = %e, "snapshot transfer failed");
+            } else {
+                tracing::info!(group, to, "snapshot sent");
+            }
+            let _ = store_tx
+                .send(StoreMsg::SnapshotStatus {
+                    group,
+                    to,
+                    ok: r.is_ok(),
+                })
+                .await;
+        });
+    }
+}
+
+async fn send_snapshot(
+    from: u64,
+    addr: String,
+    group: u64,
+    msg: Message,
+    snap: OwnedSnapshot,
+    engine: Engine,
+    piece_bytes: usize,
+) -> anyhow::Result<()> {
+    let to = msg.to;
+    let header = RaftEnvelope {
+        group_id: group,
+        message: msg.write_to_bytes()?.into(),
+    };
+    let (ptx, prx) = mpsc::channel::<SnapshotPiece>(2);
+    let producer = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let first = SnapshotPiece {
+            from_node: from,
+            to_node: to,
+            header: Some(header),
+            ..Default::default()
+        };
+        ptx.blocking_send(first)
+            .map_err(|_| anyhow::anyhow!("receiver closed"))?;
+        let (start, end) = keys::group_range(group);
+        let mut kvs = Vec::new();
+        let mut bytes = 0usize;
+        let mut total = 0u64;
+        let mut closed = false;
+        snap.scan_kv(&engine, &start, &end, |k, v| {
+            bytes += k.len() + v.len() + 8;
+            total += 1;
+            kvs.push(SnapshotKv {
+                key: k.to_vec().into(),
+                value: v.to_vec().into(),
+            });
+            if bytes >= piece_bytes {
+                let piece = SnapshotPiece {
+                    from_node: from,
+                    to_node: to,
+                    kvs: std::mem::take(&mut kvs),
+                    ..Default::default()
+                };
+                bytes = 0;
+                if ptx.blocking_send(piece).is_err() {
+                    closed = true;
+                    return false;
+                }
+            }
+            true
+        })?;
+        if closed {
+            anyhow::bail!("receiver closed mid-transfer");
+        }
+        let last = SnapshotPiece {
+            from_node: from,
+            to_node: to,
+            kvs,
+            done: true,
+            total_kvs: total,
+            ..Default::default()
+        };
+        ptx.blocking_send(last)
+            .map_err(|_| anyhow::anyhow!("receiver closed"))?;
+        Ok(())
+    });
+    let transfer = async {
+        let channel = connect(&addr).await?;
+        let mut client = RaftTransportClient::new(channel)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+        client.snapshot(ReceiverStream::new(prx)).await?;
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(SNAPSHOT_TIMEOUT, transfer)
+        .await
+        .map_err(|_| anyhow::anyhow!("snapshot transfer timed out"))??;
+    producer.await??;
+    Ok(())
+}
+
+/// One peer's sender task.
+struct PeerLink {
+    from: u64,
+    to: u64,
+    addr: String,
+    rx: mpsc::Receiver<(u64, Message)>,
+    store_tx: mpsc::Sender<StoreMsg>,
+    batch_msgs_max: usize,
+    batch_bytes_max: usize,
+}
+
+impl PeerLink {
+    async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match connect(&self.addr).await {
+                Ok(channel) => {
+                    backoff = BACKOFF_MIN;
+                    tracing::debug!(node = self.from, peer = self.to, "raft stream connected");
+                    if !self.stream(channel).await {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(node = self.from, peer = self.to, error = %e, "peer unreachable");
+                }
+            }
+            // Messages queued while disconnected are stale: raft resends.
+            while self.rx.try_recv().is_ok() {}
+            let _ = self.store_tx.try_send(StoreMsg::Unreachable { to: self.to });
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Feeds one stream until it fails; false when the store is gone.
+    async fn stream(&mut self, channel: Channel) -> bool {
+        let mut client = RaftTransportClient::new(channel)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+        let (btx, brx) = mpsc::channel::<RaftBatch>(8);
+        let call = client.send(ReceiverStream::new(brx));
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                res = &mut call => {
+                    if let Err(e) = res {
+                        tracing::debug!(node = self.from, peer = self.to, error = %e, "raft stream ended");
+                    }
+                    return true;
+                }
+                first = self.rx.recv() => {
+                    let Some(first) = first else { return false };
+                    let batch = self.batch(first);
+                    if btx.send(batch).await.is_err() {
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+
+    fn batch(&mut self, first: (u64, Message)) -> RaftBatch {
+        let mut envelopes = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = Some(first);
+        while let Some((group, msg)) = next.take() {
+            match msg.write_to_bytes() {
+                Ok(b) => {
+                    bytes += b.len();
+                    envelopes.push(RaftEnvelope {
+                        group_id: group,
+                        message: b.into(),
+                    });
+                }
+                Err(e) => tracing::warn!(group, error = %e, "cannot encode raft message"),
+            }
+            if envelopes.len() >= self.batch_msgs_max || bytes >= self.batch_bytes_max {
+                break;
+            }
+            next = self.rx.try_recv().ok();
+        }
+        RaftBatch {
+            from_node: self.from,
+            to_node: self.to,
+            envelopes,
+        }
+    }
+}
