@@ -20,10 +20,9 @@ CLI_BIN="$PROFILE_DIR/raftblk"
 export RAFTBLK_CLUSTER="127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
 
 build() {
-  if [[ ! -x "$NODE_BIN" || ! -x "$CLI_BIN" || "${RAFTBLK_REBUILD:-1}" == 1 ]]; then
-    echo "building raftblk (a clean build compiles RocksDB: ~15 minutes)..."
-    cargo build --bins --quiet
-  fi
+  # A no-op when up to date; a clean build compiles RocksDB (~15 minutes).
+  [[ -x "$NODE_BIN" ]] || echo "building raftblk (a clean build compiles RocksDB: ~15 minutes)..."
+  cargo build --bins --quiet
 }
 
 running() { [[ -f "$STATE/node$1.pid" ]] && kill -0 "$(cat "$STATE/node$1.pid")" 2>/dev/null; }

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
-use rand::Rng as _;
 use raftblk_client::size::parse_size;
 use raftblk_client::{Client, Volume};
+use rand::Rng as _;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -69,16 +69,23 @@ enum Op {
     Write,
 }
 
-async fn workload(
-    vol: &Volume,
-    name: &str,
+/// One workload: what to issue, at which queue depth and block size.
+struct Spec {
+    name: &'static str,
     op: Op,
     qd: usize,
     block: u64,
-    region: u64,
     sequential: bool,
-    seconds: u64,
-) -> anyhow::Result<Stats> {
+}
+
+async fn workload(vol: &Volume, spec: Spec, region: u64, seconds: u64) -> anyhow::Result<Stats> {
+    let Spec {
+        name,
+        op,
+        qd,
+        block,
+        sequential,
+    } = spec;
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -243,7 +250,10 @@ pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
     }
     let s = args.seconds;
     let dir = args.local_dir.clone();
-    eprintln!("measuring local limits in {} ({s} s each)...", dir.display());
+    eprintln!(
+        "measuring local limits in {} ({s} s each)...",
+        dir.display()
+    );
     let d1 = dir.clone();
     let mut fsync = tokio::task::spawn_blocking(move || local_fdatasync(&d1, s)).await??;
     let d2 = dir.clone();
@@ -254,13 +264,73 @@ pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
     let vol = client.open_volume(&name).await?;
     let result = async {
         eprintln!("running cluster workloads on volume {name} ({s} s each)...");
-        let mut seq = workload(&vol, "1M seq write QD4", Op::Write, 4, 1 << 20, size, true, s).await?;
+        let mut seq = workload(
+            &vol,
+            Spec {
+                name: "1M seq write QD4",
+                op: Op::Write,
+                qd: 4,
+                block: 1 << 20,
+                sequential: true,
+            },
+            size,
+            s,
+        )
+        .await?;
         // Random I/O within what the sequential pass filled.
         let region = (seq.ops * (1 << 20)).clamp(64 << 20, size);
-        let mut w1 = workload(&vol, "4K rand write QD1", Op::Write, 1, 4096, region, false, s).await?;
-        let mut w32 = workload(&vol, "4K rand write QD32", Op::Write, 32, 4096, region, false, s).await?;
-        let mut r1 = workload(&vol, "4K rand read QD1", Op::Read, 1, 4096, region, false, s).await?;
-        let mut r32 = workload(&vol, "4K rand read QD32", Op::Read, 32, 4096, region, false, s).await?;
+        let mut w1 = workload(
+            &vol,
+            Spec {
+                name: "4K rand write QD1",
+                op: Op::Write,
+                qd: 1,
+                block: 4096,
+                sequential: false,
+            },
+            region,
+            s,
+        )
+        .await?;
+        let mut w32 = workload(
+            &vol,
+            Spec {
+                name: "4K rand write QD32",
+                op: Op::Write,
+                qd: 32,
+                block: 4096,
+                sequential: false,
+            },
+            region,
+            s,
+        )
+        .await?;
+        let mut r1 = workload(
+            &vol,
+            Spec {
+                name: "4K rand read QD1",
+                op: Op::Read,
+                qd: 1,
+                block: 4096,
+                sequential: false,
+            },
+            region,
+            s,
+        )
+        .await?;
+        let mut r32 = workload(
+            &vol,
+            Spec {
+                name: "4K rand read QD32",
+                op: Op::Read,
+                qd: 32,
+                block: 4096,
+                sequential: false,
+            },
+            region,
+            s,
+        )
+        .await?;
         let fs_p50 = fsync.pct(0.5);
         let rocks_iops = rocks.iops();
         let mut out = String::new();
@@ -281,9 +351,21 @@ pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
         row(&mut fsync, "(local limit: QD1 latency)".into());
         row(&mut rocks, "(local limit: QD32 IOPS)".into());
         let w1_p50 = w1.pct(0.5);
-        row(&mut w1, format!("p50 = {:.2}x local fdatasync p50", w1_p50 / fs_p50.max(1e-9)));
+        row(
+            &mut w1,
+            format!(
+                "p50 = {:.2}x local fdatasync p50",
+                w1_p50 / fs_p50.max(1e-9)
+            ),
+        );
         let w32_iops = w32.iops();
-        row(&mut w32, format!("IOPS = {:.2}x local RocksDB 32 writers", w32_iops / rocks_iops.max(1e-9)));
+        row(
+            &mut w32,
+            format!(
+                "IOPS = {:.2}x local RocksDB 32 writers",
+                w32_iops / rocks_iops.max(1e-9)
+            ),
+        );
         row(&mut r1, "-".into());
         row(&mut r32, "-".into());
         row(&mut seq, "-".into());

@@ -26,8 +26,12 @@ impl ClientError {
     /// Maps a final (non-retryable) server error.
     pub fn from_server(e: PbError, name: Option<&str>) -> ClientError {
         match e.kind() {
-            ErrorCode::NoSuchVolume => ClientError::NoSuchVolume(name.map(str::to_owned).unwrap_or(e.message)),
-            ErrorCode::VolumeExists => ClientError::VolumeExists(name.map(str::to_owned).unwrap_or(e.message)),
+            ErrorCode::NoSuchVolume => {
+                ClientError::NoSuchVolume(name.map(str::to_owned).unwrap_or(e.message))
+            }
+            ErrorCode::VolumeExists => {
+                ClientError::VolumeExists(name.map(str::to_owned).unwrap_or(e.message))
+            }
             ErrorCode::InvalidArgument => ClientError::InvalidArgument(e.message),
             ErrorCode::OutOfRange => ClientError::OutOfRange(e.message),
             _ => ClientError::Server(e),

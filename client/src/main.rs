@@ -17,7 +17,12 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 #[command(name = "raftblk", version, about = "raftblk admin CLI")]
 struct Cli {
     /// Cluster node addresses (host:port, comma separated).
-    #[arg(long, env = "RAFTBLK_CLUSTER", default_value = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103", global = true)]
+    #[arg(
+        long,
+        env = "RAFTBLK_CLUSTER",
+        default_value = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103",
+        global = true
+    )]
     cluster: String,
     /// Deadline of one operation, retries included, in seconds.
     #[arg(long, default_value_t = 30, global = true)]
@@ -90,7 +95,10 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("raftblk: cannot start the runtime: {e}");
@@ -133,7 +141,9 @@ fn parse_volume_size(text: &str) -> anyhow::Result<u64> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.cmd {
-        Cmd::Cluster { cmd: ClusterCmd::Status } => status(&connect(&cli).await?).await,
+        Cmd::Cluster {
+            cmd: ClusterCmd::Status,
+        } => status(&connect(&cli).await?).await,
         Cmd::Volume { cmd } => volume(&cli, cmd).await,
         Cmd::Bench(args) => bench::run(&connect(&cli).await?, args).await,
     }
@@ -149,7 +159,10 @@ async fn status(client: &Client) -> anyhow::Result<()> {
         format_size(topo.chunk_size_bytes)
     );
     let statuses = client.node_statuses().await;
-    println!("{:<6} {:<22} {:<8} {:>7} {:>9} {:>10} {:>10}", "NODE", "ADDRESS", "HEALTH", "GROUPS", "LEADING", "CRC-ERRS", "SNAPSHOTS");
+    println!(
+        "{:<6} {:<22} {:<8} {:>7} {:>9} {:>10} {:>10}",
+        "NODE", "ADDRESS", "HEALTH", "GROUPS", "LEADING", "CRC-ERRS", "SNAPSHOTS"
+    );
     let mut leaders = std::collections::BTreeMap::new();
     for (id, addr, r) in &statuses {
         match r {
@@ -176,15 +189,26 @@ async fn status(client: &Client) -> anyhow::Result<()> {
         }
     }
     println!();
-    println!("{:<6} {:<14} {:<8} {:>6} {:>10} {:>10}", "GROUP", "REPLICAS", "LEADER", "TERM", "COMMIT", "APPLIED");
+    println!(
+        "{:<6} {:<14} {:<8} {:>6} {:>10} {:>10}",
+        "GROUP", "REPLICAS", "LEADER", "TERM", "COMMIT", "APPLIED"
+    );
     let mut unhealthy = 0;
     for g in 0..=topo.data_groups {
         let replicas = topo.replicas_of(g);
-        let reps = replicas.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
+        let reps = replicas
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         match leaders.get(&g) {
             Some((l, term, commit, applied)) => println!(
                 "{:<6} {:<14} {:<8} {:>6} {:>10} {:>10}",
-                if g == 0 { "meta".to_string() } else { g.to_string() },
+                if g == 0 {
+                    "meta".to_string()
+                } else {
+                    g.to_string()
+                },
                 reps,
                 l,
                 term,
@@ -193,7 +217,16 @@ async fn status(client: &Client) -> anyhow::Result<()> {
             ),
             None => {
                 unhealthy += 1;
-                println!("{:<6} {:<14} {:<8}", if g == 0 { "meta".to_string() } else { g.to_string() }, reps, "NONE")
+                println!(
+                    "{:<6} {:<14} {:<8}",
+                    if g == 0 {
+                        "meta".to_string()
+                    } else {
+                        g.to_string()
+                    },
+                    reps,
+                    "NONE"
+                )
             }
         }
     }
@@ -210,11 +243,14 @@ async fn status(client: &Client) -> anyhow::Result<()> {
 async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
     // Validate arguments before touching the network.
     let size = match cmd {
-        VolumeCmd::Create { size, .. } | VolumeCmd::Grow { size, .. } => Some(parse_volume_size(size)?),
+        VolumeCmd::Create { size, .. } | VolumeCmd::Grow { size, .. } => {
+            Some(parse_volume_size(size)?)
+        }
         _ => None,
     };
     if let VolumeCmd::Import { file, .. } = cmd {
-        let meta = std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let meta =
+            std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
         if !meta.is_file() {
             bail!("{} is not a regular file", file.display());
         }
@@ -223,20 +259,35 @@ async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
     match cmd {
         VolumeCmd::Create { name, .. } => {
             let v = client.create_volume(name, size.unwrap_or(0)).await?;
-            println!("created volume {} (id {}, {})", v.name, v.id, format_size(v.size_bytes));
+            println!(
+                "created volume {} (id {}, {})",
+                v.name,
+                v.id,
+                format_size(v.size_bytes)
+            );
         }
         VolumeCmd::List => {
             let vols = client.list_volumes().await?;
             println!("{:<6} {:<32} {:>14} {:>12}", "ID", "NAME", "SIZE", "CHUNK");
             for v in vols {
-                println!("{:<6} {:<32} {:>14} {:>12}", v.id, v.name, format_size(v.size_bytes), format_size(v.chunk_size_bytes));
+                println!(
+                    "{:<6} {:<32} {:>14} {:>12}",
+                    v.id,
+                    v.name,
+                    format_size(v.size_bytes),
+                    format_size(v.chunk_size_bytes)
+                );
             }
         }
         VolumeCmd::Info { name } => {
             let v = client.volume_info(name).await?;
             println!("name:       {}", v.name);
             println!("id:         {}", v.id);
-            println!("size:       {} ({} bytes)", format_size(v.size_bytes), v.size_bytes);
+            println!(
+                "size:       {} ({} bytes)",
+                format_size(v.size_bytes),
+                v.size_bytes
+            );
             println!("chunk size: {}", format_size(v.chunk_size_bytes));
             println!("chunks:     {}", v.size_bytes.div_ceil(v.chunk_size_bytes));
             println!("created:    {} (unix ms)", v.created_unix_ms);
@@ -258,9 +309,11 @@ async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
 fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(total);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     pb.set_message(what.to_owned());
     pb
@@ -278,7 +331,9 @@ async fn import(client: &Client, name: &str, file: &std::path::Path) -> anyhow::
         );
     }
     let pb = progress(file_len, "import");
-    let steps: Vec<u64> = (0..file_len.div_ceil(COPY_PIECE_BYTES)).map(|i| i * COPY_PIECE_BYTES).collect();
+    let steps: Vec<u64> = (0..file_len.div_ceil(COPY_PIECE_BYTES))
+        .map(|i| i * COPY_PIECE_BYTES)
+        .collect();
     let path = file.to_owned();
     stream::iter(steps)
         .map(|off| {
@@ -308,7 +363,10 @@ async fn import(client: &Client, name: &str, file: &std::path::Path) -> anyhow::
         .await?;
     vol.flush().await?;
     pb.finish_and_clear();
-    println!("imported {} ({file_len} bytes) into volume {name}", file.display());
+    println!(
+        "imported {} ({file_len} bytes) into volume {name}",
+        file.display()
+    );
     Ok(())
 }
 
@@ -319,7 +377,9 @@ async fn export(client: &Client, name: &str, file: &std::path::Path) -> anyhow::
         .await
         .with_context(|| format!("cannot create {}", file.display()))?;
     let pb = progress(size, "export");
-    let steps: Vec<u64> = (0..size.div_ceil(COPY_PIECE_BYTES)).map(|i| i * COPY_PIECE_BYTES).collect();
+    let steps: Vec<u64> = (0..size.div_ceil(COPY_PIECE_BYTES))
+        .map(|i| i * COPY_PIECE_BYTES)
+        .collect();
     let mut reads = stream::iter(steps)
         .map(|off| {
             let vol = vol.clone();
@@ -334,6 +394,9 @@ async fn export(client: &Client, name: &str, file: &std::path::Path) -> anyhow::
     out.flush().await?;
     out.sync_all().await?;
     pb.finish_and_clear();
-    println!("exported volume {name} ({size} bytes) to {}", file.display());
+    println!(
+        "exported volume {name} ({size} bytes) to {}",
+        file.display()
+    );
     Ok(())
 }

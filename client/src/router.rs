@@ -10,8 +10,8 @@ use std::time::Duration;
 use raftblk_proto::cluster_client::ClusterClient;
 use raftblk_proto::volumes_client::VolumesClient;
 use raftblk_proto::{
-    CreateVolumeRequest, Empty, Error as PbError, ErrorCode, GrowVolumeRequest, NodeStatusResponse, VolumeInfo,
-    VolumeNameRequest, GRPC_MESSAGE_BYTES_MAX, META_GROUP_ID,
+    CreateVolumeRequest, Empty, Error as PbError, ErrorCode, GrowVolumeRequest, NodeStatusResponse,
+    VolumeInfo, VolumeNameRequest, GRPC_MESSAGE_BYTES_MAX, META_GROUP_ID,
 };
 use rand::Rng as _;
 use tokio::time::Instant;
@@ -72,7 +72,9 @@ impl Client {
     /// Connects through any of `seeds` (host:port) and learns the topology.
     pub async fn connect(seeds: &[String], opts: ClientOptions) -> Result<Client, ClientError> {
         if seeds.is_empty() {
-            return Err(ClientError::InvalidArgument("no cluster address given".into()));
+            return Err(ClientError::InvalidArgument(
+                "no cluster address given".into(),
+            ));
         }
         let mut reasons = Vec::new();
         for seed in seeds {
@@ -135,7 +137,8 @@ impl Client {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let c = channel_for(addr, &self.inner.opts).map_err(|e| ClientError::InvalidArgument(format!("address {addr}: {e}")))?;
+        let c = channel_for(addr, &self.inner.opts)
+            .map_err(|e| ClientError::InvalidArgument(format!("address {addr}: {e}")))?;
         map.insert(addr.to_owned(), c.clone());
         Ok(c)
     }
@@ -148,7 +151,9 @@ impl Client {
             let r = match self.channel(&addr) {
                 Ok(ch) => {
                     let mut c = ClusterClient::new(ch);
-                    match tokio::time::timeout(self.inner.opts.attempt_timeout, c.status(Empty {})).await {
+                    match tokio::time::timeout(self.inner.opts.attempt_timeout, c.status(Empty {}))
+                        .await
+                    {
                         Ok(Ok(r)) => Ok(r.into_inner()),
                         Ok(Err(e)) => Err(e.message().to_owned()),
                         Err(_) => Err("timed out".to_owned()),
@@ -172,7 +177,12 @@ impl Client {
     }
 
     /// Runs `op` against the leader of `group`, retrying under the deadline.
-    pub async fn call_group<T, F, Fut>(&self, group: u64, what: &str, op: F) -> Result<T, ClientError>
+    pub async fn call_group<T, F, Fut>(
+        &self,
+        group: u64,
+        what: &str,
+        op: F,
+    ) -> Result<T, ClientError>
     where
         F: Fn(Channel) -> Fut,
         Fut: Future<Output = Attempt<T>>,
@@ -182,7 +192,9 @@ impl Client {
         let topo = self.topology();
         let replicas = topo.replicas_of(group);
         if replicas.is_empty() {
-            return Err(ClientError::InvalidArgument(format!("group {group} has no replicas")));
+            return Err(ClientError::InvalidArgument(format!(
+                "group {group} has no replicas"
+            )));
         }
         let mut candidate = self
             .cached_leader(group)
@@ -214,7 +226,10 @@ impl Client {
                     last = format!("node {candidate}: {e}");
                     match e.kind() {
                         ErrorCode::NotLeader => {
-                            if e.leader_id != 0 && e.leader_id != candidate && replicas.contains(&e.leader_id) {
+                            if e.leader_id != 0
+                                && e.leader_id != candidate
+                                && replicas.contains(&e.leader_id)
+                            {
                                 candidate = e.leader_id;
                                 hops += 1;
                                 sleep = hops > 2 * replicas.len();
@@ -262,7 +277,10 @@ impl Client {
         &self,
         what: &str,
         name: Option<&str>,
-        op: impl Fn(VolumesClient<Channel>) -> std::pin::Pin<Box<dyn Future<Output = Attempt<Option<VolumeInfo>>> + Send>>,
+        op: impl Fn(
+            VolumesClient<Channel>,
+        )
+            -> std::pin::Pin<Box<dyn Future<Output = Attempt<Option<VolumeInfo>>> + Send>>,
     ) -> Result<Option<VolumeInfo>, ClientError> {
         self.call_group(META_GROUP_ID, what, |ch| op(VolumesClient::new(ch)))
             .await
@@ -273,8 +291,12 @@ impl Client {
     }
 
     /// Creates a volume of `size_bytes` (a positive multiple of 512).
-    pub async fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo, ClientError> {
-        if size_bytes == 0 || size_bytes % 512 != 0 {
+    pub async fn create_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<VolumeInfo, ClientError> {
+        if size_bytes == 0 || !size_bytes.is_multiple_of(512) {
             return Err(ClientError::InvalidArgument(format!(
                 "volume size {size_bytes} is not a positive multiple of 512 bytes"
             )));
@@ -326,8 +348,12 @@ impl Client {
     }
 
     /// Grows `name` to `new_size_bytes` (never shrinks).
-    pub async fn grow_volume(&self, name: &str, new_size_bytes: u64) -> Result<VolumeInfo, ClientError> {
-        if new_size_bytes == 0 || new_size_bytes % 512 != 0 {
+    pub async fn grow_volume(
+        &self,
+        name: &str,
+        new_size_bytes: u64,
+    ) -> Result<VolumeInfo, ClientError> {
+        if new_size_bytes == 0 || !new_size_bytes.is_multiple_of(512) {
             return Err(ClientError::InvalidArgument(format!(
                 "volume size {new_size_bytes} is not a positive multiple of 512 bytes"
             )));

@@ -24,17 +24,28 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .trim()
         .parse()
         .map_err(|_| format!("{text:?} is not a size (examples: 4096, 512K, 10M, 10G)"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// Formats bytes with a binary unit.
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 5] = [("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    const UNITS: [(&str, u64); 5] = [
+        ("PiB", 1 << 50),
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
     for (name, unit) in UNITS {
         if bytes >= unit {
             let whole = bytes / unit;
             let frac = (bytes % unit) * 10 / unit;
-            return if frac == 0 { format!("{whole} {name}") } else { format!("{whole}.{frac} {name}") };
+            return if frac == 0 {
+                format!("{whole} {name}")
+            } else {
+                format!("{whole}.{frac} {name}")
+            };
         }
     }
     format!("{bytes} B")

@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use raftblk_proto::block_io_client::BlockIoClient;
-use raftblk_proto::{placement, BlockRange, DiscardRequest, FlushRequest, ReadRequest, VolumeInfo, WriteRequest, SECTOR_BYTES};
+use raftblk_proto::{
+    placement, BlockRange, DiscardRequest, FlushRequest, ReadRequest, VolumeInfo, WriteRequest,
+    SECTOR_BYTES,
+};
 
 use crate::error::ClientError;
 use crate::router::{Client, MESSAGE_BYTES_MAX};
@@ -31,7 +34,14 @@ pub struct Volume {
 }
 
 /// Splits `[offset, offset+len)` at chunk boundaries and every `piece_max`.
-pub fn split(volume_id: u64, offset: u64, len: u64, chunk: u64, piece_max: u64, data_groups: u64) -> Vec<Piece> {
+pub fn split(
+    volume_id: u64,
+    offset: u64,
+    len: u64,
+    chunk: u64,
+    piece_max: u64,
+    data_groups: u64,
+) -> Vec<Piece> {
     let mut out = Vec::new();
     let end = offset + len;
     let mut at = offset;
@@ -68,7 +78,7 @@ impl Volume {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), ClientError> {
-        if offset % SECTOR_BYTES != 0 || len % SECTOR_BYTES != 0 {
+        if !offset.is_multiple_of(SECTOR_BYTES) || !len.is_multiple_of(SECTOR_BYTES) {
             return Err(ClientError::InvalidArgument(format!(
                 "offset {offset} and length {len} must be multiples of 512"
             )));
@@ -83,8 +93,19 @@ impl Volume {
     }
 
     fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
-        let max = self.client.options().piece_bytes_max.min(MESSAGE_BYTES_MAX as u64 / 2);
-        split(self.info.id, offset, len, self.info.chunk_size_bytes, max, self.data_groups)
+        let max = self
+            .client
+            .options()
+            .piece_bytes_max
+            .min(MESSAGE_BYTES_MAX as u64 / 2);
+        split(
+            self.info.id,
+            offset,
+            len,
+            self.info.chunk_size_bytes,
+            max,
+            self.data_groups,
+        )
     }
 
     fn range(&self, p: &Piece) -> BlockRange {
@@ -113,16 +134,13 @@ impl Volume {
                 let range = self.range(&p);
                 let data = self
                     .client
-                    .call_group(p.group, "read", |ch| {
-                        let range = range;
-                        async move {
-                            let r = BlockIoClient::new(ch)
-                                .max_decoding_message_size(MESSAGE_BYTES_MAX)
-                                .read(ReadRequest { range: Some(range) })
-                                .await?
-                                .into_inner();
-                            Ok((r.error, r.data))
-                        }
+                    .call_group(p.group, "read", |ch| async move {
+                        let r = BlockIoClient::new(ch)
+                            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+                            .read(ReadRequest { range: Some(range) })
+                            .await?
+                            .into_inner();
+                        Ok((r.error, r.data))
                     })
                     .await
                     .map_err(|e| self.map_err(e))?;
@@ -202,7 +220,9 @@ impl Volume {
             offset,
             len,
             self.info.chunk_size_bytes,
-            self.info.chunk_size_bytes.min(self.client.options().piece_bytes_max),
+            self.info
+                .chunk_size_bytes
+                .min(self.client.options().piece_bytes_max),
             self.data_groups,
         );
         self.note_written(&pieces);
@@ -235,7 +255,10 @@ impl Volume {
     /// its leader still holds a quorum and has applied them.
     pub async fn flush(&self) -> Result<(), ClientError> {
         let groups: Vec<u64> = {
-            let mut g = self.written_groups.lock().unwrap_or_else(|p| p.into_inner());
+            let mut g = self
+                .written_groups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             g.drain().collect()
         };
         let res = stream::iter(groups.clone())
@@ -256,14 +279,20 @@ impl Volume {
             .await;
         if res.is_err() {
             // Keep them for the next flush.
-            let mut g = self.written_groups.lock().unwrap_or_else(|p| p.into_inner());
+            let mut g = self
+                .written_groups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             g.extend(groups);
         }
         res.map(|_| ())
     }
 
     fn note_written(&self, pieces: &[Piece]) {
-        let mut g = self.written_groups.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self
+            .written_groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         g.extend(pieces.iter().map(|p| p.group));
     }
 }
@@ -284,7 +313,10 @@ mod tests {
         let p = split(7, 0, 3 << 20, 4 << 20, 1 << 20, 16);
         assert_eq!(p.len(), 3);
         assert!(p.iter().all(|x| x.len == 1 << 20));
-        let total: u64 = split(1, 512, 10 << 20, 4 << 20, 1 << 20, 4).iter().map(|x| x.len).sum();
+        let total: u64 = split(1, 512, 10 << 20, 4 << 20, 1 << 20, 4)
+            .iter()
+            .map(|x| x.len)
+            .sum();
         assert_eq!(total, 10 << 20);
     }
 }

@@ -110,7 +110,10 @@ impl LocalCluster {
             s.chunk_size_bytes
         );
         for j in 1..=s.nodes {
-            t += &format!("\n[[cluster.nodes]]\nid = {j}\naddr = \"{}\"\n", self.addr(j));
+            t += &format!(
+                "\n[[cluster.nodes]]\nid = {j}\naddr = \"{}\"\n",
+                self.addr(j)
+            );
         }
         t += &format!(
             "\n[raft]\ntick_interval_ms = {}\nelection_ticks = {}\nheartbeat_ticks = 2\nlog_compact_threshold_entries = {}\nlog_retain_entries = {}\n",
@@ -205,7 +208,10 @@ impl LocalCluster {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    async fn cluster_client(&self, i: usize) -> anyhow::Result<ClusterClient<tonic::transport::Channel>> {
+    async fn cluster_client(
+        &self,
+        i: usize,
+    ) -> anyhow::Result<ClusterClient<tonic::transport::Channel>> {
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr(i)))?
             .connect_timeout(Duration::from_secs(1))
             .timeout(Duration::from_secs(5))
@@ -216,7 +222,12 @@ impl LocalCluster {
 
     /// Status of node `i`.
     pub async fn status(&self, i: usize) -> anyhow::Result<NodeStatusResponse> {
-        Ok(self.cluster_client(i).await?.status(Empty {}).await?.into_inner())
+        Ok(self
+            .cluster_client(i)
+            .await?
+            .status(Empty {})
+            .await?
+            .into_inner())
     }
 
     /// Node id that currently leads `group`, as reported by a running node
@@ -227,7 +238,10 @@ impl LocalCluster {
                 continue;
             }
             if let Ok(s) = self.status(i).await {
-                if s.groups.iter().any(|g| g.group_id == group && g.role == "leader") {
+                if s.groups
+                    .iter()
+                    .any(|g| g.group_id == group && g.role == "leader")
+                {
                     return Some(i);
                 }
             }
@@ -292,10 +306,15 @@ impl LocalCluster {
 
     /// Waits until every running replica of `group` reports the same applied
     /// index and digest; returns the digest.
-    pub async fn wait_replicas_identical(&self, group: u64, timeout: Duration) -> anyhow::Result<(u64, u64)> {
+    pub async fn wait_replicas_identical(
+        &self,
+        group: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<(u64, u64)> {
         let deadline = Instant::now() + timeout;
         let topo_nodes: Vec<u64> = (1..=self.spec.nodes as u64).collect();
-        let replicas = raftblk_proto::placement::group_replicas(&topo_nodes, group, self.spec.replicas);
+        let replicas =
+            raftblk_proto::placement::group_replicas(&topo_nodes, group, self.spec.replicas);
         loop {
             let mut seen = Vec::new();
             for &r in &replicas {
@@ -303,7 +322,10 @@ impl LocalCluster {
                     seen.push(self.digest(r as usize, group).await);
                 }
             }
-            let ok: Vec<(u64, u64, u64)> = seen.iter().filter_map(|r| r.as_ref().ok().copied()).collect();
+            let ok: Vec<(u64, u64, u64)> = seen
+                .iter()
+                .filter_map(|r| r.as_ref().ok().copied())
+                .collect();
             if ok.len() == seen.len() && !ok.is_empty() && ok.iter().all(|d| *d == ok[0]) {
                 return Ok((ok[0].1, ok[0].2));
             }
@@ -316,7 +338,12 @@ impl LocalCluster {
 
     /// Asks the leader of `group` to hand leadership to node `to`, and
     /// waits (bounded) until it has.
-    pub async fn transfer_leader(&self, group: u64, to: usize, timeout: Duration) -> anyhow::Result<()> {
+    pub async fn transfer_leader(
+        &self,
+        group: u64,
+        to: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             match self.leader_of(group).await {

@@ -7,7 +7,9 @@ use std::time::Duration;
 use raftblk_cluster_tests::{bin, payload, ClusterSpec, LocalCluster};
 use raftblk_proto::block_io_client::BlockIoClient;
 use raftblk_proto::volumes_client::VolumesClient;
-use raftblk_proto::{placement, BlockRange, CreateVolumeRequest, ErrorCode, ReadRequest, WriteRequest};
+use raftblk_proto::{
+    placement, BlockRange, CreateVolumeRequest, ErrorCode, ReadRequest, WriteRequest,
+};
 
 fn cli(cluster: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(bin("raftblk"))
@@ -36,7 +38,10 @@ async fn cli_errors_are_clear_and_change_nothing() -> anyhow::Result<()> {
     assert!(ok, "{out}{err}");
     let img = dir.path().join("small.img");
     std::fs::write(&img, payload(1, 1 << 20))?;
-    let (ok, _, err) = cli(&c, &["volume", "import", "v1", img.to_str().unwrap_or_default()]);
+    let (ok, _, err) = cli(
+        &c,
+        &["volume", "import", "v1", img.to_str().unwrap_or_default()],
+    );
     assert!(ok, "{err}");
 
     // Unknown volume.
@@ -63,11 +68,17 @@ async fn cli_errors_are_clear_and_change_nothing() -> anyhow::Result<()> {
     // Import larger than the volume.
     let big = dir.path().join("big.img");
     std::fs::write(&big, payload(2, 3 << 20))?;
-    let (ok, _, err) = cli(&c, &["volume", "import", "v1", big.to_str().unwrap_or_default()]);
+    let (ok, _, err) = cli(
+        &c,
+        &["volume", "import", "v1", big.to_str().unwrap_or_default()],
+    );
     assert!(!ok && err.contains("larger than volume v1"), "{err}");
     // Import of a missing file.
     let (ok, _, err) = cli(&c, &["volume", "import", "v1", "/nonexistent/x.img"]);
-    assert!(!ok && err.contains("cannot read /nonexistent/x.img"), "{err}");
+    assert!(
+        !ok && err.contains("cannot read /nonexistent/x.img"),
+        "{err}"
+    );
     // Unreachable cluster (a port nothing listens on).
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -82,7 +93,15 @@ async fn cli_errors_are_clear_and_change_nothing() -> anyhow::Result<()> {
     assert!(out.contains("v1") && !out.contains("v2"), "{out}");
     assert!(out.contains("2 MiB"), "{out}");
     let exported = dir.path().join("out.img");
-    let (ok, _, err) = cli(&c, &["volume", "export", "v1", exported.to_str().unwrap_or_default()]);
+    let (ok, _, err) = cli(
+        &c,
+        &[
+            "volume",
+            "export",
+            "v1",
+            exported.to_str().unwrap_or_default(),
+        ],
+    );
     assert!(ok, "{err}");
     let got = std::fs::read(&exported)?;
     assert_eq!(got.len(), 2 << 20);
@@ -101,7 +120,10 @@ async fn malformed_rpcs_get_clear_errors_and_change_nothing() -> anyhow::Result<
     vol.write(0, &data).await?;
     let groups = cluster.spec.data_groups;
     let g0 = placement::chunk_group(info.id, 0, groups);
-    let leader = cluster.leader_of(g0).await.ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let leader = cluster
+        .leader_of(g0)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no leader"))?;
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(leader)))?
         .connect()
         .await?;
@@ -117,43 +139,99 @@ async fn malformed_rpcs_get_clear_errors_and_change_nothing() -> anyhow::Result<
         data: vec![0xAB; len].into(),
     };
     let cases: Vec<(WriteRequest, ErrorCode, &str)> = vec![
-        (write(range(g0, info.id, 100, 512), 512), ErrorCode::InvalidArgument, "multiples of 512"),
-        (write(range(g0, info.id, 0, 700), 700), ErrorCode::InvalidArgument, "multiples of 512"),
-        (write(range(g0, info.id, 0, 0), 0), ErrorCode::InvalidArgument, "positive"),
-        (write(range(g0, info.id, 0, 4096), 512), ErrorCode::InvalidArgument, "data is 512 bytes"),
-        (write(range(g0, info.id, 2 << 20, 4096), 4096), ErrorCode::OutOfRange, "past the end"),
-        (write(range(g0, info.id, u64::MAX - 511, 512), 512), ErrorCode::OutOfRange, "overflow"),
-        (write(range(g0, 9999, 0, 4096), 4096), ErrorCode::NoSuchVolume, "no volume with id 9999"),
-        (write(range(g0, info.id, (1 << 20) - 4096, 8192), 8192), ErrorCode::InvalidArgument, "crosses a chunk boundary"),
-        (write(range(g0, info.id, 0, 2 << 20), 2 << 20), ErrorCode::InvalidArgument, "exceeds the limit"),
+        (
+            write(range(g0, info.id, 100, 512), 512),
+            ErrorCode::InvalidArgument,
+            "multiples of 512",
+        ),
+        (
+            write(range(g0, info.id, 0, 700), 700),
+            ErrorCode::InvalidArgument,
+            "multiples of 512",
+        ),
+        (
+            write(range(g0, info.id, 0, 0), 0),
+            ErrorCode::InvalidArgument,
+            "positive",
+        ),
+        (
+            write(range(g0, info.id, 0, 4096), 512),
+            ErrorCode::InvalidArgument,
+            "data is 512 bytes",
+        ),
+        (
+            write(range(g0, info.id, 2 << 20, 4096), 4096),
+            ErrorCode::OutOfRange,
+            "past the end",
+        ),
+        (
+            write(range(g0, info.id, u64::MAX - 511, 512), 512),
+            ErrorCode::OutOfRange,
+            "overflow",
+        ),
+        (
+            write(range(g0, 9999, 0, 4096), 4096),
+            ErrorCode::NoSuchVolume,
+            "no volume with id 9999",
+        ),
+        (
+            write(range(g0, info.id, (1 << 20) - 4096, 8192), 8192),
+            ErrorCode::InvalidArgument,
+            "crosses a chunk boundary",
+        ),
+        (
+            write(range(g0, info.id, 0, 2 << 20), 2 << 20),
+            ErrorCode::InvalidArgument,
+            "exceeds the limit",
+        ),
         (
             write(range(if g0 == 1 { 2 } else { 1 }, info.id, 0, 4096), 4096),
             ErrorCode::WrongGroup,
             "lives in group",
         ),
-        (WriteRequest { range: None, data: Default::default() }, ErrorCode::InvalidArgument, "no range"),
+        (
+            WriteRequest {
+                range: None,
+                data: Default::default(),
+            },
+            ErrorCode::InvalidArgument,
+            "no range",
+        ),
     ];
     for (req, code, text) in cases {
         let desc = format!("{:?}", req.range);
         let r = bio.write(req).await?.into_inner();
-        let e = r.error.ok_or_else(|| anyhow::anyhow!("accepted bad write {desc}"))?;
+        let e = r
+            .error
+            .ok_or_else(|| anyhow::anyhow!("accepted bad write {desc}"))?;
         assert_eq!(e.kind(), code, "{desc}: {e}");
         assert!(e.message.contains(text), "{desc}: {e}");
     }
     let r = bio
-        .read(ReadRequest { range: Some(range(g0, info.id, 512 * 3, 1000)) })
+        .read(ReadRequest {
+            range: Some(range(g0, info.id, 512 * 3, 1000)),
+        })
         .await?
         .into_inner();
     assert_eq!(r.error.map(|e| e.kind()), Some(ErrorCode::InvalidArgument));
     // A group this node does not lead (or host) answers NotLeader with a
     // leader hint, or WrongGroup.
     let mut vols = VolumesClient::new(ch);
-    for (name, size, text) in [("", 4096u64, "1 to 128"), ("x", 1000, "multiple of 512"), ("x", 0, "positive")] {
+    for (name, size, text) in [
+        ("", 4096u64, "1 to 128"),
+        ("x", 1000, "multiple of 512"),
+        ("x", 0, "positive"),
+    ] {
         let r = vols
-            .create(CreateVolumeRequest { name: name.into(), size_bytes: size })
+            .create(CreateVolumeRequest {
+                name: name.into(),
+                size_bytes: size,
+            })
             .await?
             .into_inner();
-        let e = r.error.ok_or_else(|| anyhow::anyhow!("accepted bad volume {name:?}/{size}"))?;
+        let e = r
+            .error
+            .ok_or_else(|| anyhow::anyhow!("accepted bad volume {name:?}/{size}"))?;
         assert!(e.message.contains(text), "{e}");
     }
     // Nothing changed.

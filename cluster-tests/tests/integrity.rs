@@ -21,7 +21,9 @@ async fn flipped_bytes_are_never_returned() -> anyhow::Result<()> {
     let data = payload(3, 64 * 1024);
     vol.write(0, &data).await?;
     let group = placement::chunk_group(info.id, 0, cluster.spec.data_groups);
-    cluster.wait_replicas_identical(group, Duration::from_secs(10)).await?;
+    cluster
+        .wait_replicas_identical(group, Duration::from_secs(10))
+        .await?;
 
     // Flip bytes of block 2 on one replica while it is stopped.
     let victim = 1usize;
@@ -29,7 +31,9 @@ async fn flipped_bytes_are_never_returned() -> anyhow::Result<()> {
     {
         let engine = Engine::open(&cluster.data_dir(victim))?;
         let key = keys::block(group, info.id, 2);
-        let mut stored = engine.get_kv(&key)?.ok_or_else(|| anyhow::anyhow!("block 2 not stored"))?;
+        let mut stored = engine
+            .get_kv(&key)?
+            .ok_or_else(|| anyhow::anyhow!("block 2 not stored"))?;
         stored[100] ^= 0xff;
         stored[2000] ^= 0x01;
         engine.db().put_cf(engine.kv_cf(), &key, &stored)?;
@@ -37,7 +41,9 @@ async fn flipped_bytes_are_never_returned() -> anyhow::Result<()> {
     }
     cluster.start_node(victim)?;
     cluster.wait_healthy(Duration::from_secs(30)).await?;
-    cluster.transfer_leader(group, victim, Duration::from_secs(15)).await?;
+    cluster
+        .transfer_leader(group, victim, Duration::from_secs(15))
+        .await?;
 
     // Asked directly, the corrupt leader answers with an error, not bytes.
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(victim)))?
@@ -54,7 +60,9 @@ async fn flipped_bytes_are_never_returned() -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
-    let err = resp.error.ok_or_else(|| anyhow::anyhow!("corrupt block was served"))?;
+    let err = resp
+        .error
+        .ok_or_else(|| anyhow::anyhow!("corrupt block was served"))?;
     assert_eq!(err.kind(), ErrorCode::Corrupted, "{err}");
     assert!(resp.data.is_empty());
     assert!(err.message.contains("checksum"), "{err}");
@@ -65,6 +73,10 @@ async fn flipped_bytes_are_never_returned() -> anyhow::Result<()> {
     let got = vol.read(0, 64 * 1024).await?;
     assert!(got == data, "client read returned wrong bytes");
     let leader = cluster.leader_of(group).await;
-    assert_ne!(leader, Some(victim), "the corrupt replica should have given up leadership");
+    assert_ne!(
+        leader,
+        Some(victim),
+        "the corrupt replica should have given up leadership"
+    );
     Ok(())
 }

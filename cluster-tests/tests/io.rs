@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use futures::future::try_join_all;
-use rand::{Rng, SeedableRng};
 use raftblk_client::ClientError;
 use raftblk_cluster_tests::{payload, ClusterSpec, LocalCluster};
+use rand::{Rng, SeedableRng};
 
 const HEALTHY: Duration = Duration::from_secs(30);
 
@@ -51,7 +51,11 @@ async fn mixed_size_writes_read_back_exactly() -> anyhow::Result<()> {
     while at < size {
         let len = (1 << 20).min(size - at);
         let got = vol.read(at, len).await?;
-        assert!(got == model[at as usize..(at + len) as usize], "mismatch in [{at}, {})", at + len);
+        assert!(
+            got == model[at as usize..(at + len) as usize],
+            "mismatch in [{at}, {})",
+            at + len
+        );
         at += len - 4096 * 3; // overlap and misalign against chunk edges
         if at + 4096 * 3 >= size {
             break;
@@ -62,7 +66,10 @@ async fn mixed_size_writes_read_back_exactly() -> anyhow::Result<()> {
         let len = rng.gen_range(1..=32u64) * 512;
         let off = rng.gen_range(0..=(size - len) / 512) * 512;
         let got = vol.read(off, len).await?;
-        assert!(got == model[off as usize..(off + len) as usize], "small read at {off}+{len}");
+        assert!(
+            got == model[off as usize..(off + len) as usize],
+            "small read at {off}+{len}"
+        );
     }
     Ok(())
 }
@@ -86,12 +93,17 @@ async fn thin_volumes_discard_and_write_zeroes() -> anyhow::Result<()> {
     let mut want = data.clone();
     want[(1 << 20) - 4096..(2 << 20) + 4096].fill(0);
     want[512..1536].fill(0);
-    assert!(got == want, "discarded ranges must read as zeros, others unchanged");
+    assert!(
+        got == want,
+        "discarded ranges must read as zeros, others unchanged"
+    );
     // Discarded blocks take no space: every replica's digest agrees and the
     // number of stored pairs shrank accordingly.
     let mut stored = 0;
     for g in 1..=cluster.spec.data_groups {
-        let (kvs, _) = cluster.wait_replicas_identical(g, Duration::from_secs(10)).await?;
+        let (kvs, _) = cluster
+            .wait_replicas_identical(g, Duration::from_secs(10))
+            .await?;
         stored += kvs;
     }
     // 3 MiB written = 768 blocks; 258 fully discarded.
@@ -108,23 +120,41 @@ async fn volume_catalog_operations() -> anyhow::Result<()> {
     let a = client.create_volume("a", 1 << 20).await?;
     let b = client.create_volume("b", 2 << 20).await?;
     assert_ne!(a.id, b.id);
-    assert!(matches!(client.create_volume("a", 1 << 20).await, Err(ClientError::VolumeExists(_))));
-    let names: Vec<String> = client.list_volumes().await?.into_iter().map(|v| v.name).collect();
+    assert!(matches!(
+        client.create_volume("a", 1 << 20).await,
+        Err(ClientError::VolumeExists(_))
+    ));
+    let names: Vec<String> = client
+        .list_volumes()
+        .await?
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
     assert_eq!(names, vec!["a", "b"]);
     let grown = client.grow_volume("a", 3 << 20).await?;
     assert_eq!(grown.size_bytes, 3 << 20);
-    assert!(matches!(client.grow_volume("a", 1 << 20).await, Err(ClientError::InvalidArgument(_))));
+    assert!(matches!(
+        client.grow_volume("a", 1 << 20).await,
+        Err(ClientError::InvalidArgument(_))
+    ));
     // I/O past the old size works after growing.
     let va = client.open_volume("a").await?;
     va.write((3 << 20) - 4096, &payload(1, 4096)).await?;
     assert_eq!(va.read((3 << 20) - 4096, 4096).await?, payload(1, 4096));
     client.delete_volume("a").await?;
-    assert!(matches!(client.volume_info("a").await, Err(ClientError::NoSuchVolume(_))));
+    assert!(matches!(
+        client.volume_info("a").await,
+        Err(ClientError::NoSuchVolume(_))
+    ));
     // A new volume with the old name starts empty (new id, old blocks gone).
     let a2 = client.create_volume("a", 3 << 20).await?;
     assert_ne!(a2.id, a.id);
     let va2 = client.open_volume("a").await?;
-    assert!(va2.read((3 << 20) - 4096, 4096).await?.iter().all(|&x| x == 0));
+    assert!(va2
+        .read((3 << 20) - 4096, 4096)
+        .await?
+        .iter()
+        .all(|&x| x == 0));
     // The deleted volume's blocks are purged in the background.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -135,7 +165,10 @@ async fn volume_catalog_operations() -> anyhow::Result<()> {
         if total == 0 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "{total} blocks of the deleted volume were not purged");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{total} blocks of the deleted volume were not purged"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     Ok(())

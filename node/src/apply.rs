@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 
 use prost::Message as _;
-use raftblk_proto::{command::Cmd, Command, Error as PbError, ErrorCode, VolumeInfo, BLOCK_BYTES, SECTOR_BYTES};
+use raftblk_proto::{
+    command::Cmd, Command, Error as PbError, ErrorCode, VolumeInfo, BLOCK_BYTES, SECTOR_BYTES,
+};
 use rocksdb::WriteBatch;
 
 use crate::block;
@@ -77,7 +79,12 @@ impl<'a> Applier<'a> {
 
     /// Applies one command of `group`; storage failures are fatal to the
     /// round (returned as `Err`), domain errors are the command's result.
-    pub fn apply(&mut self, wb: &mut WriteBatch, group: u64, data: &[u8]) -> Result<ApplyResult, EngineError> {
+    pub fn apply(
+        &mut self,
+        wb: &mut WriteBatch,
+        group: u64,
+        data: &[u8],
+    ) -> Result<ApplyResult, EngineError> {
         if data.is_empty() {
             // Raft's empty entry at the start of a term.
             return Ok(Ok(ApplyOutput::Done));
@@ -85,12 +92,24 @@ impl<'a> Applier<'a> {
         let cmd = match Command::decode(data) {
             Ok(Command { cmd: Some(c) }) => c,
             Ok(Command { cmd: None }) | Err(_) => {
-                return Ok(Err(PbError::new(ErrorCode::InvalidArgument, "undecodable command")));
+                return Ok(Err(PbError::new(
+                    ErrorCode::InvalidArgument,
+                    "undecodable command",
+                )));
             }
         };
         match cmd {
-            Cmd::Write(w) => self.write(wb, group, w.volume_id, w.offset_bytes, Some(&w.data), w.data.len() as u64),
-            Cmd::Discard(d) => self.write(wb, group, d.volume_id, d.offset_bytes, None, d.length_bytes),
+            Cmd::Write(w) => self.write(
+                wb,
+                group,
+                w.volume_id,
+                w.offset_bytes,
+                Some(&w.data),
+                w.data.len() as u64,
+            ),
+            Cmd::Discard(d) => {
+                self.write(wb, group, d.volume_id, d.offset_bytes, None, d.length_bytes)
+            }
             Cmd::PurgeVolume(p) => {
                 self.delete_range(
                     wb,
@@ -116,7 +135,11 @@ impl<'a> Applier<'a> {
         data: Option<&[u8]>,
         len: u64,
     ) -> Result<ApplyResult, EngineError> {
-        if offset % SECTOR_BYTES != 0 || len % SECTOR_BYTES != 0 || len == 0 || offset.checked_add(len).is_none() {
+        if !offset.is_multiple_of(SECTOR_BYTES)
+            || !len.is_multiple_of(SECTOR_BYTES)
+            || len == 0
+            || offset.checked_add(len).is_none()
+        {
             return Ok(Err(PbError::new(
                 ErrorCode::InvalidArgument,
                 format!("unaligned range offset={offset} length={len}"),
@@ -163,9 +186,14 @@ impl<'a> Applier<'a> {
     fn volume_info(&self, group: u64, name: &str) -> Result<Option<VolumeInfo>, EngineError> {
         let key = keys::volume(group, name);
         match self.get(&key)? {
-            Some(v) => VolumeInfo::decode(v.as_slice())
-                .map(Some)
-                .map_err(|e| EngineError::Corrupt { key, what: e.to_string() }),
+            Some(v) => {
+                VolumeInfo::decode(v.as_slice())
+                    .map(Some)
+                    .map_err(|e| EngineError::Corrupt {
+                        key,
+                        what: e.to_string(),
+                    })
+            }
             None => Ok(None),
         }
     }
@@ -210,9 +238,17 @@ impl<'a> Applier<'a> {
         Ok(Ok(ApplyOutput::Volume(info)))
     }
 
-    fn delete_volume(&mut self, wb: &mut WriteBatch, group: u64, name: &str) -> Result<ApplyResult, EngineError> {
+    fn delete_volume(
+        &mut self,
+        wb: &mut WriteBatch,
+        group: u64,
+        name: &str,
+    ) -> Result<ApplyResult, EngineError> {
         let Some(info) = self.volume_info(group, name)? else {
-            return Ok(Err(PbError::new(ErrorCode::NoSuchVolume, format!("no volume named {name:?}"))));
+            return Ok(Err(PbError::new(
+                ErrorCode::NoSuchVolume,
+                format!("no volume named {name:?}"),
+            )));
         };
         self.delete(wb, keys::volume(group, name));
         self.delete(wb, keys::volume_by_id(group, info.id));
@@ -227,7 +263,10 @@ impl<'a> Applier<'a> {
         new_size: u64,
     ) -> Result<ApplyResult, EngineError> {
         let Some(mut info) = self.volume_info(group, name)? else {
-            return Ok(Err(PbError::new(ErrorCode::NoSuchVolume, format!("no volume named {name:?}"))));
+            return Ok(Err(PbError::new(
+                ErrorCode::NoSuchVolume,
+                format!("no volume named {name:?}"),
+            )));
         };
         if new_size < info.size_bytes {
             return Ok(Err(PbError::new(
@@ -250,7 +289,10 @@ pub fn lookup_volume(engine: &Engine, name: &str) -> Result<Option<VolumeInfo>, 
     match engine.get_kv(&key)? {
         Some(v) => VolumeInfo::decode(v.as_slice())
             .map(Some)
-            .map_err(|e| EngineError::Corrupt { key, what: e.to_string() }),
+            .map_err(|e| EngineError::Corrupt {
+                key,
+                what: e.to_string(),
+            }),
         None => Ok(None),
     }
 }

@@ -9,7 +9,9 @@ pub const STORED_BLOCK_BYTES: usize = 4 + BLOCK_BYTES as usize;
 
 /// A stored block whose bytes do not match their checksum.
 #[derive(Debug, thiserror::Error)]
-#[error("block checksum mismatch (stored {stored:#010x}, computed {computed:#010x}, length {length})")]
+#[error(
+    "block checksum mismatch (stored {stored:#010x}, computed {computed:#010x}, length {length})"
+)]
 pub struct ChecksumError {
     pub stored: u32,
     pub computed: u32,

@@ -183,28 +183,50 @@ impl NodeConfig {
         let mut addrs = HashSet::new();
         for (i, n) in c.nodes.iter().enumerate() {
             if n.id == 0 {
-                return Err(bad(&format!("cluster.nodes[{i}].id"), "must be at least 1".into()));
+                return Err(bad(
+                    &format!("cluster.nodes[{i}].id"),
+                    "must be at least 1".into(),
+                ));
             }
             if !ids.insert(n.id) {
-                return Err(bad(&format!("cluster.nodes[{i}].id"), format!("duplicate node id {}", n.id)));
+                return Err(bad(
+                    &format!("cluster.nodes[{i}].id"),
+                    format!("duplicate node id {}", n.id),
+                ));
             }
             n.addr.parse::<SocketAddr>().map_err(|e| {
-                bad(&format!("cluster.nodes[{i}].addr"), format!("`{}`: {e}", n.addr))
+                bad(
+                    &format!("cluster.nodes[{i}].addr"),
+                    format!("`{}`: {e}", n.addr),
+                )
             })?;
             if !addrs.insert(n.addr.clone()) {
-                return Err(bad(&format!("cluster.nodes[{i}].addr"), format!("duplicate address {}", n.addr)));
+                return Err(bad(
+                    &format!("cluster.nodes[{i}].addr"),
+                    format!("duplicate address {}", n.addr),
+                ));
             }
         }
         if !ids.contains(&self.node_id) {
-            return Err(bad("node_id", format!("{} is not listed in cluster.nodes", self.node_id)));
+            return Err(bad(
+                "node_id",
+                format!("{} is not listed in cluster.nodes", self.node_id),
+            ));
         }
         if c.data_groups == 0 || c.data_groups > 4096 {
-            return Err(bad("cluster.data_groups", format!("{} is not in 1..=4096", c.data_groups)));
+            return Err(bad(
+                "cluster.data_groups",
+                format!("{} is not in 1..=4096", c.data_groups),
+            ));
         }
         if c.replicas == 0 || c.replicas > c.nodes.len() as u64 {
             return Err(bad(
                 "cluster.replicas",
-                format!("{} is not in 1..={} (the number of nodes)", c.replicas, c.nodes.len()),
+                format!(
+                    "{} is not in 1..={} (the number of nodes)",
+                    c.replicas,
+                    c.nodes.len()
+                ),
             ));
         }
         if !c.chunk_size_bytes.is_power_of_two()
@@ -213,20 +235,31 @@ impl NodeConfig {
         {
             return Err(bad(
                 "cluster.chunk_size_bytes",
-                format!("{} must be a power of two between 64 KiB and 1 GiB", c.chunk_size_bytes),
+                format!(
+                    "{} must be a power of two between 64 KiB and 1 GiB",
+                    c.chunk_size_bytes
+                ),
             ));
         }
         let r = &self.raft;
         if r.tick_interval_ms == 0 || r.tick_interval_ms > 10_000 {
-            return Err(bad("raft.tick_interval_ms", format!("{} is not in 1..=10000", r.tick_interval_ms)));
+            return Err(bad(
+                "raft.tick_interval_ms",
+                format!("{} is not in 1..=10000", r.tick_interval_ms),
+            ));
         }
         if r.heartbeat_ticks == 0 || r.election_ticks <= r.heartbeat_ticks {
             return Err(bad(
                 "raft.election_ticks",
-                format!("{} must exceed raft.heartbeat_ticks ({})", r.election_ticks, r.heartbeat_ticks),
+                format!(
+                    "{} must exceed raft.heartbeat_ticks ({})",
+                    r.election_ticks, r.heartbeat_ticks
+                ),
             ));
         }
-        if r.log_compact_threshold_entries == 0 || r.log_retain_entries >= r.log_compact_threshold_entries {
+        if r.log_compact_threshold_entries == 0
+            || r.log_retain_entries >= r.log_compact_threshold_entries
+        {
             return Err(bad(
                 "raft.log_retain_entries",
                 format!(
@@ -236,37 +269,65 @@ impl NodeConfig {
             ));
         }
         if r.snapshot_piece_bytes < 4096 || r.snapshot_piece_bytes > 8 * 1024 * 1024 {
-            return Err(bad("raft.snapshot_piece_bytes", format!("{} is not in 4096..=8388608", r.snapshot_piece_bytes)));
+            return Err(bad(
+                "raft.snapshot_piece_bytes",
+                format!("{} is not in 4096..=8388608", r.snapshot_piece_bytes),
+            ));
         }
         if r.max_inflight_msgs == 0 {
             return Err(bad("raft.max_inflight_msgs", "must be at least 1".into()));
         }
         let l = &self.limits;
-        if l.io_bytes_max < 4096 || l.io_bytes_max % 4096 != 0 || l.io_bytes_max > 4 * 1024 * 1024 {
-            return Err(bad("limits.io_bytes_max", format!("{} must be a multiple of 4096 in 4096..=4194304", l.io_bytes_max)));
+        if l.io_bytes_max < 4096
+            || !l.io_bytes_max.is_multiple_of(4096)
+            || l.io_bytes_max > 4 * 1024 * 1024
+        {
+            return Err(bad(
+                "limits.io_bytes_max",
+                format!(
+                    "{} must be a multiple of 4096 in 4096..=4194304",
+                    l.io_bytes_max
+                ),
+            ));
         }
         for (key, v) in [
             ("limits.inbox_capacity", l.inbox_capacity),
             ("limits.peer_queue_capacity", l.peer_queue_capacity),
-            ("limits.transport_batch_msgs_max", l.transport_batch_msgs_max),
-            ("limits.transport_batch_bytes_max", l.transport_batch_bytes_max),
+            (
+                "limits.transport_batch_msgs_max",
+                l.transport_batch_msgs_max,
+            ),
+            (
+                "limits.transport_batch_bytes_max",
+                l.transport_batch_bytes_max,
+            ),
         ] {
             if v == 0 {
                 return Err(bad(key, "must be at least 1".into()));
             }
         }
         if l.request_timeout_ms < 100 {
-            return Err(bad("limits.request_timeout_ms", format!("{} is below 100", l.request_timeout_ms)));
+            return Err(bad(
+                "limits.request_timeout_ms",
+                format!("{} is below 100", l.request_timeout_ms),
+            ));
         }
-        if l.volume_size_bytes_max == 0 || l.volume_size_bytes_max % 512 != 0 {
-            return Err(bad("limits.volume_size_bytes_max", "must be a positive multiple of 512".into()));
+        if l.volume_size_bytes_max == 0 || !l.volume_size_bytes_max.is_multiple_of(512) {
+            return Err(bad(
+                "limits.volume_size_bytes_max",
+                "must be a positive multiple of 512".into(),
+            ));
         }
         Ok(())
     }
 
     /// Address of node `id`, if it is a member.
     pub fn node_addr(&self, id: u64) -> Option<&str> {
-        self.cluster.nodes.iter().find(|n| n.id == id).map(|n| n.addr.as_str())
+        self.cluster
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.addr.as_str())
     }
 
     /// Ids of every member.
@@ -315,10 +376,20 @@ addr = "127.0.0.1:7103"
     #[test]
     fn errors_name_the_key() {
         assert!(err(&GOOD.replace("node_id = 1", "node_id = 9")).contains("`node_id`"));
-        assert!(err(&GOOD.replace("data_groups = 8", "data_groups = 0")).contains("cluster.data_groups"));
-        assert!(err(&GOOD.replace("\"127.0.0.1:7102\"", "\"nope\"")).contains("cluster.nodes[1].addr"));
-        assert!(err(&GOOD.replace("data_groups = 8", "data_groups = 8\nreplicas = 4")).contains("cluster.replicas"));
-        assert!(err(&GOOD.replace("data_groups = 8", "data_groups = 8\nchunk_size_bytes = 1000")).contains("cluster.chunk_size_bytes"));
+        assert!(err(&GOOD.replace("data_groups = 8", "data_groups = 0"))
+            .contains("cluster.data_groups"));
+        assert!(
+            err(&GOOD.replace("\"127.0.0.1:7102\"", "\"nope\"")).contains("cluster.nodes[1].addr")
+        );
+        assert!(
+            err(&GOOD.replace("data_groups = 8", "data_groups = 8\nreplicas = 4"))
+                .contains("cluster.replicas")
+        );
+        assert!(err(&GOOD.replace(
+            "data_groups = 8",
+            "data_groups = 8\nchunk_size_bytes = 1000"
+        ))
+        .contains("cluster.chunk_size_bytes"));
         let unknown = err(&GOOD.replace("node_id = 1", "node_id = 1\nbogus = 3"));
         assert!(unknown.contains("bogus"), "{unknown}");
         let typed = err(&GOOD.replace("data_groups = 8", "data_groups = \"eight\""));

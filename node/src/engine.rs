@@ -91,7 +91,8 @@ impl Engine {
         // owns a clone of that `Arc`, so the DB lives (and, being on the
         // heap, stays put) for as long as the snapshot; field order makes
         // `snap` drop before `_db`.
-        let snap: rocksdb::SnapshotWithThreadMode<'static, DB> = unsafe { std::mem::transmute(snap) };
+        let snap: rocksdb::SnapshotWithThreadMode<'static, DB> =
+            unsafe { std::mem::transmute(snap) };
         OwnedSnapshot {
             snap,
             _db: self.db.clone(),

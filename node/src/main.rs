@@ -6,7 +6,11 @@ use clap::Parser;
 
 /// raftblk storage node.
 #[derive(Parser, Debug)]
-#[command(name = "raftblk-node", version, about = "raftblk storage node: chunked volumes on RocksDB, replicated by multi-raft")]
+#[command(
+    name = "raftblk-node",
+    version,
+    about = "raftblk storage node: chunked volumes on RocksDB, replicated by multi-raft"
+)]
 struct Args {
     /// Node config file (TOML).
     #[arg(long, short = 'c')]
@@ -33,10 +37,17 @@ fn main() -> std::process::ExitCode {
         }
     };
     if args.check {
-        println!("config ok: node {} of {} nodes", config.node_id, config.cluster.nodes.len());
+        println!(
+            "config ok: node {} of {} nodes",
+            config.node_id,
+            config.cluster.nodes.len()
+        );
         return std::process::ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("raftblk-node: cannot start the runtime: {e}");
@@ -44,10 +55,11 @@ fn main() -> std::process::ExitCode {
         }
     };
     let shutdown = async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

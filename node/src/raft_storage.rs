@@ -79,8 +79,10 @@ impl GroupStorage {
                 what: e.to_string(),
             })?,
             None => {
-                let mut cs = ConfState::default();
-                cs.voters = voters.to_vec();
+                let cs = ConfState {
+                    voters: voters.to_vec(),
+                    ..Default::default()
+                };
                 let mut wb = WriteBatch::default();
                 let bytes = cs.write_to_bytes().map_err(|e| EngineError::Corrupt {
                     key: keys::conf_state(group),
@@ -174,7 +176,11 @@ impl GroupStorage {
     }
 
     /// Stages new log entries (overwriting any conflicting suffix).
-    pub fn stage_append(&mut self, wb: &mut WriteBatch, entries: &[Entry]) -> Result<(), EngineError> {
+    pub fn stage_append(
+        &mut self,
+        wb: &mut WriteBatch,
+        entries: &[Entry],
+    ) -> Result<(), EngineError> {
         let Some(first) = entries.first() else {
             return Ok(());
         };
@@ -202,12 +208,19 @@ impl GroupStorage {
         self.terms.truncate(keep);
         self.terms.extend(entries.iter().map(|e| e.term));
         self.last_index = new_last;
-        debug_assert_eq!(self.terms.len() as u64, self.last_index - self.truncated_index);
+        debug_assert_eq!(
+            self.terms.len() as u64,
+            self.last_index - self.truncated_index
+        );
         Ok(())
     }
 
     /// Stages a new hard state.
-    pub fn stage_hard_state(&mut self, wb: &mut WriteBatch, hs: &HardState) -> Result<(), EngineError> {
+    pub fn stage_hard_state(
+        &mut self,
+        wb: &mut WriteBatch,
+        hs: &HardState,
+    ) -> Result<(), EngineError> {
         let bytes = hs.write_to_bytes().map_err(|e| EngineError::Corrupt {
             key: keys::hard_state(self.group),
             what: e.to_string(),
@@ -226,7 +239,11 @@ impl GroupStorage {
 
     /// Stages the apply state; `set_applied` must follow once written.
     pub fn stage_apply_state(&self, wb: &mut WriteBatch, index: u64, term: u64) {
-        wb.put_cf(self.engine.raft_cf(), keys::apply_state(self.group), keys::u64_pair(index, term));
+        wb.put_cf(
+            self.engine.raft_cf(),
+            keys::apply_state(self.group),
+            keys::u64_pair(index, term),
+        );
     }
 
     /// Records that the apply state staged earlier is now written.
@@ -250,7 +267,11 @@ impl GroupStorage {
             keys::entry(self.group, self.truncated_index + 1),
             keys::entry(self.group, index + 1),
         );
-        wb.put_cf(cf, keys::truncated_state(self.group), keys::u64_pair(index, term));
+        wb.put_cf(
+            cf,
+            keys::truncated_state(self.group),
+            keys::u64_pair(index, term),
+        );
         let drop = (index - self.truncated_index) as usize;
         self.terms.drain(..drop);
         self.truncated_index = index;
@@ -260,12 +281,28 @@ impl GroupStorage {
 
     /// Stages the raft side of installing a snapshot at `(index, term)`:
     /// the whole log goes, the truncated and apply states move to it.
-    pub fn stage_snapshot(&mut self, wb: &mut WriteBatch, snap: &Snapshot) -> Result<(), EngineError> {
+    pub fn stage_snapshot(
+        &mut self,
+        wb: &mut WriteBatch,
+        snap: &Snapshot,
+    ) -> Result<(), EngineError> {
         let meta = snap.get_metadata();
         let cf = self.engine.raft_cf();
-        wb.delete_range_cf(cf, keys::entry(self.group, 0), keys::entry(self.group, u64::MAX));
-        wb.put_cf(cf, keys::truncated_state(self.group), keys::u64_pair(meta.index, meta.term));
-        wb.put_cf(cf, keys::apply_state(self.group), keys::u64_pair(meta.index, meta.term));
+        wb.delete_range_cf(
+            cf,
+            keys::entry(self.group, 0),
+            keys::entry(self.group, u64::MAX),
+        );
+        wb.put_cf(
+            cf,
+            keys::truncated_state(self.group),
+            keys::u64_pair(meta.index, meta.term),
+        );
+        wb.put_cf(
+            cf,
+            keys::apply_state(self.group),
+            keys::u64_pair(meta.index, meta.term),
+        );
         let cs = meta.get_conf_state().clone();
         let bytes = cs.write_to_bytes().map_err(|e| EngineError::Corrupt {
             key: keys::conf_state(self.group),
@@ -287,7 +324,10 @@ impl GroupStorage {
 
 impl raft::Storage for GroupStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
+        Ok(RaftState::new(
+            self.hard_state.clone(),
+            self.conf_state.clone(),
+        ))
     }
 
     fn entries(
@@ -332,7 +372,8 @@ impl raft::Storage for GroupStorage {
             }
             out.push(e);
         }
-        if out.is_empty() || (expect != high && (out.len() as u64) < high - low && size <= max_size) {
+        if out.is_empty() || (expect != high && (out.len() as u64) < high - low && size <= max_size)
+        {
             return Err(storage_err(format!(
                 "group {}: entries [{low}, {high}) missing from the log",
                 self.group
@@ -364,7 +405,9 @@ impl raft::Storage for GroupStorage {
 
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         if self.applied_index < request_index || self.applied_index == 0 {
-            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
         }
         let mut snap = Snapshot::default();
         let meta = snap.mut_metadata();

@@ -13,15 +13,24 @@ use raftblk_proto::GRPC_MESSAGE_BYTES_MAX;
 
 use crate::config::NodeConfig;
 use crate::engine::Engine;
-use crate::service::{block_io::BlockIoService, cluster::ClusterService, raft::RaftService, volumes::VolumesService};
+use crate::service::{
+    block_io::BlockIoService, cluster::ClusterService, raft::RaftService, volumes::VolumesService,
+};
 use crate::store;
 use crate::transport::Transport;
 
 /// Runs the node until `shutdown` resolves.
-pub async fn serve(config: NodeConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn serve(
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let engine = Engine::open(&config.data_dir)
-        .with_context(|| format!("cannot open the data directory {}", config.data_dir.display()))?;
+    let engine = Engine::open(&config.data_dir).with_context(|| {
+        format!(
+            "cannot open the data directory {}",
+            config.data_dir.display()
+        )
+    })?;
     let rt = tokio::runtime::Handle::current();
     let tcfg = config.clone();
     let tengine = engine.clone();
@@ -45,21 +54,27 @@ pub async fn serve(config: NodeConfig, shutdown: impl std::future::Future<Output
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(2)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
         .add_service(
-            VolumesServer::new(VolumesService { store: handle.clone() })
-                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+            VolumesServer::new(VolumesService {
+                store: handle.clone(),
+            })
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         )
         .add_service(
-            BlockIoServer::new(BlockIoService { store: handle.clone() })
-                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+            BlockIoServer::new(BlockIoService {
+                store: handle.clone(),
+            })
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         )
         .add_service(
             RaftTransportServer::new(svc_raft)
                 .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         )
-        .add_service(ClusterServer::new(ClusterService { store: handle.clone() }))
+        .add_service(ClusterServer::new(ClusterService {
+            store: handle.clone(),
+        }))
         .serve_with_shutdown(addr, shutdown)
         .await
         .with_context(|| format!("gRPC server on {addr}"));

@@ -46,7 +46,13 @@ pub struct SnapshotWriter {
 }
 
 impl SnapshotWriter {
-    pub fn create(dir: &Path, group: u64, index: u64, term: u64, nonce: u64) -> Result<Self, EngineError> {
+    pub fn create(
+        dir: &Path,
+        group: u64,
+        index: u64,
+        term: u64,
+        nonce: u64,
+    ) -> Result<Self, EngineError> {
         std::fs::create_dir_all(dir)?;
         let tmp = dir.join(format!("g{group}-i{index}-t{term}-{nonce}.tmp"));
         let mut out = BufWriter::new(File::create(&tmp)?);
@@ -84,7 +90,10 @@ impl SnapshotWriter {
     /// Flushes, fsyncs and renames the file to its final name.
     pub fn finish(mut self) -> Result<PathBuf, EngineError> {
         self.out.flush()?;
-        let file = self.out.into_inner().map_err(|e| EngineError::Io(e.into_error()))?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| EngineError::Io(e.into_error()))?;
         file.sync_all()?;
         let done = self.tmp.with_extension("snap");
         std::fs::rename(&self.tmp, &done)?;
@@ -146,7 +155,9 @@ fn read_pairs(
 }
 
 fn marker_value(meta: &SnapshotMetadata, path: &Path) -> Result<Vec<u8>, EngineError> {
-    let m = meta.write_to_bytes().map_err(|e| corrupt(path, e.to_string()))?;
+    let m = meta
+        .write_to_bytes()
+        .map_err(|e| corrupt(path, e.to_string()))?;
     let mut v = Vec::new();
     v.extend_from_slice(&(m.len() as u32).to_le_bytes());
     v.extend_from_slice(&m);
@@ -155,7 +166,12 @@ fn marker_value(meta: &SnapshotMetadata, path: &Path) -> Result<Vec<u8>, EngineE
 }
 
 /// Installs `snap` of `storage`'s group from the staging file at `path`.
-pub fn install(engine: &Engine, storage: &mut GroupStorage, snap: &Snapshot, path: &Path) -> Result<(), EngineError> {
+pub fn install(
+    engine: &Engine,
+    storage: &mut GroupStorage,
+    snap: &Snapshot,
+    path: &Path,
+) -> Result<(), EngineError> {
     let group = storage.group();
     let mut wb = WriteBatch::default();
     wb.put_cf(
@@ -237,7 +253,10 @@ pub fn sweep_stale(dir: &Path) {
         for e in entries.flatten() {
             // Finished installs removed their files; anything left is from
             // a transfer or install that will never complete.
-            if e.path().extension().is_some_and(|x| x == "tmp" || x == "snap") {
+            if e.path()
+                .extension()
+                .is_some_and(|x| x == "tmp" || x == "snap")
+            {
                 let _ = std::fs::remove_file(e.path());
             }
         }

@@ -30,7 +30,7 @@ use raftblk_proto::{placement, Command, META_GROUP_ID};
 use rocksdb::WriteBatch;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::apply::{self, ApplyOutput, ApplyResult, Applier};
+use crate::apply::{self, Applier, ApplyOutput, ApplyResult};
 use crate::config::NodeConfig;
 use crate::engine::{Engine, EngineError, OwnedSnapshot};
 use crate::keys;
@@ -58,16 +58,42 @@ type ReadCb = oneshot::Sender<Result<(), StoreError>>;
 
 /// Messages into the store thread.
 pub enum StoreMsg {
-    Propose { group: u64, data: Vec<u8>, cb: ProposeCb },
-    ReadIndex { group: u64, allow_follower: bool, cb: ReadCb },
-    Raft { msgs: Vec<(u64, Message)> },
-    SnapshotReceived { group: u64, msg: Box<Message>, path: PathBuf },
-    SnapshotStatus { group: u64, to: u64, ok: bool },
-    Unreachable { to: u64 },
-    Digest { group: u64, cb: oneshot::Sender<Result<(OwnedSnapshot, u64), StoreError>> },
+    Propose {
+        group: u64,
+        data: Vec<u8>,
+        cb: ProposeCb,
+    },
+    ReadIndex {
+        group: u64,
+        allow_follower: bool,
+        cb: ReadCb,
+    },
+    Raft {
+        msgs: Vec<(u64, Message)>,
+    },
+    SnapshotReceived {
+        group: u64,
+        msg: Box<Message>,
+        path: PathBuf,
+    },
+    SnapshotStatus {
+        group: u64,
+        to: u64,
+        ok: bool,
+    },
+    Unreachable {
+        to: u64,
+    },
+    Digest {
+        group: u64,
+        cb: oneshot::Sender<Result<(OwnedSnapshot, u64), StoreError>>,
+    },
     /// Hand leadership of a group to `to`, or (None) to its most
     /// up-to-date follower.
-    TransferLeader { group: u64, to: Option<u64> },
+    TransferLeader {
+        group: u64,
+        to: Option<u64>,
+    },
 }
 
 /// What the rest of the node may know about a group without asking the
@@ -161,7 +187,12 @@ impl StoreHandle {
         self.call(group, StoreMsg::Digest { group, cb }, rx).await?
     }
 
-    async fn call<T>(&self, group: u64, msg: StoreMsg, rx: oneshot::Receiver<T>) -> Result<T, StoreError> {
+    async fn call<T>(
+        &self,
+        group: u64,
+        msg: StoreMsg,
+        rx: oneshot::Receiver<T>,
+    ) -> Result<T, StoreError> {
         let deadline = tokio::time::Instant::now() + self.timeout();
         tokio::time::timeout_at(deadline, self.tx.send(msg))
             .await
@@ -327,16 +358,15 @@ pub fn create(
             max_committed_size_per_ready: 16 << 20,
             ..Default::default()
         };
-        raft_cfg
-            .validate()
-            .map_err(|e| StoreError::Unavailable {
-                group: g,
-                reason: format!("raft config: {e}"),
-            })?;
-        let node = RawNode::new(&raft_cfg, storage, &logger).map_err(|e| StoreError::Unavailable {
+        raft_cfg.validate().map_err(|e| StoreError::Unavailable {
             group: g,
-            reason: format!("raft init: {e}"),
+            reason: format!("raft config: {e}"),
         })?;
+        let node =
+            RawNode::new(&raft_cfg, storage, &logger).map_err(|e| StoreError::Unavailable {
+                group: g,
+                reason: format!("raft init: {e}"),
+            })?;
         groups.insert(
             g,
             Group {
@@ -384,7 +414,10 @@ pub fn create(
 impl Store {
     /// Runs the ready loop until every handle is dropped.
     pub fn run(mut self) {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
             Ok(rt) => rt,
             Err(e) => fatal("cannot build the store runtime", e),
         };
@@ -443,11 +476,15 @@ impl Store {
             StoreMsg::Raft { msgs } => {
                 for (group, m) in msgs {
                     let Some(g) = self.groups.get_mut(&group) else {
-                        self.counters.dropped_messages.fetch_add(1, Ordering::Relaxed);
+                        self.counters
+                            .dropped_messages
+                            .fetch_add(1, Ordering::Relaxed);
                         continue;
                     };
                     if m.to != self.node_id || !g.replicas.contains(&m.from) {
-                        self.counters.dropped_messages.fetch_add(1, Ordering::Relaxed);
+                        self.counters
+                            .dropped_messages
+                            .fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                     if let Err(e) = g.node.step(m) {
@@ -493,14 +530,17 @@ impl Store {
                 let me = self.node_id;
                 if let Some(g) = self.groups.get_mut(&group) {
                     if g.is_leader() {
-                        let best = to.filter(|t| *t != me && g.replicas.contains(t)).or_else(|| g
-                            .node
-                            .raft
-                            .prs()
-                            .iter()
-                            .filter(|(id, _)| **id != me)
-                            .max_by_key(|(_, p)| p.matched)
-                            .map(|(id, _)| *id));
+                        let best =
+                            to.filter(|t| *t != me && g.replicas.contains(t))
+                                .or_else(|| {
+                                    g.node
+                                        .raft
+                                        .prs()
+                                        .iter()
+                                        .filter(|(id, _)| **id != me)
+                                        .max_by_key(|(_, p)| p.matched)
+                                        .map(|(id, _)| *id)
+                                });
                         if let Some(to) = best {
                             tracing::warn!(group, to, "transferring leadership");
                             g.node.transfer_leader(to);
@@ -538,7 +578,8 @@ impl Store {
         }
         let index = g.node.raft.raft_log.last_index();
         assert_eq!(index, before + 1, "one proposal appends one entry");
-        let deadline = Instant::now() + Duration::from_millis(self.config.limits.request_timeout_ms);
+        let deadline =
+            Instant::now() + Duration::from_millis(self.config.limits.request_timeout_ms);
         g.pending.insert(
             index,
             PendingProposal {
@@ -592,7 +633,8 @@ impl Store {
                     } else {
                         let issued = r.deadline
                             - Duration::from_millis(self.config.limits.request_timeout_ms);
-                        g.reads_unsent.extend(r.waiters.into_iter().map(|cb| (cb, issued)));
+                        g.reads_unsent
+                            .extend(r.waiters.into_iter().map(|cb| (cb, issued)));
                     }
                 }
             }
@@ -618,7 +660,12 @@ impl Store {
             }
             let ctx = self.next_read_ctx;
             self.next_read_ctx += 1;
-            let first = g.reads_unsent.iter().map(|(_, t)| *t).min().unwrap_or_else(Instant::now);
+            let first = g
+                .reads_unsent
+                .iter()
+                .map(|(_, t)| *t)
+                .min()
+                .unwrap_or_else(Instant::now);
             let waiters: Vec<ReadCb> = g.reads_unsent.drain(..).map(|(cb, _)| cb).collect();
             g.node.read_index(ctx.to_be_bytes().to_vec());
             g.reads_inflight.insert(
@@ -689,7 +736,9 @@ impl Store {
                 if idx > e.index {
                     break;
                 }
-                let Some((_, p)) = g.pending.pop_first() else { break };
+                let Some((_, p)) = g.pending.pop_first() else {
+                    break;
+                };
                 if idx == e.index && p.term == e.term {
                     done.proposals.push((p.cb, Ok(result.clone())));
                 } else {
@@ -725,7 +774,9 @@ impl Store {
         let mut readies = Vec::with_capacity(ids.len());
         let mut applied: Vec<(u64, u64, u64)> = Vec::new();
         for &id in &ids {
-            let Some(g) = self.groups.get_mut(&id) else { continue };
+            let Some(g) = self.groups.get_mut(&id) else {
+                continue;
+            };
             let mut rd = g.node.ready();
             if let Some(ss) = rd.ss() {
                 let leader_now = ss.raft_state == StateRole::Leader;
@@ -734,7 +785,13 @@ impl Store {
                     g.fail_all(|| StoreError::NotLeader { group: id, leader });
                 }
                 g.was_leader = leader_now;
-                tracing::info!(group = id, node = self.node_id, leader = ss.leader_id, role = role_name(ss.raft_state), "group role changed");
+                tracing::info!(
+                    group = id,
+                    node = self.node_id,
+                    leader = ss.leader_id,
+                    role = role_name(ss.raft_state),
+                    "group role changed"
+                );
             }
             let msgs = rd.take_messages();
             if !msgs.is_empty() {
@@ -745,10 +802,14 @@ impl Store {
                 need_sync = true;
             }
             let committed = rd.take_committed_entries();
-            if let Some((i, t)) = self.apply_entries(id, committed, &mut wb, &mut applier, &mut done) {
+            if let Some((i, t)) =
+                self.apply_entries(id, committed, &mut wb, &mut applier, &mut done)
+            {
                 applied.push((id, i, t));
             }
-            let Some(g) = self.groups.get_mut(&id) else { continue };
+            let Some(g) = self.groups.get_mut(&id) else {
+                continue;
+            };
             if !rd.entries().is_empty() {
                 if let Err(e) = g.node.mut_store().stage_append(&mut wb, rd.entries()) {
                     fatal("stage append", e);
@@ -759,8 +820,10 @@ impl Store {
                 if let Err(e) = g.node.mut_store().stage_hard_state(&mut wb, hs) {
                     fatal("stage hard state", e);
                 }
-                need_sync = true;
             }
+            // raft-rs: no fsync is needed when only the commit index moved
+            // (it is recovered from the quorum); term, vote and entries must
+            // be durable before the messages that depend on them go out.
             need_sync |= rd.must_sync();
             for rs in rd.take_read_states() {
                 let mut ctx = [0u8; 8];
@@ -797,7 +860,9 @@ impl Store {
             if !persisted.is_empty() {
                 self.send_messages(id, persisted);
             }
-            let Some(g) = self.groups.get_mut(&id) else { continue };
+            let Some(g) = self.groups.get_mut(&id) else {
+                continue;
+            };
             let mut light = g.node.advance(rd);
             if let Some(commit) = light.commit_index() {
                 if let Err(e) = g.node.mut_store().stage_commit(&mut wb2, commit) {
@@ -809,7 +874,9 @@ impl Store {
                 self.send_messages(id, msgs);
             }
             let committed = light.take_committed_entries();
-            if let Some((i, t)) = self.apply_entries(id, committed, &mut wb2, &mut applier2, &mut done) {
+            if let Some((i, t)) =
+                self.apply_entries(id, committed, &mut wb2, &mut applier2, &mut done)
+            {
                 applied.push((id, i, t));
             }
             if let Some(g) = self.groups.get_mut(&id) {
@@ -856,22 +923,32 @@ impl Store {
     /// Installs a snapshot received from the leader: crash-safe through the
     /// marker key (see `snapshot_file`).
     fn install_snapshot(&mut self, group: u64, snap: Snapshot) {
-        let Some(g) = self.groups.get_mut(&group) else { return };
+        let Some(g) = self.groups.get_mut(&group) else {
+            return;
+        };
         let meta = snap.get_metadata();
         let Some((index, term, path)) = g.incoming_snapshot.take() else {
-            fatal("install snapshot", format!("group {group}: raft produced a snapshot we never received"));
+            fatal(
+                "install snapshot",
+                format!("group {group}: raft produced a snapshot we never received"),
+            );
         };
         if index != meta.index || term != meta.term {
             fatal(
                 "install snapshot",
-                format!("group {group}: received ({index},{term}) but raft installs ({},{})", meta.index, meta.term),
+                format!(
+                    "group {group}: received ({index},{term}) but raft installs ({},{})",
+                    meta.index, meta.term
+                ),
             );
         }
         // Requests waiting for the old state are answered by the new one.
         if let Err(e) = snapshot_file::install(&self.engine, g.node.mut_store(), &snap, &path) {
             fatal("install snapshot", e);
         }
-        self.counters.snapshots_applied.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .snapshots_applied
+            .fetch_add(1, Ordering::Relaxed);
         tracing::info!(group, index, term, "installed snapshot");
     }
 
@@ -920,7 +997,9 @@ impl Store {
             }
             let mut vol = 0u64;
             for _ in 0..GC_PURGES_MAX * 4 {
-                let Some(found) = next_volume_in_group(&self.engine, g.id, vol) else { break };
+                let Some(found) = next_volume_in_group(&self.engine, g.id, vol) else {
+                    break;
+                };
                 if found >= next_id {
                     break;
                 }
@@ -939,9 +1018,9 @@ impl Store {
         for (group, volume) in purges {
             tracing::info!(group, volume, "purging blocks of a deleted volume");
             let cmd = Command {
-                cmd: Some(raftblk_proto::command::Cmd::PurgeVolume(raftblk_proto::PurgeVolumeCmd {
-                    volume_id: volume,
-                })),
+                cmd: Some(raftblk_proto::command::Cmd::PurgeVolume(
+                    raftblk_proto::PurgeVolumeCmd { volume_id: volume },
+                )),
             };
             let (cb, _rx) = oneshot::channel();
             self.propose(group, cmd.encode_to_vec(), cb);
@@ -949,7 +1028,9 @@ impl Store {
     }
 
     fn update_view(&mut self, id: u64) {
-        let Some(g) = self.groups.get(&id) else { return };
+        let Some(g) = self.groups.get(&id) else {
+            return;
+        };
         let st = g.node.store();
         let v = GroupView {
             group: id,

@@ -95,11 +95,15 @@ impl Transport {
     /// Queues a raft message; drops it if the peer's queue is full.
     pub fn send(&self, group: u64, msg: Message) {
         let Some(tx) = self.peers.get(&msg.to) else {
-            self.counters.dropped_messages.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .dropped_messages
+                .fetch_add(1, Ordering::Relaxed);
             return;
         };
         if tx.try_send((group, msg)).is_err() {
-            self.counters.dropped_messages.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .dropped_messages
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -242,7 +246,9 @@ impl PeerLink {
             }
             // Messages queued while disconnected are stale: raft resends.
             while self.rx.try_recv().is_ok() {}
-            let _ = self.store_tx.try_send(StoreMsg::Unreachable { to: self.to });
+            let _ = self
+                .store_tx
+                .try_send(StoreMsg::Unreachable { to: self.to });
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }

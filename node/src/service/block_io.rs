@@ -8,9 +8,9 @@ use std::sync::atomic::Ordering;
 
 use raftblk_proto::block_io_server::BlockIo;
 use raftblk_proto::{
-    command::Cmd, placement, BlockRange, Command, DiscardCmd, DiscardRequest, Error as PbError, ErrorCode,
-    FlushRequest, ReadRequest, ReadResponse, VolumeInfo, WriteCmd, WriteRequest, WriteResponse, BLOCK_BYTES,
-    META_GROUP_ID, SECTOR_BYTES,
+    command::Cmd, placement, BlockRange, Command, DiscardCmd, DiscardRequest, Error as PbError,
+    ErrorCode, FlushRequest, ReadRequest, ReadResponse, VolumeInfo, WriteCmd, WriteRequest,
+    WriteResponse, BLOCK_BYTES, META_GROUP_ID, SECTOR_BYTES,
 };
 use tonic::{Request, Response, Status};
 
@@ -64,7 +64,10 @@ impl BlockIoService {
         if want != r.group_id {
             return Err(PbError::new(
                 ErrorCode::WrongGroup,
-                format!("chunk {chunk} of volume {} lives in group {want}, not {}", r.volume_id, r.group_id),
+                format!(
+                    "chunk {chunk} of volume {} lives in group {want}, not {}",
+                    r.volume_id, r.group_id
+                ),
             ));
         }
         Ok(volume)
@@ -75,7 +78,8 @@ impl BlockIoService {
     /// ReadIndex on the meta group.
     async fn volume(&self, id: u64, end: u64) -> Result<VolumeInfo, PbError> {
         let engine = &self.store.engine;
-        let storage = |e: crate::engine::EngineError| PbError::new(ErrorCode::Storage, e.to_string());
+        let storage =
+            |e: crate::engine::EngineError| PbError::new(ErrorCode::Storage, e.to_string());
         let mut v = apply::lookup_volume_by_id(engine, id).map_err(storage)?;
         if v.as_ref().is_none_or(|v| end > v.size_bytes) {
             self.store
@@ -84,11 +88,16 @@ impl BlockIoService {
                 .map_err(|e| store_error(&self.store, e))?;
             v = apply::lookup_volume_by_id(engine, id).map_err(storage)?;
         }
-        let v = v.ok_or_else(|| PbError::new(ErrorCode::NoSuchVolume, format!("no volume with id {id}")))?;
+        let v = v.ok_or_else(|| {
+            PbError::new(ErrorCode::NoSuchVolume, format!("no volume with id {id}"))
+        })?;
         if end > v.size_bytes {
             return Err(PbError::new(
                 ErrorCode::OutOfRange,
-                format!("range ends at byte {end}, past the end of volume {:?} ({} bytes)", v.name, v.size_bytes),
+                format!(
+                    "range ends at byte {end}, past the end of volume {:?} ({} bytes)",
+                    v.name, v.size_bytes
+                ),
             ));
         }
         Ok(v)
@@ -121,27 +130,44 @@ impl BlockIoService {
 
 /// Reads `[offset, offset+len)` of `volume` from `group`'s blocks,
 /// verifying checksums; absent blocks read as zeros.
-fn read_blocks(store: &StoreHandle, group: u64, volume: u64, offset: u64, len: u64) -> Result<Vec<u8>, PbError> {
+fn read_blocks(
+    store: &StoreHandle,
+    group: u64,
+    volume: u64,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>, PbError> {
     let engine = &store.engine;
     let mut out = vec![0u8; len as usize];
     let end = offset + len;
     let first = offset / BLOCK_BYTES;
     let last = (end - 1) / BLOCK_BYTES;
-    let keys: Vec<Vec<u8>> = (first..=last).map(|b| keys::block(group, volume, b)).collect();
-    let values = engine.db().multi_get_cf(keys.iter().map(|k| (engine.kv_cf(), k.as_slice())));
+    let keys: Vec<Vec<u8>> = (first..=last)
+        .map(|b| keys::block(group, volume, b))
+        .collect();
+    let values = engine
+        .db()
+        .multi_get_cf(keys.iter().map(|k| (engine.kv_cf(), k.as_slice())));
     for (i, value) in values.into_iter().enumerate() {
         let b = first + i as u64;
-        let Some(stored) = value.map_err(|e| PbError::new(ErrorCode::Storage, e.to_string()))? else {
+        let Some(stored) = value.map_err(|e| PbError::new(ErrorCode::Storage, e.to_string()))?
+        else {
             continue;
         };
         let data = match block::decode(&stored) {
             Ok(d) => d,
             Err(e) => {
-                store.counters.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                store
+                    .counters
+                    .checksum_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(group, volume, block = b, node = store.config.node_id, error = %e, "checksum mismatch on read");
                 return Err(PbError::new(
                     ErrorCode::Corrupted,
-                    format!("block {b} of volume {volume} failed its checksum on node {}", store.config.node_id),
+                    format!(
+                        "block {b} of volume {volume} failed its checksum on node {}",
+                        store.config.node_id
+                    ),
                 ));
             }
         };
@@ -158,7 +184,12 @@ fn read_blocks(store: &StoreHandle, group: u64, volume: u64, offset: u64, len: u
 impl BlockIo for BlockIoService {
     async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
         let r = req.into_inner();
-        let fail = |e| Ok(Response::new(ReadResponse { error: Some(e), data: Default::default() }));
+        let fail = |e| {
+            Ok(Response::new(ReadResponse {
+                error: Some(e),
+                data: Default::default(),
+            }))
+        };
         let range = match r.range {
             Some(range) => range,
             None => return fail(invalid("request has no range".into())),
@@ -174,12 +205,21 @@ impl BlockIo for BlockIoService {
         }
         let store = self.store.clone();
         let res = tokio::task::spawn_blocking(move || {
-            read_blocks(&store, range.group_id, range.volume_id, range.offset_bytes, range.length_bytes)
+            read_blocks(
+                &store,
+                range.group_id,
+                range.volume_id,
+                range.offset_bytes,
+                range.length_bytes,
+            )
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
         match res {
-            Ok(data) => Ok(Response::new(ReadResponse { error: None, data: data.into() })),
+            Ok(data) => Ok(Response::new(ReadResponse {
+                error: None,
+                data: data.into(),
+            })),
             Err(e) => {
                 if e.kind() == ErrorCode::Corrupted {
                     // This replica's copy is bad: hand leadership to a healthy
@@ -233,7 +273,10 @@ impl BlockIo for BlockIoService {
         Ok(Response::new(WriteResponse { error }))
     }
 
-    async fn discard(&self, req: Request<DiscardRequest>) -> Result<Response<WriteResponse>, Status> {
+    async fn discard(
+        &self,
+        req: Request<DiscardRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
         let r = req.into_inner();
         let fail = |e| Ok(Response::new(WriteResponse { error: Some(e) }));
         let Some(range) = r.range else {

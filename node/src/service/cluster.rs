@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 
 use raftblk_proto::cluster_server::Cluster;
 use raftblk_proto::{
-    Empty, Error as PbError, ErrorCode, GroupDigestRequest, GroupDigestResponse, GroupStatus, NodeInfo,
-    NodeStatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+    Empty, Error as PbError, ErrorCode, GroupDigestRequest, GroupDigestResponse, GroupStatus,
+    NodeInfo, NodeStatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -61,7 +61,10 @@ impl Cluster for ClusterService {
         }))
     }
 
-    async fn group_digest(&self, req: Request<GroupDigestRequest>) -> Result<Response<GroupDigestResponse>, Status> {
+    async fn group_digest(
+        &self,
+        req: Request<GroupDigestRequest>,
+    ) -> Result<Response<GroupDigestResponse>, Status> {
         let group = req.into_inner().group_id;
         let (snap, applied) = match self.store.digest_snapshot(group).await {
             Ok(s) => s,
@@ -87,7 +90,12 @@ impl Cluster for ClusterService {
                 n += 1;
                 true
             })
-            .map(|_| (n, (u64::from(h.finalize()) << 32) | u64::from(h2.finalize())))
+            .map(|_| {
+                (
+                    n,
+                    (u64::from(h.finalize()) << 32) | u64::from(h2.finalize()),
+                )
+            })
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
@@ -111,7 +119,10 @@ impl Cluster for ClusterService {
     ) -> Result<Response<TransferLeaderResponse>, Status> {
         let r = req.into_inner();
         let error = match self.store.view(r.group_id) {
-            None => Some(PbError::new(ErrorCode::WrongGroup, format!("group {} is not hosted here", r.group_id))),
+            None => Some(PbError::new(
+                ErrorCode::WrongGroup,
+                format!("group {} is not hosted here", r.group_id),
+            )),
             Some(v) if v.role != "leader" => Some(store_error(
                 &self.store,
                 crate::store::StoreError::NotLeader {
@@ -121,7 +132,10 @@ impl Cluster for ClusterService {
             )),
             Some(v) if r.to_node != 0 && !v.replicas.contains(&r.to_node) => Some(PbError::new(
                 ErrorCode::InvalidArgument,
-                format!("node {} is not a replica of group {}", r.to_node, r.group_id),
+                format!(
+                    "node {} is not a replica of group {}",
+                    r.to_node, r.group_id
+                ),
             )),
             Some(_) => {
                 self.store

@@ -15,7 +15,13 @@ use crate::store::{StoreError, StoreHandle};
 pub fn store_error(store: &StoreHandle, e: StoreError) -> PbError {
     match e {
         StoreError::NotLeader { group, leader } => {
-            let mut err = PbError::new(ErrorCode::NotLeader, format!("node {} is not the leader of group {group}", store.config.node_id));
+            let mut err = PbError::new(
+                ErrorCode::NotLeader,
+                format!(
+                    "node {} is not the leader of group {group}",
+                    store.config.node_id
+                ),
+            );
             if let Some(l) = leader {
                 err.leader_id = l;
                 err.leader_addr = store.config.node_addr(l).unwrap_or_default().to_owned();
@@ -26,7 +32,9 @@ pub fn store_error(store: &StoreHandle, e: StoreError) -> PbError {
             ErrorCode::WrongGroup,
             format!("group {g} has no replica on node {}", store.config.node_id),
         ),
-        StoreError::Unavailable { .. } | StoreError::Stopped => PbError::new(ErrorCode::Unavailable, e.to_string()),
+        StoreError::Unavailable { .. } | StoreError::Stopped => {
+            PbError::new(ErrorCode::Unavailable, e.to_string())
+        }
         StoreError::Engine(_) => PbError::new(ErrorCode::Storage, e.to_string()),
     }
 }

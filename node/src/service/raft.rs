@@ -46,9 +46,16 @@ impl RaftTransport for RaftService {
             let mut msgs = Vec::with_capacity(batch.envelopes.len());
             for env in batch.envelopes {
                 match Message::parse_from_bytes(&env.message) {
-                    Ok(m) if m.get_msg_type() != MessageType::MsgSnapshot => msgs.push((env.group_id, m)),
-                    Ok(_) => tracing::warn!(from = batch.from_node, "snapshot on the message stream ignored"),
-                    Err(e) => tracing::warn!(from = batch.from_node, error = %e, "undecodable raft message"),
+                    Ok(m) if m.get_msg_type() != MessageType::MsgSnapshot => {
+                        msgs.push((env.group_id, m))
+                    }
+                    Ok(_) => tracing::warn!(
+                        from = batch.from_node,
+                        "snapshot on the message stream ignored"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(from = batch.from_node, error = %e, "undecodable raft message")
+                    }
                 }
             }
             if self.store_tx.send(StoreMsg::Raft { msgs }).await.is_err() {
@@ -58,7 +65,10 @@ impl RaftTransport for RaftService {
         Ok(Response::new(Empty {}))
     }
 
-    async fn snapshot(&self, req: Request<Streaming<SnapshotPiece>>) -> Result<Response<Empty>, Status> {
+    async fn snapshot(
+        &self,
+        req: Request<Streaming<SnapshotPiece>>,
+    ) -> Result<Response<Empty>, Status> {
         let me = self.store.config.node_id;
         let mut stream = req.into_inner();
         let Some(first) = stream.message().await? else {
@@ -70,11 +80,15 @@ impl RaftTransport for RaftService {
         let msg = Message::parse_from_bytes(&header.message)
             .map_err(|e| Status::invalid_argument(format!("undecodable snapshot header: {e}")))?;
         if msg.get_msg_type() != MessageType::MsgSnapshot || msg.to != me || first.to_node != me {
-            return Err(Status::invalid_argument("snapshot header is not a MsgSnapshot for this node"));
+            return Err(Status::invalid_argument(
+                "snapshot header is not a MsgSnapshot for this node",
+            ));
         }
         let group = header.group_id;
         if self.store.view(group).is_none() {
-            return Err(Status::invalid_argument(format!("group {group} is not hosted here")));
+            return Err(Status::invalid_argument(format!(
+                "group {group} is not hosted here"
+            )));
         }
         let meta = msg.get_snapshot().get_metadata();
         let dir = self.store.config.data_dir.join("snap");
@@ -86,7 +100,9 @@ impl RaftTransport for RaftService {
         while let Some(piece) = stream.message().await? {
             if done {
                 writer.abandon();
-                return Err(Status::invalid_argument("snapshot pieces after the last one"));
+                return Err(Status::invalid_argument(
+                    "snapshot pieces after the last one",
+                ));
             }
             for kv in &piece.kvs {
                 if let Err(e) = writer.push(&kv.key, &kv.value) {
@@ -106,8 +122,15 @@ impl RaftTransport for RaftService {
                 "snapshot stream incomplete: {got} of {total} pairs"
             )));
         }
-        let path = writer.finish().map_err(|e| Status::internal(e.to_string()))?;
-        tracing::info!(group, index = meta.index, pairs = total, "snapshot received");
+        let path = writer
+            .finish()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(
+            group,
+            index = meta.index,
+            pairs = total,
+            "snapshot received"
+        );
         self.store_tx
             .send(StoreMsg::SnapshotReceived {
                 group,

@@ -5,9 +5,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use raftblk_proto::volumes_server::Volumes;
 use raftblk_proto::{
-    command::Cmd, Command, CreateVolumeCmd, CreateVolumeRequest, DeleteVolumeCmd, Empty, Error as PbError,
-    ErrorCode, GrowVolumeCmd, GrowVolumeRequest, ListVolumesResponse, VolumeNameRequest, VolumeResponse,
-    META_GROUP_ID, SECTOR_BYTES,
+    command::Cmd, Command, CreateVolumeCmd, CreateVolumeRequest, DeleteVolumeCmd, Empty,
+    Error as PbError, ErrorCode, GrowVolumeCmd, GrowVolumeRequest, ListVolumesResponse,
+    VolumeNameRequest, VolumeResponse, META_GROUP_ID, SECTOR_BYTES,
 };
 use tonic::{Request, Response, Status};
 
@@ -30,10 +30,16 @@ pub fn validate_name(name: &str) -> Result<(), PbError> {
             format!("volume name must be 1 to {VOLUME_NAME_BYTES_MAX} characters"),
         ));
     }
-    if name.starts_with('-') || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+    if name.starts_with('-')
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
         return Err(PbError::new(
             ErrorCode::InvalidArgument,
-            format!("volume name {name:?} may only hold letters, digits, '.', '_' and '-' (not first)"),
+            format!(
+                "volume name {name:?} may only hold letters, digits, '.', '_' and '-' (not first)"
+            ),
         ));
     }
     Ok(())
@@ -43,9 +49,12 @@ impl VolumesService {
     fn validate_size(&self, size: u64) -> Result<(), PbError> {
         let max = self.store.config.limits.volume_size_bytes_max;
         if size == 0 {
-            return Err(PbError::new(ErrorCode::InvalidArgument, "volume size must be positive"));
+            return Err(PbError::new(
+                ErrorCode::InvalidArgument,
+                "volume size must be positive",
+            ));
         }
-        if size % SECTOR_BYTES != 0 {
+        if !size.is_multiple_of(SECTOR_BYTES) {
             return Err(PbError::new(
                 ErrorCode::InvalidArgument,
                 format!("volume size {size} is not a multiple of 512 bytes"),
@@ -89,7 +98,10 @@ fn failed(e: PbError) -> Response<VolumeResponse> {
 
 #[tonic::async_trait]
 impl Volumes for VolumesService {
-    async fn create(&self, req: Request<CreateVolumeRequest>) -> Result<Response<VolumeResponse>, Status> {
+    async fn create(
+        &self,
+        req: Request<CreateVolumeRequest>,
+    ) -> Result<Response<VolumeResponse>, Status> {
         let r = req.into_inner();
         if let Err(e) = validate_name(&r.name).and_then(|_| self.validate_size(r.size_bytes)) {
             return Ok(failed(e));
@@ -107,17 +119,24 @@ impl Volumes for VolumesService {
         Ok(Response::new(self.propose_volume(cmd).await))
     }
 
-    async fn delete(&self, req: Request<VolumeNameRequest>) -> Result<Response<VolumeResponse>, Status> {
+    async fn delete(
+        &self,
+        req: Request<VolumeNameRequest>,
+    ) -> Result<Response<VolumeResponse>, Status> {
         let r = req.into_inner();
         if let Err(e) = validate_name(&r.name) {
             return Ok(failed(e));
         }
         Ok(Response::new(
-            self.propose_volume(Cmd::DeleteVolume(DeleteVolumeCmd { name: r.name })).await,
+            self.propose_volume(Cmd::DeleteVolume(DeleteVolumeCmd { name: r.name }))
+                .await,
         ))
     }
 
-    async fn get(&self, req: Request<VolumeNameRequest>) -> Result<Response<VolumeResponse>, Status> {
+    async fn get(
+        &self,
+        req: Request<VolumeNameRequest>,
+    ) -> Result<Response<VolumeResponse>, Status> {
         let r = req.into_inner();
         if let Err(e) = validate_name(&r.name) {
             return Ok(failed(e));
@@ -146,7 +165,10 @@ impl Volumes for VolumesService {
             }));
         }
         match apply::list_volumes(&self.store.engine) {
-            Ok(volumes) => Ok(Response::new(ListVolumesResponse { error: None, volumes })),
+            Ok(volumes) => Ok(Response::new(ListVolumesResponse {
+                error: None,
+                volumes,
+            })),
             Err(e) => Ok(Response::new(ListVolumesResponse {
                 error: Some(PbError::new(ErrorCode::Storage, e.to_string())),
                 volumes: vec![],
@@ -154,7 +176,10 @@ impl Volumes for VolumesService {
         }
     }
 
-    async fn grow(&self, req: Request<GrowVolumeRequest>) -> Result<Response<VolumeResponse>, Status> {
+    async fn grow(
+        &self,
+        req: Request<GrowVolumeRequest>,
+    ) -> Result<Response<VolumeResponse>, Status> {
         let r = req.into_inner();
         if let Err(e) = validate_name(&r.name).and_then(|_| self.validate_size(r.new_size_bytes)) {
             return Ok(failed(e));
