@@ -8,7 +8,10 @@ fn raftblk(args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .expect("run raftblk");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn dead_addr() -> String {
@@ -20,11 +23,18 @@ fn dead_addr() -> String {
 fn bad_sizes_are_rejected_before_connecting() {
     // The address is never contacted: argument errors come first.
     let c = dead_addr();
-    for (size, text) in [("1000", "not a multiple of 512"), ("0", "must be positive"), ("lots", "is not a size")] {
+    for (size, text) in [
+        ("1000", "not a multiple of 512"),
+        ("0", "must be positive"),
+        ("lots", "is not a size"),
+    ] {
         let (ok, err) = raftblk(&["--cluster", &c, "volume", "create", "v", "--size", size]);
         assert!(!ok, "size {size} accepted");
         assert!(err.contains(text), "size {size}: {err}");
-        assert!(!err.contains("cannot reach"), "size {size} contacted the cluster: {err}");
+        assert!(
+            !err.contains("cannot reach"),
+            "size {size} contacted the cluster: {err}"
+        );
     }
 }
 
@@ -33,13 +43,23 @@ fn unreachable_cluster_is_named() {
     let c = dead_addr();
     let (ok, err) = raftblk(&["--cluster", &c, "--timeout-secs", "2", "volume", "list"]);
     assert!(!ok);
-    assert!(err.contains(&format!("cannot reach the cluster at {c}")), "{err}");
+    assert!(
+        err.contains(&format!("cannot reach the cluster at {c}")),
+        "{err}"
+    );
 }
 
 #[test]
 fn import_of_a_missing_file_is_rejected_before_connecting() {
     let c = dead_addr();
-    let (ok, err) = raftblk(&["--cluster", &c, "volume", "import", "v", "/nonexistent/img.raw"]);
+    let (ok, err) = raftblk(&[
+        "--cluster",
+        &c,
+        "volume",
+        "import",
+        "v",
+        "/nonexistent/img.raw",
+    ]);
     assert!(!ok);
     assert!(err.contains("cannot read /nonexistent/img.raw"), "{err}");
 }

@@ -20,7 +20,10 @@ id = 3
 addr = "127.0.0.1:7103"
 "#;
 
-fn run(config: &str, extra: &[&str]) -> (Option<i32>, String, std::path::PathBuf, tempfile::TempDir) {
+fn run(
+    config: &str,
+    extra: &[&str],
+) -> (Option<i32>, String, std::path::PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let path = dir.path().join("node.toml");
@@ -31,7 +34,8 @@ fn run(config: &str, extra: &[&str]) -> (Option<i32>, String, std::path::PathBuf
         .args(extra)
         .output()
         .expect("run raftblk-node");
-    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     (out.status.code(), text, data, dir)
 }
 
@@ -47,9 +51,15 @@ fn bad_configs_name_the_key_and_leave_no_data() {
     let cases: &[(&str, &str)] = &[
         ("node_id = 1", "node_id = 7"),
         ("data_groups = 4", "data_groups = 0"),
-        ("listen_addr = \"127.0.0.1:7101\"", "listen_addr = \"localhost\""),
+        (
+            "listen_addr = \"127.0.0.1:7101\"",
+            "listen_addr = \"localhost\"",
+        ),
         ("data_groups = 4", "data_groups = 4\nreplicas = 5"),
-        ("data_groups = 4", "data_groups = 4\nchunk_size_bytes = 12345"),
+        (
+            "data_groups = 4",
+            "data_groups = 4\nchunk_size_bytes = 12345",
+        ),
         ("id = 3", "id = 2"),
         ("data_groups = 4", "data_groups = 4\ncolour = \"blue\""),
         ("data_groups = 4", "data_groups = \"four\""),
@@ -67,8 +77,14 @@ fn bad_configs_name_the_key_and_leave_no_data() {
     for ((from, to), key) in cases.iter().zip(keys) {
         let (code, text, data, _d) = run(&GOOD.replace(from, to), &[]);
         assert_eq!(code, Some(2), "{to}: {text}");
-        assert!(text.contains(key), "error for `{to}` does not name `{key}`: {text}");
-        assert!(!data.exists(), "a rejected config created the data directory");
+        assert!(
+            text.contains(key),
+            "error for `{to}` does not name `{key}`: {text}"
+        );
+        assert!(
+            !data.exists(),
+            "a rejected config created the data directory"
+        );
     }
     let (code, text, _, _d) = run("this is not toml", &[]);
     assert_eq!(code, Some(2));
@@ -83,5 +99,8 @@ fn missing_config_file_is_a_clear_error() {
         .expect("run raftblk-node");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot read config file /nonexistent/raftblk.toml"), "{err}");
+    assert!(
+        err.contains("cannot read config file /nonexistent/raftblk.toml"),
+        "{err}"
+    );
 }
