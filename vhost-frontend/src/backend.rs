@@ -1,0 +1,470 @@
+//! The vhost-user-blk device: feature negotiation, config space, and the
+//! per-queue data path.
+//!
+//! One worker thread per virtqueue (vhost-user-backend's model). A worker
+//! never waits on the network: on a kick it pops every available chain,
+//! validates it (`request`), answers malformed ones at once, copies write
+//! payloads out of guest memory and hands each I/O to the tokio runtime.
+//! Completions come back through a per-queue eventfd that the same worker
+//! polls; it writes read data and status bytes into guest memory, fills the
+//! used ring and notifies the guest once per batch, honouring EVENT_IDX.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use raftblk_client::Volume;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::ratelimit::LogLimiter;
+use crate::request::{parse, Desc, DeviceInfo, Kind, Request};
+use crate::virtio_blk::*;
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// Descriptors read from one chain before it is declared malformed.
+const CHAIN_DESCS_MAX: usize = 4096;
+
+/// Device settings fixed for the life of a daemon.
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub read_only: bool,
+    /// How long a request may take, retries included, before the guest
+    /// gets IOERR. Well above an election timeout.
+    pub io_timeout: Duration,
+}
+
+struct Completion {
+    head: u16,
+    status: u8,
+    status_addr: GuestAddress,
+    /// Read data to copy into the request's segments.
+    data: Option<Vec<u8>>,
+    segments: Vec<Desc>,
+}
+
+struct QueueCtx {
+    completion: EventFd,
+    done: Mutex<Vec<Completion>>,
+    inflight: AtomicUsize,
+}
+
+struct Inner {
+    volume: Volume,
+    rt: tokio::runtime::Handle,
+    opts: DeviceOptions,
+    dev: DeviceInfo,
+    serial: [u8; ID_BYTES],
+    event_idx: AtomicBool,
+    mem: RwLock<Option<Mem>>,
+    queues: Vec<QueueCtx>,
+    exit: Vec<(EventConsumer, EventNotifier)>,
+    bad_chain_log: LogLimiter,
+    io_error_log: LogLimiter,
+    /// Counters (for tests and status).
+    pub rejected: AtomicU64,
+    pub completed: AtomicU64,
+}
+
+/// The device backend for one connection. Cheap to clone.
+#[derive(Clone)]
+pub struct BlkBackend {
+    inner: Arc<Inner>,
+}
+
+fn qerr(e: virtio_queue::Error) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl BlkBackend {
+    pub fn new(volume: Volume, rt: tokio::runtime::Handle, opts: DeviceOptions) -> io::Result<BlkBackend> {
+        let limits = Limits::for_queue_size(opts.queue_size);
+        let dev = DeviceInfo {
+            capacity_sectors: volume.size_bytes() / SECTOR_BYTES,
+            read_only: opts.read_only,
+            limits,
+        };
+        let mut queues = Vec::new();
+        let mut exit = Vec::new();
+        for _ in 0..opts.num_queues {
+            queues.push(QueueCtx {
+                completion: EventFd::new(EFD_NONBLOCK)?,
+                done: Mutex::new(Vec::new()),
+                inflight: AtomicUsize::new(0),
+            });
+            exit.push(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?);
+        }
+        Ok(BlkBackend {
+            inner: Arc::new(Inner {
+                serial: serial(volume.info().id),
+                volume,
+                rt,
+                opts,
+                dev,
+                event_idx: AtomicBool::new(false),
+                mem: RwLock::new(None),
+                queues,
+                exit,
+                bad_chain_log: LogLimiter::new(10),
+                io_error_log: LogLimiter::new(10),
+                rejected: AtomicU64::new(0),
+                completed: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The eventfd on which queue `q`'s completions are signalled.
+    pub fn completion_fd(&self, q: usize) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.inner.queues.get(q).map(|c| c.completion.as_raw_fd())
+    }
+
+    /// Event id under which completion fds are registered.
+    pub fn completion_event_id(&self) -> u64 {
+        u64::from(self.inner.opts.num_queues) + 1
+    }
+
+    /// Tells every worker thread to exit.
+    pub fn signal_exit(&self) {
+        for (_, n) in &self.inner.exit {
+            let _ = n.notify();
+        }
+    }
+
+    /// Requests not yet completed, over all queues.
+    pub fn inflight(&self) -> usize {
+        self.inner.queues.iter().map(|q| q.inflight.load(Ordering::Acquire)).sum()
+    }
+
+    fn mem(&self) -> Option<Mem> {
+        self.inner.mem.read().ok()?.clone()
+    }
+
+    fn process_queue(&self, q: usize, vring: &VringRwLock) -> io::Result<()> {
+        let Some(mem) = self.mem() else { return Ok(()) };
+        let event_idx = self.inner.event_idx.load(Ordering::Acquire);
+        let mut passes = 0;
+        loop {
+            passes += 1;
+            if event_idx {
+                vring.disable_notification().map_err(qerr)?;
+            }
+            let chains: Vec<_> = {
+                let mut state = vring.get_mut();
+                let queue = state.get_queue_mut();
+                let mut v = Vec::new();
+                while v.len() < usize::from(self.inner.opts.queue_size) {
+                    match queue.pop_descriptor_chain(mem.memory()) {
+                        Some(c) => v.push(c),
+                        None => break,
+                    }
+                }
+                v
+            };
+            let mut answered = false;
+            for chain in chains {
+                let head = chain.head_index();
+                let descs: Vec<Desc> = chain
+                    .take(CHAIN_DESCS_MAX + 1)
+                    .map(|d| Desc {
+                        addr: d.addr(),
+                        len: d.len(),
+                        write_only: d.is_write_only(),
+                    })
+                    .collect();
+                let guest = mem.memory();
+                let parsed = if descs.len() > CHAIN_DESCS_MAX {
+                    Err(crate::request::Rejected {
+                        head,
+                        status: None,
+                        code: S_IOERR,
+                        reason: "descriptor chain too long".into(),
+                    })
+                } else {
+                    parse(head, &descs, &*guest, &self.inner.dev)
+                };
+                match parsed {
+                    Err(rej) => {
+                        self.inner.rejected.fetch_add(1, Ordering::Relaxed);
+                        if let Some(suppressed) = self.inner.bad_chain_log.allow() {
+                            tracing::warn!(queue = q, head, status = rej.code, suppressed, reason = %rej.reason, "malformed request from guest");
+                        }
+                        let len = match rej.status {
+                            Some(addr) => {
+                                let _ = guest.write_slice(&[rej.code], addr);
+                                1
+                            }
+                            None => 0,
+                        };
+                        vring.add_used(head, len).map_err(qerr)?;
+                        answered = true;
+                    }
+                    Ok(req) => answered |= self.submit(q, req, &guest, vring)?,
+                }
+            }
+            if answered && vring.needs_notification().map_err(qerr)? {
+                vring.signal_used_queue()?;
+            }
+            if !event_idx || passes > 64 || !vring.enable_notification().map_err(qerr)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts one request; true when it was answered at once.
+    fn submit(&self, q: usize, req: Request, guest: &GuestMemoryMmap<()>, vring: &VringRwLock) -> io::Result<bool> {
+        let status_addr = req.status;
+        if req.kind == Kind::GetId {
+            let mut left = &self.inner.serial[..];
+            let mut written = 0u32;
+            for s in &req.segments {
+                if left.is_empty() {
+                    break;
+                }
+                let n = left.len().min(s.len as usize);
+                if guest.write_slice(&left[..n], s.addr).is_err() {
+                    break;
+                }
+                left = &left[n..];
+                written += n as u32;
+            }
+            let status = if left.is_empty() { S_OK } else { S_IOERR };
+            let _ = guest.write_slice(&[status], status_addr);
+            vring.add_used(req.head, written + 1).map_err(qerr)?;
+            return Ok(true);
+        }
+        let payload = if let Kind::Write { len, .. } = req.kind {
+            let mut buf = vec![0u8; len as usize];
+            let mut at = 0usize;
+            for s in &req.segments {
+                let end = at + s.len as usize;
+                if guest.read_slice(&mut buf[at..end], s.addr).is_err() {
+                    let _ = guest.write_slice(&[S_IOERR], status_addr);
+                    vring.add_used(req.head, 1).map_err(qerr)?;
+                    return Ok(true);
+                }
+                at = end;
+            }
+            Some(buf)
+        } else {
+            None
+        };
+        let ctx_index = q;
+        self.inner.queues[ctx_index].inflight.fetch_add(1, Ordering::AcqRel);
+        let inner = self.inner.clone();
+        let Request { head, kind, segments, .. } = req;
+        self.inner.rt.spawn(async move {
+            let vol = &inner.volume;
+            let deadline = inner.opts.io_timeout;
+            let started = Instant::now();
+            let io = async {
+                match &kind {
+                    Kind::Read { offset, len } => vol.read(*offset, *len).await.map(Some),
+                    Kind::Write { offset, .. } => {
+                        let data = payload.as_deref().unwrap_or_default();
+                        vol.write(*offset, data).await.map(|_| None)
+                    }
+                    Kind::Flush => vol.flush().await.map(|_| None),
+                    Kind::Discard { ranges } => {
+                        for (off, len) in ranges {
+                            vol.discard(*off, *len).await?;
+                        }
+                        Ok(None)
+                    }
+                    Kind::WriteZeroes { ranges } => {
+                        for (off, len) in ranges {
+                            vol.write_zeroes(*off, *len).await?;
+                        }
+                        Ok(None)
+                    }
+                    Kind::GetId => Ok(None),
+                }
+            };
+            let (status, data) = match tokio::time::timeout(deadline, io).await {
+                Ok(Ok(data)) => (S_OK, data),
+                Ok(Err(e)) => {
+                    if let Some(suppressed) = inner.io_error_log.allow() {
+                        tracing::error!(queue = ctx_index, head, suppressed, error = %e, elapsed_ms = started.elapsed().as_millis() as u64, "I/O failed");
+                    }
+                    (S_IOERR, None)
+                }
+                Err(_) => {
+                    if let Some(suppressed) = inner.io_error_log.allow() {
+                        tracing::error!(queue = ctx_index, head, suppressed, "I/O timed out");
+                    }
+                    (S_IOERR, None)
+                }
+            };
+            let ctx = &inner.queues[ctx_index];
+            ctx.done
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Completion {
+                    head,
+                    status,
+                    status_addr,
+                    data,
+                    segments,
+                });
+            let _ = ctx.completion.write(1);
+        });
+        Ok(false)
+    }
+
+    fn complete(&self, q: usize, vring: &VringRwLock) -> io::Result<()> {
+        let ctx = &self.inner.queues[q];
+        let _ = ctx.completion.read();
+        let done = std::mem::take(&mut *ctx.done.lock().unwrap_or_else(|p| p.into_inner()));
+        if done.is_empty() {
+            return Ok(());
+        }
+        let mem = self.mem();
+        for c in done {
+            let mut status = c.status;
+            let mut len = 1u32;
+            if let Some(mem) = &mem {
+                let guest = mem.memory();
+                if let (Some(data), S_OK) = (&c.data, status) {
+                    let mut at = 0usize;
+                    for s in &c.segments {
+                        let end = (at + s.len as usize).min(data.len());
+                        if guest.write_slice(&data[at..end], s.addr).is_err() {
+                            status = S_IOERR;
+                            break;
+                        }
+                        at = end;
+                    }
+                    if status == S_OK {
+                        len += data.len() as u32;
+                    }
+                }
+                let _ = guest.write_slice(&[status], c.status_addr);
+                vring.add_used(c.head, len).map_err(qerr)?;
+            }
+            self.inner.completed.fetch_add(1, Ordering::Relaxed);
+            ctx.inflight.fetch_sub(1, Ordering::AcqRel);
+        }
+        if vring.needs_notification().map_err(qerr)? {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.inner.opts.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.inner.opts.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = F_VERSION_1
+            | F_SIZE_MAX
+            | F_SEG_MAX
+            | F_BLK_SIZE
+            | F_TOPOLOGY
+            | F_FLUSH
+            | F_MQ
+            | F_DISCARD
+            | F_WRITE_ZEROES
+            | F_RING_EVENT_IDX
+            | F_RING_INDIRECT_DESC
+            | F_PROTOCOL_FEATURES;
+        if self.inner.opts.read_only {
+            f |= F_RO;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = config_space(self.inner.dev.capacity_sectors, self.inner.opts.num_queues, &self.inner.dev.limits);
+        let size = (size as usize).min(256);
+        let mut out = vec![0u8; size];
+        let start = offset as usize;
+        if start < space.len() {
+            let n = (space.len() - start).min(size);
+            out[..n].copy_from_slice(&space[start..start + n]);
+        }
+        out
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        Err(io::Error::other("the virtio-blk config space is read-only"))
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        if let Ok(mut m) = self.inner.mem.write() {
+            *m = Some(mem);
+        }
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.inner.opts.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) = self.inner.exit.get(thread_index)?;
+        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // Answer every accepted request before the frontend reads the ring
+        // base, or they would be lost across a reconnect.
+        let Some(ctx) = self.inner.queues.get(queue_index as usize) else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + self.inner.opts.io_timeout + Duration::from_secs(5);
+        while ctx.inflight.load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
+                return Err(io::Error::other(format!(
+                    "queue {queue_index}: {} requests still in flight",
+                    ctx.inflight.load(Ordering::Acquire)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[VringRwLock], thread_id: usize) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let Some(vring) = vrings.first() else { return Ok(()) };
+        if u64::from(device_event) == self.completion_event_id() {
+            self.complete(thread_id, vring)
+        } else if device_event == 0 {
+            self.process_queue(thread_id, vring)
+        } else {
+            Ok(())
+        }
+    }
+}

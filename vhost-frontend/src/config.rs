@@ -1,0 +1,86 @@
+//! The config-file form of `raftblk-vhost`: several volumes, one socket
+//! each, validated at load with messages that name the bad key.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VhostConfig {
+    /// Cluster node addresses.
+    pub cluster: Vec<String>,
+    /// Per-request deadline, retries included.
+    #[serde(default = "default_io_timeout_secs")]
+    pub io_timeout_secs: u64,
+    #[serde(rename = "volume", default)]
+    pub volumes: Vec<VolumeExport>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeExport {
+    pub name: String,
+    pub socket: PathBuf,
+    #[serde(default = "default_queues")]
+    pub queues: u16,
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u16,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+fn default_io_timeout_secs() -> u64 {
+    60
+}
+fn default_queues() -> u16 {
+    1
+}
+fn default_queue_size() -> u16 {
+    256
+}
+
+/// Checks queue count and size; the messages name `key_prefix`.
+pub fn validate_queues(queues: u16, queue_size: u16, key_prefix: &str) -> Result<(), String> {
+    if queues == 0 || queues > 64 {
+        return Err(format!("{key_prefix}queues: {queues} is not in 1..=64"));
+    }
+    if !queue_size.is_power_of_two() || !(2..=1024).contains(&queue_size) {
+        return Err(format!("{key_prefix}queue_size: {queue_size} must be a power of two in 2..=1024"));
+    }
+    Ok(())
+}
+
+pub fn validate_timeout(secs: u64, key: &str) -> Result<(), String> {
+    if !(1..=3600).contains(&secs) {
+        return Err(format!("{key}: {secs} is not in 1..=3600"));
+    }
+    Ok(())
+}
+
+impl VhostConfig {
+    pub fn load(path: &Path) -> Result<VhostConfig, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let c: VhostConfig =
+            toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.to_string().trim().replace('\n', " ")))?;
+        let bad = |m: String| format!("{}: {m}", path.display());
+        if c.cluster.is_empty() {
+            return Err(bad("cluster: list at least one node address".into()));
+        }
+        validate_timeout(c.io_timeout_secs, "io_timeout_secs").map_err(bad)?;
+        if c.volumes.is_empty() {
+            return Err(bad("volume: add at least one [[volume]] table".into()));
+        }
+        let mut sockets = std::collections::HashSet::new();
+        for (i, v) in c.volumes.iter().enumerate() {
+            if v.name.is_empty() {
+                return Err(bad(format!("volume[{i}].name: must not be empty")));
+            }
+            validate_queues(v.queues, v.queue_size, &format!("volume[{i}].")).map_err(bad)?;
+            if !sockets.insert(v.socket.clone()) {
+                return Err(bad(format!("volume[{i}].socket: {} is used twice", v.socket.display())));
+            }
+        }
+        Ok(c)
+    }
+}

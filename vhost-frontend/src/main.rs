@@ -1,0 +1,137 @@
+//! `raftblk-vhost`: the vhost-user-blk daemon.
+//!
+//! ```text
+//! raftblk-vhost --socket PATH --volume NAME --cluster ADDR,... [--queues N]
+//!               [--queue-size N] [--read-only] [--io-timeout-secs S]
+//! raftblk-vhost --config FILE      # several volumes, one socket each
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use raftblk_client::{Client, ClientOptions};
+use raftblk_vhost::backend::DeviceOptions;
+use raftblk_vhost::config::{validate_queues, validate_timeout, VhostConfig, VolumeExport};
+use raftblk_vhost::serve::serve_volume;
+
+#[derive(Parser, Debug)]
+#[command(name = "raftblk-vhost", version, about = "Serve raftblk volumes to QEMU/KVM guests over vhost-user-blk")]
+struct Args {
+    /// Config file serving several volumes (instead of the flags below).
+    #[arg(long, conflicts_with_all = ["socket", "volume"])]
+    config: Option<PathBuf>,
+    /// Unix socket to listen on (QEMU connects to it).
+    #[arg(long, required_unless_present = "config")]
+    socket: Option<PathBuf>,
+    /// Volume to serve.
+    #[arg(long, required_unless_present = "config")]
+    volume: Option<String>,
+    /// Cluster node addresses (host:port, comma separated).
+    #[arg(long, env = "RAFTBLK_CLUSTER", default_value = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103")]
+    cluster: String,
+    /// Virtqueues (QEMU's num-queues must not exceed it).
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// Descriptors per virtqueue.
+    #[arg(long, default_value_t = 256)]
+    queue_size: u16,
+    /// Serve the disk read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Deadline of one guest request, retries included; the guest sees an
+    /// I/O error only after it.
+    #[arg(long, default_value_t = 60)]
+    io_timeout_secs: u64,
+    /// Exit after this many VMM connections have ended (default: never).
+    #[arg(long, hide = true)]
+    connections: Option<u64>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("raftblk-vhost: error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let (cluster, timeout, exports) = match &args.config {
+        Some(path) => {
+            let c = VhostConfig::load(path).map_err(anyhow::Error::msg)?;
+            (c.cluster, c.io_timeout_secs, c.volumes)
+        }
+        None => {
+            validate_queues(args.queues, args.queue_size, "--").map_err(anyhow::Error::msg)?;
+            validate_timeout(args.io_timeout_secs, "--io-timeout-secs").map_err(anyhow::Error::msg)?;
+            let cluster = args
+                .cluster
+                .split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect();
+            let export = VolumeExport {
+                name: args.volume.clone().unwrap_or_default(),
+                socket: args.socket.clone().unwrap_or_default(),
+                queues: args.queues,
+                queue_size: args.queue_size,
+                read_only: args.read_only,
+            };
+            (cluster, args.io_timeout_secs, vec![export])
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
+    let io_timeout = Duration::from_secs(timeout);
+    let client = rt.block_on(Client::connect(
+        &cluster,
+        ClientOptions {
+            deadline: io_timeout,
+            ..ClientOptions::default()
+        },
+    ))?;
+    let mut threads = Vec::new();
+    for e in exports {
+        let volume = rt
+            .block_on(client.open_volume(&e.name))
+            .with_context(|| format!("volume {:?}", e.name))?;
+        let opts = DeviceOptions {
+            num_queues: e.queues,
+            queue_size: e.queue_size,
+            read_only: e.read_only,
+            io_timeout,
+        };
+        let handle = rt.handle().clone();
+        let connections = args.connections;
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("serve-{}", e.name))
+                .spawn(move || serve_volume(&e.socket, volume, handle, opts, connections))
+                .context("spawn serving thread")?,
+        );
+    }
+    let mut result = Ok(());
+    for t in threads {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(_) => result = Err(anyhow::anyhow!("a serving thread panicked")),
+        }
+    }
+    result
+}
