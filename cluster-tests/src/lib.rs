@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod guest;
+
 use anyhow::{bail, Context as _};
 use raftblk_client::{Client, ClientOptions};
 use raftblk_proto::cluster_client::ClusterClient;
@@ -195,6 +197,11 @@ impl LocalCluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// PID of node `i`'s process, if running.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.procs[i - 1].as_ref().map(|c| c.id())
     }
 
     pub fn is_running(&self, i: usize) -> bool {

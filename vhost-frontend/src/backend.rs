@@ -20,7 +20,9 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::ratelimit::LogLimiter;
@@ -56,6 +58,8 @@ struct QueueCtx {
     completion: EventFd,
     done: Mutex<Vec<Completion>>,
     inflight: AtomicUsize,
+    /// Requests answered on this queue (any status).
+    answered: AtomicU64,
 }
 
 struct Inner {
@@ -86,7 +90,11 @@ fn qerr(e: virtio_queue::Error) -> io::Error {
 }
 
 impl BlkBackend {
-    pub fn new(volume: Volume, rt: tokio::runtime::Handle, opts: DeviceOptions) -> io::Result<BlkBackend> {
+    pub fn new(
+        volume: Volume,
+        rt: tokio::runtime::Handle,
+        opts: DeviceOptions,
+    ) -> io::Result<BlkBackend> {
         let limits = Limits::for_queue_size(opts.queue_size);
         let dev = DeviceInfo {
             capacity_sectors: volume.size_bytes() / SECTOR_BYTES,
@@ -100,6 +108,7 @@ impl BlkBackend {
                 completion: EventFd::new(EFD_NONBLOCK)?,
                 done: Mutex::new(Vec::new()),
                 inflight: AtomicUsize::new(0),
+                answered: AtomicU64::new(0),
             });
             exit.push(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?);
         }
@@ -140,9 +149,22 @@ impl BlkBackend {
         }
     }
 
+    /// Requests answered per queue since the connection started.
+    pub fn answered_per_queue(&self) -> Vec<u64> {
+        self.inner
+            .queues
+            .iter()
+            .map(|q| q.answered.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// Requests not yet completed, over all queues.
     pub fn inflight(&self) -> usize {
-        self.inner.queues.iter().map(|q| q.inflight.load(Ordering::Acquire)).sum()
+        self.inner
+            .queues
+            .iter()
+            .map(|q| q.inflight.load(Ordering::Acquire))
+            .sum()
     }
 
     fn mem(&self) -> Option<Mem> {
@@ -206,6 +228,9 @@ impl BlkBackend {
                             None => 0,
                         };
                         vring.add_used(head, len).map_err(qerr)?;
+                        self.inner.queues[q]
+                            .answered
+                            .fetch_add(1, Ordering::Relaxed);
                         answered = true;
                     }
                     Ok(req) => answered |= self.submit(q, req, &guest, vring)?,
@@ -222,7 +247,13 @@ impl BlkBackend {
     }
 
     /// Starts one request; true when it was answered at once.
-    fn submit(&self, q: usize, req: Request, guest: &GuestMemoryMmap<()>, vring: &VringRwLock) -> io::Result<bool> {
+    fn submit(
+        &self,
+        q: usize,
+        req: Request,
+        guest: &GuestMemoryMmap<()>,
+        vring: &VringRwLock,
+    ) -> io::Result<bool> {
         let status_addr = req.status;
         if req.kind == Kind::GetId {
             let mut left = &self.inner.serial[..];
@@ -241,6 +272,9 @@ impl BlkBackend {
             let status = if left.is_empty() { S_OK } else { S_IOERR };
             let _ = guest.write_slice(&[status], status_addr);
             vring.add_used(req.head, written + 1).map_err(qerr)?;
+            self.inner.queues[q]
+                .answered
+                .fetch_add(1, Ordering::Relaxed);
             return Ok(true);
         }
         let payload = if let Kind::Write { len, .. } = req.kind {
@@ -251,6 +285,9 @@ impl BlkBackend {
                 if guest.read_slice(&mut buf[at..end], s.addr).is_err() {
                     let _ = guest.write_slice(&[S_IOERR], status_addr);
                     vring.add_used(req.head, 1).map_err(qerr)?;
+                    self.inner.queues[q]
+                        .answered
+                        .fetch_add(1, Ordering::Relaxed);
                     return Ok(true);
                 }
                 at = end;
@@ -260,9 +297,16 @@ impl BlkBackend {
             None
         };
         let ctx_index = q;
-        self.inner.queues[ctx_index].inflight.fetch_add(1, Ordering::AcqRel);
+        self.inner.queues[ctx_index]
+            .inflight
+            .fetch_add(1, Ordering::AcqRel);
         let inner = self.inner.clone();
-        let Request { head, kind, segments, .. } = req;
+        let Request {
+            head,
+            kind,
+            segments,
+            ..
+        } = req;
         self.inner.rt.spawn(async move {
             let vol = &inner.volume;
             let deadline = inner.opts.io_timeout;
@@ -352,6 +396,7 @@ impl BlkBackend {
                 vring.add_used(c.head, len).map_err(qerr)?;
             }
             self.inner.completed.fetch_add(1, Ordering::Relaxed);
+            ctx.answered.fetch_add(1, Ordering::Relaxed);
             ctx.inflight.fetch_sub(1, Ordering::AcqRel);
         }
         if vring.needs_notification().map_err(qerr)? {
@@ -404,7 +449,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let space = config_space(self.inner.dev.capacity_sectors, self.inner.opts.num_queues, &self.inner.dev.limits);
+        let space = config_space(
+            self.inner.dev.capacity_sectors,
+            self.inner.opts.num_queues,
+            &self.inner.dev.limits,
+        );
         let size = (size as usize).min(256);
         let mut out = vec![0u8; size];
         let start = offset as usize;
@@ -454,11 +503,19 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
-    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[VringRwLock], thread_id: usize) -> io::Result<()> {
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let Some(vring) = vrings.first() else { return Ok(()) };
+        let Some(vring) = vrings.first() else {
+            return Ok(());
+        };
         if u64::from(device_event) == self.completion_event_id() {
             self.complete(thread_id, vring)
         } else if device_event == 0 {

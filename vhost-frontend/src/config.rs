@@ -46,7 +46,9 @@ pub fn validate_queues(queues: u16, queue_size: u16, key_prefix: &str) -> Result
         return Err(format!("{key_prefix}queues: {queues} is not in 1..=64"));
     }
     if !queue_size.is_power_of_two() || !(2..=1024).contains(&queue_size) {
-        return Err(format!("{key_prefix}queue_size: {queue_size} must be a power of two in 2..=1024"));
+        return Err(format!(
+            "{key_prefix}queue_size: {queue_size} must be a power of two in 2..=1024"
+        ));
     }
     Ok(())
 }
@@ -60,9 +62,15 @@ pub fn validate_timeout(secs: u64, key: &str) -> Result<(), String> {
 
 impl VhostConfig {
     pub fn load(path: &Path) -> Result<VhostConfig, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let c: VhostConfig =
-            toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.to_string().trim().replace('\n', " ")))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let c: VhostConfig = toml::from_str(&text).map_err(|e| {
+            format!(
+                "{}: {}",
+                path.display(),
+                e.to_string().trim().replace('\n', " ")
+            )
+        })?;
         let bad = |m: String| format!("{}: {m}", path.display());
         if c.cluster.is_empty() {
             return Err(bad("cluster: list at least one node address".into()));
@@ -78,7 +86,10 @@ impl VhostConfig {
             }
             validate_queues(v.queues, v.queue_size, &format!("volume[{i}].")).map_err(bad)?;
             if !sockets.insert(v.socket.clone()) {
-                return Err(bad(format!("volume[{i}].socket: {} is used twice", v.socket.display())));
+                return Err(bad(format!(
+                    "volume[{i}].socket: {} is used twice",
+                    v.socket.display()
+                )));
             }
         }
         Ok(c)

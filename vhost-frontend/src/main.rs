@@ -17,7 +17,11 @@ use raftblk_vhost::config::{validate_queues, validate_timeout, VhostConfig, Volu
 use raftblk_vhost::serve::serve_volume;
 
 #[derive(Parser, Debug)]
-#[command(name = "raftblk-vhost", version, about = "Serve raftblk volumes to QEMU/KVM guests over vhost-user-blk")]
+#[command(
+    name = "raftblk-vhost",
+    version,
+    about = "Serve raftblk volumes to QEMU/KVM guests over vhost-user-blk"
+)]
 struct Args {
     /// Config file serving several volumes (instead of the flags below).
     #[arg(long, conflicts_with_all = ["socket", "volume"])]
@@ -29,7 +33,11 @@ struct Args {
     #[arg(long, required_unless_present = "config")]
     volume: Option<String>,
     /// Cluster node addresses (host:port, comma separated).
-    #[arg(long, env = "RAFTBLK_CLUSTER", default_value = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103")]
+    #[arg(
+        long,
+        env = "RAFTBLK_CLUSTER",
+        default_value = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
+    )]
     cluster: String,
     /// Virtqueues (QEMU's num-queues must not exceed it).
     #[arg(long, default_value_t = 1)]
@@ -57,6 +65,7 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -75,7 +84,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         None => {
             validate_queues(args.queues, args.queue_size, "--").map_err(anyhow::Error::msg)?;
-            validate_timeout(args.io_timeout_secs, "--io-timeout-secs").map_err(anyhow::Error::msg)?;
+            validate_timeout(args.io_timeout_secs, "--io-timeout-secs")
+                .map_err(anyhow::Error::msg)?;
             let cluster = args
                 .cluster
                 .split(',')

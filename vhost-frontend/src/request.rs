@@ -35,14 +35,24 @@ pub struct Request {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Kind {
-    Read { offset: u64, len: u64 },
-    Write { offset: u64, len: u64 },
+    Read {
+        offset: u64,
+        len: u64,
+    },
+    Write {
+        offset: u64,
+        len: u64,
+    },
     Flush,
     GetId,
     /// Byte ranges to discard, or to zero (`unmap` is always honoured:
     /// zeroed blocks are deallocated).
-    Discard { ranges: Vec<(u64, u64)> },
-    WriteZeroes { ranges: Vec<(u64, u64)> },
+    Discard {
+        ranges: Vec<(u64, u64)>,
+    },
+    WriteZeroes {
+        ranges: Vec<(u64, u64)>,
+    },
 }
 
 /// A chain that cannot be served.
@@ -64,12 +74,21 @@ pub struct DeviceInfo {
 }
 
 fn in_memory<M: GuestMemory>(mem: &M, d: &Desc) -> bool {
-    let access = if d.write_only { Permissions::Write } else { Permissions::Read };
+    let access = if d.write_only {
+        Permissions::Write
+    } else {
+        Permissions::Read
+    };
     d.len == 0 || mem.check_range(d.addr, d.len as usize, access)
 }
 
 /// Parses the chain `descs` whose head index is `head`.
-pub fn parse<M: GuestMemory>(head: u16, descs: &[Desc], mem: &M, dev: &DeviceInfo) -> Result<Request, Rejected> {
+pub fn parse<M: GuestMemory>(
+    head: u16,
+    descs: &[Desc],
+    mem: &M,
+    dev: &DeviceInfo,
+) -> Result<Request, Rejected> {
     let reject_no_status = |reason: &str| Rejected {
         head,
         status: None,
@@ -80,7 +99,9 @@ pub fn parse<M: GuestMemory>(head: u16, descs: &[Desc], mem: &M, dev: &DeviceInf
         return Err(reject_no_status("empty descriptor chain"));
     };
     if !last.write_only || last.len < 1 {
-        return Err(reject_no_status("last descriptor is not a writable status byte"));
+        return Err(reject_no_status(
+            "last descriptor is not a writable status byte",
+        ));
     }
     if !mem.check_range(last.addr, 1, Permissions::Write) {
         return Err(reject_no_status("status byte outside guest memory"));
@@ -100,7 +121,10 @@ pub fn parse<M: GuestMemory>(head: u16, descs: &[Desc], mem: &M, dev: &DeviceInf
         return Err(reject(S_IOERR, "header descriptor is write-only".into()));
     }
     if header.len < HEADER_BYTES {
-        return Err(reject(S_IOERR, format!("header descriptor is {} bytes, need 16", header.len)));
+        return Err(reject(
+            S_IOERR,
+            format!("header descriptor is {} bytes, need 16", header.len),
+        ));
     }
     let mut h = [0u8; HEADER_BYTES as usize];
     if mem.read_slice(&mut h, header.addr).is_err() {
@@ -112,7 +136,11 @@ pub fn parse<M: GuestMemory>(head: u16, descs: &[Desc], mem: &M, dev: &DeviceInf
     if data.len() > dev.limits.seg_max as usize {
         return Err(reject(
             S_IOERR,
-            format!("{} data segments exceed seg_max {}", data.len(), dev.limits.seg_max),
+            format!(
+                "{} data segments exceed seg_max {}",
+                data.len(),
+                dev.limits.seg_max
+            ),
         ));
     }
     let mut total: u64 = 0;
@@ -126,7 +154,10 @@ pub fn parse<M: GuestMemory>(head: u16, descs: &[Desc], mem: &M, dev: &DeviceInf
         if d.len > dev.limits.size_max {
             return Err(reject(
                 S_IOERR,
-                format!("segment of {} bytes exceeds size_max {}", d.len, dev.limits.size_max),
+                format!(
+                    "segment of {} bytes exceeds size_max {}",
+                    d.len, dev.limits.size_max
+                ),
             ));
         }
         total = match total.checked_add(u64::from(d.len)) {
@@ -179,7 +210,10 @@ pub fn parse<M: GuestMemory>(head: u16, descs: &[Desc], mem: &M, dev: &DeviceInf
             if total > dev.limits.request_bytes_max {
                 return Err(reject(
                     S_IOERR,
-                    format!("request of {total} bytes exceeds {}", dev.limits.request_bytes_max),
+                    format!(
+                        "request of {total} bytes exceeds {}",
+                        dev.limits.request_bytes_max
+                    ),
                 ));
             }
             let offset = check_range(sector, total)?;
@@ -193,7 +227,10 @@ pub fn parse<M: GuestMemory>(head: u16, descs: &[Desc], mem: &M, dev: &DeviceInf
         T_GET_ID => {
             want_direction(true)?;
             if total < ID_BYTES as u64 {
-                return Err(reject(S_IOERR, format!("GET_ID buffer of {total} bytes, need 20")));
+                return Err(reject(
+                    S_IOERR,
+                    format!("GET_ID buffer of {total} bytes, need 20"),
+                ));
             }
             Kind::GetId
         }
@@ -213,7 +250,10 @@ pub fn parse<M: GuestMemory>(head: u16, descs: &[Desc], mem: &M, dev: &DeviceInf
             if count > u64::from(dev.limits.discard_seg_max) {
                 return Err(reject(
                     S_IOERR,
-                    format!("{count} ranges exceed max_discard_seg {}", dev.limits.discard_seg_max),
+                    format!(
+                        "{count} ranges exceed max_discard_seg {}",
+                        dev.limits.discard_seg_max
+                    ),
                 ));
             }
             // Gather the payload (bounded: at most discard_seg_max * 16 bytes).
@@ -221,7 +261,10 @@ pub fn parse<M: GuestMemory>(head: u16, descs: &[Desc], mem: &M, dev: &DeviceInf
             for d in data {
                 let mut buf = vec![0u8; d.len as usize];
                 if mem.read_slice(&mut buf, d.addr).is_err() {
-                    return Err(reject(S_IOERR, "discard payload outside guest memory".into()));
+                    return Err(reject(
+                        S_IOERR,
+                        "discard payload outside guest memory".into(),
+                    ));
                 }
                 payload.extend_from_slice(&buf);
             }
@@ -234,12 +277,18 @@ pub fn parse<M: GuestMemory>(head: u16, descs: &[Desc], mem: &M, dev: &DeviceInf
                 let flags = u32::from_le_bytes([r[12], r[13], r[14], r[15]]);
                 let allowed = if zeroes { WZ_FLAG_UNMAP } else { 0 };
                 if flags & !allowed != 0 {
-                    return Err(reject(S_UNSUPP, format!("unsupported range flags {flags:#x}")));
+                    return Err(reject(
+                        S_UNSUPP,
+                        format!("unsupported range flags {flags:#x}"),
+                    ));
                 }
                 if num == 0 || num > dev.limits.discard_sectors_max {
                     return Err(reject(
                         S_IOERR,
-                        format!("range of {num} sectors (allowed 1..={})", dev.limits.discard_sectors_max),
+                        format!(
+                            "range of {num} sectors (allowed 1..={})",
+                            dev.limits.discard_sectors_max
+                        ),
                     ));
                 }
                 let bytes = u64::from(num) * SECTOR_BYTES;
@@ -252,7 +301,12 @@ pub fn parse<M: GuestMemory>(head: u16, descs: &[Desc], mem: &M, dev: &DeviceInf
                 Kind::Discard { ranges }
             }
         }
-        other => return Err(reject(S_UNSUPP, format!("unsupported request type {other}"))),
+        other => {
+            return Err(reject(
+                S_UNSUPP,
+                format!("unsupported request type {other}"),
+            ))
+        }
     };
     Ok(Request {
         head,
@@ -268,7 +322,8 @@ mod tests {
     use vm_memory::GuestMemoryMmap;
 
     fn mem() -> GuestMemoryMmap<()> {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0x1000), 0x10000)]).unwrap_or_else(|e| panic!("{e}"))
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0x1000), 0x10000)])
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn dev() -> DeviceInfo {
@@ -283,23 +338,63 @@ mod tests {
         let mut h = [0u8; 16];
         h[0..4].copy_from_slice(&t.to_le_bytes());
         h[8..16].copy_from_slice(&sector.to_le_bytes());
-        m.write_slice(&h, GuestAddress(at)).unwrap_or_else(|e| panic!("{e}"));
-        Desc { addr: GuestAddress(at), len: 16, write_only: false }
+        m.write_slice(&h, GuestAddress(at))
+            .unwrap_or_else(|e| panic!("{e}"));
+        Desc {
+            addr: GuestAddress(at),
+            len: 16,
+            write_only: false,
+        }
     }
 
     fn d(addr: u64, len: u32, w: bool) -> Desc {
-        Desc { addr: GuestAddress(addr), len, write_only: w }
+        Desc {
+            addr: GuestAddress(addr),
+            len,
+            write_only: w,
+        }
     }
 
     #[test]
     fn good_read_and_write() {
         let m = mem();
-        let r = parse(3, &[header(&m, 0x1000, T_IN, 8), d(0x2000, 4096, true), d(0x3000, 1, true)], &m, &dev());
+        let r = parse(
+            3,
+            &[
+                header(&m, 0x1000, T_IN, 8),
+                d(0x2000, 4096, true),
+                d(0x3000, 1, true),
+            ],
+            &m,
+            &dev(),
+        );
         let r = r.unwrap_or_else(|e| panic!("{e:?}"));
-        assert_eq!(r.kind, Kind::Read { offset: 4096, len: 4096 });
+        assert_eq!(
+            r.kind,
+            Kind::Read {
+                offset: 4096,
+                len: 4096
+            }
+        );
         assert_eq!(r.status, GuestAddress(0x3000));
-        let w = parse(3, &[header(&m, 0x1000, T_OUT, 0), d(0x2000, 512, false), d(0x2200, 512, false), d(0x3000, 1, true)], &m, &dev());
-        assert_eq!(w.map(|r| r.kind), Ok(Kind::Write { offset: 0, len: 1024 }));
+        let w = parse(
+            3,
+            &[
+                header(&m, 0x1000, T_OUT, 0),
+                d(0x2000, 512, false),
+                d(0x2200, 512, false),
+                d(0x3000, 1, true),
+            ],
+            &m,
+            &dev(),
+        );
+        assert_eq!(
+            w.map(|r| r.kind),
+            Ok(Kind::Write {
+                offset: 0,
+                len: 1024
+            })
+        );
     }
 
     fn code(r: Result<Request, Rejected>) -> (Option<GuestAddress>, u8, String) {
@@ -315,38 +410,122 @@ mod tests {
         let dv = dev();
         let st = d(0x3000, 1, true);
         // Status not writable: no status can be written.
-        let (s, _, why) = code(parse(0, &[header(&m, 0x1000, T_IN, 0), d(0x2000, 512, true), d(0x3000, 1, false)], &m, &dv));
+        let (s, _, why) = code(parse(
+            0,
+            &[
+                header(&m, 0x1000, T_IN, 0),
+                d(0x2000, 512, true),
+                d(0x3000, 1, false),
+            ],
+            &m,
+            &dv,
+        ));
         assert_eq!(s, None, "{why}");
         // Status outside guest memory.
-        assert_eq!(code(parse(0, &[header(&m, 0x1000, T_IN, 0), d(0xfff_0000, 1, true)], &m, &dv)).0, None);
+        assert_eq!(
+            code(parse(
+                0,
+                &[header(&m, 0x1000, T_IN, 0), d(0xfff_0000, 1, true)],
+                &m,
+                &dv
+            ))
+            .0,
+            None
+        );
         // Short header, write-only header.
         let mut short = header(&m, 0x1000, T_IN, 0);
         short.len = 8;
-        assert!(code(parse(0, &[short, d(0x2000, 512, true), st], &m, &dv)).2.contains("16"));
+        assert!(code(parse(0, &[short, d(0x2000, 512, true), st], &m, &dv))
+            .2
+            .contains("16"));
         let mut wo = header(&m, 0x1000, T_IN, 0);
         wo.write_only = true;
-        assert!(code(parse(0, &[wo, d(0x2000, 512, true), st], &m, &dv)).2.contains("write-only"));
+        assert!(code(parse(0, &[wo, d(0x2000, 512, true), st], &m, &dv))
+            .2
+            .contains("write-only"));
         // Wrong direction both ways.
-        assert!(code(parse(0, &[header(&m, 0x1000, T_IN, 0), d(0x2000, 512, false), st], &m, &dv)).2.contains("direction"));
-        assert!(code(parse(0, &[header(&m, 0x1000, T_OUT, 0), d(0x2000, 512, true), st], &m, &dv)).2.contains("direction"));
+        assert!(code(parse(
+            0,
+            &[header(&m, 0x1000, T_IN, 0), d(0x2000, 512, false), st],
+            &m,
+            &dv
+        ))
+        .2
+        .contains("direction"));
+        assert!(code(parse(
+            0,
+            &[header(&m, 0x1000, T_OUT, 0), d(0x2000, 512, true), st],
+            &m,
+            &dv
+        ))
+        .2
+        .contains("direction"));
         // Buffer outside memory, and one straddling its end.
-        assert!(code(parse(0, &[header(&m, 0x1000, T_IN, 0), d(0x100_0000, 512, true), st], &m, &dv)).2.contains("outside"));
-        assert!(code(parse(0, &[header(&m, 0x1000, T_IN, 0), d(0x10e00, 0x400, true), st], &m, &dv)).2.contains("outside"));
+        assert!(code(parse(
+            0,
+            &[header(&m, 0x1000, T_IN, 0), d(0x100_0000, 512, true), st],
+            &m,
+            &dv
+        ))
+        .2
+        .contains("outside"));
+        assert!(code(parse(
+            0,
+            &[header(&m, 0x1000, T_IN, 0), d(0x10e00, 0x400, true), st],
+            &m,
+            &dv
+        ))
+        .2
+        .contains("outside"));
         // Past the end of the disk, and sector overflow.
-        assert!(code(parse(0, &[header(&m, 0x1000, T_IN, 63), d(0x2000, 1024, true), st], &m, &dv)).2.contains("past the end"));
-        assert!(code(parse(0, &[header(&m, 0x1000, T_IN, u64::MAX), d(0x2000, 512, true), st], &m, &dv)).2.contains("past the end"));
+        assert!(code(parse(
+            0,
+            &[header(&m, 0x1000, T_IN, 63), d(0x2000, 1024, true), st],
+            &m,
+            &dv
+        ))
+        .2
+        .contains("past the end"));
+        assert!(code(parse(
+            0,
+            &[header(&m, 0x1000, T_IN, u64::MAX), d(0x2000, 512, true), st],
+            &m,
+            &dv
+        ))
+        .2
+        .contains("past the end"));
         // Unaligned length.
-        assert!(code(parse(0, &[header(&m, 0x1000, T_IN, 0), d(0x2000, 100, true), st], &m, &dv)).2.contains("multiple of 512"));
+        assert!(code(parse(
+            0,
+            &[header(&m, 0x1000, T_IN, 0), d(0x2000, 100, true), st],
+            &m,
+            &dv
+        ))
+        .2
+        .contains("multiple of 512"));
         // Too many segments.
         let mut many = vec![header(&m, 0x1000, T_IN, 0)];
         many.extend((0..20).map(|i| d(0x2000 + i * 512, 512, true)));
         many.push(st);
         assert!(code(parse(0, &many, &m, &dv)).2.contains("seg_max"));
         // Unknown type → UNSUPP.
-        assert_eq!(code(parse(0, &[header(&m, 0x1000, 99, 0), st], &m, &dv)).1, S_UNSUPP);
+        assert_eq!(
+            code(parse(0, &[header(&m, 0x1000, 99, 0), st], &m, &dv)).1,
+            S_UNSUPP
+        );
         // Read-only disk refuses writes and discards.
-        let ro = DeviceInfo { read_only: true, ..dv };
-        assert!(code(parse(0, &[header(&m, 0x1000, T_OUT, 0), d(0x2000, 512, false), st], &m, &ro)).2.contains("read-only"));
+        let ro = DeviceInfo {
+            read_only: true,
+            ..dv
+        };
+        assert!(code(parse(
+            0,
+            &[header(&m, 0x1000, T_OUT, 0), d(0x2000, 512, false), st],
+            &m,
+            &ro
+        ))
+        .2
+        .contains("read-only"));
     }
 
     #[test]
@@ -359,14 +538,56 @@ mod tests {
             r[0..8].copy_from_slice(&sector.to_le_bytes());
             r[8..12].copy_from_slice(&num.to_le_bytes());
             r[12..16].copy_from_slice(&flags.to_le_bytes());
-            m.write_slice(&r, GuestAddress(at)).unwrap_or_else(|e| panic!("{e}"));
+            m.write_slice(&r, GuestAddress(at))
+                .unwrap_or_else(|e| panic!("{e}"));
             d(at, 16, false)
         };
-        let ok = parse(0, &[header(&m, 0x1000, T_WRITE_ZEROES, 0), range(0x2000, 8, 8, WZ_FLAG_UNMAP), st], &m, &dv);
-        assert_eq!(ok.map(|r| r.kind), Ok(Kind::WriteZeroes { ranges: vec![(4096, 4096)] }));
+        let ok = parse(
+            0,
+            &[
+                header(&m, 0x1000, T_WRITE_ZEROES, 0),
+                range(0x2000, 8, 8, WZ_FLAG_UNMAP),
+                st,
+            ],
+            &m,
+            &dv,
+        );
+        assert_eq!(
+            ok.map(|r| r.kind),
+            Ok(Kind::WriteZeroes {
+                ranges: vec![(4096, 4096)]
+            })
+        );
         // UNMAP is not a discard flag.
-        assert_eq!(code(parse(0, &[header(&m, 0x1000, T_DISCARD, 0), range(0x2000, 8, 8, 1), st], &m, &dv)).1, S_UNSUPP);
-        assert!(code(parse(0, &[header(&m, 0x1000, T_DISCARD, 0), range(0x2000, 60, 8, 0), st], &m, &dv)).2.contains("past the end"));
-        assert!(code(parse(0, &[header(&m, 0x1000, T_DISCARD, 0), d(0x2000, 10, false), st], &m, &dv)).2.contains("16-byte"));
+        assert_eq!(
+            code(parse(
+                0,
+                &[header(&m, 0x1000, T_DISCARD, 0), range(0x2000, 8, 8, 1), st],
+                &m,
+                &dv
+            ))
+            .1,
+            S_UNSUPP
+        );
+        assert!(code(parse(
+            0,
+            &[
+                header(&m, 0x1000, T_DISCARD, 0),
+                range(0x2000, 60, 8, 0),
+                st
+            ],
+            &m,
+            &dv
+        ))
+        .2
+        .contains("past the end"));
+        assert!(code(parse(
+            0,
+            &[header(&m, 0x1000, T_DISCARD, 0), d(0x2000, 10, false), st],
+            &m,
+            &dv
+        ))
+        .2
+        .contains("16-byte"));
     }
 }

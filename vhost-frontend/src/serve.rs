@@ -35,10 +35,15 @@ pub fn serve_volume(
     );
     let mut served = 0u64;
     loop {
-        let backend = BlkBackend::new(volume.clone(), rt.clone(), opts.clone()).context("create backend")?;
+        let backend =
+            BlkBackend::new(volume.clone(), rt.clone(), opts.clone()).context("create backend")?;
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new(format!("vhost-{}", volume.info().name), backend.clone(), mem)
-            .map_err(|e| anyhow::anyhow!("create vhost-user daemon: {e}"))?;
+        let mut daemon = VhostUserDaemon::new(
+            format!("vhost-{}", volume.info().name),
+            backend.clone(),
+            mem,
+        )
+        .map_err(|e| anyhow::anyhow!("create vhost-user daemon: {e}"))?;
         for (q, h) in daemon.get_epoll_handlers().iter().enumerate() {
             let fd = backend.completion_fd(q).context("completion fd")?;
             h.register_listener(fd, EventSet::IN, backend.completion_event_id())
@@ -54,13 +59,18 @@ pub fn serve_volume(
             | Err(vhost_user_backend::Error::HandleRequest(
                 vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
             )) => tracing::info!(socket = %socket.display(), "frontend disconnected"),
-            Err(e) => tracing::warn!(socket = %socket.display(), error = %e, "connection ended with an error"),
+            Err(e) => {
+                tracing::warn!(socket = %socket.display(), error = %e, "connection ended with an error")
+            }
         }
         // Let requests still in flight finish (bounded) before the worker
         // threads go away.
         let deadline = Instant::now() + opts.io_timeout;
         while backend.inflight() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
+        }
+        for (queue, requests) in backend.answered_per_queue().into_iter().enumerate() {
+            tracing::info!(queue, requests, "queue statistics for the connection");
         }
         backend.signal_exit();
         drop(daemon);

@@ -112,8 +112,14 @@ mod tests {
         let l = Limits::for_queue_size(256);
         let c = config_space(2048, 2, &l);
         assert_eq!(c.len(), 60);
-        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap_or_default()), 2048);
-        assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap_or_default()), 254);
+        assert_eq!(
+            u64::from_le_bytes(c[0..8].try_into().unwrap_or_default()),
+            2048
+        );
+        assert_eq!(
+            u32::from_le_bytes(c[12..16].try_into().unwrap_or_default()),
+            254
+        );
         assert_eq!(c[24], 3);
         assert_eq!(u16::from_le_bytes([c[34], c[35]]), 2);
         assert_eq!(c[56], 1);

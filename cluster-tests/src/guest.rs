@@ -1,0 +1,285 @@
+//! Real guests for end-to-end tests: a `raftblk-vhost` process serving a
+//! volume, and a Linux guest under QEMU (TCG) booting with that disk over
+//! vhost-user-blk, running a shell script and powering off.
+//!
+//! The guest kernel and base initramfs come from
+//! `vhost-frontend/guest/build.sh` (built on first use, cached in
+//! `RAFTBLK_GUEST_DIR` or `/var/tmp/raftblk-guest`); a test's script is
+//! appended as a second cpio archive holding `/test.sh`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+use crate::bin;
+
+/// Directory with `vmlinuz` and `base.cpio.gz`, built if missing.
+pub fn guest_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::var_os("RAFTBLK_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/raftblk-guest"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vhost-frontend/guest/build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&dir)
+        .output()
+        .with_context(|| format!("run {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "building the test guest failed (install qemu-system-x86, cpio, busybox-static, fio; see .ci/run):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(dir)
+}
+
+/// A running `raftblk-vhost` serving one volume.
+pub struct VhostDaemon {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl VhostDaemon {
+    /// Starts the daemon and waits (bounded) for its socket.
+    pub fn start(
+        dir: &Path,
+        cluster: &str,
+        volume: &str,
+        queues: u16,
+    ) -> anyhow::Result<VhostDaemon> {
+        let socket = dir.join(format!("{volume}.sock"));
+        let log = dir.join(format!("vhost-{volume}.log"));
+        let _ = std::fs::remove_file(&socket);
+        let logf = std::fs::File::create(&log)?;
+        let child = Command::new(bin("raftblk-vhost"))
+            .args(["--socket"])
+            .arg(&socket)
+            .args([
+                "--volume",
+                volume,
+                "--cluster",
+                cluster,
+                "--queues",
+                &queues.to_string(),
+            ])
+            .args(["--io-timeout-secs", "60"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .spawn()
+            .context("spawn raftblk-vhost")?;
+        let mut d = VhostDaemon {
+            child: Some(child),
+            socket,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !d.socket.exists() {
+            if let Some(c) = d.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    bail!("raftblk-vhost exited ({st}): {}", d.log_text());
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("raftblk-vhost did not create its socket: {}", d.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(d)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Requests answered per queue, from the statistics the daemon logs at
+    /// the end of each connection (summed over connections).
+    pub fn answered_per_queue(&self) -> Vec<u64> {
+        let mut out: Vec<u64> = Vec::new();
+        for line in self.log_text().lines() {
+            if !line.contains("queue statistics") {
+                continue;
+            }
+            let field = |name: &str| -> Option<u64> {
+                let at = line.find(&format!("{name}="))? + name.len() + 1;
+                let rest = &line[at..];
+                let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+                digits.parse().ok()
+            };
+            if let (Some(q), Some(n)) = (field("queue"), field("requests")) {
+                let q = q as usize;
+                if out.len() <= q {
+                    out.resize(q + 1, 0);
+                }
+                out[q] += n;
+            }
+        }
+        out
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for VhostDaemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What a guest run printed.
+pub struct GuestRun {
+    pub output: String,
+    /// `RAFTBLK-EXIT` status of `/test.sh`, if the guest got that far.
+    pub exit: Option<i32>,
+}
+
+impl GuestRun {
+    /// Values of lines `KEY v1 v2 ...`.
+    pub fn values(&self, key: &str) -> Vec<Vec<String>> {
+        self.output
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(key))
+            .filter(|rest| rest.starts_with(' ') || rest.is_empty())
+            .map(|rest| rest.split_whitespace().map(str::to_owned).collect())
+            .collect()
+    }
+}
+
+/// Boots the guest with the vhost-user-blk disk at `socket` (`queues`
+/// virtqueues, 2 vCPUs), runs `script` as `/test.sh`, and returns its
+/// output. `on_line` sees every console line as it arrives.
+pub fn run_guest(
+    socket: &Path,
+    queues: u16,
+    script: &str,
+    timeout: Duration,
+    mut on_line: impl FnMut(&str),
+) -> anyhow::Result<GuestRun> {
+    let dir = guest_dir()?;
+    let work = tempfile::tempdir()?;
+    let tdir = work.path().join("t");
+    std::fs::create_dir_all(&tdir)?;
+    let test_sh = tdir.join("test.sh");
+    std::fs::write(&test_sh, script)?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&test_sh, std::fs::Permissions::from_mode(0o755))?;
+    // A second, gzipped archive: Linux unpacks concatenated archives.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("echo test.sh | cpio -o -H newc --quiet | gzip -1")
+        .current_dir(&tdir)
+        .output()
+        .context("run cpio")?;
+    if !out.status.success() || out.stdout.is_empty() {
+        bail!("cpio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut initrd = std::fs::read(dir.join("base.cpio.gz"))?;
+    initrd.extend_from_slice(&out.stdout);
+    let initrd_path = work.path().join("initrd");
+    std::fs::write(&initrd_path, &initrd)?;
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "q35,memory-backend=mem0",
+            "-accel",
+            "tcg,thread=multi",
+        ])
+        .args(["-smp", "2,maxcpus=2", "-m", "512M"])
+        .args(["-object", "memory-backend-memfd,id=mem0,size=512M,share=on"])
+        .arg("-kernel")
+        .arg(dir.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(&initrd_path)
+        .args(["-append", "console=ttyS0 rdinit=/init panic=-1 quiet"])
+        .args([
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
+        .arg("-chardev")
+        .arg(format!("socket,id=c0,path={}", socket.display()))
+        .args([
+            "-device",
+            &format!("vhost-user-blk-pci,chardev=c0,num-queues={queues}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawn qemu-system-x86_64 (install qemu-system-x86)")?;
+    let stdout = child.stdout.take().context("qemu stdout")?;
+    let stderr = child.stderr.take().context("qemu stderr")?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx2.send(format!("qemu: {line}")).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + timeout;
+    let mut output = String::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                on_line(&line);
+                output.push_str(&line);
+                output.push('\n');
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("guest did not finish within {timeout:?}; console so far:\n{output}");
+        }
+    }
+    let _ = child.wait();
+    let exit = output
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("RAFTBLK-EXIT "))
+        .and_then(|r| r.split_whitespace().next()?.parse().ok());
+    Ok(GuestRun { output, exit })
+}
+
+/// sha256 of a file, via `sha256sum`.
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let out = Command::new("sha256sum").arg(path).output()?;
+    if !out.status.success() {
+        bail!("sha256sum {} failed", path.display());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}

@@ -1,0 +1,238 @@
+//! End to end with a real Linux guest (Debian kernel, virtio_blk driver)
+//! under QEMU, its disk a 3-replica raftblk volume served by raftblk-vhost
+//! over vhost-user-blk with 2 queues.
+
+use std::time::Duration;
+
+use raftblk_cluster_tests::guest::{run_guest, sha256_file, VhostDaemon};
+use raftblk_cluster_tests::{bin, ClusterSpec, LocalCluster};
+
+const GUEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// fio job with crc32c verification on both queues (one job pinned to
+/// each vCPU; blk-mq maps each CPU to its own hardware queue).
+fn fio_verify(offset_mb: u64, size_mb: u64, extra: &str) -> String {
+    format!(
+        r#"cat > /tmp/verify.fio <<'JOB'
+[global]
+filename=/dev/vda
+direct=1
+ioengine=libaio
+bs=4k
+iodepth=16
+rw=randwrite
+verify=crc32c
+verify_backlog=128
+verify_fatal=1
+size={size_mb}m
+{extra}
+[q0]
+offset={offset_mb}m
+cpus_allowed=0
+[q1]
+offset={o2}m
+cpus_allowed=1
+JOB
+start=$(date +%s)
+rc=0
+fio --output-format=terse --terse-version=3 /tmp/verify.fio > /tmp/fio.out 2>&1 || rc=$?
+echo "RAFTBLK-FIO rc=$rc secs=$(( $(date +%s) - start )) errors=$(cut -d';' -f5 /tmp/fio.out | tr '\n' ' ')"
+[ $rc -eq 0 ] || {{ cat /tmp/fio.out; exit 1; }}
+"#,
+        o2 = offset_mb + size_mb
+    )
+}
+
+const PHASE1: &str = r#"#!/bin/sh
+set -e
+echo RAFTBLK-FIO-START
+@FIO_JOB@
+# ext4 on the first 96 MiB: files, sync, checksums.
+mkfs.ext4 -q -F /dev/vda 96M
+mount -t ext4 /dev/vda /mnt
+mkdir /mnt/data
+for i in 1 2 3; do dd if=/dev/urandom of=/mnt/data/f$i bs=1M count=$((i * 3)) 2>/dev/null; done
+echo "raftblk says hello" > /mnt/data/hello.txt
+sync
+for f in /mnt/data/*; do echo "RAFTBLK-FILE $(basename $f) $(sha256sum $f | cut -d' ' -f1)"; done
+umount /mnt
+# Discard a range that held data: it must read back as zeros.
+dd if=/dev/urandom of=/dev/vda bs=1M seek=200 count=16 oflag=direct 2>/dev/null
+blkdiscard -o $((200 * 1048576)) -l $((16 * 1048576)) /dev/vda
+got=$(dd if=/dev/vda bs=1M skip=200 count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$(dd if=/dev/zero bs=1M count=16 2>/dev/null | sha256sum | cut -d' ' -f1)
+if [ "$got" = "$want" ]; then echo "RAFTBLK-DISCARD zeros"; else echo "RAFTBLK-DISCARD DATA $got"; exit 1; fi
+sync
+echo "RAFTBLK-DEVSUM $(dd if=/dev/vda bs=1M iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)"
+"#;
+
+const PHASE2: &str = r#"#!/bin/sh
+set -e
+mount -t ext4 -o ro /dev/vda /mnt
+for f in /mnt/data/*; do echo "RAFTBLK-FILE $(basename $f) $(sha256sum $f | cut -d' ' -f1)"; done
+umount /mnt
+"#;
+
+#[test]
+fn guest_fio_ext4_discard_export_and_second_boot() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let cluster = LocalCluster::start(ClusterSpec::default())?;
+    rt.block_on(cluster.wait_healthy(Duration::from_secs(30)))?;
+    let client = rt.block_on(cluster.client())?;
+    rt.block_on(client.create_volume("vm1", 256 << 20))?;
+    let dir = tempfile::tempdir()?;
+    let mut vhost = VhostDaemon::start(dir.path(), &cluster.cluster_arg(), "vm1", 2)?;
+
+    let script = PHASE1.replace("@FIO_JOB@", &fio_verify(128, 32, ""));
+    let run = run_guest(&vhost.socket, 2, &script, GUEST_TIMEOUT, |_| {})?;
+    assert_eq!(run.exit, Some(0), "guest phase 1 failed:\n{}", run.output);
+    assert!(
+        run.output.contains("RAFTBLK-BOOTED nproc=2"),
+        "{}",
+        run.output
+    );
+    assert!(
+        run.output.contains("queues=2"),
+        "guest did not see 2 queues:\n{}",
+        run.output
+    );
+    assert_eq!(
+        run.values("RAFTBLK-DISCARD"),
+        vec![vec!["zeros".to_string()]]
+    );
+    let files = run.values("RAFTBLK-FILE");
+    assert_eq!(files.len(), 4, "{}", run.output);
+    let devsum = run.values("RAFTBLK-DEVSUM");
+    let devsum = devsum
+        .first()
+        .and_then(|v| v.first())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(devsum.len(), 64, "{}", run.output);
+    // Both virtqueues carried I/O.
+    std::thread::sleep(Duration::from_millis(500));
+    let per_queue = vhost.answered_per_queue();
+    assert!(
+        per_queue.len() == 2 && per_queue.iter().all(|&n| n > 100),
+        "per-queue requests {per_queue:?}"
+    );
+
+    // The volume, exported with the CLI, is exactly what the guest wrote.
+    let img = dir.path().join("vm1.img");
+    let out = std::process::Command::new(bin("raftblk"))
+        .args([
+            "--cluster",
+            &cluster.cluster_arg(),
+            "volume",
+            "export",
+            "vm1",
+        ])
+        .arg(&img)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        sha256_file(&img)?,
+        devsum,
+        "exported volume differs from what the guest read"
+    );
+
+    // The daemon serves the next connection on the same socket: a second
+    // boot reads the files back.
+    assert!(
+        vhost.is_running(),
+        "raftblk-vhost exited after the guest disconnected"
+    );
+    let run2 = run_guest(&vhost.socket, 2, PHASE2, GUEST_TIMEOUT, |_| {})?;
+    assert_eq!(run2.exit, Some(0), "guest phase 2 failed:\n{}", run2.output);
+    assert_eq!(
+        run2.values("RAFTBLK-FILE"),
+        files,
+        "files changed across boots"
+    );
+    Ok(())
+}
+
+#[test]
+fn guest_survives_kill_of_a_group_leader_during_fio_verify() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut cluster = LocalCluster::start(ClusterSpec::default())?;
+    rt.block_on(cluster.wait_healthy(Duration::from_secs(30)))?;
+    let client = rt.block_on(cluster.client())?;
+    let info = rt.block_on(client.create_volume("vm2", 256 << 20))?;
+    let dir = tempfile::tempdir()?;
+    let vhost = VhostDaemon::start(dir.path(), &cluster.cluster_arg(), "vm2", 2)?;
+    // Kill the leader of the group holding the start of the fio region.
+    let chunk = (128u64 << 20) / cluster.spec.chunk_size_bytes;
+    let group = raftblk_proto::placement::chunk_group(info.id, chunk, cluster.spec.data_groups);
+    let victim = rt
+        .block_on(cluster.leader_of(group))
+        .ok_or_else(|| anyhow::anyhow!("group {group} has no leader"))?;
+    let pid = cluster
+        .pid(victim)
+        .ok_or_else(|| anyhow::anyhow!("victim not running"))?;
+    let script = format!(
+        "#!/bin/sh\nset -e\necho RAFTBLK-FIO-START\n{}",
+        fio_verify(128, 24, "")
+    );
+    let mut killer: Option<std::thread::JoinHandle<()>> = None;
+    let run = run_guest(&vhost.socket, 2, &script, GUEST_TIMEOUT, |line| {
+        if line.contains("RAFTBLK-FIO-START") && killer.is_none() {
+            // fio is starting: kill -9 the leader while it runs.
+            killer = Some(std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(3));
+                // SAFETY: kill(2) on the PID of a node process this test
+                // started and has not reaped.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                }
+            }));
+        }
+    })?;
+    if let Some(k) = killer {
+        let _ = k.join();
+    }
+    cluster.kill(victim);
+    assert!(run.output.contains("RAFTBLK-FIO-START"), "{}", run.output);
+    assert_eq!(
+        run.exit,
+        Some(0),
+        "fio verify failed after the leader was killed:\n{}",
+        run.output
+    );
+    let fio = run.values("RAFTBLK-FIO");
+    assert_eq!(
+        fio.first().and_then(|v| v.first()).map(String::as_str),
+        Some("rc=0"),
+        "{}",
+        run.output
+    );
+    // The kill (3 s after fio started) happened while fio was running.
+    let secs: u64 = fio
+        .first()
+        .and_then(|v| v.get(1))
+        .and_then(|s| s.strip_prefix("secs="))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    eprintln!("fio ran {secs} s; leader of group {group} (node {victim}) killed 3 s in");
+    assert!(
+        secs >= 5,
+        "fio finished before the kill took effect ({secs} s):\n{}",
+        run.output
+    );
+    // The node really died during the run and the group moved on.
+    let new_leader = rt.block_on(cluster.leader_of(group));
+    assert!(
+        new_leader.is_some() && new_leader != Some(victim),
+        "group {group} leader {new_leader:?}"
+    );
+    assert!(
+        !vhost.log_text().contains("I/O failed"),
+        "the daemon reported I/O errors:\n{}",
+        vhost.log_text()
+    );
+    Ok(())
+}
