@@ -201,7 +201,7 @@ pub fn parse<M: GuestMemory>(
                 return Err(reject(S_IOERR, "write to a read-only disk".into()));
             }
             want_direction(!write)?;
-            if total == 0 || total % SECTOR_BYTES != 0 {
+            if total == 0 || !total.is_multiple_of(SECTOR_BYTES) {
                 return Err(reject(
                     S_IOERR,
                     format!("data length {total} is not a positive multiple of 512"),
@@ -240,7 +240,7 @@ pub fn parse<M: GuestMemory>(
                 return Err(reject(S_IOERR, "discard on a read-only disk".into()));
             }
             want_direction(false)?;
-            if total == 0 || total % u64::from(DISCARD_RANGE_BYTES) != 0 {
+            if total == 0 || !total.is_multiple_of(u64::from(DISCARD_RANGE_BYTES)) {
                 return Err(reject(
                     S_IOERR,
                     format!("discard payload of {total} bytes is not whole 16-byte ranges"),

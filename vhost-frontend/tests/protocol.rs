@@ -1,0 +1,595 @@
+//! Protocol-level tests: this file plays the VMM (the vhost crate's
+//! frontend side) and the guest driver (split virtqueues in a shared memfd)
+//! against a real `raftblk-vhost` process serving a volume of a real
+//! 3-node cluster. No QEMU.
+
+use std::os::fd::FromRawFd as _;
+use std::time::{Duration, Instant};
+
+use raftblk_cluster_tests::guest::VhostDaemon;
+use raftblk_cluster_tests::{payload, ClusterSpec, LocalCluster};
+use raftblk_vhost::virtio_blk::*;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{
+    Address as _, Bytes, FileOffset, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM_BYTES: usize = 32 << 20;
+const QSIZE: u16 = 64;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+/// Guest-physical layout: rings of queue q at 0x10000 * (q + 1); request
+/// headers at 0x80000, status bytes at 0x90000, data from 0x100000.
+const HDR: u64 = 0x80000;
+const STATUS: u64 = 0x90000;
+const DATA: u64 = 0x100000;
+const INDIRECT_TABLE: u64 = 0xa0000;
+
+struct Vq {
+    index: usize,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    avail_idx: u16,
+    used_idx: u16,
+    kick: EventFd,
+    _call: EventFd,
+}
+
+struct Driver {
+    mem: GuestMemoryMmap<()>,
+    fe: Frontend,
+    queues: Vec<Vq>,
+}
+
+#[derive(Clone, Copy)]
+struct D {
+    addr: u64,
+    len: u32,
+    write: bool,
+}
+
+fn d(addr: u64, len: u32, write: bool) -> D {
+    D { addr, len, write }
+}
+
+impl Driver {
+    fn connect(
+        socket: &std::path::Path,
+        queues: usize,
+    ) -> anyhow::Result<(Driver, u64, VhostUserProtocolFeatures, Vec<u8>)> {
+        // SAFETY: memfd_create with a valid NUL-terminated name; the fd is
+        // checked and then owned by the File.
+        let fd = unsafe { libc::memfd_create(c"raftblk-test-mem".as_ptr(), 0) };
+        anyhow::ensure!(fd >= 0, "memfd_create failed");
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(MEM_BYTES as u64)?;
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+            GuestAddress(0),
+            MEM_BYTES,
+            Some(FileOffset::new(file, 0)),
+        )])?;
+        let mut fe = Frontend::connect(socket, queues as u64)?;
+        fe.set_owner()?;
+        let features = fe.get_features()?;
+        let want = F_VERSION_1
+            | F_SIZE_MAX
+            | F_SEG_MAX
+            | F_BLK_SIZE
+            | F_TOPOLOGY
+            | F_FLUSH
+            | F_MQ
+            | F_DISCARD
+            | F_WRITE_ZEROES
+            | F_RING_EVENT_IDX
+            | F_RING_INDIRECT_DESC
+            | F_PROTOCOL_FEATURES;
+        fe.set_features(features & want)?;
+        let pf = fe.get_protocol_features()?;
+        fe.set_protocol_features(
+            pf & (VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS),
+        )?;
+        let (_, config) = fe.get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])?;
+        let region = mem
+            .iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no region"))?;
+        let info = VhostUserMemoryRegionInfo::from_guest_region(region)?;
+        let host = info.userspace_addr;
+        fe.set_mem_table(&[info])?;
+        let mut vqs = Vec::new();
+        for q in 0..queues {
+            let base = 0x10000 * (q as u64 + 1);
+            let vq = Vq {
+                index: q,
+                desc: base,
+                avail: base + 0x1000,
+                used: base + 0x2000,
+                avail_idx: 0,
+                used_idx: 0,
+                kick: EventFd::new(0)?,
+                _call: EventFd::new(0)?,
+            };
+            fe.set_vring_num(q, QSIZE)?;
+            fe.set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: QSIZE,
+                    queue_size: QSIZE,
+                    flags: 0,
+                    desc_table_addr: host + vq.desc,
+                    used_ring_addr: host + vq.used,
+                    avail_ring_addr: host + vq.avail,
+                    log_addr: None,
+                },
+            )?;
+            fe.set_vring_base(q, 0)?;
+            fe.set_vring_call(q, &vq._call)?;
+            fe.set_vring_kick(q, &vq.kick)?;
+            fe.set_vring_enable(q, true)?;
+            vqs.push(vq);
+        }
+        Ok((
+            Driver {
+                mem,
+                fe,
+                queues: vqs,
+            },
+            features,
+            pf,
+            config,
+        ))
+    }
+
+    fn write_desc(&self, table: u64, i: u16, x: D, next: Option<u16>) -> anyhow::Result<()> {
+        let mut flags = if x.write { F_WRITE } else { 0 };
+        if next.is_some() {
+            flags |= F_NEXT;
+        }
+        let at = GuestAddress(table + u64::from(i) * 16);
+        self.mem.write_obj(x.addr, at)?;
+        self.mem.write_obj(x.len, at.unchecked_add(8))?;
+        self.mem.write_obj(flags, at.unchecked_add(12))?;
+        self.mem
+            .write_obj(next.unwrap_or(0), at.unchecked_add(14))?;
+        Ok(())
+    }
+
+    /// Submits a chain on queue `q` (direct, or through one indirect table)
+    /// and waits for it; returns the used length.
+    fn submit(&mut self, q: usize, chain: &[D], indirect: bool) -> anyhow::Result<u32> {
+        let vq = &self.queues[q];
+        let (desc, avail, used) = (vq.desc, vq.avail, vq.used);
+        if indirect {
+            for (i, x) in chain.iter().enumerate() {
+                let next = (i + 1 < chain.len()).then_some(i as u16 + 1);
+                self.write_desc(INDIRECT_TABLE, i as u16, *x, next)?;
+            }
+            let at = GuestAddress(desc);
+            self.mem.write_obj(INDIRECT_TABLE, at)?;
+            self.mem
+                .write_obj((chain.len() * 16) as u32, at.unchecked_add(8))?;
+            self.mem.write_obj(F_INDIRECT, at.unchecked_add(12))?;
+            self.mem.write_obj(0u16, at.unchecked_add(14))?;
+        } else {
+            anyhow::ensure!(
+                chain.len() <= usize::from(QSIZE),
+                "chain longer than the queue"
+            );
+            for (i, x) in chain.iter().enumerate() {
+                let next = (i + 1 < chain.len()).then_some(i as u16 + 1);
+                self.write_desc(desc, i as u16, *x, next)?;
+            }
+        }
+        let vq = &mut self.queues[q];
+        let slot = vq.avail_idx % QSIZE;
+        self.mem
+            .write_obj(0u16, GuestAddress(avail + 4 + u64::from(slot) * 2))?;
+        vq.avail_idx = vq.avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem.write_obj(vq.avail_idx, GuestAddress(avail + 2))?;
+        vq.kick.write(1)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let idx: u16 = self.mem.read_obj(GuestAddress(used + 2))?;
+            if idx != vq.used_idx {
+                let slot = vq.used_idx % QSIZE;
+                let id: u32 = self
+                    .mem
+                    .read_obj(GuestAddress(used + 4 + u64::from(slot) * 8))?;
+                let len: u32 = self
+                    .mem
+                    .read_obj(GuestAddress(used + 8 + u64::from(slot) * 8))?;
+                vq.used_idx = vq.used_idx.wrapping_add(1);
+                anyhow::ensure!(id == 0, "used id {id}, expected head 0");
+                return Ok(len);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "queue {} request not answered in 30 s",
+                vq.index
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn header(&self, t: u32, sector: u64) -> anyhow::Result<D> {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&t.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&h, GuestAddress(HDR))?;
+        Ok(d(HDR, 16, false))
+    }
+
+    /// Runs a request and returns (status byte, used length).
+    fn run(&mut self, q: usize, chain: &[D]) -> anyhow::Result<(u8, u32)> {
+        self.mem.write_obj(0xAAu8, GuestAddress(STATUS))?;
+        let len = self.submit(q, chain, false)?;
+        Ok((self.mem.read_obj(GuestAddress(STATUS))?, len))
+    }
+
+    fn status(&self) -> D {
+        d(STATUS, 1, true)
+    }
+
+    fn write(&mut self, q: usize, sector: u64, data: &[u8]) -> anyhow::Result<u8> {
+        self.mem.write_slice(data, GuestAddress(DATA))?;
+        let h = self.header(T_OUT, sector)?;
+        let st = self.status();
+        Ok(self.run(q, &[h, d(DATA, data.len() as u32, false), st])?.0)
+    }
+
+    fn read(&mut self, q: usize, sector: u64, len: u32) -> anyhow::Result<(u8, Vec<u8>)> {
+        self.mem
+            .write_slice(&vec![0x55u8; len as usize], GuestAddress(DATA))?;
+        let h = self.header(T_IN, sector)?;
+        let st = self.status();
+        // Split the buffer over two descriptors, as drivers do.
+        let half = len / 2;
+        let (s, used) = self.run(
+            q,
+            &[
+                h,
+                d(DATA, half, true),
+                d(DATA + u64::from(half), len - half, true),
+                st,
+            ],
+        )?;
+        if s == S_OK {
+            assert_eq!(used, len + 1, "used length of a read");
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.mem.read_slice(&mut buf, GuestAddress(DATA))?;
+        Ok((s, buf))
+    }
+
+    fn discard(
+        &mut self,
+        q: usize,
+        t: u32,
+        sector: u64,
+        sectors: u32,
+        flags: u32,
+    ) -> anyhow::Result<u8> {
+        let mut r = [0u8; 16];
+        r[0..8].copy_from_slice(&sector.to_le_bytes());
+        r[8..12].copy_from_slice(&sectors.to_le_bytes());
+        r[12..16].copy_from_slice(&flags.to_le_bytes());
+        self.mem.write_slice(&r, GuestAddress(DATA))?;
+        let h = self.header(t, 0)?;
+        let st = self.status();
+        Ok(self.run(q, &[h, d(DATA, 16, false), st])?.0)
+    }
+}
+
+fn setup(
+    volume: &str,
+    size: u64,
+) -> anyhow::Result<(LocalCluster, tempfile::TempDir, VhostDaemon, u64)> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let cluster = LocalCluster::start(ClusterSpec::default())?;
+    rt.block_on(cluster.wait_healthy(Duration::from_secs(30)))?;
+    let client = rt.block_on(cluster.client())?;
+    let info = rt.block_on(client.create_volume(volume, size))?;
+    let dir = tempfile::tempdir()?;
+    let vhost = VhostDaemon::start(dir.path(), &cluster.cluster_arg(), volume, 2)?;
+    Ok((cluster, dir, vhost, info.id))
+}
+
+#[test]
+fn negotiation_config_and_io_on_both_queues() -> anyhow::Result<()> {
+    let size: u64 = 16 << 20;
+    let (_cluster, _dir, mut vhost, volume_id) = setup("proto", size)?;
+    let (mut drv, features, pf, config) = Driver::connect(&vhost.socket, 2)?;
+
+    // Features and protocol features.
+    for (bit, name) in [
+        (F_VERSION_1, "VERSION_1"),
+        (F_SEG_MAX, "SEG_MAX"),
+        (F_SIZE_MAX, "SIZE_MAX"),
+        (F_BLK_SIZE, "BLK_SIZE"),
+        (F_TOPOLOGY, "TOPOLOGY"),
+        (F_FLUSH, "FLUSH"),
+        (F_MQ, "MQ"),
+        (F_DISCARD, "DISCARD"),
+        (F_WRITE_ZEROES, "WRITE_ZEROES"),
+        (F_RING_EVENT_IDX, "EVENT_IDX"),
+        (F_PROTOCOL_FEATURES, "PROTOCOL_FEATURES"),
+    ] {
+        assert!(features & bit != 0, "feature {name} not offered");
+    }
+    assert_eq!(features & F_RO, 0, "RO offered for a writable disk");
+    for f in [
+        VhostUserProtocolFeatures::CONFIG,
+        VhostUserProtocolFeatures::MQ,
+        VhostUserProtocolFeatures::REPLY_ACK,
+        VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+    ] {
+        assert!(pf.contains(f), "protocol feature {f:?} not offered");
+    }
+    assert_eq!(drv.fe.get_queue_num()?, 2);
+
+    // Config space from the volume's size.
+    let le64 = |o: usize| u64::from_le_bytes(config[o..o + 8].try_into().unwrap_or_default());
+    let le32 = |o: usize| u32::from_le_bytes(config[o..o + 4].try_into().unwrap_or_default());
+    assert_eq!(le64(0), size / 512, "capacity in sectors");
+    assert_eq!(le32(20), 512, "logical block size");
+    assert_eq!(config[24], 3, "physical block = 4096");
+    assert_eq!(
+        u16::from_le_bytes([config[34], config[35]]),
+        2,
+        "num_queues"
+    );
+    assert!(le32(12) >= 1, "seg_max");
+    assert!(
+        le32(36) >= 8 && le32(48) >= 8,
+        "discard / write-zeroes limits"
+    );
+
+    // Write on queue 0, read on queue 1 (and the other way round).
+    let data = payload(1, 64 * 1024);
+    assert_eq!(drv.write(0, 8, &data)?, S_OK);
+    let (s, got) = drv.read(1, 8, 64 * 1024)?;
+    assert_eq!(s, S_OK);
+    assert!(got == data, "read back on queue 1");
+    // Sub-4K write (read-modify-write in the cluster).
+    let small = payload(2, 512);
+    assert_eq!(drv.write(1, 9, &small)?, S_OK);
+    let (s, got) = drv.read(0, 8, 2048)?;
+    assert_eq!(s, S_OK);
+    assert!(
+        got[..512] == data[..512] && got[512..1024] == small[..] && got[1024..] == data[1024..2048]
+    );
+
+    // Flush.
+    let h = drv.header(T_FLUSH, 0)?;
+    let st = drv.status();
+    assert_eq!(drv.run(0, &[h, st])?, (S_OK, 1));
+
+    // Discard and write-zeroes (with UNMAP) read back as zeros.
+    assert_eq!(drv.discard(0, T_DISCARD, 8, 16, 0)?, S_OK);
+    let (_, got) = drv.read(0, 8, 8192)?;
+    assert!(got.iter().all(|&b| b == 0), "discarded range");
+    assert_eq!(drv.discard(1, T_WRITE_ZEROES, 24, 8, WZ_FLAG_UNMAP)?, S_OK);
+    let (_, got) = drv.read(1, 8, 64 * 1024)?;
+    assert!(got[..8192].iter().all(|&b| b == 0) && got[8192..12288].iter().all(|&b| b == 0));
+    assert!(
+        got[12288..] == data[12288..],
+        "outside the ranges untouched"
+    );
+
+    // GET_ID: a stable serial.
+    let h = drv.header(T_GET_ID, 0)?;
+    let st = drv.status();
+    let (s, used) = drv.run(0, &[h, d(DATA, 20, true), st])?;
+    assert_eq!((s, used), (S_OK, 21));
+    let mut id = [0u8; 20];
+    drv.mem.read_slice(&mut id, GuestAddress(DATA))?;
+    assert_eq!(&id[..], &serial(volume_id)[..]);
+    assert!(id.starts_with(b"raftblk-"));
+
+    // The daemon serves a new connection after this one goes away.
+    drop(drv);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(vhost.is_running());
+    let (mut drv2, _, _, _) = Driver::connect(&vhost.socket, 2)?;
+    let (s, got) = drv2.read(0, 8 + 24, 4096)?;
+    assert_eq!(s, S_OK);
+    assert!(
+        got == data[12288..16384],
+        "data through the second connection"
+    );
+    Ok(())
+}
+
+#[test]
+fn malformed_chains_get_errors_and_the_daemon_keeps_serving() -> anyhow::Result<()> {
+    let size: u64 = 8 << 20;
+    let (_cluster, _dir, mut vhost, _) = setup("hostile", size)?;
+    let (mut drv, _, _, _) = Driver::connect(&vhost.socket, 2)?;
+    let good = payload(9, 4096);
+    assert_eq!(drv.write(0, 0, &good)?, S_OK);
+    let sectors = size / 512;
+    let st = drv.status();
+    let mut cases: Vec<(&str, Vec<D>, u8)> = Vec::new();
+    let h_in = drv.header(T_IN, 0)?;
+    // Each case is built with its own header right before it runs.
+    let _ = h_in;
+    type Build = Box<dyn Fn(&Driver) -> anyhow::Result<Vec<D>>>;
+    let builds: Vec<(&str, Build, u8)> = vec![
+        (
+            "short header",
+            Box::new(|_: &Driver| {
+                Ok(vec![
+                    d(HDR, 8, false),
+                    d(DATA, 512, true),
+                    d(STATUS, 1, true),
+                ])
+            }),
+            S_IOERR,
+        ),
+        (
+            "write-only header",
+            Box::new(|dr: &Driver| {
+                let mut h = dr.header(T_IN, 0)?;
+                h.write = true;
+                Ok(vec![h, d(DATA, 512, true), d(STATUS, 1, true)])
+            }),
+            S_IOERR,
+        ),
+        (
+            "read into a device-readable buffer",
+            Box::new(|dr: &Driver| {
+                Ok(vec![
+                    dr.header(T_IN, 0)?,
+                    d(DATA, 512, false),
+                    d(STATUS, 1, true),
+                ])
+            }),
+            S_IOERR,
+        ),
+        (
+            "write from a device-writable buffer",
+            Box::new(|dr: &Driver| {
+                Ok(vec![
+                    dr.header(T_OUT, 0)?,
+                    d(DATA, 512, true),
+                    d(STATUS, 1, true),
+                ])
+            }),
+            S_IOERR,
+        ),
+        (
+            "buffer outside guest memory",
+            Box::new(|dr: &Driver| {
+                Ok(vec![
+                    dr.header(T_IN, 0)?,
+                    d(0x4000_0000, 512, true),
+                    d(STATUS, 1, true),
+                ])
+            }),
+            S_IOERR,
+        ),
+        (
+            "buffer straddling the end of memory",
+            Box::new(|dr: &Driver| {
+                Ok(vec![
+                    dr.header(T_IN, 0)?,
+                    d(MEM_BYTES as u64 - 512, 1024, true),
+                    d(STATUS, 1, true),
+                ])
+            }),
+            S_IOERR,
+        ),
+        (
+            "address + length overflows",
+            Box::new(|dr: &Driver| {
+                Ok(vec![
+                    dr.header(T_IN, 0)?,
+                    d(u64::MAX - 100, 512, true),
+                    d(STATUS, 1, true),
+                ])
+            }),
+            S_IOERR,
+        ),
+        (
+            "sector past the end",
+            Box::new(move |dr: &Driver| {
+                Ok(vec![
+                    dr.header(T_IN, sectors)?,
+                    d(DATA, 512, true),
+                    d(STATUS, 1, true),
+                ])
+            }),
+            S_IOERR,
+        ),
+        (
+            "sector overflows",
+            Box::new(|dr: &Driver| {
+                Ok(vec![
+                    dr.header(T_OUT, u64::MAX - 1)?,
+                    d(DATA, 1024, false),
+                    d(STATUS, 1, true),
+                ])
+            }),
+            S_IOERR,
+        ),
+        (
+            "length not a multiple of 512",
+            Box::new(|dr: &Driver| {
+                Ok(vec![
+                    dr.header(T_IN, 0)?,
+                    d(DATA, 700, true),
+                    d(STATUS, 1, true),
+                ])
+            }),
+            S_IOERR,
+        ),
+        (
+            "unknown request type",
+            Box::new(|dr: &Driver| Ok(vec![dr.header(77, 0)?, d(STATUS, 1, true)])),
+            S_UNSUPP,
+        ),
+        (
+            "discard with the UNMAP flag",
+            Box::new(|dr: &Driver| {
+                let mut r = [0u8; 16];
+                r[8..12].copy_from_slice(&8u32.to_le_bytes());
+                r[12..16].copy_from_slice(&1u32.to_le_bytes());
+                dr.mem.write_slice(&r, GuestAddress(DATA + 0x10000))?;
+                Ok(vec![
+                    dr.header(T_DISCARD, 0)?,
+                    d(DATA + 0x10000, 16, false),
+                    d(STATUS, 1, true),
+                ])
+            }),
+            S_UNSUPP,
+        ),
+    ];
+    for (name, build, code) in &builds {
+        let chain = build(&drv)?;
+        cases.push((name, chain, *code));
+        let (name, chain, code) = cases.last().cloned().unwrap_or_else(|| unreachable!());
+        let (s, used) = drv.run(0, &chain)?;
+        assert_eq!((s, used), (code, 1), "case {name}");
+        // The daemon still serves good requests, and nothing changed.
+        let (s, got) = drv.read(1, 0, 4096)?;
+        assert_eq!(s, S_OK, "after case {name}");
+        assert!(got == good, "data changed after case {name}");
+    }
+    let _ = st;
+    // Status descriptor not writable: nothing may be written to it; the
+    // chain is returned with length 0.
+    let h = drv.header(T_IN, 0)?;
+    let (s, used) = drv.run(0, &[h, d(DATA, 512, true), d(STATUS, 1, false)])?;
+    assert_eq!((s, used), (0xAA, 0), "read-only status byte was written");
+    // Too many segments (through an indirect table: more than seg_max).
+    let h = drv.header(T_IN, 0)?;
+    let mut chain = vec![h];
+    chain.extend((0..300u64).map(|i| d(DATA + i * 512, 512, true)));
+    chain.push(d(STATUS, 1, true));
+    drv.mem.write_obj(0xAAu8, GuestAddress(STATUS))?;
+    let used = drv.submit(1, &chain, true)?;
+    let s: u8 = drv.mem.read_obj(GuestAddress(STATUS))?;
+    assert_eq!((s, used), (S_IOERR, 1), "too many segments");
+    // A good indirect chain works.
+    let h = drv.header(T_IN, 0)?;
+    drv.mem.write_obj(0xAAu8, GuestAddress(STATUS))?;
+    let used = drv.submit(1, &[h, d(DATA, 4096, true), d(STATUS, 1, true)], true)?;
+    assert_eq!(used, 4097);
+    // Still alive, and the malformed requests were counted in its log.
+    assert!(vhost.is_running());
+    assert!(vhost.log_text().contains("malformed request from guest"));
+    let (s, got) = drv.read(0, 0, 4096)?;
+    assert_eq!(s, S_OK);
+    assert!(got == good);
+    Ok(())
+}
