@@ -5,7 +5,11 @@
 #   deploy/local-cluster.sh down     stop them (SIGTERM, then SIGKILL)
 #   deploy/local-cluster.sh status   processes + `raftblk cluster status`
 #   deploy/local-cluster.sh demo     up, then create a volume, write random
-#                                    data, read it back and compare
+#                                    data, read it back and compare; then
+#                                    serve a volume with raftblk-vhost, boot a
+#                                    Linux guest under QEMU with it as its disk,
+#                                    write and verify data inside the guest
+#                                    and check it from the host
 #   deploy/local-cluster.sh wipe     down, then delete all data
 #
 # State (data, logs, pids) lives in .local-cluster/ under the repository.
@@ -17,9 +21,14 @@ TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 PROFILE_DIR="$TARGET/debug"
 NODE_BIN="$PROFILE_DIR/raftblk-node"
 CLI_BIN="$PROFILE_DIR/raftblk"
+VHOST_BIN="$PROFILE_DIR/raftblk-vhost"
 export RAFTBLK_CLUSTER="127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
 
 build() {
+  if ! command -v protoc >/dev/null || ! dpkg -s libclang-dev >/dev/null 2>&1; then
+    if [[ $(id -u) == 0 ]]; then bash "$ROOT/deploy/install-deps.sh"; else
+      echo "building needs protobuf-compiler and libclang-dev: sudo deploy/install-deps.sh" >&2; exit 1; fi
+  fi
   # A no-op when up to date; a clean build compiles RocksDB (~15 minutes).
   [[ -x "$NODE_BIN" ]] || echo "building raftblk (a clean build compiles RocksDB: ~15 minutes)..."
   cargo build --bins --quiet
@@ -51,7 +60,7 @@ up() {
 down() {
   for i in 1 2 3; do
     if running "$i"; then
-      pid="$(cat "$STATE/node$i.pid")"
+      local pid; pid="$(cat "$STATE/node$i.pid")"
       kill "$pid" 2>/dev/null || true
       for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
       kill -9 "$pid" 2>/dev/null || true
@@ -88,6 +97,42 @@ demo() {
   fi
   "$CLI_BIN" volume info "$vol"
   echo "round trip OK: volume $vol holds the 24 MiB written (sha256 $want), the rest reads as zeros"
+  guest_demo
+}
+
+guest_demo() {
+  if ! command -v qemu-system-x86_64 >/dev/null || ! command -v cpio >/dev/null || ! command -v fio >/dev/null; then
+    if [[ $(id -u) == 0 ]]; then bash "$ROOT/deploy/install-deps.sh"; else
+      echo "the guest demo needs QEMU and the guest tools: sudo deploy/install-deps.sh" >&2; return 1; fi
+  fi
+  local vm="demo-vm-$(date +%s)"
+  local tmp; tmp="$(mktemp -d)"
+  "$CLI_BIN" volume create "$vm" --size 256M
+  "$VHOST_BIN" --socket "$STATE/$vm.sock" --volume "$vm" --queues 2 >>"$STATE/vhost.log" 2>&1 &
+  local vpid=$!
+  for _ in $(seq 1 100); do [[ -S "$STATE/$vm.sock" ]] && break; sleep 0.1; done
+  cat >"$tmp/test.sh" <<'GUEST'
+#!/bin/sh
+set -e
+dd if=/dev/urandom of=/tmp/data bs=1M count=16 2>/dev/null
+dd if=/tmp/data of=/dev/vda bs=1M oflag=direct 2>/dev/null
+sync
+want=$(sha256sum /tmp/data | cut -d' ' -f1)
+got=$(dd if=/dev/vda bs=1M count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+[ "$want" = "$got" ] || { echo "RAFTBLK-DEMO MISMATCH $want $got"; exit 1; }
+echo "RAFTBLK-DEMO $want"
+GUEST
+  echo "booting a Linux guest under QEMU with volume $vm as its disk (vhost-user-blk, 2 queues)..."
+  bash "$ROOT/deploy/run-guest.sh" "$tmp/test.sh" "vhost:$STATE/$vm.sock" 2 | tee "$tmp/console.log" | grep -E "^RAFTBLK" || true
+  kill "$vpid" 2>/dev/null || true
+  wait "$vpid" 2>/dev/null || true
+  local sum; sum="$(awk '/^RAFTBLK-DEMO [0-9a-f]/{print $2}' "$tmp/console.log" | tr -d '\r')"
+  if [[ -z "$sum" ]]; then echo "guest demo FAILED; console:" >&2; cat "$tmp/console.log" >&2; rm -rf "$tmp"; return 1; fi
+  "$CLI_BIN" volume export "$vm" "$tmp/vm.img" >/dev/null
+  local host; host="$(head -c $((16 * 1024 * 1024)) "$tmp/vm.img" | sha256sum | cut -d' ' -f1)"
+  rm -rf "$tmp"
+  if [[ "$host" != "$sum" ]]; then echo "guest demo FAILED: guest wrote $sum, the cluster holds $host" >&2; return 1; fi
+  echo "guest OK: the guest wrote and verified 16 MiB on its raftblk disk (sha256 $sum); the cluster holds the same bytes"
 }
 
 case "${1:-}" in
