@@ -11,11 +11,19 @@
 //! documented ready ordering, batched across groups as TiKV's raftstore does.
 //!
 //! Reads use ReadIndex (raft-rs `ReadOnlyOption::Safe`), batched: all reads
-//! of a group that arrive in one round share one read-index request. We do
-//! not use the leader lease: it trusts clocks and tick counts, and a leader
-//! that was paused (SIGSTOP) past its lease would wake up believing it still
-//! holds it and serve a stale read. ReadIndex costs one heartbeat round
-//! trip, which is shared by the whole batch.
+//! of a group that arrive in one round share one read-index request. A
+//! completed round also grants the leader a lease, TiKV style: the round was
+//! acknowledged by a quorum after it was issued at time T, and with
+//! check_quorum and pre-vote a follower that heard from its leader within
+//! an election timeout refuses to vote, so no other leader can exist before
+//! T + election timeout. Until T + 0.8 x the minimum election timeout the
+//! leader serves reads locally (every acknowledged write is already applied
+//! on it, since writes are acknowledged after the leader applies them). The
+//! lease is measured on the leader's monotonic clock, which keeps running
+//! while the process is paused (SIGSTOP), so a leader that wakes up after a
+//! long pause finds its lease expired; raft-rs's own tick-based lease is not
+//! used for exactly that reason. Leadership transfers drop the lease first
+//! (the transferee campaigns without waiting for the election timeout).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -244,6 +252,13 @@ struct Group {
     reads_inflight: HashMap<u64, InflightRead>,
     reads_waiting_apply: Vec<(u64, Vec<ReadCb>)>,
     was_leader: bool,
+    /// Leader lease: until this instant (the leader's monotonic clock),
+    /// no other replica can have been elected, so reads may be served
+    /// locally once `lease_index` is applied. Granted by a ReadIndex round.
+    lease_until: Option<Instant>,
+    lease_index: u64,
+    /// Issue a read-index round with no waiters to extend the lease.
+    renew_lease: bool,
     /// A received snapshot file waiting for raft to accept it.
     incoming_snapshot: Option<(u64, u64, PathBuf)>,
 }
@@ -295,6 +310,8 @@ pub struct Store {
     /// DB snapshots made for peers, keyed by (group, peer).
     outgoing_snapshots: HashMap<(u64, u64), (OwnedSnapshot, Instant)>,
     last_gc: Instant,
+    /// How long a completed read-index round lets the leader read locally.
+    lease_duration: Duration,
 }
 
 /// Inbox messages handled per round before the ready pass.
@@ -303,6 +320,11 @@ const INBOX_BATCH_MAX: usize = 4096;
 const GC_INTERVAL: Duration = Duration::from_secs(5);
 /// Purges proposed per group per GC pass.
 const GC_PURGES_MAX: usize = 16;
+
+/// 80% of the minimum election timeout.
+fn store_lease_ms(tick_ms: u64, election_ticks: usize) -> u64 {
+    tick_ms * election_ticks as u64 * 4 / 5
+}
 
 fn role_name(r: StateRole) -> &'static str {
     match r {
@@ -378,6 +400,9 @@ pub fn create(
                 reads_inflight: HashMap::new(),
                 reads_waiting_apply: Vec::new(),
                 was_leader: false,
+                lease_until: None,
+                lease_index: 0,
+                renew_lease: false,
                 incoming_snapshot: None,
             },
         );
@@ -391,6 +416,7 @@ pub fn create(
         config: config.clone(),
         counters: counters.clone(),
     };
+    let lease_ms = store_lease_ms(config.raft.tick_interval_ms, config.raft.election_ticks);
     let mut store = Store {
         node_id,
         engine,
@@ -403,6 +429,7 @@ pub fn create(
         next_read_ctx: 1,
         outgoing_snapshots: HashMap::new(),
         last_gc: Instant::now(),
+        lease_duration: Duration::from_millis(lease_ms),
     };
     let ids: Vec<u64> = store.groups.keys().copied().collect();
     for g in ids {
@@ -471,7 +498,24 @@ impl Store {
                     let _ = cb.send(Err(StoreError::NotLeader { group, leader }));
                     return;
                 }
-                g.reads_unsent.push((cb, Instant::now()));
+                let now = Instant::now();
+                if let Some(until) = g.lease_until {
+                    if g.is_leader()
+                        && now < until
+                        && g.node.raft.lead_transferee.is_none()
+                        && g.node.store().applied_index() >= g.lease_index
+                    {
+                        let _ = cb.send(Ok(()));
+                        // Renew in the background once half the lease is gone.
+                        if until.saturating_duration_since(now) < self.lease_duration / 2
+                            && g.reads_unsent.is_empty()
+                        {
+                            g.renew_lease = true;
+                        }
+                        return;
+                    }
+                }
+                g.reads_unsent.push((cb, now));
             }
             StoreMsg::Raft { msgs } => {
                 for (group, m) in msgs {
@@ -542,6 +586,7 @@ impl Store {
                                         .map(|(id, _)| *id)
                                 });
                         if let Some(to) = best {
+                            g.lease_until = None;
                             tracing::warn!(group, to, "transferring leadership");
                             g.node.transfer_leader(to);
                         }
@@ -655,9 +700,10 @@ impl Store {
     fn issue_reads(&mut self) {
         let timeout = Duration::from_millis(self.config.limits.request_timeout_ms);
         for g in self.groups.values_mut() {
-            if g.reads_unsent.is_empty() {
+            if g.reads_unsent.is_empty() && !(g.renew_lease && g.reads_inflight.is_empty()) {
                 continue;
             }
+            g.renew_lease = false;
             let ctx = self.next_read_ctx;
             self.next_read_ctx += 1;
             let first = g
@@ -779,6 +825,7 @@ impl Store {
             };
             let mut rd = g.node.ready();
             if let Some(ss) = rd.ss() {
+                g.lease_until = None;
                 let leader_now = ss.raft_state == StateRole::Leader;
                 if g.was_leader && !leader_now {
                     let leader = (ss.leader_id != 0).then_some(ss.leader_id);
@@ -831,6 +878,15 @@ impl Store {
                     ctx.copy_from_slice(&rs.request_ctx);
                 }
                 if let Some(r) = g.reads_inflight.remove(&u64::from_be_bytes(ctx)) {
+                    if g.node.raft.state == StateRole::Leader
+                        && g.node.raft.lead_transferee.is_none()
+                    {
+                        let until = r.issued + self.lease_duration;
+                        if g.lease_until.is_none_or(|u| u < until) {
+                            g.lease_until = Some(until);
+                            g.lease_index = g.lease_index.max(rs.index);
+                        }
+                    }
                     g.reads_waiting_apply.push((rs.index, r.waiters));
                 }
             }

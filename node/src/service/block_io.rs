@@ -20,6 +20,9 @@ use crate::block;
 use crate::keys;
 use crate::store::{StoreError, StoreHandle};
 
+/// Reads up to this size run on the request's task.
+const INLINE_READ_BYTES_MAX: u64 = 128 * 1024;
+
 pub struct BlockIoService {
     pub store: StoreHandle,
 }
@@ -203,18 +206,22 @@ impl BlockIo for BlockIoService {
         if let Err(e) = self.store.read_index(range.group_id, false).await {
             return fail(store_error(&self.store, e));
         }
-        let store = self.store.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            read_blocks(
-                &store,
-                range.group_id,
-                range.volume_id,
-                range.offset_bytes,
-                range.length_bytes,
-            )
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
+        // Small reads come from the memtable or block cache in microseconds:
+        // run them inline; large ones on the blocking pool.
+        let (g, v, off, len) = (
+            range.group_id,
+            range.volume_id,
+            range.offset_bytes,
+            range.length_bytes,
+        );
+        let res = if len <= INLINE_READ_BYTES_MAX {
+            read_blocks(&self.store, g, v, off, len)
+        } else {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || read_blocks(&store, g, v, off, len))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+        };
         match res {
             Ok(data) => Ok(Response::new(ReadResponse {
                 error: None,
