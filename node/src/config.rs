@@ -79,6 +79,8 @@ pub struct RaftConfig {
     pub log_compact_threshold_entries: u64,
     /// Applied entries kept after compaction, for followers slightly behind.
     pub log_retain_entries: u64,
+    /// Compact a group's log once its entries hold this many bytes.
+    pub log_compact_threshold_bytes: u64,
     /// Upper bound of one snapshot piece on the wire.
     pub snapshot_piece_bytes: u64,
     pub max_inflight_msgs: usize,
@@ -119,6 +121,7 @@ impl Default for RaftConfig {
             heartbeat_ticks: 2,
             log_compact_threshold_entries: 4096,
             log_retain_entries: 512,
+            log_compact_threshold_bytes: 64 * 1024 * 1024,
             snapshot_piece_bytes: 1024 * 1024,
             max_inflight_msgs: 256,
             max_size_per_msg_bytes: 1024 * 1024,
@@ -266,6 +269,12 @@ impl NodeConfig {
                     "{} must be below raft.log_compact_threshold_entries ({})",
                     r.log_retain_entries, r.log_compact_threshold_entries
                 ),
+            ));
+        }
+        if r.log_compact_threshold_bytes < 1024 * 1024 {
+            return Err(bad(
+                "raft.log_compact_threshold_bytes",
+                format!("{} is below 1 MiB", r.log_compact_threshold_bytes),
             ));
         }
         if r.snapshot_piece_bytes < 4096 || r.snapshot_piece_bytes > 8 * 1024 * 1024 {

@@ -3,7 +3,8 @@
 //! compactions into the ready loop's shared write batch.
 //!
 //! Log entries are stored as `term (8 bytes BE) ++ protobuf(Entry)` so the
-//! term of every live entry can be kept in memory (`terms`) without parsing.
+//! term (and size) of every live entry can be kept in memory (`terms`)
+//! without parsing, so compaction can also be triggered by log bytes.
 
 use std::collections::VecDeque;
 
@@ -25,7 +26,9 @@ pub struct GroupStorage {
     truncated_term: u64,
     last_index: u64,
     /// Terms of entries `truncated_index + 1 ..= last_index`.
-    terms: VecDeque<u64>,
+    terms: VecDeque<(u64, u32)>,
+    /// Sum of the stored sizes of the live entries.
+    log_bytes: u64,
     /// Apply state as persisted (what the `kv` family reflects).
     applied_index: u64,
     applied_term: u64,
@@ -105,6 +108,7 @@ impl GroupStorage {
         let (truncated_index, truncated_term) = pair(keys::truncated_state(group))?;
         let (applied_index, applied_term) = pair(keys::apply_state(group))?;
         let mut terms = VecDeque::new();
+        let mut log_bytes = 0u64;
         let mut last_index = truncated_index;
         {
             let db = engine.db();
@@ -129,7 +133,8 @@ impl GroupStorage {
                 }
                 let mut t = [0u8; 8];
                 t.copy_from_slice(&v[..8]);
-                terms.push_back(u64::from_be_bytes(t));
+                terms.push_back((u64::from_be_bytes(t), v.len() as u32));
+                log_bytes += v.len() as u64;
                 last_index = index;
             }
         }
@@ -142,6 +147,7 @@ impl GroupStorage {
             truncated_term,
             last_index,
             terms,
+            log_bytes,
             applied_index,
             applied_term,
             snapshot_requests: std::cell::RefCell::new(Vec::new()),
@@ -163,6 +169,29 @@ impl GroupStorage {
     pub fn last_index_now(&self) -> u64 {
         self.last_index
     }
+    /// Bytes of log entries currently stored.
+    pub fn log_bytes(&self) -> u64 {
+        self.log_bytes
+    }
+
+    /// The highest index `i ≤ applied` such that the entries after `i` up
+    /// to `applied` hold at most `bytes_max` bytes and number at most
+    /// `entries_max`: how far to compact while keeping a bounded tail.
+    pub fn compact_point(&self, entries_max: u64, bytes_max: u64) -> u64 {
+        let applied = self.applied_index.min(self.last_index);
+        let mut index = applied;
+        let mut bytes = 0u64;
+        while index > self.truncated_index && applied - index < entries_max {
+            let size = u64::from(self.terms[(index - self.truncated_index - 1) as usize].1);
+            if bytes + size > bytes_max {
+                break;
+            }
+            bytes += size;
+            index -= 1;
+        }
+        index
+    }
+
     pub fn hard_state(&self) -> &HardState {
         &self.hard_state
     }
@@ -193,8 +222,11 @@ impl GroupStorage {
             self.last_index + 1
         );
         let cf = self.engine.raft_cf();
+        let mut encoded = Vec::with_capacity(entries.len());
         for e in entries {
-            wb.put_cf(cf, keys::entry(self.group, e.index), encode_entry(e)?);
+            let v = encode_entry(e)?;
+            encoded.push((e.term, v.len() as u32));
+            wb.put_cf(cf, keys::entry(self.group, e.index), v);
         }
         let new_last = entries[entries.len() - 1].index;
         if new_last < self.last_index {
@@ -205,8 +237,13 @@ impl GroupStorage {
             );
         }
         let keep = (first.index - self.truncated_index - 1) as usize;
-        self.terms.truncate(keep);
-        self.terms.extend(entries.iter().map(|e| e.term));
+        for (_, size) in self.terms.drain(keep.min(self.terms.len())..) {
+            self.log_bytes -= u64::from(size);
+        }
+        for (term, size) in encoded {
+            self.log_bytes += u64::from(size);
+            self.terms.push_back((term, size));
+        }
         self.last_index = new_last;
         debug_assert_eq!(
             self.terms.len() as u64,
@@ -273,7 +310,9 @@ impl GroupStorage {
             keys::u64_pair(index, term),
         );
         let drop = (index - self.truncated_index) as usize;
-        self.terms.drain(..drop);
+        for (_, size) in self.terms.drain(..drop) {
+            self.log_bytes -= u64::from(size);
+        }
         self.truncated_index = index;
         self.truncated_term = term;
         Ok(())
@@ -318,6 +357,7 @@ impl GroupStorage {
         self.truncated_term = meta.term;
         self.last_index = meta.index;
         self.terms.clear();
+        self.log_bytes = 0;
         Ok(())
     }
 }
@@ -392,7 +432,7 @@ impl raft::Storage for GroupStorage {
         if idx > self.last_index {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        Ok(self.terms[(idx - self.truncated_index - 1) as usize])
+        Ok(self.terms[(idx - self.truncated_index - 1) as usize].0)
     }
 
     fn first_index(&self) -> raft::Result<u64> {

@@ -96,6 +96,10 @@ pub enum StoreMsg {
         group: u64,
         cb: oneshot::Sender<Result<(OwnedSnapshot, u64), StoreError>>,
     },
+    /// Extend the leader lease of a group with a background ReadIndex round.
+    RenewLease {
+        group: u64,
+    },
     /// Hand leadership of a group to `to`, or (None) to its most
     /// up-to-date follower.
     TransferLeader {
@@ -117,6 +121,11 @@ pub struct GroupView {
     pub applied_index: u64,
     pub first_index: u64,
     pub last_index: u64,
+    /// Leader lease as of the last update (see the module docs).
+    pub lease_until: Option<Instant>,
+    pub lease_index: u64,
+    /// A leadership transfer is under way: no lease reads.
+    pub transferring: bool,
 }
 
 /// Node-wide counters.
@@ -180,6 +189,27 @@ impl StoreHandle {
     /// Waits until this replica has applied everything committed before the
     /// call (ReadIndex). Followers may ask only when `allow_follower`.
     pub async fn read_index(&self, group: u64, allow_follower: bool) -> Result<(), StoreError> {
+        // Fast path: a leader holding a valid lease serves the read without
+        // a round trip through the store thread.
+        if let Some(v) = self.view(group) {
+            if let Some(until) = v.lease_until {
+                let now = Instant::now();
+                if v.role == "leader"
+                    && !v.transferring
+                    && now < until
+                    && v.applied_index >= v.lease_index
+                {
+                    let lease = Duration::from_millis(store_lease_ms(
+                        self.config.raft.tick_interval_ms,
+                        self.config.raft.election_ticks,
+                    ));
+                    if until.saturating_duration_since(now) < lease / 2 {
+                        let _ = self.tx.try_send(StoreMsg::RenewLease { group });
+                    }
+                    return Ok(());
+                }
+            }
+        }
         let (cb, rx) = oneshot::channel();
         let msg = StoreMsg::ReadIndex {
             group,
@@ -570,6 +600,13 @@ impl Store {
                     }
                 }
             }
+            StoreMsg::RenewLease { group } => {
+                if let Some(g) = self.groups.get_mut(&group) {
+                    if g.is_leader() {
+                        g.renew_lease = true;
+                    }
+                }
+            }
             StoreMsg::TransferLeader { group, to } => {
                 let me = self.node_id;
                 if let Some(g) = self.groups.get_mut(&group) {
@@ -590,6 +627,8 @@ impl Store {
                             tracing::warn!(group, to, "transferring leadership");
                             g.node.transfer_leader(to);
                         }
+                        // Publish the dropped lease before anything else runs.
+                        self.update_view(group);
                     }
                 }
             }
@@ -826,6 +865,15 @@ impl Store {
             let mut rd = g.node.ready();
             if let Some(ss) = rd.ss() {
                 g.lease_until = None;
+                // Readers check the view without the store thread: drop the
+                // lease there at once, not at the end of the round.
+                if let Ok(mut views) = self.views.write() {
+                    if let Some(v) = views.get_mut(&id) {
+                        v.lease_until = None;
+                        v.role = role_name(ss.raft_state);
+                        v.leader_id = ss.leader_id;
+                    }
+                }
                 let leader_now = ss.raft_state == StateRole::Leader;
                 if g.was_leader && !leader_now {
                     let leader = (ss.leader_id != 0).then_some(ss.leader_id);
@@ -1011,15 +1059,18 @@ impl Store {
     fn maybe_compact(&mut self) {
         let threshold = self.config.raft.log_compact_threshold_entries;
         let retain = self.config.raft.log_retain_entries;
+        let bytes_threshold = self.config.raft.log_compact_threshold_bytes;
         let mut wb = WriteBatch::default();
         for g in self.groups.values_mut() {
             let st = g.node.store();
             let applied = st.applied_index();
             let truncated = st.truncated_index();
-            if applied.saturating_sub(truncated) < threshold {
+            if applied.saturating_sub(truncated) < threshold && st.log_bytes() < bytes_threshold {
                 continue;
             }
-            let to = applied - retain;
+            // Keep a tail for followers slightly behind, bounded in entries
+            // and in bytes (a quarter of the byte threshold).
+            let to = st.compact_point(retain, bytes_threshold / 4);
             if to <= truncated {
                 continue;
             }
@@ -1098,6 +1149,9 @@ impl Store {
             applied_index: st.applied_index(),
             first_index: st.truncated_index() + 1,
             last_index: g.node.raft.raft_log.last_index(),
+            lease_until: g.lease_until,
+            lease_index: g.lease_index,
+            transferring: g.node.raft.lead_transferee.is_some(),
         };
         if let Ok(mut views) = self.views.write() {
             views.insert(id, v);

@@ -95,3 +95,52 @@ impl VhostConfig {
         Ok(c)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<VhostConfig, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let p = dir.path().join("vhost.toml");
+        std::fs::write(&p, text).map_err(|e| e.to_string())?;
+        VhostConfig::load(&p)
+    }
+
+    const GOOD: &str = r#"
+cluster = ["127.0.0.1:7101"]
+[[volume]]
+name = "vm1"
+socket = "/run/vm1.sock"
+queues = 2
+[[volume]]
+name = "vm2"
+socket = "/run/vm2.sock"
+"#;
+
+    #[test]
+    fn good_config_with_defaults() {
+        let c = load(GOOD).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.volumes.len(), 2);
+        assert_eq!(c.volumes[1].queues, 1);
+        assert_eq!(c.volumes[1].queue_size, 256);
+        assert_eq!(c.io_timeout_secs, 60);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = |t: &str| load(t).err().unwrap_or_default();
+        assert!(e(&GOOD.replace("queues = 2", "queues = 0")).contains("volume[0].queues"));
+        assert!(
+            e(&GOOD.replace("queues = 2", "queues = 2\nqueue_size = 100"))
+                .contains("volume[0].queue_size")
+        );
+        assert!(e(&GOOD.replace("/run/vm2.sock", "/run/vm1.sock")).contains("volume[1].socket"));
+        assert!(
+            e(&GOOD.replace("cluster = [\"127.0.0.1:7101\"]", "cluster = []")).contains("cluster")
+        );
+        assert!(e(&GOOD.replace("queues = 2", "queues = 2\ncolour = 1")).contains("colour"));
+        assert!(e(&format!("io_timeout_secs = 0\n{GOOD}")).contains("io_timeout_secs"));
+        assert!(e("cluster = [\"a:1\"]\n").contains("[[volume]]"));
+    }
+}
