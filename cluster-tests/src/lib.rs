@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod guest;
+pub mod history;
+pub mod workload;
 
 use anyhow::{bail, Context as _};
 use raftblk_client::{Client, ClientOptions};
@@ -27,6 +29,9 @@ pub struct ClusterSpec {
     pub election_ticks: usize,
     pub log_compact_threshold_entries: u64,
     pub log_retain_entries: u64,
+    /// Background scrub: blocks per second and pause between passes.
+    pub scrub_blocks_per_sec: u64,
+    pub scrub_interval_secs: u64,
 }
 
 impl Default for ClusterSpec {
@@ -40,6 +45,8 @@ impl Default for ClusterSpec {
             election_ticks: 10,
             log_compact_threshold_entries: 4096,
             log_retain_entries: 256,
+            scrub_blocks_per_sec: 20_000,
+            scrub_interval_secs: 2,
         }
     }
 }
@@ -120,6 +127,10 @@ impl LocalCluster {
         t += &format!(
             "\n[raft]\ntick_interval_ms = {}\nelection_ticks = {}\nheartbeat_ticks = 2\nlog_compact_threshold_entries = {}\nlog_retain_entries = {}\n",
             s.tick_interval_ms, s.election_ticks, s.log_compact_threshold_entries, s.log_retain_entries
+        );
+        t += &format!(
+            "\n[limits]\nscrub_blocks_per_sec = {}\nscrub_interval_secs = {}\n",
+            s.scrub_blocks_per_sec, s.scrub_interval_secs
         );
         t
     }
@@ -340,6 +351,22 @@ impl LocalCluster {
                 bail!("replicas of group {group} differ after {timeout:?}: {seen:?}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Asks the current leader of `group` once to hand leadership to `to`.
+    pub async fn request_transfer_leader(&self, group: u64, to: usize) {
+        if let Some(l) = self.leader_of(group).await {
+            if l != to {
+                if let Ok(mut c) = self.cluster_client(l).await {
+                    let _ = c
+                        .transfer_leader(TransferLeaderRequest {
+                            group_id: group,
+                            to_node: to as u64,
+                        })
+                        .await;
+                }
+            }
         }
     }
 

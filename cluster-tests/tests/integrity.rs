@@ -1,7 +1,8 @@
 //! Integrity: bytes of stored block data flipped on one stopped replica are
 //! never returned to a reader. The corrupt replica reports a checksum
-//! error (counted), hands leadership to a healthy replica, and the client's
-//! retry reads the good copy.
+//! error (counted), hands leadership to a healthy replica, the client's
+//! retry reads the good copy, and the bad copy is repaired through raft
+//! from the new leader's verified copy.
 
 use std::time::Duration;
 

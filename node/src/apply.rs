@@ -34,6 +34,8 @@ pub struct Applier<'a> {
     deleted_ranges: Vec<(Vec<u8>, Vec<u8>)>,
     /// Checksum mismatches met during read-modify-write.
     pub checksum_errors: u64,
+    /// Corrupt blocks rewritten from a healthy copy.
+    pub repaired: u64,
 }
 
 impl<'a> Applier<'a> {
@@ -43,6 +45,7 @@ impl<'a> Applier<'a> {
             overlay: HashMap::new(),
             deleted_ranges: Vec::new(),
             checksum_errors: 0,
+            repaired: 0,
         }
     }
 
@@ -121,6 +124,28 @@ impl<'a> Applier<'a> {
             Cmd::CreateVolume(c) => self.create_volume(wb, group, c),
             Cmd::DeleteVolume(d) => self.delete_volume(wb, group, &d.name),
             Cmd::GrowVolume(g) => self.grow_volume(wb, group, &g.name, g.new_size_bytes),
+            Cmd::RepairBlock(r) => {
+                if r.data.len() != BLOCK_BYTES as usize {
+                    return Ok(Err(PbError::new(
+                        ErrorCode::InvalidArgument,
+                        "repair data is not one block",
+                    )));
+                }
+                let key = keys::block(group, r.volume_id, r.block);
+                if let Some(stored) = self.get(&key)? {
+                    if block::decode(&stored).is_err() {
+                        tracing::warn!(
+                            group,
+                            volume = r.volume_id,
+                            block = r.block,
+                            "repaired a corrupt block"
+                        );
+                        self.repaired += 1;
+                        self.put(wb, key, block::encode(&r.data));
+                    }
+                }
+                Ok(Ok(ApplyOutput::Done))
+            }
         }
     }
 

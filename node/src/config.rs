@@ -104,6 +104,10 @@ pub struct LimitsConfig {
     pub request_timeout_ms: u64,
     /// Volume size limit.
     pub volume_size_bytes_max: u64,
+    /// Blocks the background scrubber verifies per second (0: no scrub).
+    pub scrub_blocks_per_sec: u64,
+    /// Pause between two full scrub passes.
+    pub scrub_interval_secs: u64,
 }
 
 fn default_replicas() -> u64 {
@@ -139,6 +143,8 @@ impl Default for LimitsConfig {
             transport_batch_bytes_max: 8 * 1024 * 1024,
             request_timeout_ms: 5000,
             volume_size_bytes_max: 1 << 50,
+            scrub_blocks_per_sec: 2048,
+            scrub_interval_secs: 3600,
         }
     }
 }
@@ -319,6 +325,12 @@ impl NodeConfig {
             return Err(bad(
                 "limits.request_timeout_ms",
                 format!("{} is below 100", l.request_timeout_ms),
+            ));
+        }
+        if l.scrub_interval_secs == 0 {
+            return Err(bad(
+                "limits.scrub_interval_secs",
+                "must be at least 1".into(),
             ));
         }
         if l.volume_size_bytes_max == 0 || !l.volume_size_bytes_max.is_multiple_of(512) {

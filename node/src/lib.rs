@@ -13,6 +13,7 @@ pub mod config;
 pub mod engine;
 pub mod keys;
 pub mod raft_storage;
+pub mod scrub;
 pub mod server;
 pub mod service;
 pub mod snapshot_file;

@@ -49,7 +49,28 @@ pub async fn serve(
         store_tx: handle.sender(),
         nonce: AtomicU64::new(0),
     };
-    let result = tonic::transport::Server::builder()
+    tokio::spawn(repair_loop(handle.clone()));
+    if config.limits.scrub_blocks_per_sec > 0 {
+        let scrub_store = handle.clone();
+        std::thread::Builder::new()
+            .name("scrub".into())
+            .spawn(move || crate::scrub::run(scrub_store))
+            .context("cannot spawn the scrub thread")?;
+    }
+    // On a shutdown signal: hand every leadership to another replica (so
+    // clients are not left with a leader that no longer answers), then stop
+    // serving; raft streams from peers never end by themselves, so give the
+    // server a short grace period rather than waiting for them.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let hand_off = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        hand_off_leadership(&hand_off, std::time::Duration::from_secs(3)).await;
+        let _ = stop_tx.send(true);
+    });
+    let mut stop_wait = stop_rx.clone();
+    let mut stop_server = stop_rx;
+    let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(2)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
@@ -75,12 +96,119 @@ pub async fn serve(
         .add_service(ClusterServer::new(ClusterService {
             store: handle.clone(),
         }))
-        .serve_with_shutdown(addr, shutdown)
-        .await
-        .with_context(|| format!("gRPC server on {addr}"));
+        .serve_with_shutdown(addr, async move {
+            let _ = stop_server.wait_for(|stop| *stop).await;
+        });
+    let result = tokio::select! {
+        r = server => r.with_context(|| format!("gRPC server on {addr}")),
+        _ = async move {
+            let _ = stop_wait.wait_for(|stop| *stop).await;
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        } => Ok(()),
+    };
+    tracing::info!(node = config.node_id, "stopped");
     drop(handle);
     // The store thread exits once every handle (services, transport
     // receivers) is gone; do not wait on it forever.
     let _ = store_thread;
     result
+}
+
+/// Asks every group this node leads to transfer leadership to another
+/// replica, and waits (bounded) until it leads none.
+async fn hand_off_leadership(store: &store::StoreHandle, deadline: std::time::Duration) {
+    let until = tokio::time::Instant::now() + deadline;
+    let mut asked = std::collections::HashSet::new();
+    loop {
+        let led: Vec<u64> = store
+            .views()
+            .into_iter()
+            .filter(|v| v.role == "leader" && v.replicas.len() > 1)
+            .map(|v| v.group)
+            .collect();
+        if led.is_empty() {
+            tracing::info!("no group led here any more");
+            return;
+        }
+        for g in &led {
+            if asked.insert(*g) {
+                store.request_transfer_leader(*g, None);
+            }
+        }
+        if tokio::time::Instant::now() >= until {
+            tracing::warn!(groups = ?led, "still leading groups at shutdown");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Re-ask for groups that were not handed over yet.
+        if asked.len() == led.len() {
+            asked.clear();
+        }
+    }
+}
+
+/// Asks group leaders to repair the blocks this node found corrupt: every
+/// 500 ms, a bounded number per pass, each RPC under a timeout.
+async fn repair_loop(store: store::StoreHandle) {
+    const PER_PASS: usize = 64;
+    let mut interval = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        interval.tick().await;
+        let batch: Vec<(u64, u64, u64)> = {
+            let mut s = store.suspects.lock().unwrap_or_else(|p| p.into_inner());
+            let picked: Vec<_> = s.iter().take(PER_PASS).copied().collect();
+            for p in &picked {
+                s.remove(p);
+            }
+            picked
+        };
+        for (group, volume, block) in batch {
+            let leader = store.view(group).map(|v| v.leader_id).unwrap_or(0);
+            let addr = store.config.node_addr(leader).map(str::to_owned);
+            let done = match (leader, addr) {
+                (l, Some(addr)) if l != 0 && l != store.config.node_id => {
+                    request_repair(&addr, group, volume, block).await
+                }
+                (l, _) if l == store.config.node_id => {
+                    // Our own copy is bad: let a healthy replica lead, and
+                    // ask it for the repair on the next pass.
+                    store.request_transfer_leader(group, None);
+                    false
+                }
+                _ => false,
+            };
+            if !done {
+                // Not yet: keep it for the next pass (bounded set).
+                store.note_corrupt(group, volume, block);
+            }
+        }
+    }
+}
+
+async fn request_repair(addr: &str, group: u64, volume: u64, block: u64) -> bool {
+    let call = async {
+        let ch = crate::transport::connect(addr).await.ok()?;
+        let r = raftblk_proto::cluster_client::ClusterClient::new(ch)
+            .repair_block(raftblk_proto::RepairBlockRequest {
+                group_id: group,
+                volume_id: volume,
+                block,
+            })
+            .await
+            .ok()?
+            .into_inner();
+        Some(r.error.is_none())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), call).await {
+        Ok(Some(true)) => {
+            tracing::info!(
+                group,
+                volume,
+                block,
+                "block repaired from the leader's copy"
+            );
+            true
+        }
+        _ => false,
+    }
 }

@@ -135,6 +135,7 @@ pub struct Counters {
     pub snapshots_sent: AtomicU64,
     pub snapshots_applied: AtomicU64,
     pub dropped_messages: AtomicU64,
+    pub blocks_repaired: AtomicU64,
 }
 
 /// Cheap, cloneable access to the store from async code.
@@ -145,9 +146,23 @@ pub struct StoreHandle {
     pub engine: Engine,
     pub config: Arc<NodeConfig>,
     pub counters: Arc<Counters>,
+    /// Blocks found corrupt here, waiting for a repair from the leader:
+    /// (group, volume, block).
+    pub suspects: Arc<std::sync::Mutex<std::collections::BTreeSet<(u64, u64, u64)>>>,
 }
 
+/// Corrupt blocks remembered for repair at most.
+pub const SUSPECTS_MAX: usize = 4096;
+
 impl StoreHandle {
+    /// Remembers a corrupt local block for repair (bounded).
+    pub fn note_corrupt(&self, group: u64, volume: u64, block: u64) {
+        let mut s = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        if s.len() < SUSPECTS_MAX {
+            s.insert((group, volume, block));
+        }
+    }
+
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.config.limits.request_timeout_ms)
     }
@@ -337,8 +352,9 @@ pub struct Store {
     views: Arc<RwLock<BTreeMap<u64, GroupView>>>,
     counters: Arc<Counters>,
     next_read_ctx: u64,
-    /// DB snapshots made for peers, keyed by (group, peer).
-    outgoing_snapshots: HashMap<(u64, u64), (OwnedSnapshot, Instant)>,
+    /// DB snapshots made for peers, keyed by (group, peer, applied index
+    /// the snapshot's metadata names).
+    outgoing_snapshots: HashMap<(u64, u64, u64), (OwnedSnapshot, Instant)>,
     last_gc: Instant,
     /// How long a completed read-index round lets the leader read locally.
     lease_duration: Duration,
@@ -445,6 +461,7 @@ pub fn create(
         engine: engine.clone(),
         config: config.clone(),
         counters: counters.clone(),
+        suspects: Default::default(),
     };
     let lease_ms = store_lease_ms(config.raft.tick_interval_ms, config.raft.election_ticks);
     let mut store = Store {
@@ -771,8 +788,11 @@ impl Store {
             let reqs = g.node.store().take_snapshot_requests();
             for (to, index, _term) in reqs {
                 debug_assert_eq!(index, g.node.store().applied_index());
+                // One pending snapshot per peer: a newer request replaces it.
                 self.outgoing_snapshots
-                    .insert((g.id, to), (self.engine.snapshot(), Instant::now()));
+                    .retain(|(gid, peer, _), _| !(*gid == g.id && *peer == to));
+                self.outgoing_snapshots
+                    .insert((g.id, to, index), (self.engine.snapshot(), Instant::now()));
             }
         }
     }
@@ -780,7 +800,11 @@ impl Store {
     fn send_messages(&mut self, group: u64, msgs: Vec<Message>) {
         for m in msgs {
             if m.get_msg_type() == MessageType::MsgSnapshot {
-                match self.outgoing_snapshots.remove(&(group, m.to)) {
+                // The data must be the DB view taken for exactly this
+                // snapshot's index; anything else would install the wrong
+                // state under the right name.
+                let index = m.get_snapshot().get_metadata().index;
+                match self.outgoing_snapshots.remove(&(group, m.to, index)) {
                     Some((snap, _)) => self.transport.send_snapshot(group, m, snap),
                     None => {
                         tracing::warn!(group, to = m.to, "no prepared snapshot for a MsgSnapshot");
@@ -851,6 +875,9 @@ impl Store {
         if ids.is_empty() {
             return;
         }
+        // Snapshots raft asked for while handling the inbox: take their DB
+        // views now, before this round sends their messages or writes.
+        self.collect_snapshot_requests();
         let engine = self.engine.clone();
         let mut wb = WriteBatch::default();
         let mut applier = Applier::new(&engine);
@@ -943,6 +970,9 @@ impl Store {
         self.counters
             .checksum_errors
             .fetch_add(applier.checksum_errors, Ordering::Relaxed);
+        self.counters
+            .blocks_repaired
+            .fetch_add(applier.repaired, Ordering::Relaxed);
         drop(applier);
         self.collect_snapshot_requests();
         if !wb.is_empty() || need_sync {
@@ -974,6 +1004,9 @@ impl Store {
                 }
             }
             let msgs = light.take_messages();
+            // `advance` may have asked for a snapshot (for a lagging peer):
+            // take its DB view before the message goes out.
+            self.collect_snapshot_requests();
             if !msgs.is_empty() {
                 self.send_messages(id, msgs);
             }
@@ -990,6 +1023,9 @@ impl Store {
         self.counters
             .checksum_errors
             .fetch_add(applier2.checksum_errors, Ordering::Relaxed);
+        self.counters
+            .blocks_repaired
+            .fetch_add(applier2.repaired, Ordering::Relaxed);
         drop(applier2);
         self.collect_snapshot_requests();
         if !wb2.is_empty() {

@@ -164,6 +164,7 @@ fn read_blocks(
                     .counters
                     .checksum_errors
                     .fetch_add(1, Ordering::Relaxed);
+                store.note_corrupt(group, volume, b);
                 tracing::error!(group, volume, block = b, node = store.config.node_id, error = %e, "checksum mismatch on read");
                 return Err(PbError::new(
                     ErrorCode::Corrupted,

@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use raftblk_proto::cluster_server::Cluster;
+use raftblk_proto::RepairBlockRequest;
 use raftblk_proto::{
     Empty, Error as PbError, ErrorCode, GroupDigestRequest, GroupDigestResponse, GroupStatus,
     NodeInfo, NodeStatusResponse, TransferLeaderRequest, TransferLeaderResponse,
@@ -58,6 +59,7 @@ impl Cluster for ClusterService {
             checksum_errors: c.checksum_errors.load(Ordering::Relaxed),
             snapshots_sent: c.snapshots_sent.load(Ordering::Relaxed),
             snapshots_applied: c.snapshots_applied.load(Ordering::Relaxed),
+            blocks_repaired: c.blocks_repaired.load(Ordering::Relaxed),
         }))
     }
 
@@ -142,6 +144,64 @@ impl Cluster for ClusterService {
                     .request_transfer_leader(r.group_id, (r.to_node != 0).then_some(r.to_node));
                 None
             }
+        };
+        Ok(Response::new(TransferLeaderResponse { error }))
+    }
+
+    async fn repair_block(
+        &self,
+        req: Request<RepairBlockRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let r = req.into_inner();
+        let fail = |e| Ok(Response::new(TransferLeaderResponse { error: Some(e) }));
+        match self.store.view(r.group_id) {
+            None => {
+                return fail(PbError::new(
+                    ErrorCode::WrongGroup,
+                    format!("group {} is not hosted here", r.group_id),
+                ))
+            }
+            Some(v) if v.role != "leader" => {
+                return fail(store_error(
+                    &self.store,
+                    crate::store::StoreError::NotLeader {
+                        group: r.group_id,
+                        leader: (v.leader_id != 0).then_some(v.leader_id),
+                    },
+                ))
+            }
+            Some(_) => {}
+        }
+        // The leader's own copy, verified, is the source of the repair.
+        let key = keys::block(r.group_id, r.volume_id, r.block);
+        let stored = match self.store.engine.get_kv(&key) {
+            Ok(Some(v)) => v,
+            Ok(None) => return Ok(Response::new(TransferLeaderResponse { error: None })),
+            Err(e) => return fail(PbError::new(ErrorCode::Storage, e.to_string())),
+        };
+        let data = match crate::block::decode(&stored) {
+            Ok(d) => d.to_vec(),
+            Err(e) => {
+                self.store.note_corrupt(r.group_id, r.volume_id, r.block);
+                return fail(PbError::new(
+                    ErrorCode::Corrupted,
+                    format!("the leader's copy is corrupt too: {e}"),
+                ));
+            }
+        };
+        let cmd = raftblk_proto::Command {
+            cmd: Some(raftblk_proto::command::Cmd::RepairBlock(
+                raftblk_proto::RepairBlockCmd {
+                    volume_id: r.volume_id,
+                    block: r.block,
+                    data: data.into(),
+                },
+            )),
+        };
+        let error = match self.store.propose(r.group_id, &cmd).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e),
+            Err(e) => Some(store_error(&self.store, e)),
         };
         Ok(Response::new(TransferLeaderResponse { error }))
     }

@@ -1,0 +1,404 @@
+//! The failure-injection suite. Each scenario starts a cluster of real node
+//! processes, runs the recording workload through the client library,
+//! injects its fault, heals, reads everything back, checks the history
+//! (per-block register linearizability, see `history`) and the convergence
+//! of every group's replicas, and prints one report line; the suite prints
+//! the table at the end and fails if any scenario saw an anomaly.
+//!
+//!   cargo test -p raftblk-cluster-tests --test suite              # all
+//!   cargo test -p raftblk-cluster-tests --test suite -- leader_kill  # one
+//!
+//! Faults here are process faults on loopback (kill -9, SIGSTOP, restarts,
+//! corruption of a stopped replica).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use raftblk_client::ClientOptions;
+use raftblk_cluster_tests::history::check;
+use raftblk_cluster_tests::workload::{summarize, Workload, WorkloadSpec};
+use raftblk_cluster_tests::{ClusterSpec, LocalCluster};
+
+type Fault =
+    for<'a> fn(&'a mut LocalCluster) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + 'a>>;
+
+struct Scenario {
+    name: &'static str,
+    nodes: usize,
+    fault: Fault,
+}
+
+struct Report {
+    name: &'static str,
+    ops: usize,
+    acked_writes: usize,
+    errors: usize,
+    longest_gap: Duration,
+    anomalies: usize,
+    note: String,
+    failure: Option<String>,
+}
+
+const HEALTHY: Duration = Duration::from_secs(40);
+
+fn sleep(ms: u64) -> tokio::time::Sleep {
+    tokio::time::sleep(Duration::from_millis(ms))
+}
+
+async fn some_leader(c: &LocalCluster, group: u64) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(l) = c.leader_of(group).await {
+            return Ok(l);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "group {group} has no leader");
+        sleep(100).await;
+    }
+}
+
+fn leader_kill(c: &mut LocalCluster) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + '_>> {
+    Box::pin(async move {
+        let l = some_leader(c, 1).await?;
+        c.kill(l);
+        sleep(4000).await;
+        c.start_node(l)?;
+        Ok(format!("killed node {l} (leader of group 1) for 4 s"))
+    })
+}
+
+fn follower_kill(
+    c: &mut LocalCluster,
+) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + '_>> {
+    Box::pin(async move {
+        let l = some_leader(c, 1).await?;
+        let f = (1..=c.spec.nodes).find(|&i| i != l).unwrap_or(1);
+        c.kill(f);
+        sleep(4000).await;
+        c.start_node(f)?;
+        Ok(format!("killed node {f} (a follower of group 1) for 4 s"))
+    })
+}
+
+fn rolling_restart(
+    c: &mut LocalCluster,
+) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + '_>> {
+    Box::pin(async move {
+        for i in 1..=c.spec.nodes {
+            c.stop(i);
+            sleep(1000).await;
+            c.start_node(i)?;
+            c.wait_healthy(HEALTHY).await?;
+        }
+        Ok("stopped and restarted every node in turn".into())
+    })
+}
+
+fn leader_pause(
+    c: &mut LocalCluster,
+) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + '_>> {
+    Box::pin(async move {
+        let l = some_leader(c, 1).await?;
+        let pid = c.pid(l).ok_or_else(|| anyhow::anyhow!("no pid"))?;
+        // SAFETY: signals to a node process this test started and has not reaped.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+        // Well past the election timeout (10 ticks x 50 ms).
+        sleep(3000).await;
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+        Ok(format!("paused node {l} (leader of group 1) for 3 s"))
+    })
+}
+
+fn kill_all(c: &mut LocalCluster) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + '_>> {
+    Box::pin(async move {
+        for i in 1..=c.spec.nodes {
+            c.kill(i);
+        }
+        sleep(1000).await;
+        for i in 1..=c.spec.nodes {
+            c.start_node(i)?;
+        }
+        Ok("kill -9 of every node at once, then restart".into())
+    })
+}
+
+fn corrupted_replica(
+    c: &mut LocalCluster,
+) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + '_>> {
+    Box::pin(async move {
+        // A cold volume the workload never writes: its blocks stay corrupt
+        // on the victim until something reads them.
+        let client = c.client().await?;
+        let cold = client.create_volume("cold", 1 << 20).await?;
+        let vol = client.open_volume("cold").await?;
+        let data = raftblk_cluster_tests::payload(77, 1 << 20);
+        vol.write(0, &data).await?;
+        for g in 0..=c.spec.data_groups {
+            c.wait_replicas_identical(g, Duration::from_secs(20))
+                .await?;
+        }
+        let victim = 2;
+        c.stop(victim);
+        let mut flipped = 0;
+        {
+            let engine = raftblk_node::engine::Engine::open(&c.data_dir(victim))?;
+            let db = engine.db();
+            let iter = db.iterator_cf(engine.kv_cf(), rocksdb::IteratorMode::Start);
+            let mut puts = Vec::new();
+            for item in iter {
+                let (k, v) = item?;
+                // Every stored block of the cold volume, and some others.
+                let is_block = k.len() == 25 && k[8] == b'b';
+                let volume = u64::from_be_bytes(
+                    k.get(9..17)
+                        .and_then(|s| s.try_into().ok())
+                        .unwrap_or_default(),
+                );
+                if is_block && (volume == cold.id || flipped < 64) {
+                    let mut v = v.to_vec();
+                    v[200] ^= 0x5a;
+                    puts.push((k.to_vec(), v));
+                    flipped += 1;
+                }
+            }
+            for (k, v) in puts {
+                db.put_cf(engine.kv_cf(), k, v)?;
+            }
+            db.flush_cf(engine.kv_cf())?;
+        }
+        c.start_node(victim)?;
+        c.wait_healthy(HEALTHY).await?;
+        // Ask once for the corrupt replica to lead every group (it hands
+        // leadership away again when it meets a bad block).
+        for g in 1..=c.spec.data_groups {
+            c.request_transfer_leader(g, victim).await;
+        }
+        sleep(1000).await;
+        let got = vol.read(0, 1 << 20).await?;
+        anyhow::ensure!(
+            got == data,
+            "a read of the cold volume returned wrong bytes"
+        );
+        let met = c.status(victim).await?.checksum_errors;
+        anyhow::ensure!(
+            met > 0,
+            "the corrupt replica never met a bad block: the scenario tested nothing"
+        );
+        Ok(format!(
+            "flipped bytes in {flipped} stored blocks of node {victim} and made it leader; it met {met} checksum errors, readers got good copies"
+        ))
+    })
+}
+
+fn five_nodes_lose_two(
+    c: &mut LocalCluster,
+) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + '_>> {
+    Box::pin(async move {
+        c.kill(1);
+        c.kill(2);
+        sleep(5000).await;
+        c.start_node(1)?;
+        sleep(3000).await;
+        c.start_node(2)?;
+        Ok("kill -9 of nodes 1 and 2 of 5; node 1 back after 5 s, node 2 after 8 s".into())
+    })
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "leader_kill",
+        nodes: 3,
+        fault: leader_kill,
+    },
+    Scenario {
+        name: "follower_kill",
+        nodes: 3,
+        fault: follower_kill,
+    },
+    Scenario {
+        name: "rolling_restart",
+        nodes: 3,
+        fault: rolling_restart,
+    },
+    Scenario {
+        name: "leader_pause",
+        nodes: 3,
+        fault: leader_pause,
+    },
+    Scenario {
+        name: "kill_all",
+        nodes: 3,
+        fault: kill_all,
+    },
+    Scenario {
+        name: "corrupted_replica",
+        nodes: 3,
+        fault: corrupted_replica,
+    },
+    Scenario {
+        name: "five_nodes_lose_two",
+        nodes: 5,
+        fault: five_nodes_lose_two,
+    },
+];
+
+async fn run(s: &Scenario) -> anyhow::Result<Report> {
+    let spec = ClusterSpec {
+        nodes: s.nodes,
+        data_groups: 4,
+        chunk_size_bytes: 64 * 1024,
+        ..ClusterSpec::default()
+    };
+    let mut cluster = LocalCluster::start(spec)?;
+    cluster.wait_healthy(HEALTHY).await?;
+    let opts = ClientOptions {
+        deadline: Duration::from_secs(10),
+        attempt_timeout: Duration::from_secs(2),
+        ..ClientOptions::default()
+    };
+    let client = cluster.client_with(opts.clone()).await?;
+    let mut volumes = Vec::new();
+    for v in 0..2 {
+        let name = format!("{}-{v}", s.name);
+        client.create_volume(&name, 1 << 20).await?;
+        volumes.push(client.open_volume(&name).await?);
+    }
+    let wspec = WorkloadSpec::default();
+    let blocks = wspec.blocks;
+    let mut wl = Workload::start(volumes.clone(), wspec, 0x5eed);
+    sleep(2000).await;
+    let note = (s.fault)(&mut cluster).await?;
+    cluster.wait_healthy(HEALTHY).await?;
+    sleep(2000).await;
+    wl.stop().await;
+    let end = wl.started.elapsed();
+    // Read everything back with a patient client.
+    let patient = cluster
+        .client_with(ClientOptions {
+            deadline: Duration::from_secs(30),
+            ..opts
+        })
+        .await?;
+    let mut fresh = Vec::new();
+    for v in 0..2 {
+        fresh.push(patient.open_volume(&format!("{}-{v}", s.name)).await?);
+    }
+    wl.final_reads(&fresh, blocks).await;
+    let history = wl.history();
+    let summary = summarize(&history, end);
+    let anomalies = check(&history);
+    let mut failure = None;
+    if !anomalies.is_empty() {
+        failure = Some(format!(
+            "{} anomalies, first: {:?}",
+            anomalies.len(),
+            &anomalies[..anomalies.len().min(3)]
+        ));
+    }
+    // Convergence: every group's replicas hold identical state.
+    for g in 0..=cluster.spec.data_groups {
+        if let Err(e) = cluster
+            .wait_replicas_identical(g, Duration::from_secs(30))
+            .await
+        {
+            failure.get_or_insert(format!("no convergence: {e}"));
+        }
+    }
+    let final_reads_failed = history
+        .iter()
+        .filter(|o| o.client == u32::MAX && o.complete.is_none())
+        .count();
+    if final_reads_failed > 0 {
+        failure.get_or_insert(format!(
+            "{final_reads_failed} final reads failed after healing"
+        ));
+    }
+    Ok(Report {
+        name: s.name,
+        ops: summary.ops,
+        acked_writes: summary.acked_writes,
+        errors: summary.errors,
+        longest_gap: summary.longest_gap,
+        anomalies: anomalies.len(),
+        note,
+        failure,
+    })
+}
+
+fn main() -> std::process::ExitCode {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    println!("failure-injection suite: process faults on loopback (kill -9, SIGSTOP, restarts, corruption)");
+    let mut reports = Vec::new();
+    let started = Instant::now();
+    for s in SCENARIOS {
+        if !filter.is_empty() && !filter.iter().any(|f| s.name.contains(f.as_str())) {
+            continue;
+        }
+        let t = Instant::now();
+        let r = rt.block_on(run(s)).unwrap_or_else(|e| Report {
+            name: s.name,
+            ops: 0,
+            acked_writes: 0,
+            errors: 0,
+            longest_gap: Duration::ZERO,
+            anomalies: 0,
+            note: String::new(),
+            failure: Some(format!("scenario error: {e:#}")),
+        });
+        println!(
+            "{:<22} ops={:<6} acked_writes={:<6} errors={:<5} longest_gap={:>6.2}s anomalies={} {} ({:.0}s) {}",
+            r.name,
+            r.ops,
+            r.acked_writes,
+            r.errors,
+            r.longest_gap.as_secs_f64(),
+            r.anomalies,
+            if r.failure.is_none() { "PASS" } else { "FAIL" },
+            t.elapsed().as_secs_f64(),
+            r.note
+        );
+        if let Some(f) = &r.failure {
+            println!("    {f}");
+        }
+        reports.push(r);
+    }
+    println!();
+    println!("| scenario | ops | acked writes | errors/timeouts | longest gap (s) | anomalies | result |");
+    println!("|---|---:|---:|---:|---:|---:|---|");
+    for r in &reports {
+        println!(
+            "| {} | {} | {} | {} | {:.2} | {} | {} |",
+            r.name,
+            r.ops,
+            r.acked_writes,
+            r.errors,
+            r.longest_gap.as_secs_f64(),
+            r.anomalies,
+            if r.failure.is_none() { "pass" } else { "FAIL" }
+        );
+    }
+    let failed = reports.iter().filter(|r| r.failure.is_some()).count();
+    println!();
+    println!("suite finished in {:.0} s", started.elapsed().as_secs_f64());
+    println!("{} passed, {} failed", reports.len() - failed, failed);
+    if failed > 0 {
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
+}
