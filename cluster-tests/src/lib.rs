@@ -32,6 +32,9 @@ pub struct ClusterSpec {
     /// Background scrub: blocks per second and pause between passes.
     pub scrub_blocks_per_sec: u64,
     pub scrub_interval_secs: u64,
+    /// Put this node's data directory on a tmpfs of this many MiB (needs
+    /// root): a small disk that fills up.
+    pub tmpfs_node: Option<(usize, u64)>,
 }
 
 impl Default for ClusterSpec {
@@ -47,6 +50,7 @@ impl Default for ClusterSpec {
             log_retain_entries: 256,
             scrub_blocks_per_sec: 20_000,
             scrub_interval_secs: 2,
+            tmpfs_node: None,
         }
     }
 }
@@ -85,6 +89,9 @@ pub struct LocalCluster {
     dir: tempfile::TempDir,
     ports: Vec<u16>,
     procs: Vec<Option<Child>>,
+    /// Extra environment for a node's next start.
+    next_env: Vec<Vec<(String, String)>>,
+    mounted: Vec<PathBuf>,
 }
 
 impl LocalCluster {
@@ -93,11 +100,27 @@ impl LocalCluster {
         let dir = tempfile::Builder::new().prefix("raftblk-test-").tempdir()?;
         let ports: Vec<u16> = (0..spec.nodes).map(|_| free_port()).collect();
         let mut c = LocalCluster {
+            next_env: vec![Vec::new(); spec.nodes],
             spec,
             dir,
             ports,
             procs: Vec::new(),
+            mounted: Vec::new(),
         };
+        if let Some((node, mib)) = c.spec.tmpfs_node {
+            let d = c.data_dir(node);
+            std::fs::create_dir_all(&d)?;
+            let st = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+                .arg(&d)
+                .status()?;
+            anyhow::ensure!(
+                st.success(),
+                "mount tmpfs on {} failed (needs root)",
+                d.display()
+            );
+            c.mounted.push(d);
+        }
         for i in 1..=c.spec.nodes {
             std::fs::write(c.config_path(i), c.config_text(i))?;
             c.procs.push(None);
@@ -169,10 +192,12 @@ impl LocalCluster {
             .create(true)
             .append(true)
             .open(self.log_path(i))?;
+        let env = std::mem::take(&mut self.next_env[i - 1]);
         let child = Command::new(bin("raftblk-node"))
             .arg("--config")
             .arg(self.config_path(i))
             .env("RUST_LOG", "info")
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -208,6 +233,41 @@ impl LocalCluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Environment variables for node `i`'s next start only.
+    pub fn set_next_env(&mut self, i: usize, vars: &[(&str, &str)]) {
+        self.next_env[i - 1] = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    /// Waits (bounded) for node `i` to exit by itself; its exit code.
+    pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = self.procs[i - 1].as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    self.procs[i - 1] = None;
+                    return Some(st.code().unwrap_or(-1));
+                }
+            } else {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Grows the tmpfs under node `i`'s data directory ("space freed").
+    pub fn grow_tmpfs(&self, i: usize, mib: u64) -> anyhow::Result<()> {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,size={mib}m")])
+            .arg(self.data_dir(i))
+            .status()?;
+        anyhow::ensure!(st.success(), "remount failed");
+        Ok(())
     }
 
     /// PID of node `i`'s process, if running.
@@ -406,6 +466,9 @@ impl Drop for LocalCluster {
     fn drop(&mut self) {
         for i in 1..=self.procs.len() {
             self.kill(i);
+        }
+        for m in &self.mounted {
+            let _ = Command::new("umount").arg(m).status();
         }
     }
 }

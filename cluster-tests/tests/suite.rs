@@ -205,6 +205,43 @@ fn five_nodes_lose_two(
     })
 }
 
+fn fsync_error(c: &mut LocalCluster) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + '_>> {
+    Box::pin(async move {
+        let l = some_leader(c, 1).await?;
+        let f = (1..=c.spec.nodes).find(|&i| i != l).unwrap_or(1);
+        // Restart a follower with a failpoint: its 300th synced write fails.
+        c.kill(f);
+        c.set_next_env(f, &[("FAILPOINTS", "engine_sync_write=300*off->return")]);
+        c.start_node(f)?;
+        let code = c.wait_exit(f, Duration::from_secs(30));
+        anyhow::ensure!(
+            code == Some(70),
+            "node {f} did not fail-stop on the fsync error (exit {code:?})"
+        );
+        sleep(1000).await;
+        c.start_node(f)?;
+        Ok(format!(
+            "fsync failed on node {f}: it stopped (exit 70), was restarted and caught up"
+        ))
+    })
+}
+
+fn full_disk(c: &mut LocalCluster) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + '_>> {
+    Box::pin(async move {
+        let (n, _) = c
+            .spec
+            .tmpfs_node
+            .ok_or_else(|| anyhow::anyhow!("no tmpfs node"))?;
+        // The workload fills node n's small disk; it must stop by itself.
+        let code = c.wait_exit(n, Duration::from_secs(60));
+        anyhow::ensure!(code.is_some(), "node {n} never noticed its full disk");
+        sleep(1000).await;
+        c.grow_tmpfs(n, 1024)?;
+        c.start_node(n)?;
+        Ok(format!("node {n}'s disk filled up: it stopped (exit {code:?}); space freed, restarted, caught up"))
+    })
+}
+
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "leader_kill",
@@ -241,13 +278,28 @@ const SCENARIOS: &[Scenario] = &[
         nodes: 5,
         fault: five_nodes_lose_two,
     },
+    Scenario {
+        name: "fsync_error",
+        nodes: 3,
+        fault: fsync_error,
+    },
+    Scenario {
+        name: "full_disk",
+        nodes: 3,
+        fault: full_disk,
+    },
 ];
 
 async fn run(s: &Scenario) -> anyhow::Result<Report> {
+    let is_root = unsafe_getuid() == 0;
+    if s.name == "full_disk" && !is_root {
+        anyhow::bail!("needs root (tmpfs mount)");
+    }
     let spec = ClusterSpec {
         nodes: s.nodes,
         data_groups: 4,
         chunk_size_bytes: 64 * 1024,
+        tmpfs_node: (s.name == "full_disk").then_some((3, 48)),
         ..ClusterSpec::default()
     };
     let mut cluster = LocalCluster::start(spec)?;
@@ -324,6 +376,11 @@ async fn run(s: &Scenario) -> anyhow::Result<Report> {
         note,
         failure,
     })
+}
+
+fn unsafe_getuid() -> u32 {
+    // SAFETY: getuid(2) has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
 }
 
 fn main() -> std::process::ExitCode {

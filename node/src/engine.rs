@@ -69,6 +69,12 @@ impl Engine {
 
     /// Writes a batch; `sync` fsyncs the WAL before returning.
     pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError> {
+        #[cfg(feature = "failpoints")]
+        if sync {
+            fail::fail_point!("engine_sync_write", |_| Err(EngineError::Io(
+                std::io::Error::other("injected fsync failure (failpoint engine_sync_write)")
+            )));
+        }
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         self.db.write_opt(batch, &wo)?;
