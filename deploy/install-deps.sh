@@ -2,7 +2,7 @@
 # Installs the Debian packages raftblk needs to build, test and boot guests
 # (run as root on Debian 12): protoc and libclang for the build; QEMU 10
 # from bookworm-backports, qemu-storage-daemon, cpio, fio, busybox-static
-# and e2fsprogs for the guests. Idempotent: installs only what is missing.
+# and e2fsprogs for the guests; iptables and iproute2 for the failure suite. Idempotent: installs only what is missing.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 if [[ $(id -u) != 0 ]]; then
@@ -16,6 +16,9 @@ command -v cpio >/dev/null 2>&1 || need+=(cpio)
 command -v fio >/dev/null 2>&1 || need+=(fio)
 [[ -x /bin/busybox ]] || need+=(busybox-static)
 command -v mke2fs >/dev/null 2>&1 || need+=(e2fsprogs)
+# The failure-injection suite: partitions inside network namespaces.
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
+command -v tc >/dev/null 2>&1 || need+=(iproute2)
 if ((${#need[@]})); then
   echo "installing ${need[*]}"
   apt-get update -qq

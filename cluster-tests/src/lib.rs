@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub mod guest;
 pub mod history;
+pub mod netns;
 pub mod workload;
 
 use anyhow::{bail, Context as _};
@@ -35,6 +36,8 @@ pub struct ClusterSpec {
     /// Put this node's data directory on a tmpfs of this many MiB (needs
     /// root): a small disk that fills up.
     pub tmpfs_node: Option<(usize, u64)>,
+    /// Run every node in its own network namespace (needs root).
+    pub netns: bool,
 }
 
 impl Default for ClusterSpec {
@@ -51,6 +54,7 @@ impl Default for ClusterSpec {
             scrub_blocks_per_sec: 20_000,
             scrub_interval_secs: 2,
             tmpfs_node: None,
+            netns: false,
         }
     }
 }
@@ -92,6 +96,8 @@ pub struct LocalCluster {
     /// Extra environment for a node's next start.
     next_env: Vec<Vec<(String, String)>>,
     mounted: Vec<PathBuf>,
+    /// The namespaces, when `spec.netns`.
+    pub net: Option<netns::Net>,
 }
 
 impl LocalCluster {
@@ -106,7 +112,13 @@ impl LocalCluster {
             ports,
             procs: Vec::new(),
             mounted: Vec::new(),
+            net: None,
         };
+        if c.spec.netns {
+            static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            c.net = Some(netns::Net::create(c.spec.nodes, seq)?);
+        }
         if let Some((node, mib)) = c.spec.tmpfs_node {
             let d = c.data_dir(node);
             std::fs::create_dir_all(&d)?;
@@ -171,7 +183,10 @@ impl LocalCluster {
     }
 
     pub fn addr(&self, i: usize) -> String {
-        format!("127.0.0.1:{}", self.ports[i - 1])
+        match &self.net {
+            Some(n) => format!("{}:7100", n.node_ip(i)),
+            None => format!("127.0.0.1:{}", self.ports[i - 1]),
+        }
     }
 
     pub fn addrs(&self) -> Vec<String> {
@@ -193,7 +208,16 @@ impl LocalCluster {
             .append(true)
             .open(self.log_path(i))?;
         let env = std::mem::take(&mut self.next_env[i - 1]);
-        let child = Command::new(bin("raftblk-node"))
+        let mut cmd = match &self.net {
+            Some(n) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &n.node_ns(i)])
+                    .arg(bin("raftblk-node"));
+                c
+            }
+            None => Command::new(bin("raftblk-node")),
+        };
+        let child = cmd
             .arg("--config")
             .arg(self.config_path(i))
             .env("RUST_LOG", "info")
@@ -470,6 +494,7 @@ impl Drop for LocalCluster {
         for m in &self.mounted {
             let _ = Command::new("umount").arg(m).status();
         }
+        // `net` drops after this, deleting the namespaces.
     }
 }
 

@@ -29,6 +29,15 @@ struct Scenario {
     fault: Fault,
 }
 
+/// Scenarios that need every node in its own network namespace.
+const NETNS_SCENARIOS: &[&str] = &[
+    "leader_isolated",
+    "meta_leader_isolated",
+    "minority_split",
+    "asymmetric_partition",
+    "slow_link",
+];
+
 struct Report {
     name: &'static str,
     ops: usize,
@@ -242,6 +251,102 @@ fn full_disk(c: &mut LocalCluster) -> Pin<Box<dyn Future<Output = anyhow::Result
     })
 }
 
+fn leader_isolated(
+    c: &mut LocalCluster,
+) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + '_>> {
+    Box::pin(async move {
+        let l = some_leader(c, 1).await?;
+        let others: Vec<usize> = (1..=c.spec.nodes).filter(|&i| i != l).collect();
+        let net = c
+            .net
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("needs network namespaces"))?;
+        // The old leader stays reachable by clients but not by its peers.
+        net.isolate(l, &others)?;
+        sleep(5000).await;
+        net.heal()?;
+        Ok(format!("isolated node {l} (leader of group 1) from its peers for 5 s; clients could still reach it"))
+    })
+}
+
+fn meta_leader_isolated(
+    c: &mut LocalCluster,
+) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + '_>> {
+    Box::pin(async move {
+        let l = some_leader(c, 0).await?;
+        let others: Vec<usize> = (1..=c.spec.nodes).filter(|&i| i != l).collect();
+        let net = c
+            .net
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("needs network namespaces"))?;
+        net.isolate(l, &others)?;
+        sleep(5000).await;
+        net.heal()?;
+        Ok(format!(
+            "isolated node {l} (leader of the meta group) from its peers for 5 s"
+        ))
+    })
+}
+
+fn minority_split(
+    c: &mut LocalCluster,
+) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + '_>> {
+    Box::pin(async move {
+        // 5 nodes: {1, 2} | {3, 4, 5}.
+        let net = c
+            .net
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("needs network namespaces"))?;
+        for i in [1, 2] {
+            net.isolate(i, &[3, 4, 5])?;
+        }
+        for i in [3, 4, 5] {
+            net.isolate(i, &[1, 2])?;
+        }
+        sleep(5000).await;
+        net.heal()?;
+        Ok("split 5 nodes into {1,2} and {3,4,5} for 5 s".into())
+    })
+}
+
+fn asymmetric_partition(
+    c: &mut LocalCluster,
+) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + '_>> {
+    Box::pin(async move {
+        let l = some_leader(c, 1).await?;
+        let net = c
+            .net
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("needs network namespaces"))?;
+        // The leader's messages are lost; it still hears its followers.
+        for j in (1..=c.spec.nodes).filter(|&i| i != l) {
+            net.cut_one_way(l, j)?;
+        }
+        sleep(5000).await;
+        net.heal()?;
+        Ok(format!(
+            "dropped everything node {l} (leader of group 1) sent to its peers for 5 s"
+        ))
+    })
+}
+
+fn slow_link(c: &mut LocalCluster) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + '_>> {
+    Box::pin(async move {
+        let l = some_leader(c, 1).await?;
+        let f = (1..=c.spec.nodes).find(|&i| i != l).unwrap_or(1);
+        let net = c
+            .net
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("needs network namespaces"))?;
+        net.slow_link(f, "2mbit")?;
+        sleep(6000).await;
+        net.heal()?;
+        Ok(format!(
+            "limited follower node {f}'s outgoing link to 2 Mbit/s for 6 s"
+        ))
+    })
+}
+
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "leader_kill",
@@ -288,21 +393,49 @@ const SCENARIOS: &[Scenario] = &[
         nodes: 3,
         fault: full_disk,
     },
+    Scenario {
+        name: "leader_isolated",
+        nodes: 3,
+        fault: leader_isolated,
+    },
+    Scenario {
+        name: "meta_leader_isolated",
+        nodes: 3,
+        fault: meta_leader_isolated,
+    },
+    Scenario {
+        name: "minority_split",
+        nodes: 5,
+        fault: minority_split,
+    },
+    Scenario {
+        name: "asymmetric_partition",
+        nodes: 3,
+        fault: asymmetric_partition,
+    },
+    Scenario {
+        name: "slow_link",
+        nodes: 3,
+        fault: slow_link,
+    },
 ];
 
-async fn run(s: &Scenario) -> anyhow::Result<Report> {
+fn spec_for(s: &Scenario) -> anyhow::Result<ClusterSpec> {
     let is_root = unsafe_getuid() == 0;
-    if s.name == "full_disk" && !is_root {
-        anyhow::bail!("needs root (tmpfs mount)");
+    if (s.name == "full_disk" || NETNS_SCENARIOS.contains(&s.name)) && !is_root {
+        anyhow::bail!("needs root (tmpfs mount / network namespaces)");
     }
-    let spec = ClusterSpec {
+    Ok(ClusterSpec {
         nodes: s.nodes,
         data_groups: 4,
         chunk_size_bytes: 64 * 1024,
         tmpfs_node: (s.name == "full_disk").then_some((3, 48)),
+        netns: NETNS_SCENARIOS.contains(&s.name),
         ..ClusterSpec::default()
-    };
-    let mut cluster = LocalCluster::start(spec)?;
+    })
+}
+
+async fn run(s: &Scenario, mut cluster: LocalCluster) -> anyhow::Result<Report> {
     cluster.wait_healthy(HEALTHY).await?;
     let opts = ClientOptions {
         deadline: Duration::from_secs(10),
@@ -378,6 +511,39 @@ async fn run(s: &Scenario) -> anyhow::Result<Report> {
     })
 }
 
+/// Sets up the cluster in the host namespace, then runs the scenario; for
+/// network-namespace scenarios every client thread (and this one, for the
+/// duration) lives in the test's client namespace.
+fn run_one(s: &Scenario, rt: &tokio::runtime::Runtime) -> anyhow::Result<Report> {
+    let spec = spec_for(s)?;
+    let cluster = LocalCluster::start(spec)?;
+    let Some(client_ns) = cluster
+        .net
+        .as_ref()
+        .map(|n| format!("/run/netns/{}", n.client_ns()))
+    else {
+        return rt.block_on(run(s, cluster));
+    };
+    let host = std::fs::File::open("/proc/thread-self/ns/net")?;
+    let ns_for_threads = client_ns.clone();
+    let nrt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(move || {
+            if let Err(e) = raftblk_cluster_tests::netns::enter(&ns_for_threads) {
+                eprintln!("cannot enter the client namespace: {e}");
+            }
+        })
+        .build()?;
+    raftblk_cluster_tests::netns::enter(&client_ns)?;
+    let r = nrt.block_on(run(s, cluster));
+    drop(nrt);
+    // Back to the host namespace for the next scenario.
+    // SAFETY: setns(2) with an fd we own for this process's original netns.
+    unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&host), libc::CLONE_NEWNET) };
+    r
+}
+
 fn unsafe_getuid() -> u32 {
     // SAFETY: getuid(2) has no preconditions and cannot fail.
     unsafe { libc::getuid() }
@@ -399,7 +565,57 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    println!("failure-injection suite: process faults on loopback (kill -9, SIGSTOP, restarts, corruption)");
+    if unsafe_getuid() == 0 {
+        println!("failure-injection suite: network namespaces per node for partition/slow-link scenarios, loopback for process faults");
+    } else {
+        println!("failure-injection suite: NOT ROOT: loopback with process faults only (full_disk and network scenarios fail)");
+    }
+    // Negative control: the checker must flag a stale read and a lost write.
+    {
+        use raftblk_cluster_tests::history::{Op, OpKind, Seen};
+        let op = |kind, invoke, complete| Op {
+            client: 0,
+            volume: 0,
+            first_block: 0,
+            blocks: 1,
+            kind,
+            invoke,
+            complete: Some(complete),
+        };
+        let stale = vec![
+            op(OpKind::Write { id: 1 }, 0, 10),
+            op(OpKind::Write { id: 2 }, 20, 30),
+            op(
+                OpKind::Read {
+                    seen: vec![Seen::Write(1)],
+                },
+                40,
+                50,
+            ),
+        ];
+        let lost = vec![
+            op(OpKind::Write { id: 1 }, 5, 10),
+            op(
+                OpKind::Read {
+                    seen: vec![Seen::Zeros],
+                },
+                40,
+                50,
+            ),
+        ];
+        let (a, b) = (check(&stale).len(), check(&lost).len());
+        println!(
+            "negative_control       stale read -> {a} anomaly, lost write -> {b} anomaly: {}",
+            if a == 1 && b == 1 {
+                "caught (as it should)"
+            } else {
+                "NOT CAUGHT"
+            }
+        );
+        if a != 1 || b != 1 {
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     let mut reports = Vec::new();
     let started = Instant::now();
     for s in SCENARIOS {
@@ -407,7 +623,7 @@ fn main() -> std::process::ExitCode {
             continue;
         }
         let t = Instant::now();
-        let r = rt.block_on(run(s)).unwrap_or_else(|e| Report {
+        let r = run_one(s, &rt).unwrap_or_else(|e| Report {
             name: s.name,
             ops: 0,
             acked_writes: 0,
