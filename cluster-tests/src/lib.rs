@@ -38,6 +38,8 @@ pub struct ClusterSpec {
     pub tmpfs_node: Option<(usize, u64)>,
     /// Run every node in its own network namespace (needs root).
     pub netns: bool,
+    /// With `netns`: put a delay proxy in front of this node.
+    pub delay_proxy_node: Option<usize>,
 }
 
 impl Default for ClusterSpec {
@@ -55,6 +57,7 @@ impl Default for ClusterSpec {
             scrub_interval_secs: 2,
             tmpfs_node: None,
             netns: false,
+            delay_proxy_node: None,
         }
     }
 }
@@ -96,6 +99,8 @@ pub struct LocalCluster {
     /// Extra environment for a node's next start.
     next_env: Vec<Vec<(String, String)>>,
     mounted: Vec<PathBuf>,
+    /// The delay proxy, when `spec.delay_proxy_node` (dropped before `net`).
+    pub delay: Option<netns::DelayProxy>,
     /// The namespaces, when `spec.netns`.
     pub net: Option<netns::Net>,
 }
@@ -112,12 +117,17 @@ impl LocalCluster {
             ports,
             procs: Vec::new(),
             mounted: Vec::new(),
+            delay: None,
             net: None,
         };
         if c.spec.netns {
             static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
             let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            c.net = Some(netns::Net::create(c.spec.nodes, seq)?);
+            let net = netns::Net::create(c.spec.nodes, seq)?;
+            if let Some(n) = c.spec.delay_proxy_node {
+                c.delay = Some(net.delay_proxy(n, 7100)?);
+            }
+            c.net = Some(net);
         }
         if let Some((node, mib)) = c.spec.tmpfs_node {
             let d = c.data_dir(node);

@@ -230,3 +230,164 @@ impl Drop for Net {
             .status();
     }
 }
+
+/// A TCP delay line in front of one node: inside the node's namespace,
+/// iptables redirects incoming connections for the node's port to the
+/// proxy, which forwards each byte after `delay` (adjustable at run time).
+/// Traffic from the node's own namespace to itself is not redirected.
+pub struct DelayProxy {
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Connections one proxy serves at most.
+const PROXY_CONNECTIONS_MAX: usize = 64;
+
+impl DelayProxy {
+    pub fn set_delay(&self, ms: u64) {
+        self.delay_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Net {
+    /// Starts a delay proxy for node `i` whose server listens on `port`.
+    pub fn delay_proxy(&self, i: usize, port: u16) -> anyhow::Result<DelayProxy> {
+        use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let proxy_port = port + 100;
+        let ns = self.node_ns(i);
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            &port.to_string(),
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &proxy_port.to_string(),
+        ])?;
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let target = format!("{}:{port}", self.node_ip(i));
+        let path = format!("/run/netns/{ns}");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (d, s) = (delay_ms.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // This thread (and every thread it spawns) lives in the node's
+            // namespace.
+            if let Err(e) = enter(&path) {
+                let _ = ready_tx.send(Err(e.to_string()));
+                return;
+            }
+            let listener = match std::net::TcpListener::bind(("0.0.0.0", proxy_port)) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let _ = listener.set_nonblocking(true);
+            let _ = ready_tx.send(Ok(()));
+            let live = Arc::new(AtomicUsize::new(0));
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((inbound, _)) => {
+                        if live.load(Ordering::Relaxed) >= PROXY_CONNECTIONS_MAX {
+                            continue;
+                        }
+                        let Ok(outbound) = std::net::TcpStream::connect(&target) else {
+                            continue;
+                        };
+                        let _ = inbound.set_nonblocking(false);
+                        for (from, to) in [
+                            (inbound.try_clone(), outbound.try_clone()),
+                            (outbound.try_clone(), inbound.try_clone()),
+                        ] {
+                            if let (Ok(from), Ok(to)) = (from, to) {
+                                live.fetch_add(1, Ordering::Relaxed);
+                                let (d, s, live) = (d.clone(), s.clone(), live.clone());
+                                std::thread::spawn(move || {
+                                    pump(from, to, d, s);
+                                    live.fetch_sub(1, Ordering::Relaxed);
+                                });
+                            }
+                        }
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
+            }
+        });
+        match ready_rx.recv_timeout(std::time::Duration::from_secs(5)) {
+            Ok(Ok(())) => Ok(DelayProxy { delay_ms, stop }),
+            Ok(Err(e)) => bail!("delay proxy: {e}"),
+            Err(_) => bail!("delay proxy did not start"),
+        }
+    }
+}
+
+/// Copies `from` → `to`, each chunk released `delay` after it was read.
+fn pump(
+    mut from: std::net::TcpStream,
+    to: std::net::TcpStream,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(std::time::Instant, Vec<u8>)>(1024);
+    let mut writer_to = match to.try_clone() {
+        Ok(t) => t,
+        Err(_) => return,
+    };
+    let writer = std::thread::spawn(move || {
+        while let Ok((due, buf)) = rx.recv() {
+            let now = std::time::Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if writer_to.write_all(&buf).is_err() {
+                break;
+            }
+        }
+        let _ = writer_to.shutdown(std::net::Shutdown::Write);
+    });
+    let _ = from.set_read_timeout(Some(std::time::Duration::from_millis(200)));
+    let mut buf = vec![0u8; 64 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                let due = std::time::Instant::now()
+                    + std::time::Duration::from_millis(delay_ms.load(Ordering::Relaxed));
+                if tx.send((due, buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}

@@ -332,17 +332,45 @@ fn asymmetric_partition(
 
 fn slow_link(c: &mut LocalCluster) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + '_>> {
     Box::pin(async move {
-        let l = some_leader(c, 1).await?;
-        let f = (1..=c.spec.nodes).find(|&i| i != l).unwrap_or(1);
+        let f = c
+            .spec
+            .delay_proxy_node
+            .ok_or_else(|| anyhow::anyhow!("needs the delay proxy"))?;
+        // Make it a follower everywhere first.
+        let other = if f == 1 { 2 } else { 1 };
+        for g in 0..=c.spec.data_groups {
+            if c.leader_of(g).await == Some(f) {
+                c.transfer_leader(g, other, Duration::from_secs(10)).await?;
+            }
+        }
         let net = c
             .net
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("needs network namespaces"))?;
+        // Everything sent to the follower arrives 150 ms late, and what it
+        // sends is limited to 2 Mbit/s.
         net.slow_link(f, "2mbit")?;
-        sleep(6000).await;
+        if let Some(d) = &c.delay {
+            d.set_delay(150);
+        }
+        sleep(1000).await;
+        // The delay is real: a status call to the slow node takes at least
+        // the delay (requests go through the proxy).
+        let t = Instant::now();
+        c.status(f).await?;
+        let rtt = t.elapsed();
+        anyhow::ensure!(
+            rtt >= Duration::from_millis(150),
+            "status of node {f} took {rtt:?}: no delay"
+        );
+        sleep(5000).await;
+        if let Some(d) = &c.delay {
+            d.set_delay(0);
+        }
         net.heal()?;
         Ok(format!(
-            "limited follower node {f}'s outgoing link to 2 Mbit/s for 6 s"
+            "follower node {f}: 150 ms delay on everything it receives (proxy; a status call took {} ms) and 2 Mbit/s out (tbf) for 6 s",
+            rtt.as_millis()
         ))
     })
 }
@@ -431,6 +459,8 @@ fn spec_for(s: &Scenario) -> anyhow::Result<ClusterSpec> {
         chunk_size_bytes: 64 * 1024,
         tmpfs_node: (s.name == "full_disk").then_some((3, 48)),
         netns: NETNS_SCENARIOS.contains(&s.name),
+        // The slow node (made a follower of every group by the scenario).
+        delay_proxy_node: (s.name == "slow_link").then_some(3),
         ..ClusterSpec::default()
     })
 }
