@@ -179,6 +179,7 @@ impl<'a> Applier<'a> {
             let hi = end.min(block_start + BLOCK_BYTES);
             let key = keys::block(group, volume, b);
             let full = lo == block_start && hi == block_start + BLOCK_BYTES;
+            let mut base_corrupt = false;
             let mut content = if full {
                 vec![0u8; BLOCK_BYTES as usize]
             } else {
@@ -186,6 +187,7 @@ impl<'a> Applier<'a> {
                     Some(stored) => match block::decode(&stored) {
                         Ok(d) => d.to_vec(),
                         Err(e) => {
+                            base_corrupt = true;
                             self.checksum_errors += 1;
                             tracing::error!(group, volume, block = b, error = %e, "checksum mismatch during read-modify-write");
                             vec![0u8; BLOCK_BYTES as usize]
@@ -199,7 +201,12 @@ impl<'a> Applier<'a> {
                 Some(d) => dst.copy_from_slice(&d[(lo - offset) as usize..(hi - offset) as usize]),
                 None => dst.fill(0),
             }
-            if block::is_zero(&content) {
+            if base_corrupt {
+                // The untouched part of this block is unknown here: keep it
+                // marked corrupt so reads refuse it and the scrubber has it
+                // repaired from the leader's copy.
+                self.put(wb, key, block::encode_poisoned(&content));
+            } else if block::is_zero(&content) {
                 self.delete(wb, key);
             } else {
                 self.put(wb, key, block::encode(&content));
@@ -365,4 +372,77 @@ pub fn list_volumes(engine: &Engine) -> Result<Vec<VolumeInfo>, EngineError> {
         out.push(info);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raftblk_proto::{RepairBlockCmd, WriteCmd};
+
+    fn cmd(c: Cmd) -> Vec<u8> {
+        Command { cmd: Some(c) }.encode_to_vec()
+    }
+
+    fn apply(engine: &Engine, data: &[u8]) -> ApplyResult {
+        let mut wb = WriteBatch::default();
+        let mut a = Applier::new(engine);
+        let r = a.apply(&mut wb, 1, data).unwrap_or_else(|e| panic!("{e}"));
+        engine.write(wb, false).unwrap_or_else(|e| panic!("{e}"));
+        r
+    }
+
+    #[test]
+    fn rmw_over_a_corrupt_base_stays_flagged_until_repaired() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let engine = Engine::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let good = vec![7u8; 4096];
+        let w = |offset: u64, data: Vec<u8>| {
+            cmd(Cmd::Write(WriteCmd {
+                volume_id: 3,
+                offset_bytes: offset,
+                data: data.into(),
+            }))
+        };
+        assert_eq!(apply(&engine, &w(0, good.clone())), Ok(ApplyOutput::Done));
+        // Corrupt the stored block, then write 512 bytes into it.
+        let key = keys::block(1, 3, 0);
+        let mut stored = engine.get_kv(&key).ok().flatten().unwrap_or_default();
+        stored[100] ^= 1;
+        engine
+            .db()
+            .put_cf(engine.kv_cf(), &key, &stored)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            apply(&engine, &w(512, vec![9u8; 512])),
+            Ok(ApplyOutput::Done)
+        );
+        let after = engine.get_kv(&key).ok().flatten().unwrap_or_default();
+        assert!(
+            block::decode(&after).is_err(),
+            "a merge over a corrupt base must stay flagged"
+        );
+        // A repair with the leader's copy replaces it.
+        let mut fixed = good.clone();
+        fixed[512..1024].fill(9);
+        let repair = cmd(Cmd::RepairBlock(RepairBlockCmd {
+            volume_id: 3,
+            block: 0,
+            data: fixed.clone().into(),
+        }));
+        assert_eq!(apply(&engine, &repair), Ok(ApplyOutput::Done));
+        let healed = engine.get_kv(&key).ok().flatten().unwrap_or_default();
+        assert_eq!(
+            block::decode(&healed).map(|d| d.to_vec()).ok(),
+            Some(fixed.clone())
+        );
+        // A repair never overwrites a healthy copy (it may be newer).
+        let stale = cmd(Cmd::RepairBlock(RepairBlockCmd {
+            volume_id: 3,
+            block: 0,
+            data: good.into(),
+        }));
+        assert_eq!(apply(&engine, &stale), Ok(ApplyOutput::Done));
+        let kept = engine.get_kv(&key).ok().flatten().unwrap_or_default();
+        assert_eq!(block::decode(&kept).map(|d| d.to_vec()).ok(), Some(fixed));
+    }
 }

@@ -27,6 +27,15 @@ pub fn encode(data: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Encodes a block whose content is known to be unreliable (merged over a
+/// corrupt base): the stored checksum deliberately does not match, so every
+/// read and the scrubber treat it as corrupt until it is repaired.
+pub fn encode_poisoned(data: &[u8]) -> Vec<u8> {
+    let mut v = encode(data);
+    v[0] ^= 0xff;
+    v
+}
+
 /// Verifies a stored block and returns its data bytes.
 pub fn decode(stored: &[u8]) -> Result<&[u8], ChecksumError> {
     if stored.len() != STORED_BLOCK_BYTES {
@@ -71,6 +80,7 @@ mod tests {
         stored[1] ^= 1;
         assert!(decode(&stored).is_err());
         assert!(decode(&stored[..10]).is_err());
+        assert!(decode(&encode_poisoned(&data)).is_err());
         assert!(is_zero(&[0; 4096]));
         assert!(!is_zero(&data));
     }
