@@ -183,7 +183,7 @@ fn guest_survives_kill_of_a_group_leader_during_fio_verify() -> anyhow::Result<(
         if line.contains("RAFTBLK-FIO-START") && killer.is_none() {
             // fio is starting: kill -9 the leader while it runs.
             killer = Some(std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_secs(3));
+                std::thread::sleep(Duration::from_secs(2));
                 // SAFETY: kill(2) on the PID of a node process this test
                 // started and has not reaped.
                 unsafe {
@@ -210,16 +210,16 @@ fn guest_survives_kill_of_a_group_leader_during_fio_verify() -> anyhow::Result<(
         "{}",
         run.output
     );
-    // The kill (3 s after fio started) happened while fio was running.
+    // The kill (2 s after fio started) happened while fio was running.
     let secs: u64 = fio
         .first()
         .and_then(|v| v.get(1))
         .and_then(|s| s.strip_prefix("secs="))
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    eprintln!("fio ran {secs} s; leader of group {group} (node {victim}) killed 3 s in");
+    eprintln!("fio ran {secs} s; leader of group {group} (node {victim}) killed 2 s in");
     assert!(
-        secs >= 5,
+        secs >= 4,
         "fio finished before the kill took effect ({secs} s):\n{}",
         run.output
     );
