@@ -165,9 +165,14 @@ impl Volume {
 
     /// Writes `data` at `offset`; returns once every piece is committed.
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), ClientError> {
-        let len = data.len() as u64;
+        self.write_bytes(offset, Bytes::copy_from_slice(data)).await
+    }
+
+    /// Like `write`, for a buffer the caller hands over (no copy: the
+    /// pieces sent to each group are slices of it).
+    pub async fn write_bytes(&self, offset: u64, all: Bytes) -> Result<(), ClientError> {
+        let len = all.len() as u64;
         self.check(offset, len)?;
-        let all = Bytes::copy_from_slice(data);
         let pieces = self.pieces(offset, len);
         self.note_written(&pieces);
         stream::iter(pieces)

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use raftblk_client::Volume;
 use rand::{Rng, SeedableRng};
 
-use crate::history::{block_payload, decode, Op, OpKind, BLOCK};
+use crate::history::{block_payload, decode, Op, OpKind, Seen, BLOCK};
 
 #[derive(Debug, Clone)]
 pub struct WorkloadSpec {
@@ -40,7 +40,14 @@ pub struct Workload {
     pub started: Instant,
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    next_id: Arc<AtomicU64>,
+}
+
+/// What each 4 KiB block of a read starting at block `first` held.
+fn decode_read(first: u64, data: &[u8]) -> Vec<Seen> {
+    data.chunks(BLOCK)
+        .enumerate()
+        .map(|(i, d)| decode(first + i as u64, d))
+        .collect()
 }
 
 fn micros(started: Instant) -> u64 {
@@ -86,11 +93,7 @@ impl Workload {
                     } else if dice < 90 {
                         match vol.read(first * BLOCK as u64, n * BLOCK as u64).await {
                             Ok(data) => {
-                                let seen = data
-                                    .chunks(BLOCK)
-                                    .enumerate()
-                                    .map(|(i, d)| decode(first + i as u64, d))
-                                    .collect();
+                                let seen = decode_read(first, &data);
                                 (OpKind::Read { seen }, true)
                             }
                             Err(_) => (OpKind::Read { seen: Vec::new() }, false),
@@ -128,7 +131,6 @@ impl Workload {
             started,
             stop,
             tasks,
-            next_id,
         }
     }
 
@@ -152,11 +154,7 @@ impl Workload {
                 let (kind, complete) = match r {
                     Ok(data) => (
                         OpKind::Read {
-                            seen: data
-                                .chunks(BLOCK)
-                                .enumerate()
-                                .map(|(i, d)| decode(first + i as u64, d))
-                                .collect(),
+                            seen: decode_read(first, &data),
                         },
                         Some(micros(self.started)),
                     ),
@@ -174,7 +172,6 @@ impl Workload {
                 first += n;
             }
         }
-        let _ = &self.next_id;
     }
 
     pub fn history(&self) -> Vec<Op> {

@@ -251,20 +251,26 @@ fn full_disk(c: &mut LocalCluster) -> Pin<Box<dyn Future<Output = anyhow::Result
     })
 }
 
+/// Cuts the current leader of `group` off from its peers for 5 s (clients
+/// can still reach it).
+async fn isolate_leader_of(c: &LocalCluster, group: u64) -> anyhow::Result<usize> {
+    let l = some_leader(c, group).await?;
+    let others: Vec<usize> = (1..=c.spec.nodes).filter(|&i| i != l).collect();
+    let net = c
+        .net
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("needs network namespaces"))?;
+    net.isolate(l, &others)?;
+    sleep(5000).await;
+    net.heal()?;
+    Ok(l)
+}
+
 fn leader_isolated(
     c: &mut LocalCluster,
 ) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + '_>> {
     Box::pin(async move {
-        let l = some_leader(c, 1).await?;
-        let others: Vec<usize> = (1..=c.spec.nodes).filter(|&i| i != l).collect();
-        let net = c
-            .net
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("needs network namespaces"))?;
-        // The old leader stays reachable by clients but not by its peers.
-        net.isolate(l, &others)?;
-        sleep(5000).await;
-        net.heal()?;
+        let l = isolate_leader_of(c, 1).await?;
         Ok(format!("isolated node {l} (leader of group 1) from its peers for 5 s; clients could still reach it"))
     })
 }
@@ -273,15 +279,7 @@ fn meta_leader_isolated(
     c: &mut LocalCluster,
 ) -> Pin<Box<dyn Future<Output = anyhow::Result<String>> + '_>> {
     Box::pin(async move {
-        let l = some_leader(c, 0).await?;
-        let others: Vec<usize> = (1..=c.spec.nodes).filter(|&i| i != l).collect();
-        let net = c
-            .net
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("needs network namespaces"))?;
-        net.isolate(l, &others)?;
-        sleep(5000).await;
-        net.heal()?;
+        let l = isolate_leader_of(c, 0).await?;
         Ok(format!(
             "isolated node {l} (leader of the meta group) from its peers for 5 s"
         ))

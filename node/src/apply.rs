@@ -179,22 +179,33 @@ impl<'a> Applier<'a> {
             let hi = end.min(block_start + BLOCK_BYTES);
             let key = keys::block(group, volume, b);
             let full = lo == block_start && hi == block_start + BLOCK_BYTES;
-            let mut base_corrupt = false;
-            let mut content = if full {
-                vec![0u8; BLOCK_BYTES as usize]
-            } else {
-                match self.get(&key)? {
-                    Some(stored) => match block::decode(&stored) {
-                        Ok(d) => d.to_vec(),
-                        Err(e) => {
-                            base_corrupt = true;
-                            self.checksum_errors += 1;
-                            tracing::error!(group, volume, block = b, error = %e, "checksum mismatch during read-modify-write");
-                            vec![0u8; BLOCK_BYTES as usize]
+            if full {
+                // Whole block: no read, no merge buffer.
+                match data {
+                    Some(d) => {
+                        let src = &d[(lo - offset) as usize..(hi - offset) as usize];
+                        if block::is_zero(src) {
+                            self.delete(wb, key);
+                        } else {
+                            self.put(wb, key, block::encode(src));
                         }
-                    },
-                    None => vec![0u8; BLOCK_BYTES as usize],
+                    }
+                    None => self.delete(wb, key),
                 }
+                continue;
+            }
+            let mut base_corrupt = false;
+            let mut content = match self.get(&key)? {
+                Some(stored) => match block::decode(&stored) {
+                    Ok(d) => d.to_vec(),
+                    Err(e) => {
+                        base_corrupt = true;
+                        self.checksum_errors += 1;
+                        tracing::error!(group, volume, block = b, error = %e, "checksum mismatch during read-modify-write");
+                        vec![0u8; BLOCK_BYTES as usize]
+                    }
+                },
+                None => vec![0u8; BLOCK_BYTES as usize],
             };
             let dst = &mut content[(lo - block_start) as usize..(hi - block_start) as usize];
             match data {

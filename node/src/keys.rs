@@ -115,11 +115,6 @@ pub fn group_range(group: u64) -> (Vec<u8>, Vec<u8>) {
     (start, end)
 }
 
-/// Every raft-family key of `group`: `[start, end)`.
-pub fn group_raft_range(group: u64) -> (Vec<u8>, Vec<u8>) {
-    group_range(group)
-}
-
 pub fn u64_pair(a: u64, b: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(16);
     v.extend_from_slice(&a.to_be_bytes());

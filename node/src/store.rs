@@ -113,7 +113,8 @@ pub enum StoreMsg {
 #[derive(Debug, Clone, Default)]
 pub struct GroupView {
     pub group: u64,
-    pub replicas: Vec<u64>,
+    /// Shared with the store: cloning a view does not allocate.
+    pub replicas: Arc<[u64]>,
     pub leader_id: u64,
     pub term: u64,
     pub role: &'static str,
@@ -291,7 +292,7 @@ struct InflightRead {
 struct Group {
     id: u64,
     node: RawNode<GroupStorage>,
-    replicas: Vec<u64>,
+    replicas: Arc<[u64]>,
     pending: BTreeMap<u64, PendingProposal>,
     reads_unsent: Vec<(ReadCb, Instant)>,
     reads_inflight: HashMap<u64, InflightRead>,
@@ -440,7 +441,7 @@ pub fn create(
             Group {
                 id: g,
                 node,
-                replicas,
+                replicas: replicas.into(),
                 pending: BTreeMap::new(),
                 reads_unsent: Vec::new(),
                 reads_inflight: HashMap::new(),

@@ -54,7 +54,10 @@ mod tests {
     #[test]
     fn chunk_group_is_stable_and_in_range() {
         // Pinned values: a change here breaks every existing cluster.
-        assert_eq!(chunk_group(1, 0, 16), chunk_group(1, 0, 16));
+        let v1: Vec<u64> = (0..8).map(|c| chunk_group(1, c, 16)).collect();
+        assert_eq!(v1, vec![4, 15, 14, 7, 12, 5, 5, 15]);
+        let v42: Vec<u64> = (0..4).map(|c| chunk_group(42, c, 7)).collect();
+        assert_eq!(v42, vec![4, 6, 5, 7]);
         for v in 1..20 {
             for c in 0..200 {
                 let g = chunk_group(v, c, 7);

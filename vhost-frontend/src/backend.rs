@@ -74,9 +74,6 @@ struct Inner {
     exit: Vec<(EventConsumer, EventNotifier)>,
     bad_chain_log: LogLimiter,
     io_error_log: LogLimiter,
-    /// Counters (for tests and status).
-    pub rejected: AtomicU64,
-    pub completed: AtomicU64,
 }
 
 /// The device backend for one connection. Cheap to clone.
@@ -125,8 +122,6 @@ impl BlkBackend {
                 exit,
                 bad_chain_log: LogLimiter::new(10),
                 io_error_log: LogLimiter::new(10),
-                rejected: AtomicU64::new(0),
-                completed: AtomicU64::new(0),
             }),
         })
     }
@@ -216,7 +211,6 @@ impl BlkBackend {
                 };
                 match parsed {
                     Err(rej) => {
-                        self.inner.rejected.fetch_add(1, Ordering::Relaxed);
                         if let Some(suppressed) = self.inner.bad_chain_log.allow() {
                             tracing::warn!(queue = q, head, status = rej.code, suppressed, reason = %rej.reason, "malformed request from guest");
                         }
@@ -277,7 +271,7 @@ impl BlkBackend {
                 .fetch_add(1, Ordering::Relaxed);
             return Ok(true);
         }
-        let payload = if let Kind::Write { len, .. } = req.kind {
+        let mut payload = if let Kind::Write { len, .. } = req.kind {
             let mut buf = vec![0u8; len as usize];
             let mut at = 0usize;
             for s in &req.segments {
@@ -315,8 +309,8 @@ impl BlkBackend {
                 match &kind {
                     Kind::Read { offset, len } => vol.read(*offset, *len).await.map(Some),
                     Kind::Write { offset, .. } => {
-                        let data = payload.as_deref().unwrap_or_default();
-                        vol.write(*offset, data).await.map(|_| None)
+                        let data = payload.take().unwrap_or_default();
+                        vol.write_bytes(*offset, data.into()).await.map(|_| None)
                     }
                     Kind::Flush => vol.flush().await.map(|_| None),
                     Kind::Discard { ranges } => {
@@ -395,7 +389,6 @@ impl BlkBackend {
                 let _ = guest.write_slice(&[status], c.status_addr);
                 vring.add_used(c.head, len).map_err(qerr)?;
             }
-            self.inner.completed.fetch_add(1, Ordering::Relaxed);
             ctx.answered.fetch_add(1, Ordering::Relaxed);
             ctx.inflight.fetch_sub(1, Ordering::AcqRel);
         }

@@ -2,7 +2,7 @@
 //! vhost-user protocol until it disconnects, then accept the next one on
 //! the same socket (the daemon outlives any guest).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -79,9 +79,4 @@ pub fn serve_volume(
             return Ok(());
         }
     }
-}
-
-/// Default socket path for a volume under `dir`.
-pub fn socket_path(dir: &Path, volume: &str) -> PathBuf {
-    dir.join(format!("{volume}.sock"))
 }

@@ -31,7 +31,7 @@ impl Cluster for ClusterService {
             .into_iter()
             .map(|v| GroupStatus {
                 group_id: v.group,
-                replicas: v.replicas,
+                replicas: v.replicas.to_vec(),
                 leader_id: v.leader_id,
                 term: v.term,
                 commit_index: v.commit_index,
