@@ -31,7 +31,9 @@ build() {
   fi
   # A no-op when up to date; a clean build compiles RocksDB (~15 minutes).
   [[ -x "$NODE_BIN" ]] || echo "building raftblk (a clean build compiles RocksDB: ~15 minutes)..."
-  cargo build --bins --quiet
+  # Only the shipped packages: the test-only failpoints feature (enabled by
+  # cluster-tests) must not reach the binaries this script runs.
+  cargo build --quiet -p raftblk-node -p raftblk-client -p raftblk-vhost --bins
 }
 
 running() { [[ -f "$STATE/node$1.pid" ]] && kill -0 "$(cat "$STATE/node$1.pid")" 2>/dev/null; }

@@ -11,7 +11,7 @@ use raftblk_proto::cluster_client::ClusterClient;
 use raftblk_proto::volumes_client::VolumesClient;
 use raftblk_proto::{
     CreateVolumeRequest, Empty, Error as PbError, ErrorCode, GrowVolumeRequest, NodeStatusResponse,
-    VolumeInfo, VolumeNameRequest, GRPC_MESSAGE_BYTES_MAX, META_GROUP_ID,
+    VolumeInfo, VolumeNameRequest, META_GROUP_ID,
 };
 use rand::Rng as _;
 use tokio::time::Instant;
@@ -19,7 +19,6 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::error::ClientError;
 use crate::topology::Topology;
-use crate::volume::Volume;
 
 /// Timeouts and retry bounds.
 #[derive(Debug, Clone)]
@@ -386,12 +385,6 @@ impl Client {
             other => other,
         })
     }
-
-    /// Opens volume `name` for I/O.
-    pub async fn open_volume(&self, name: &str) -> Result<Volume, ClientError> {
-        let info = self.volume_info(name).await?;
-        Ok(Volume::new(self.clone(), info))
-    }
 }
 
 fn channel_for(addr: &str, opts: &ClientOptions) -> Result<Channel, tonic::transport::Error> {
@@ -403,6 +396,3 @@ fn channel_for(addr: &str, opts: &ClientOptions) -> Result<Channel, tonic::trans
         .keep_alive_while_idle(true)
         .connect_lazy())
 }
-
-/// Largest gRPC message the client accepts.
-pub const MESSAGE_BYTES_MAX: usize = GRPC_MESSAGE_BYTES_MAX;

@@ -14,7 +14,10 @@ use raftblk_proto::{
 };
 
 use crate::error::ClientError;
-use crate::router::{Client, MESSAGE_BYTES_MAX};
+use crate::router::Client;
+
+/// Largest gRPC message the client sends or accepts.
+const MESSAGE_BYTES_MAX: usize = raftblk_proto::GRPC_MESSAGE_BYTES_MAX;
 
 /// One piece of a request: a range inside one chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,6 +302,14 @@ impl Volume {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         g.extend(pieces.iter().map(|p| p.group));
+    }
+}
+
+impl Client {
+    /// Opens volume `name` for I/O.
+    pub async fn open_volume(&self, name: &str) -> Result<Volume, ClientError> {
+        let info = self.volume_info(name).await?;
+        Ok(Volume::new(self.clone(), info))
     }
 }
 

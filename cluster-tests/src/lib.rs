@@ -208,8 +208,19 @@ impl LocalCluster {
         self.addrs().join(",")
     }
 
-    /// Starts node `i` (1-based) if it is not running.
+    /// Starts node `i` (1-based) if it is not running; with `FAILPOINTS`
+    /// among its next environment, as the test-only binary that reads them.
     pub fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let exe = if self.next_env[i - 1].iter().any(|(k, _)| k == "FAILPOINTS") {
+            bin("raftblk-node-failpoints")
+        } else {
+            bin("raftblk-node")
+        };
+        self.start_node_with(i, &exe)
+    }
+
+    /// Starts node `i` from the executable `exe` if it is not running.
+    pub fn start_node_with(&mut self, i: usize, exe: &Path) -> anyhow::Result<()> {
         if self.procs[i - 1].is_some() {
             return Ok(());
         }
@@ -221,11 +232,10 @@ impl LocalCluster {
         let mut cmd = match &self.net {
             Some(n) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", &n.node_ns(i)])
-                    .arg(bin("raftblk-node"));
+                c.args(["netns", "exec", &n.node_ns(i)]).arg(exe);
                 c
             }
-            None => Command::new(bin("raftblk-node")),
+            None => Command::new(exe),
         };
         let child = cmd
             .arg("--config")

@@ -125,12 +125,16 @@ impl<'a> Applier<'a> {
             Cmd::DeleteVolume(d) => self.delete_volume(wb, group, &d.name),
             Cmd::GrowVolume(g) => self.grow_volume(wb, group, &g.name, g.new_size_bytes),
             Cmd::RepairBlock(r) => {
-                if r.data.len() != BLOCK_BYTES as usize {
+                let want = if r.zero { 0 } else { BLOCK_BYTES as usize };
+                if r.data.len() != want {
                     return Ok(Err(PbError::new(
                         ErrorCode::InvalidArgument,
-                        "repair data is not one block",
+                        "repair data is neither one block nor (zero) empty",
                     )));
                 }
+                // Only copies that fail their checksum are replaced: a
+                // healthy copy already equals the repair's value (see
+                // `repair`: it is this block's value as of this entry).
                 let key = keys::block(group, r.volume_id, r.block);
                 if let Some(stored) = self.get(&key)? {
                     if block::decode(&stored).is_err() {
@@ -138,10 +142,15 @@ impl<'a> Applier<'a> {
                             group,
                             volume = r.volume_id,
                             block = r.block,
+                            zero = r.zero,
                             "repaired a corrupt block"
                         );
                         self.repaired += 1;
-                        self.put(wb, key, block::encode(&r.data));
+                        if r.zero {
+                            self.delete(wb, key);
+                        } else {
+                            self.put(wb, key, block::encode(&r.data));
+                        }
                     }
                 }
                 Ok(Ok(ApplyOutput::Done))
@@ -439,6 +448,7 @@ mod tests {
             volume_id: 3,
             block: 0,
             data: fixed.clone().into(),
+            zero: false,
         }));
         assert_eq!(apply(&engine, &repair), Ok(ApplyOutput::Done));
         let healed = engine.get_kv(&key).ok().flatten().unwrap_or_default();
@@ -451,6 +461,7 @@ mod tests {
             volume_id: 3,
             block: 0,
             data: good.into(),
+            zero: false,
         }));
         assert_eq!(apply(&engine, &stale), Ok(ApplyOutput::Done));
         let kept = engine.get_kv(&key).ok().flatten().unwrap_or_default();

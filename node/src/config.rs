@@ -108,6 +108,10 @@ pub struct LimitsConfig {
     pub scrub_blocks_per_sec: u64,
     /// Pause between two full scrub passes.
     pub scrub_interval_secs: u64,
+    /// How long a node may use a cached volume record (size, existence)
+    /// for block I/O before re-reading it from the meta group: the bound
+    /// on how long a deleted volume still accepts I/O.
+    pub volume_cache_ttl_ms: u64,
 }
 
 fn default_replicas() -> u64 {
@@ -145,6 +149,7 @@ impl Default for LimitsConfig {
             volume_size_bytes_max: 1 << 50,
             scrub_blocks_per_sec: 2048,
             scrub_interval_secs: 3600,
+            volume_cache_ttl_ms: 2000,
         }
     }
 }
@@ -266,6 +271,22 @@ impl NodeConfig {
                 ),
             ));
         }
+        // Leader leases last 0.8 x the election timeout from the moment a
+        // read round is issued; with check_quorum a follower refuses votes
+        // only for (election_ticks - 1) ticks of real time after it last
+        // heard from the leader (its first tick may come at once). Keep a
+        // quarter tick to spare for timer jitter.
+        let lease_ms = r.tick_interval_ms * r.election_ticks as u64 * 4 / 5;
+        let guaranteed_ms = r.tick_interval_ms * (r.election_ticks as u64).saturating_sub(1);
+        if lease_ms + r.tick_interval_ms / 4 > guaranteed_ms {
+            return Err(bad(
+                "raft.election_ticks",
+                format!(
+                    "{} is too small for leader leases: a lease lasts 0.8 x election_ticks x tick_interval_ms = {lease_ms} ms, which must stay a quarter tick below the {guaranteed_ms} ms ((election_ticks - 1) x tick_interval_ms) that check_quorum guarantees; use at least 7",
+                    r.election_ticks
+                ),
+            ));
+        }
         if r.log_compact_threshold_entries == 0
             || r.log_retain_entries >= r.log_compact_threshold_entries
         {
@@ -325,6 +346,12 @@ impl NodeConfig {
             return Err(bad(
                 "limits.request_timeout_ms",
                 format!("{} is below 100", l.request_timeout_ms),
+            ));
+        }
+        if l.volume_cache_ttl_ms < 10 || l.volume_cache_ttl_ms > 600_000 {
+            return Err(bad(
+                "limits.volume_cache_ttl_ms",
+                format!("{} is not in 10..=600000", l.volume_cache_ttl_ms),
             ));
         }
         if l.scrub_interval_secs == 0 {
@@ -413,6 +440,19 @@ addr = "127.0.0.1:7103"
         .contains("cluster.chunk_size_bytes"));
         let unknown = err(&GOOD.replace("node_id = 1", "node_id = 1\nbogus = 3"));
         assert!(unknown.contains("bogus"), "{unknown}");
+        let short = err(&format!(
+            "{GOOD}\n[raft]\nelection_ticks = 3\nheartbeat_ticks = 1\n"
+        ));
+        assert!(
+            short.contains("`raft.election_ticks`") && short.contains("leader leases"),
+            "{short}"
+        );
+        let six = err(&format!(
+            "{GOOD}\n[raft]\nelection_ticks = 6\nheartbeat_ticks = 1\n"
+        ));
+        assert!(six.contains("use at least 7"), "{six}");
+        let seven = format!("{GOOD}\n[raft]\nelection_ticks = 7\nheartbeat_ticks = 1\n");
+        assert!(NodeConfig::parse(&seven, Path::new("t.toml")).is_ok());
         let typed = err(&GOOD.replace("data_groups = 8", "data_groups = \"eight\""));
         assert!(typed.contains("data_groups"), "{typed}");
     }

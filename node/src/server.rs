@@ -34,8 +34,8 @@ pub async fn serve(
     let rt = tokio::runtime::Handle::current();
     let tcfg = config.clone();
     let tengine = engine.clone();
-    let (store, handle) = store::create(config.clone(), engine, move |tx, counters| {
-        Transport::new(&tcfg, tengine, rt, tx, counters)
+    let (store, handle) = store::create(config.clone(), engine, move |tx, counters, suspects| {
+        Transport::new(&tcfg, tengine, rt, tx, counters, suspects)
     })
     .context("cannot start the raft store")?;
     let store_thread = std::thread::Builder::new()
@@ -49,7 +49,9 @@ pub async fn serve(
         store_tx: handle.sender(),
         nonce: AtomicU64::new(0),
     };
+    let volumes = crate::volume_cache::VolumeCache::new(handle.clone());
     tokio::spawn(repair_loop(handle.clone()));
+    tokio::spawn(crate::gc::run(handle.clone(), volumes.clone()));
     if config.limits.scrub_blocks_per_sec > 0 {
         let scrub_store = handle.clone();
         std::thread::Builder::new()
@@ -84,6 +86,7 @@ pub async fn serve(
         .add_service(
             BlockIoServer::new(BlockIoService {
                 store: handle.clone(),
+                volumes,
             })
             .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
@@ -154,14 +157,7 @@ async fn repair_loop(store: store::StoreHandle) {
     let mut interval = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         interval.tick().await;
-        let batch: Vec<(u64, u64, u64)> = {
-            let mut s = store.suspects.lock().unwrap_or_else(|p| p.into_inner());
-            let picked: Vec<_> = s.iter().take(PER_PASS).copied().collect();
-            for p in &picked {
-                s.remove(p);
-            }
-            picked
-        };
+        let batch = store.suspects.take(PER_PASS);
         for (group, volume, block) in batch {
             let leader = store.view(group).map(|v| v.leader_id).unwrap_or(0);
             let addr = store.config.node_addr(leader).map(str::to_owned);

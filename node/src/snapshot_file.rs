@@ -10,7 +10,7 @@
 //! which is removed only after (3).
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
@@ -18,10 +18,10 @@ use protobuf::Message as _;
 use raft::prelude::{Snapshot, SnapshotMetadata};
 use rocksdb::WriteBatch;
 
+use crate::counters::Counters;
 use crate::engine::{Engine, EngineError};
 use crate::keys;
 use crate::raft_storage::GroupStorage;
-use crate::store::Counters;
 
 const MAGIC: &[u8; 8] = b"RBSNAP1\n";
 /// Largest key and value a snapshot file may hold.
@@ -127,11 +127,12 @@ fn read_pairs(
     let mut n = 0u64;
     loop {
         let mut len = [0u8; 4];
-        match r.read_exact(&mut len) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(e.into()),
+        // The end of the file must fall on a record boundary: a file cut
+        // inside a length field is truncated, not short.
+        if r.fill_buf()?.is_empty() {
+            break;
         }
+        r.read_exact(&mut len)?;
         let klen = u32::from_le_bytes(len) as usize;
         if klen > KEY_BYTES_MAX {
             return Err(corrupt(path, "key too long"));
@@ -173,6 +174,8 @@ pub fn install(
     path: &Path,
 ) -> Result<(), EngineError> {
     let group = storage.group();
+    // Read the whole file once first: a bad one is rejected before the marker and the range clear.
+    read_pairs(path, group, |_, _| Ok(()))?;
     let mut wb = WriteBatch::default();
     wb.put_cf(
         engine.raft_cf(),

@@ -16,10 +16,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::block;
 use crate::config::NodeConfig;
+use crate::counters::{Counters, Suspects};
 use crate::engine::{Engine, OwnedSnapshot};
 use crate::keys;
-use crate::store::{Counters, StoreMsg};
+use crate::msg::StoreMsg;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -47,6 +49,7 @@ pub struct Transport {
     rt: tokio::runtime::Handle,
     store_tx: mpsc::Sender<StoreMsg>,
     counters: Arc<Counters>,
+    suspects: Arc<Suspects>,
     engine: Engine,
     piece_bytes: usize,
 }
@@ -59,6 +62,7 @@ impl Transport {
         rt: tokio::runtime::Handle,
         store_tx: mpsc::Sender<StoreMsg>,
         counters: Arc<Counters>,
+        suspects: Arc<Suspects>,
     ) -> Transport {
         let mut peers = HashMap::new();
         let mut addrs = HashMap::new();
@@ -87,6 +91,7 @@ impl Transport {
             rt,
             store_tx,
             counters,
+            suspects,
             engine,
             piece_bytes: config.raft.snapshot_piece_bytes as usize,
         }
@@ -118,8 +123,16 @@ impl Transport {
         let store_tx = self.store_tx.clone();
         let engine = self.engine.clone();
         let piece_bytes = self.piece_bytes;
+        let suspects = self.suspects.clone();
+        let counters = self.counters.clone();
         self.rt.spawn(async move {
-            let r = send_snapshot(from, addr, group, msg, snap, engine, piece_bytes).await;
+            let source = SnapshotSource {
+                snap,
+                engine,
+                suspects,
+                counters,
+            };
+            let r = send_snapshot(from, addr, group, msg, source, piece_bytes).await;
             if let Err(e) = &r {
                 tracing::warn!(group, to, error = %e, "snapshot transfer failed");
             } else {
@@ -136,15 +149,31 @@ impl Transport {
     }
 }
 
+/// What a snapshot is read from, and where corrupt blocks are reported.
+struct SnapshotSource {
+    snap: OwnedSnapshot,
+    engine: Engine,
+    suspects: Arc<Suspects>,
+    counters: Arc<Counters>,
+}
+
+/// Streams one snapshot. Every block is verified on the way out: a corrupt
+/// one aborts the transfer (raft retries later) and is queued for repair,
+/// so corruption never spreads to a new replica.
 async fn send_snapshot(
     from: u64,
     addr: String,
     group: u64,
     msg: Message,
-    snap: OwnedSnapshot,
-    engine: Engine,
+    source: SnapshotSource,
     piece_bytes: usize,
 ) -> anyhow::Result<()> {
+    let SnapshotSource {
+        snap,
+        engine,
+        suspects,
+        counters,
+    } = source;
     let to = msg.to;
     let header = RaftEnvelope {
         group_id: group,
@@ -165,7 +194,16 @@ async fn send_snapshot(
         let mut bytes = 0usize;
         let mut total = 0u64;
         let mut closed = false;
+        let mut corrupt: Option<(u64, u64)> = None;
         snap.scan_kv(&engine, &start, &end, |k, v| {
+            if let Some((volume, b)) = keys::parse_block(group, k) {
+                if block::decode(v).is_err() {
+                    counters.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                    suspects.note(group, volume, b);
+                    corrupt = Some((volume, b));
+                    return false;
+                }
+            }
             bytes += k.len() + v.len() + 8;
             total += 1;
             kvs.push(SnapshotKv {
@@ -187,6 +225,11 @@ async fn send_snapshot(
             }
             true
         })?;
+        if let Some((volume, b)) = corrupt {
+            anyhow::bail!(
+                "block {b} of volume {volume} fails its checksum here: not sent, repair queued"
+            );
+        }
         if closed {
             anyhow::bail!("receiver closed mid-transfer");
         }

@@ -1,30 +1,35 @@
 //! The BlockIo service: reads, writes, flushes and discards of byte ranges
 //! inside one chunk. Every request is validated (alignment, size, chunk,
-//! group, volume, bounds) before it touches the store; writes are raft
+//! group, volume, bounds) before it touches the store (the volume against
+//! the node's cached catalog record, see `volume_cache`: no local meta
+//! replica needed); writes are raft
 //! proposals acknowledged after commit and apply; reads wait for ReadIndex
 //! and verify every block's checksum.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use raftblk_proto::block_io_server::BlockIo;
 use raftblk_proto::{
     command::Cmd, placement, BlockRange, Command, DiscardCmd, DiscardRequest, Error as PbError,
     ErrorCode, FlushRequest, ReadRequest, ReadResponse, VolumeInfo, WriteCmd, WriteRequest,
-    WriteResponse, BLOCK_BYTES, META_GROUP_ID, SECTOR_BYTES,
+    WriteResponse, BLOCK_BYTES, SECTOR_BYTES,
 };
 use tonic::{Request, Response, Status};
 
 use super::store_error;
-use crate::apply::{self, ApplyOutput};
+use crate::apply::ApplyOutput;
 use crate::block;
 use crate::keys;
 use crate::store::{StoreError, StoreHandle};
+use crate::volume_cache::VolumeCache;
 
 /// Reads up to this size run on the request's task.
 const INLINE_READ_BYTES_MAX: u64 = 128 * 1024;
 
 pub struct BlockIoService {
     pub store: StoreHandle,
+    pub volumes: Arc<VolumeCache>,
 }
 
 fn invalid(msg: String) -> PbError {
@@ -76,34 +81,10 @@ impl BlockIoService {
         Ok(volume)
     }
 
-    /// The volume `id`, checking that `[.., end)` lies inside it. Uses the
-    /// local catalog replica; on a miss (it may lag) re-reads after a
-    /// ReadIndex on the meta group.
+    /// The volume `id`, checking that `[.., end)` lies inside it (cached
+    /// record, see `volume_cache`).
     async fn volume(&self, id: u64, end: u64) -> Result<VolumeInfo, PbError> {
-        let engine = &self.store.engine;
-        let storage =
-            |e: crate::engine::EngineError| PbError::new(ErrorCode::Storage, e.to_string());
-        let mut v = apply::lookup_volume_by_id(engine, id).map_err(storage)?;
-        if v.as_ref().is_none_or(|v| end > v.size_bytes) {
-            self.store
-                .read_index(META_GROUP_ID, true)
-                .await
-                .map_err(|e| store_error(&self.store, e))?;
-            v = apply::lookup_volume_by_id(engine, id).map_err(storage)?;
-        }
-        let v = v.ok_or_else(|| {
-            PbError::new(ErrorCode::NoSuchVolume, format!("no volume with id {id}"))
-        })?;
-        if end > v.size_bytes {
-            return Err(PbError::new(
-                ErrorCode::OutOfRange,
-                format!(
-                    "range ends at byte {end}, past the end of volume {:?} ({} bytes)",
-                    v.name, v.size_bytes
-                ),
-            ));
-        }
-        Ok(v)
+        self.volumes.volume_for_io(id, end).await
     }
 
     async fn propose(&self, group: u64, cmd: Cmd) -> WriteResponse {
@@ -148,9 +129,27 @@ fn read_blocks(
     let keys: Vec<Vec<u8>> = (first..=last)
         .map(|b| keys::block(group, volume, b))
         .collect();
+    // One pinned view for the whole range, taken while no snapshot install
+    // (which rewrites a group's range in several batches) is under way.
+    let busy = || {
+        PbError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "node {}: a snapshot install is under way",
+                store.config.node_id
+            ),
+        )
+    };
+    let gen = store.install_gen.stable().ok_or_else(busy)?;
+    let snap = engine.db().snapshot();
+    if !store.install_gen.unchanged(gen) {
+        return Err(busy());
+    }
+    let mut ro = rocksdb::ReadOptions::default();
+    ro.set_snapshot(&snap);
     let values = engine
         .db()
-        .multi_get_cf(keys.iter().map(|k| (engine.kv_cf(), k.as_slice())));
+        .multi_get_cf_opt(keys.iter().map(|k| (engine.kv_cf(), k.as_slice())), &ro);
     for (i, value) in values.into_iter().enumerate() {
         let b = first + i as u64;
         let Some(stored) = value.map_err(|e| PbError::new(ErrorCode::Storage, e.to_string()))?

@@ -172,35 +172,16 @@ impl Cluster for ClusterService {
             }
             Some(_) => {}
         }
-        // The leader's own copy, verified, is the source of the repair.
-        let key = keys::block(r.group_id, r.volume_id, r.block);
-        let stored = match self.store.engine.get_kv(&key) {
-            Ok(Some(v)) => v,
-            Ok(None) => return Ok(Response::new(TransferLeaderResponse { error: None })),
-            Err(e) => return fail(PbError::new(ErrorCode::Storage, e.to_string())),
-        };
-        let data = match crate::block::decode(&stored) {
-            Ok(d) => d.to_vec(),
-            Err(e) => {
-                self.store.note_corrupt(r.group_id, r.volume_id, r.block);
-                return fail(PbError::new(
-                    ErrorCode::Corrupted,
-                    format!("the leader's copy is corrupt too: {e}"),
-                ));
-            }
-        };
-        let cmd = raftblk_proto::Command {
-            cmd: Some(raftblk_proto::command::Cmd::RepairBlock(
-                raftblk_proto::RepairBlockCmd {
-                    volume_id: r.volume_id,
-                    block: r.block,
-                    data: data.into(),
-                },
-            )),
-        };
-        let error = match self.store.propose(r.group_id, &cmd).await {
+        // Planned and proposed on the store thread, tied to a log position
+        // (see `repair`).
+        let error = match self.store.repair(r.group_id, r.volume_id, r.block).await {
             Ok(Ok(_)) => None,
-            Ok(Err(e)) => Some(e),
+            Ok(Err(e)) => {
+                if e.kind() == ErrorCode::Corrupted {
+                    self.store.note_corrupt(r.group_id, r.volume_id, r.block);
+                }
+                Some(e)
+            }
             Err(e) => Some(store_error(&self.store, e)),
         };
         Ok(Response::new(TransferLeaderResponse { error }))

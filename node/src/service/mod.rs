@@ -32,9 +32,13 @@ pub fn store_error(store: &StoreHandle, e: StoreError) -> PbError {
             ErrorCode::WrongGroup,
             format!("group {g} has no replica on node {}", store.config.node_id),
         ),
-        StoreError::Unavailable { .. } | StoreError::Stopped => {
-            PbError::new(ErrorCode::Unavailable, e.to_string())
-        }
+        StoreError::InboxFull { .. }
+        | StoreError::TimedOut { .. }
+        | StoreError::EntryReplaced { .. }
+        | StoreError::ProposalDropped { .. }
+        | StoreError::Busy { .. }
+        | StoreError::RaftSetup { .. }
+        | StoreError::Stopped => PbError::new(ErrorCode::Unavailable, e.to_string()),
         StoreError::Engine(_) => PbError::new(ErrorCode::Storage, e.to_string()),
     }
 }

@@ -16,8 +16,9 @@ use raftblk_proto::{Empty, RaftBatch, SnapshotPiece};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::msg::StoreMsg;
 use crate::snapshot_file::SnapshotWriter;
-use crate::store::{StoreHandle, StoreMsg};
+use crate::store::StoreHandle;
 
 /// Envelopes accepted in one batch.
 const BATCH_ENVELOPES_MAX: usize = 4096;

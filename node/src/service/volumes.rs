@@ -7,7 +7,7 @@ use raftblk_proto::volumes_server::Volumes;
 use raftblk_proto::{
     command::Cmd, Command, CreateVolumeCmd, CreateVolumeRequest, DeleteVolumeCmd, Empty,
     Error as PbError, ErrorCode, GrowVolumeCmd, GrowVolumeRequest, ListVolumesResponse,
-    VolumeNameRequest, VolumeResponse, META_GROUP_ID, SECTOR_BYTES,
+    VolumeIdRequest, VolumeNameRequest, VolumeResponse, META_GROUP_ID, SECTOR_BYTES,
 };
 use tonic::{Request, Response, Status};
 
@@ -173,6 +173,28 @@ impl Volumes for VolumesService {
                 error: Some(PbError::new(ErrorCode::Storage, e.to_string())),
                 volumes: vec![],
             })),
+        }
+    }
+
+    async fn get_by_id(
+        &self,
+        req: Request<VolumeIdRequest>,
+    ) -> Result<Response<VolumeResponse>, Status> {
+        let id = req.into_inner().id;
+        // Any meta replica answers: a follower's ReadIndex is linearizable.
+        if let Err(e) = self.store.read_index(META_GROUP_ID, true).await {
+            return Ok(failed(store_error(&self.store, e)));
+        }
+        match apply::lookup_volume_by_id(&self.store.engine, id) {
+            Ok(Some(v)) => Ok(Response::new(VolumeResponse {
+                error: None,
+                volume: Some(v),
+            })),
+            Ok(None) => Ok(failed(PbError::new(
+                ErrorCode::NoSuchVolume,
+                format!("no volume with id {id}"),
+            ))),
+            Err(e) => Ok(failed(PbError::new(ErrorCode::Storage, e.to_string()))),
         }
     }
 

@@ -1,0 +1,83 @@
+//! Node-wide state shared by the store, the transport, the services and
+//! the scrubber: counters (plain atomics: readers tolerate relaxed
+//! ordering), the blocks suspected corrupt, and the snapshot-install
+//! generation readers use to never see a range half rewritten.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Node-wide counters, reported by the Cluster service.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub checksum_errors: AtomicU64,
+    pub snapshots_sent: AtomicU64,
+    pub snapshots_applied: AtomicU64,
+    pub dropped_messages: AtomicU64,
+    pub blocks_repaired: AtomicU64,
+}
+
+/// Corrupt blocks remembered for repair at most.
+pub const SUSPECTS_MAX: usize = 4096;
+
+/// Blocks found corrupt on this node, waiting for a repair from their
+/// group's leader: `(group, volume, block)`, bounded.
+#[derive(Debug, Default)]
+pub struct Suspects(Mutex<BTreeSet<(u64, u64, u64)>>);
+
+impl Suspects {
+    /// Remembers a corrupt block (dropped when the set is full: the
+    /// scrubber finds it again on its next pass).
+    pub fn note(&self, group: u64, volume: u64, block: u64) {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if s.len() < SUSPECTS_MAX {
+            s.insert((group, volume, block));
+        }
+    }
+
+    /// Takes up to `max` suspects out of the set.
+    pub fn take(&self, max: usize) -> Vec<(u64, u64, u64)> {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let picked: Vec<_> = s.iter().take(max).copied().collect();
+        for p in &picked {
+            s.remove(p);
+        }
+        picked
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A seqlock-style generation around snapshot installs (which rewrite a
+/// group's range in several batches): odd while one is under way.
+#[derive(Debug, Default)]
+pub struct InstallGen(AtomicU64);
+
+impl InstallGen {
+    pub fn begin(&self) {
+        let g = self.0.fetch_add(1, Ordering::AcqRel);
+        debug_assert!(g.is_multiple_of(2), "nested snapshot installs");
+    }
+
+    pub fn end(&self) {
+        let g = self.0.fetch_add(1, Ordering::AcqRel);
+        debug_assert!(!g.is_multiple_of(2), "install end without a begin");
+    }
+
+    /// The current generation; `None` while an install is under way.
+    pub fn stable(&self) -> Option<u64> {
+        let g = self.0.load(Ordering::Acquire);
+        g.is_multiple_of(2).then_some(g)
+    }
+
+    /// True if no install began since `stable()` returned `g`.
+    pub fn unchanged(&self, g: u64) -> bool {
+        self.0.load(Ordering::Acquire) == g
+    }
+}

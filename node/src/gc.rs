@@ -1,0 +1,121 @@
+//! Purging the blocks of deleted volumes. A background task, off the store
+//! thread: every few seconds, for each data group this node leads, it
+//! lists the volume ids that still own blocks in the group (a bounded scan
+//! on the blocking pool), asks the meta group (linearizably, through the
+//! volume cache, so nodes without a meta replica do it too) whether each
+//! still exists, and proposes a `PurgeVolume` for the ones that do not.
+//! Volume ids are never reused, so a volume absent from the catalog whose
+//! blocks exist was deleted; a write that raced with the delete and landed
+//! after the purge is found and purged by the next pass.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use raftblk_proto::{command::Cmd, Command, PurgeVolumeCmd, META_GROUP_ID};
+
+use crate::engine::Engine;
+use crate::keys;
+use crate::store::StoreHandle;
+use crate::volume_cache::VolumeCache;
+
+/// Pause between two passes.
+pub const GC_INTERVAL: Duration = Duration::from_secs(5);
+/// Volume ids looked at per group per pass.
+const VOLUMES_PER_GROUP_MAX: usize = 256;
+/// Purges proposed per pass, over all groups.
+const PURGES_PER_PASS_MAX: usize = 64;
+
+/// Runs forever (the process exits around it).
+pub async fn run(store: StoreHandle, volumes: Arc<VolumeCache>) {
+    let mut interval = tokio::time::interval(GC_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        pass(&store, &volumes).await;
+    }
+}
+
+/// One pass over the groups led here; the number of purges proposed.
+pub async fn pass(store: &StoreHandle, volumes: &Arc<VolumeCache>) -> usize {
+    let led: Vec<u64> = store
+        .views()
+        .into_iter()
+        .filter(|v| v.group != META_GROUP_ID && v.role == "leader")
+        .map(|v| v.group)
+        .collect();
+    let mut exists: HashMap<u64, bool> = HashMap::new();
+    let mut purged = 0usize;
+    for group in led {
+        let engine = store.engine.clone();
+        let ids = match tokio::task::spawn_blocking(move || {
+            volumes_in_group(&engine, group, VOLUMES_PER_GROUP_MAX)
+        })
+        .await
+        {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(group, error = %e, "gc: scan failed");
+                continue;
+            }
+        };
+        for id in ids {
+            let alive = match exists.get(&id) {
+                Some(a) => *a,
+                None => match volumes.refresh(id, Instant::now()).await {
+                    Ok(info) => {
+                        exists.insert(id, info.is_some());
+                        info.is_some()
+                    }
+                    Err(e) => {
+                        tracing::debug!(group, volume = id, error = %e, "gc: catalog unreachable");
+                        return purged;
+                    }
+                },
+            };
+            if alive {
+                continue;
+            }
+            tracing::info!(group, volume = id, "purging blocks of a deleted volume");
+            let cmd = Command {
+                cmd: Some(Cmd::PurgeVolume(PurgeVolumeCmd { volume_id: id })),
+            };
+            if let Err(e) = store.propose(group, &cmd).await {
+                tracing::debug!(group, volume = id, error = %e, "gc: purge not committed");
+            }
+            purged += 1;
+            if purged >= PURGES_PER_PASS_MAX {
+                return purged;
+            }
+        }
+    }
+    purged
+}
+
+/// Up to `max` distinct volume ids with blocks in `group`, in id order.
+fn volumes_in_group(engine: &Engine, group: u64, max: usize) -> Vec<u64> {
+    let (_, end) = keys::group_range(group);
+    let mut out = Vec::new();
+    let mut from = 0u64;
+    while out.len() < max {
+        let start = keys::volume_blocks_start(group, from);
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(end.clone());
+        ro.fill_cache(false);
+        let mut iter = engine.db().iterator_cf_opt(
+            engine.kv_cf(),
+            ro,
+            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        let Some(Ok((k, _))) = iter.next() else { break };
+        let Some((volume, _)) = keys::parse_block(group, &k) else {
+            break;
+        };
+        out.push(volume);
+        match volume.checked_add(1) {
+            Some(n) => from = n,
+            None => break,
+        }
+    }
+    out
+}

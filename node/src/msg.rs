@@ -1,0 +1,94 @@
+//! What flows into the store thread ([`StoreMsg`]) and what comes back
+//! ([`StoreError`]): the contract between the store and everything that
+//! talks to it (services, transport, snapshot receiver), kept apart so
+//! none of them depends on the store's insides.
+
+use std::path::PathBuf;
+
+use raft::prelude::Message;
+use tokio::sync::oneshot;
+
+use crate::apply::ApplyResult;
+use crate::engine::{EngineError, OwnedSnapshot};
+
+/// Why the store could not carry out a request.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not the leader of group {group}")]
+    NotLeader { group: u64, leader: Option<u64> },
+    #[error("group {0} is not hosted on this node")]
+    NoSuchGroup(u64),
+    #[error("group {group}: the store inbox is full")]
+    InboxFull { group: u64 },
+    #[error("group {group}: {what} timed out")]
+    TimedOut { group: u64, what: &'static str },
+    #[error("group {group}: the entry was replaced after a leader change")]
+    EntryReplaced { group: u64 },
+    #[error("group {group}: raft dropped the proposal: {reason}")]
+    ProposalDropped { group: u64, reason: String },
+    #[error("group {group}: {what} is busy; retry later")]
+    Busy { group: u64, what: &'static str },
+    #[error("group {group}: raft setup: {reason}")]
+    RaftSetup { group: u64, reason: String },
+    #[error("storage: {0}")]
+    Engine(#[from] EngineError),
+    #[error("the store has stopped")]
+    Stopped,
+}
+
+/// Answer to a proposal: committed and applied (with the command's result).
+pub type ProposeCb = oneshot::Sender<Result<ApplyResult, StoreError>>;
+/// Answer to a read-index request: the replica has applied far enough.
+pub type ReadCb = oneshot::Sender<Result<(), StoreError>>;
+
+/// Messages into the store thread.
+pub enum StoreMsg {
+    Propose {
+        group: u64,
+        data: Vec<u8>,
+        cb: ProposeCb,
+    },
+    ReadIndex {
+        group: u64,
+        allow_follower: bool,
+        cb: ReadCb,
+    },
+    Raft {
+        msgs: Vec<(u64, Message)>,
+    },
+    SnapshotReceived {
+        group: u64,
+        msg: Box<Message>,
+        path: PathBuf,
+    },
+    SnapshotStatus {
+        group: u64,
+        to: u64,
+        ok: bool,
+    },
+    Unreachable {
+        to: u64,
+    },
+    Digest {
+        group: u64,
+        cb: oneshot::Sender<Result<(OwnedSnapshot, u64), StoreError>>,
+    },
+    /// Extend the leader lease of a group with a background ReadIndex round.
+    RenewLease {
+        group: u64,
+    },
+    /// Propose the repair of a corrupt block from this leader's copy, if
+    /// no unapplied entry touches it (see `repair`).
+    Repair {
+        group: u64,
+        volume: u64,
+        block: u64,
+        cb: ProposeCb,
+    },
+    /// Hand leadership of a group to `to`, or (None) to its most
+    /// up-to-date follower.
+    TransferLeader {
+        group: u64,
+        to: Option<u64>,
+    },
+}

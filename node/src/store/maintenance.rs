@@ -1,0 +1,101 @@
+//! Housekeeping on the store thread's clock: raft ticks, deadlines of
+//! proposals and reads, and log compaction. (Purging deleted volumes runs
+//! off this thread, in `gc`.)
+
+use std::time::{Duration, Instant};
+
+use rocksdb::WriteBatch;
+
+use super::{fatal, Store};
+use crate::msg::StoreError;
+
+impl Store {
+    pub(super) fn on_tick(&mut self, now: Instant) {
+        let reissue_after = Duration::from_millis(
+            self.config.raft.tick_interval_ms * self.config.raft.heartbeat_ticks as u64 * 3,
+        );
+        for g in self.groups.values_mut() {
+            g.node.tick();
+            // Proposals past their deadline: the caller has given up; the
+            // entry may still commit (writes are idempotent to retry).
+            let expired: Vec<u64> = g
+                .pending
+                .iter()
+                .filter(|(_, p)| p.deadline <= now)
+                .map(|(i, _)| *i)
+                .collect();
+            for i in expired {
+                if let Some(p) = g.pending.remove(&i) {
+                    let _ = p.cb.send(Err(StoreError::TimedOut {
+                        group: g.id,
+                        what: "proposal",
+                    }));
+                }
+            }
+            // Reads whose read-index round got lost (e.g. a new leader that
+            // has not yet committed in its term drops them): re-issue until
+            // their deadline.
+            let stale: Vec<u64> = g
+                .reads_inflight
+                .iter()
+                .filter(|(_, r)| now.duration_since(r.issued) >= reissue_after)
+                .map(|(c, _)| *c)
+                .collect();
+            for ctx in stale {
+                if let Some(r) = g.reads_inflight.remove(&ctx) {
+                    if r.deadline <= now {
+                        for cb in r.waiters {
+                            let _ = cb.send(Err(StoreError::TimedOut {
+                                group: g.id,
+                                what: "read index",
+                            }));
+                        }
+                    } else {
+                        let issued = r.deadline
+                            - Duration::from_millis(self.config.limits.request_timeout_ms);
+                        g.reads_unsent
+                            .extend(r.waiters.into_iter().map(|cb| (cb, issued)));
+                    }
+                }
+            }
+        }
+        self.outgoing_snapshots
+            .retain(|_, (_, made)| now.duration_since(*made) < Duration::from_secs(600));
+        self.maybe_compact();
+        let ids: Vec<u64> = self.groups.keys().copied().collect();
+        for id in ids {
+            self.update_view(id);
+        }
+    }
+
+    pub(super) fn maybe_compact(&mut self) {
+        let threshold = self.config.raft.log_compact_threshold_entries;
+        let retain = self.config.raft.log_retain_entries;
+        let bytes_threshold = self.config.raft.log_compact_threshold_bytes;
+        let mut wb = WriteBatch::default();
+        for g in self.groups.values_mut() {
+            let st = g.node.store();
+            let applied = st.applied_index();
+            let truncated = st.truncated_index();
+            if applied.saturating_sub(truncated) < threshold && st.log_bytes() < bytes_threshold {
+                continue;
+            }
+            // Keep a tail for followers slightly behind, bounded in entries
+            // and in bytes (a quarter of the byte threshold).
+            let to = st.compact_point(retain, bytes_threshold / 4);
+            if to <= truncated {
+                continue;
+            }
+            if let Err(e) = g.node.mut_store().stage_compact(&mut wb, to) {
+                tracing::warn!(group = g.id, error = %e, "log compaction skipped");
+            } else {
+                tracing::debug!(group = g.id, to, "compacted raft log");
+            }
+        }
+        if !wb.is_empty() {
+            if let Err(e) = self.engine.write(wb, false) {
+                fatal("log compaction", e);
+            }
+        }
+    }
+}

@@ -1,0 +1,502 @@
+//! The multi-raft store: one thread owns every group replica on this node
+//! (one raft-rs `RawNode` each) and runs the ready loop.
+//!
+//! Each round: drain a bounded batch of inbox messages (proposals, reads,
+//! raft messages), tick on time, then for every group with a ready:
+//! send leader messages at once, install a snapshot if any, apply committed
+//! entries and stage log appends and hard states — all groups into ONE
+//! write batch written with one fsync (group commit). Only then are the
+//! persisted messages sent and the ready advanced; the light ready's commit
+//! and entries are applied in a second, unsynced batch. This is raft-rs's
+//! documented ready ordering, batched across groups as TiKV's raftstore does.
+//!
+//! Reads use ReadIndex (raft-rs `ReadOnlyOption::Safe`), batched: all reads
+//! of a group that arrive in one round share one read-index request. A
+//! completed round also grants the leader a lease, TiKV style: the round was
+//! acknowledged by a quorum after it was issued at time T, and with
+//! check_quorum and pre-vote a follower that heard from its leader within
+//! an election timeout refuses to vote, so no other leader can exist before
+//! T + election timeout. Until T + 0.8 x the minimum election timeout the
+//! leader serves reads locally (every acknowledged write is already applied
+//! on it, since writes are acknowledged after the leader applies them). The
+//! lease is measured on the leader's monotonic clock, which keeps running
+//! while the process is paused (SIGSTOP), so a leader that wakes up after a
+//! long pause finds its lease expired; raft-rs's own tick-based lease is not
+//! used for exactly that reason. Leadership transfers drop the lease first
+//! (the transferee campaigns without waiting for the election timeout).
+//!
+//! The parts: `handle` (the async [`StoreHandle`] and published
+//! [`GroupView`]s), `ready` (the ready loop: messages, apply, group commit),
+//! `read` (ReadIndex batching and the leader lease), `snapshot` (snapshots
+//! made for peers and snapshots received), `maintenance` (ticks, proposal
+//! and read deadlines, log compaction, garbage collection).
+
+mod handle;
+mod maintenance;
+mod read;
+mod ready;
+mod snapshot;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use raft::{RawNode, ReadOnlyOption, StateRole};
+use raftblk_proto::placement;
+use tokio::sync::mpsc;
+
+pub use crate::counters::{Counters, InstallGen, Suspects};
+pub use crate::msg::{StoreError, StoreMsg};
+pub use handle::{GroupView, StoreHandle};
+
+use crate::config::NodeConfig;
+use crate::engine::{Engine, EngineError, OwnedSnapshot};
+use crate::msg::{ProposeCb, ReadCb};
+use crate::raft_storage::GroupStorage;
+use crate::snapshot_file;
+use crate::transport::Transport;
+
+struct PendingProposal {
+    term: u64,
+    cb: ProposeCb,
+    deadline: Instant,
+}
+
+struct InflightRead {
+    waiters: Vec<ReadCb>,
+    issued: Instant,
+    deadline: Instant,
+}
+
+struct Group {
+    id: u64,
+    node: RawNode<GroupStorage>,
+    replicas: Arc<[u64]>,
+    pending: BTreeMap<u64, PendingProposal>,
+    reads_unsent: Vec<(ReadCb, Instant)>,
+    reads_inflight: HashMap<u64, InflightRead>,
+    reads_waiting_apply: Vec<(u64, Vec<ReadCb>)>,
+    was_leader: bool,
+    /// Leader lease: until this instant (the leader's monotonic clock),
+    /// no other replica can have been elected, so reads may be served
+    /// locally once `lease_index` is applied. Granted by a ReadIndex round.
+    lease_until: Option<Instant>,
+    lease_index: u64,
+    /// Issue a read-index round with no waiters to extend the lease.
+    renew_lease: bool,
+    /// No lease may be granted while set: a leadership transfer was tried
+    /// in this term (see `read`).
+    transfer_fence: Option<read::TransferFence>,
+    /// This replica has seen an entry of the current term committed: only
+    /// then does raft-rs serve read-index requests (earlier ones it drops,
+    /// so they are held, and re-issued when this turns true).
+    reads_ready: bool,
+    /// A received snapshot file waiting for raft to accept it.
+    incoming_snapshot: Option<(u64, u64, PathBuf)>,
+}
+
+impl Group {
+    pub(super) fn leader_hint(&self) -> Option<u64> {
+        let l = self.node.raft.leader_id;
+        (l != 0).then_some(l)
+    }
+
+    pub(super) fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    pub(super) fn fail_all(&mut self, why: impl Fn() -> StoreError) {
+        for (_, p) in std::mem::take(&mut self.pending) {
+            let _ = p.cb.send(Err(why()));
+        }
+        for (cb, _) in self.reads_unsent.drain(..) {
+            let _ = cb.send(Err(why()));
+        }
+        for (_, r) in self.reads_inflight.drain() {
+            for cb in r.waiters {
+                let _ = cb.send(Err(why()));
+            }
+        }
+        // Reads already confirmed by a quorum stay valid: they wait for the
+        // local apply, which does not depend on leadership.
+    }
+}
+
+/// The store thread's state.
+pub struct Store {
+    node_id: u64,
+    engine: Engine,
+    config: Arc<NodeConfig>,
+    groups: BTreeMap<u64, Group>,
+    rx: mpsc::Receiver<StoreMsg>,
+    transport: Transport,
+    views: Arc<RwLock<BTreeMap<u64, GroupView>>>,
+    /// Per group: a `RenewLease` is queued in the inbox (coalescing).
+    renewals: Arc<HashMap<u64, AtomicBool>>,
+    counters: Arc<Counters>,
+    /// Bumped around every snapshot install (readers check it).
+    install_gen: Arc<InstallGen>,
+    /// Read-index contexts issued by this node (see `read::ReadCtx`).
+    read_ctx: read::ReadCtx,
+    /// DB snapshots made for peers, keyed by (group, peer, applied index
+    /// the snapshot's metadata names).
+    outgoing_snapshots: HashMap<(u64, u64, u64), (OwnedSnapshot, Instant)>,
+    /// How long a completed read-index round lets the leader read locally.
+    lease_duration: Duration,
+}
+
+/// Inbox messages handled per round before the ready pass.
+const INBOX_BATCH_MAX: usize = 4096;
+
+/// 80% of the minimum election timeout.
+pub(crate) fn lease_ms(tick_ms: u64, election_ticks: usize) -> u64 {
+    tick_ms * election_ticks as u64 * 4 / 5
+}
+
+fn role_name(r: StateRole) -> &'static str {
+    match r {
+        StateRole::Leader => "leader",
+        StateRole::Follower => "follower",
+        StateRole::Candidate => "candidate",
+        StateRole::PreCandidate => "pre-candidate",
+    }
+}
+
+fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
+    // A failed write to the raft log breaks raft's assumptions: stop the
+    // node (fail-stop) so it restarts from what is durable.
+    tracing::error!(error = %e, "fatal storage failure: {what}; stopping the node");
+    eprintln!("raftblk-node: fatal storage failure: {what}: {e}");
+    std::process::exit(70);
+}
+
+/// Creates the store and returns its handle; `run` must then be called on a
+/// dedicated thread.
+pub fn create(
+    config: Arc<NodeConfig>,
+    engine: Engine,
+    transport_factory: impl FnOnce(mpsc::Sender<StoreMsg>, Arc<Counters>, Arc<Suspects>) -> Transport,
+) -> Result<(Store, StoreHandle), StoreError> {
+    let (tx, rx) = mpsc::channel(config.limits.inbox_capacity);
+    let counters = Arc::new(Counters::default());
+    let suspects = Arc::new(Suspects::default());
+    let install_gen = Arc::new(InstallGen::default());
+    let transport = transport_factory(tx.clone(), counters.clone(), suspects.clone());
+    let node_id = config.node_id;
+    let node_ids = config.node_ids();
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let mut groups = BTreeMap::new();
+    let snap_dir = config.data_dir.join("snap");
+    std::fs::create_dir_all(&snap_dir).map_err(EngineError::from)?;
+    for g in 0..=config.cluster.data_groups {
+        let replicas = placement::group_replicas(&node_ids, g, config.cluster.replicas);
+        if !replicas.contains(&node_id) {
+            continue;
+        }
+        snapshot_file::resume_interrupted_install(&engine, g, &replicas, &counters)?;
+        let storage = GroupStorage::open(engine.clone(), g, &replicas)?;
+        let applied = storage.applied_index();
+        let raft_cfg = raft::Config {
+            id: node_id,
+            election_tick: config.raft.election_ticks,
+            heartbeat_tick: config.raft.heartbeat_ticks,
+            applied,
+            max_size_per_msg: config.raft.max_size_per_msg_bytes,
+            max_inflight_msgs: config.raft.max_inflight_msgs,
+            check_quorum: true,
+            pre_vote: true,
+            read_only_option: ReadOnlyOption::Safe,
+            max_committed_size_per_ready: 16 << 20,
+            ..Default::default()
+        };
+        raft_cfg.validate().map_err(|e| StoreError::RaftSetup {
+            group: g,
+            reason: format!("raft config: {e}"),
+        })?;
+        let node =
+            RawNode::new(&raft_cfg, storage, &logger).map_err(|e| StoreError::RaftSetup {
+                group: g,
+                reason: format!("raft init: {e}"),
+            })?;
+        groups.insert(
+            g,
+            Group {
+                id: g,
+                node,
+                replicas: replicas.into(),
+                pending: BTreeMap::new(),
+                reads_unsent: Vec::new(),
+                reads_inflight: HashMap::new(),
+                reads_waiting_apply: Vec::new(),
+                was_leader: false,
+                lease_until: None,
+                lease_index: 0,
+                renew_lease: false,
+                transfer_fence: None,
+                reads_ready: false,
+                incoming_snapshot: None,
+            },
+        );
+    }
+    snapshot_file::sweep_stale(&snap_dir);
+    let views = Arc::new(RwLock::new(BTreeMap::new()));
+    let renewals: Arc<HashMap<u64, AtomicBool>> = Arc::new(
+        groups
+            .keys()
+            .map(|g| (*g, AtomicBool::new(false)))
+            .collect(),
+    );
+    let handle = StoreHandle {
+        tx,
+        views: views.clone(),
+        renewals: renewals.clone(),
+        engine: engine.clone(),
+        config: config.clone(),
+        counters: counters.clone(),
+        suspects,
+        install_gen: install_gen.clone(),
+    };
+    let lease_ms = lease_ms(config.raft.tick_interval_ms, config.raft.election_ticks);
+    let mut store = Store {
+        node_id,
+        engine,
+        config,
+        groups,
+        rx,
+        transport,
+        views,
+        renewals,
+        counters,
+        install_gen,
+        read_ctx: read::ReadCtx::new(node_id),
+        outgoing_snapshots: HashMap::new(),
+        lease_duration: Duration::from_millis(lease_ms),
+    };
+    let ids: Vec<u64> = store.groups.keys().copied().collect();
+    for g in ids {
+        store.update_view(g);
+    }
+    Ok((store, handle))
+}
+
+impl Store {
+    /// Runs the ready loop until every handle is dropped.
+    pub fn run(mut self) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => fatal("cannot build the store runtime", e),
+        };
+        let tick = Duration::from_millis(self.config.raft.tick_interval_ms);
+        rt.block_on(async move {
+            let mut next_tick = Instant::now() + tick;
+            loop {
+                // Tests: `store_round=panic` kills the store thread.
+                #[cfg(feature = "failpoints")]
+                fail::fail_point!("store_round");
+                let wait = next_tick.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(wait, self.rx.recv()).await {
+                    Ok(Some(msg)) => {
+                        self.handle(msg);
+                        for _ in 0..INBOX_BATCH_MAX {
+                            match self.rx.try_recv() {
+                                Ok(m) => self.handle(m),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(_) => {}
+                }
+                let now = Instant::now();
+                if now >= next_tick {
+                    self.on_tick(now);
+                    next_tick += tick;
+                    if next_tick < now {
+                        next_tick = now + tick;
+                    }
+                }
+                self.issue_reads();
+                self.handle_readies();
+            }
+            tracing::info!(node = self.node_id, "store stopped");
+        });
+    }
+
+    fn handle(&mut self, msg: StoreMsg) {
+        match msg {
+            StoreMsg::Propose { group, data, cb } => self.propose(group, data, cb),
+            StoreMsg::ReadIndex {
+                group,
+                allow_follower,
+                cb,
+            } => self.on_read_index(group, allow_follower, cb),
+            StoreMsg::Raft { msgs } => {
+                for (group, m) in msgs {
+                    let Some(g) = self.groups.get_mut(&group) else {
+                        self.counters
+                            .dropped_messages
+                            .fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    if m.to != self.node_id || !g.replicas.contains(&m.from) {
+                        self.counters
+                            .dropped_messages
+                            .fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    read::observe_for_fence(g, &self.read_ctx, &m);
+                    if let Err(e) = g.node.step(m) {
+                        tracing::debug!(group, error = %e, "raft step rejected a message");
+                    }
+                }
+            }
+            StoreMsg::SnapshotReceived { group, msg, path } => {
+                self.on_snapshot_received(group, *msg, path)
+            }
+            StoreMsg::SnapshotStatus { group, to, ok } => self.on_snapshot_status(group, to, ok),
+            StoreMsg::Unreachable { to } => {
+                for g in self.groups.values_mut() {
+                    if g.is_leader() && g.replicas.contains(&to) {
+                        g.node.report_unreachable(to);
+                    }
+                }
+            }
+            StoreMsg::Repair {
+                group,
+                volume,
+                block,
+                cb,
+            } => self.on_repair(group, volume, block, cb),
+            StoreMsg::RenewLease { group } => self.on_renew_lease(group),
+            StoreMsg::TransferLeader { group, to } => self.on_transfer_leader(group, to),
+            StoreMsg::Digest { group, cb } => {
+                let r = match self.groups.get(&group) {
+                    Some(g) => Ok((self.engine.snapshot(), g.node.store().applied_index())),
+                    None => Err(StoreError::NoSuchGroup(group)),
+                };
+                let _ = cb.send(r);
+            }
+        }
+    }
+
+    pub(super) fn propose(&mut self, group: u64, data: Vec<u8>, cb: ProposeCb) {
+        let Some(g) = self.groups.get_mut(&group) else {
+            let _ = cb.send(Err(StoreError::NoSuchGroup(group)));
+            return;
+        };
+        if !g.is_leader() {
+            let leader = g.leader_hint();
+            let _ = cb.send(Err(StoreError::NotLeader { group, leader }));
+            return;
+        }
+        let before = g.node.raft.raft_log.last_index();
+        if let Err(e) = g.node.propose(Vec::new(), data) {
+            let _ = cb.send(Err(StoreError::ProposalDropped {
+                group,
+                reason: e.to_string(),
+            }));
+            return;
+        }
+        let index = g.node.raft.raft_log.last_index();
+        assert_eq!(index, before + 1, "one proposal appends one entry");
+        let deadline =
+            Instant::now() + Duration::from_millis(self.config.limits.request_timeout_ms);
+        g.pending.insert(
+            index,
+            PendingProposal {
+                term: g.node.raft.term,
+                cb,
+                deadline,
+            },
+        );
+    }
+
+    fn on_repair(&mut self, group: u64, volume: u64, block: u64, cb: ProposeCb) {
+        let Some(g) = self.groups.get_mut(&group) else {
+            let _ = cb.send(Err(StoreError::NoSuchGroup(group)));
+            return;
+        };
+        if !g.is_leader() {
+            let leader = g.leader_hint();
+            let _ = cb.send(Err(StoreError::NotLeader { group, leader }));
+            return;
+        }
+        let applied = g.node.store().applied_index();
+        let unapplied = match g.node.raft.raft_log.entries(
+            applied + 1,
+            None,
+            raft::GetEntriesContext::empty(false),
+        ) {
+            Ok(e) => e,
+            Err(raft::Error::Store(raft::StorageError::Unavailable)) => Vec::new(),
+            Err(e) => {
+                let _ = cb.send(Err(StoreError::ProposalDropped {
+                    group,
+                    reason: format!("cannot read the unapplied log: {e}"),
+                }));
+                return;
+            }
+        };
+        let plan = crate::repair::plan(
+            &self.engine,
+            group,
+            volume,
+            block,
+            unapplied.iter().map(|e| e.data.as_ref()),
+        );
+        let cmd = match plan {
+            Ok(cmd) => cmd,
+            Err(crate::repair::RepairRefusal::Busy) => {
+                let _ = cb.send(Err(StoreError::Busy {
+                    group,
+                    what: "block repair",
+                }));
+                return;
+            }
+            Err(crate::repair::RepairRefusal::LeaderCorrupt(e)) => {
+                let _ = cb.send(Ok(Err(raftblk_proto::Error::new(
+                    raftblk_proto::ErrorCode::Corrupted,
+                    format!("the leader's copy is corrupt too: {e}"),
+                ))));
+                return;
+            }
+            Err(crate::repair::RepairRefusal::Engine(e)) => {
+                let _ = cb.send(Err(StoreError::Engine(e)));
+                return;
+            }
+        };
+        let data = raftblk_proto::Command {
+            cmd: Some(raftblk_proto::command::Cmd::RepairBlock(cmd)),
+        };
+        self.propose(group, prost::Message::encode_to_vec(&data), cb);
+    }
+
+    pub(super) fn update_view(&mut self, id: u64) {
+        let Some(g) = self.groups.get(&id) else {
+            return;
+        };
+        let st = g.node.store();
+        let v = GroupView {
+            group: id,
+            replicas: g.replicas.clone(),
+            leader_id: g.node.raft.leader_id,
+            term: g.node.raft.term,
+            role: role_name(g.node.raft.state),
+            commit_index: g.node.raft.raft_log.committed,
+            applied_index: st.applied_index(),
+            first_index: st.truncated_index() + 1,
+            last_index: g.node.raft.raft_log.last_index(),
+            lease_until: g.lease_until,
+            lease_index: g.lease_index,
+            transferring: g.node.raft.lead_transferee.is_some(),
+        };
+        if let Ok(mut views) = self.views.write() {
+            views.insert(id, v);
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! The ready loop of all groups: leader messages first, snapshots,
+//! committed entries applied and log appends and hard states of every
+//! group staged into ONE write batch with one fsync (group commit), then
+//! the persisted messages, `advance`, and the light ready's commits
+//! applied in a second, unsynced batch — raft-rs's documented ordering.
+
+use std::sync::atomic::Ordering;
+
+use raft::prelude::{Entry, EntryType, Message, MessageType};
+use raft::StateRole;
+use rocksdb::WriteBatch;
+
+use super::{fatal, read, role_name, Store};
+use crate::apply::{Applier, ApplyOutput, ApplyResult};
+use crate::msg::{ProposeCb, StoreError};
+
+/// Results of one apply pass, delivered after the batch is written.
+#[derive(Default)]
+pub(super) struct Completions {
+    proposals: Vec<(ProposeCb, Result<ApplyResult, StoreError>)>,
+}
+
+impl Store {
+    pub(super) fn send_messages(&mut self, group: u64, msgs: Vec<Message>) {
+        for m in msgs {
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                // The data must be the DB view taken for exactly this
+                // snapshot's index; anything else would install the wrong
+                // state under the right name.
+                let index = m.get_snapshot().get_metadata().index;
+                match self.outgoing_snapshots.remove(&(group, m.to, index)) {
+                    Some((snap, _)) => self.transport.send_snapshot(group, m, snap),
+                    None => {
+                        tracing::warn!(group, to = m.to, "no prepared snapshot for a MsgSnapshot");
+                        if let Some(g) = self.groups.get_mut(&group) {
+                            g.node.report_snapshot(m.to, raft::SnapshotStatus::Failure);
+                        }
+                    }
+                }
+            } else {
+                self.transport.send(group, m);
+            }
+        }
+    }
+
+    fn apply_entries(
+        &mut self,
+        group: u64,
+        entries: Vec<Entry>,
+        wb: &mut WriteBatch,
+        applier: &mut Applier<'_>,
+        done: &mut Completions,
+    ) -> Option<(u64, u64)> {
+        let last = entries.last().map(|e| (e.index, e.term))?;
+        let g = self.groups.get_mut(&group)?;
+        for e in entries {
+            let result = if e.get_entry_type() == EntryType::EntryNormal {
+                match applier.apply(wb, group, &e.data) {
+                    Ok(r) => r,
+                    Err(err) => fatal("apply", err),
+                }
+            } else {
+                // Membership is static in this version: conf changes are
+                // never proposed.
+                Ok(ApplyOutput::Done)
+            };
+            // Resolve proposals up to this index.
+            while let Some((&idx, _)) = g.pending.first_key_value() {
+                if idx > e.index {
+                    break;
+                }
+                let Some((_, p)) = g.pending.pop_first() else {
+                    break;
+                };
+                if idx == e.index && p.term == e.term {
+                    done.proposals.push((p.cb, Ok(result.clone())));
+                } else {
+                    done.proposals
+                        .push((p.cb, Err(StoreError::EntryReplaced { group })));
+                }
+            }
+        }
+        g.node.store().stage_apply_state(wb, last.0, last.1);
+        Some(last)
+    }
+
+    pub(super) fn handle_readies(&mut self) {
+        let ids: Vec<u64> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.node.has_ready())
+            .map(|(id, _)| *id)
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        // Snapshots raft asked for while handling the inbox: take their DB
+        // views now, before this round sends their messages or writes.
+        self.collect_snapshot_requests();
+        let engine = self.engine.clone();
+        let mut wb = WriteBatch::default();
+        let mut applier = Applier::new(&engine);
+        let mut done = Completions::default();
+        let mut need_sync = false;
+        let mut readies = Vec::with_capacity(ids.len());
+        let mut applied: Vec<(u64, u64, u64)> = Vec::new();
+        for &id in &ids {
+            let Some(g) = self.groups.get_mut(&id) else {
+                continue;
+            };
+            let mut rd = g.node.ready();
+            if let Some(ss) = rd.ss() {
+                g.lease_until = None;
+                // Readers check the view without the store thread: drop the
+                // lease there at once, not at the end of the round.
+                if let Ok(mut views) = self.views.write() {
+                    if let Some(v) = views.get_mut(&id) {
+                        v.lease_until = None;
+                        v.role = role_name(ss.raft_state);
+                        v.leader_id = ss.leader_id;
+                    }
+                }
+                let leader_now = ss.raft_state == StateRole::Leader;
+                if g.was_leader && !leader_now {
+                    let leader = (ss.leader_id != 0).then_some(ss.leader_id);
+                    g.fail_all(|| StoreError::NotLeader { group: id, leader });
+                }
+                g.was_leader = leader_now;
+                tracing::info!(
+                    group = id,
+                    node = self.node_id,
+                    leader = ss.leader_id,
+                    role = role_name(ss.raft_state),
+                    "group role changed"
+                );
+            }
+            let msgs = rd.take_messages();
+            if !msgs.is_empty() {
+                self.send_messages(id, msgs);
+            }
+            if !rd.snapshot().is_empty() {
+                self.install_snapshot(id, rd.snapshot().clone());
+                need_sync = true;
+            }
+            let committed = rd.take_committed_entries();
+            if let Some((i, t)) =
+                self.apply_entries(id, committed, &mut wb, &mut applier, &mut done)
+            {
+                applied.push((id, i, t));
+            }
+            let Some(g) = self.groups.get_mut(&id) else {
+                continue;
+            };
+            if !rd.entries().is_empty() {
+                if let Err(e) = g.node.mut_store().stage_append(&mut wb, rd.entries()) {
+                    fatal("stage append", e);
+                }
+                need_sync = true;
+            }
+            if let Some(hs) = rd.hs() {
+                if let Err(e) = g.node.mut_store().stage_hard_state(&mut wb, hs) {
+                    fatal("stage hard state", e);
+                }
+            }
+            // raft-rs: no fsync is needed when only the commit index moved
+            // (it is recovered from the quorum); term, vote and entries must
+            // be durable before the messages that depend on them go out.
+            need_sync |= rd.must_sync();
+            for rs in rd.take_read_states() {
+                let Some(seq) = self.read_ctx.own_seq(&rs.request_ctx) else {
+                    continue;
+                };
+                if let Some(r) = g.reads_inflight.remove(&seq) {
+                    if read::may_grant_lease(g) {
+                        let until = r.issued + self.lease_duration;
+                        if g.lease_until.is_none_or(|u| u < until) {
+                            g.lease_until = Some(until);
+                            g.lease_index = g.lease_index.max(rs.index);
+                        }
+                    }
+                    g.reads_waiting_apply.push((rs.index, r.waiters));
+                }
+            }
+            readies.push((id, rd));
+        }
+        self.counters
+            .checksum_errors
+            .fetch_add(applier.checksum_errors, Ordering::Relaxed);
+        self.counters
+            .blocks_repaired
+            .fetch_add(applier.repaired, Ordering::Relaxed);
+        drop(applier);
+        self.collect_snapshot_requests();
+        if !wb.is_empty() || need_sync {
+            if let Err(e) = engine.write(wb, need_sync) {
+                fatal("raft log write", e);
+            }
+        }
+        for (id, i, t) in applied.drain(..) {
+            if let Some(g) = self.groups.get_mut(&id) {
+                g.node.mut_store().set_applied(i, t);
+            }
+        }
+
+        // Phase 2: everything of phase 1 is durable.
+        let mut wb2 = WriteBatch::default();
+        let mut applier2 = Applier::new(&engine);
+        for (id, mut rd) in readies {
+            let persisted = rd.take_persisted_messages();
+            if !persisted.is_empty() {
+                self.send_messages(id, persisted);
+            }
+            let Some(g) = self.groups.get_mut(&id) else {
+                continue;
+            };
+            let mut light = g.node.advance(rd);
+            if let Some(commit) = light.commit_index() {
+                if let Err(e) = g.node.mut_store().stage_commit(&mut wb2, commit) {
+                    fatal("stage commit", e);
+                }
+            }
+            let msgs = light.take_messages();
+            // `advance` may have asked for a snapshot (for a lagging peer):
+            // take its DB view before the message goes out.
+            self.collect_snapshot_requests();
+            if !msgs.is_empty() {
+                self.send_messages(id, msgs);
+            }
+            let committed = light.take_committed_entries();
+            if let Some((i, t)) =
+                self.apply_entries(id, committed, &mut wb2, &mut applier2, &mut done)
+            {
+                applied.push((id, i, t));
+            }
+            if let Some(g) = self.groups.get_mut(&id) {
+                g.node.advance_apply();
+            }
+        }
+        self.counters
+            .checksum_errors
+            .fetch_add(applier2.checksum_errors, Ordering::Relaxed);
+        self.counters
+            .blocks_repaired
+            .fetch_add(applier2.repaired, Ordering::Relaxed);
+        drop(applier2);
+        self.collect_snapshot_requests();
+        if !wb2.is_empty() {
+            if let Err(e) = engine.write(wb2, false) {
+                fatal("apply write", e);
+            }
+        }
+        for (id, i, t) in applied {
+            if let Some(g) = self.groups.get_mut(&id) {
+                g.node.mut_store().set_applied(i, t);
+            }
+        }
+        for (cb, r) in done.proposals {
+            let _ = cb.send(r);
+        }
+        for &id in &ids {
+            if let Some(g) = self.groups.get_mut(&id) {
+                let applied_index = g.node.store().applied_index();
+                let mut still = Vec::new();
+                for (index, waiters) in g.reads_waiting_apply.drain(..) {
+                    if index <= applied_index {
+                        for cb in waiters {
+                            let _ = cb.send(Ok(()));
+                        }
+                    } else {
+                        still.push((index, waiters));
+                    }
+                }
+                g.reads_waiting_apply = still;
+            }
+            self.update_view(id);
+        }
+    }
+}

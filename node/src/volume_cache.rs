@@ -1,0 +1,220 @@
+//! The volume records the block I/O path checks requests against (id,
+//! size, chunk size), cached on every node so that data groups never need
+//! a local meta replica: a miss, a stale entry or a request past the cached
+//! end refreshes the record from the meta group by a linearizable read
+//! (ReadIndex on the local meta replica when this node hosts one, else the
+//! `Volumes.GetById` RPC on any meta replica, leader or follower).
+//!
+//! Staleness is bounded: an entry older than `limits.volume_cache_ttl_ms`
+//! is never used (it is re-read first), and one older than half of that is
+//! re-read in the background while still serving. So I/O to a deleted
+//! volume is accepted for at most that long after the delete committed,
+//! and I/O past the end is never accepted: volumes only grow, and a range
+//! past the cached size always re-reads the record before it is refused.
+//! Negative answers (no such volume) are cached the same way, so a client
+//! hammering a deleted volume costs one meta read per TTL per node.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use raftblk_proto::volumes_client::VolumesClient;
+use raftblk_proto::{
+    placement, Error as PbError, ErrorCode, VolumeIdRequest, VolumeInfo, META_GROUP_ID,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::apply;
+use crate::service::store_error;
+use crate::store::StoreHandle;
+
+/// Records kept at most; beyond it the oldest half is dropped.
+const ENTRIES_MAX: usize = 65_536;
+/// One `GetById` attempt on one meta replica.
+const REMOTE_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
+
+struct Entry {
+    info: Option<VolumeInfo>,
+    fetched: Instant,
+}
+
+/// Cached catalog records, shared by the node's services and tasks.
+pub struct VolumeCache {
+    store: StoreHandle,
+    ttl: Duration,
+    entries: Mutex<HashMap<u64, Entry>>,
+    /// One refresh per volume at a time; others wait for its answer.
+    refreshing: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+fn unavailable(msg: String) -> PbError {
+    PbError::new(ErrorCode::Unavailable, msg)
+}
+
+impl VolumeCache {
+    pub fn new(store: StoreHandle) -> Arc<VolumeCache> {
+        let ttl = Duration::from_millis(store.config.limits.volume_cache_ttl_ms);
+        Arc::new(VolumeCache {
+            store,
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+            refreshing: Mutex::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn cached(&self, id: u64) -> Option<(Option<VolumeInfo>, Duration)> {
+        let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&id).map(|e| (e.info.clone(), e.fetched.elapsed()))
+    }
+
+    fn remember(&self, id: u64, info: Option<VolumeInfo>, fetched: Instant) {
+        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= ENTRIES_MAX && !map.contains_key(&id) {
+            let mut ages: Vec<(Instant, u64)> = map.iter().map(|(k, e)| (e.fetched, *k)).collect();
+            ages.sort_unstable();
+            for (_, k) in ages.into_iter().take(ENTRIES_MAX / 2) {
+                map.remove(&k);
+            }
+        }
+        match map.get(&id) {
+            // Never replace a newer answer with an older one.
+            Some(e) if e.fetched > fetched => {}
+            _ => {
+                map.insert(id, Entry { info, fetched });
+            }
+        }
+    }
+
+    /// Volume `id`, checked to cover `[.., end)`: served from the cache
+    /// when fresh enough, else re-read from the meta group first.
+    pub async fn volume_for_io(self: &Arc<Self>, id: u64, end: u64) -> Result<VolumeInfo, PbError> {
+        let info = match self.cached(id) {
+            Some((Some(v), age)) if age < self.ttl && end <= v.size_bytes => {
+                if age >= self.ttl / 2 {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let _ = me.refresh(id, Instant::now()).await;
+                    });
+                }
+                Some(v)
+            }
+            Some((None, age)) if age < self.ttl => None,
+            _ => self.refresh(id, Instant::now()).await?,
+        };
+        let v = info.ok_or_else(|| {
+            PbError::new(ErrorCode::NoSuchVolume, format!("no volume with id {id}"))
+        })?;
+        if end > v.size_bytes {
+            return Err(PbError::new(
+                ErrorCode::OutOfRange,
+                format!(
+                    "range ends at byte {end}, past the end of volume {:?} ({} bytes)",
+                    v.name, v.size_bytes
+                ),
+            ));
+        }
+        Ok(v)
+    }
+
+    /// Re-reads volume `id` unless an answer fetched after `asked` arrived
+    /// meanwhile (another caller refreshed it).
+    pub async fn refresh(&self, id: u64, asked: Instant) -> Result<Option<VolumeInfo>, PbError> {
+        let lock = {
+            let mut r = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
+            r.entry(id).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        {
+            let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(e) = map.get(&id) {
+                if e.fetched >= asked {
+                    return Ok(e.info.clone());
+                }
+            }
+        }
+        let fetched = Instant::now();
+        let result = self.fetch(id).await;
+        if let Ok(info) = &result {
+            self.remember(id, info.clone(), fetched);
+        }
+        {
+            let mut r = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
+            if Arc::strong_count(&lock) <= 2 {
+                r.remove(&id);
+            }
+        }
+        result
+    }
+
+    /// A linearizable read of volume `id`'s record from the meta group.
+    pub async fn fetch(&self, id: u64) -> Result<Option<VolumeInfo>, PbError> {
+        if self.store.view(META_GROUP_ID).is_some() {
+            self.store
+                .read_index(META_GROUP_ID, true)
+                .await
+                .map_err(|e| store_error(&self.store, e))?;
+            return apply::lookup_volume_by_id(&self.store.engine, id)
+                .map_err(|e| PbError::new(ErrorCode::Storage, e.to_string()));
+        }
+        self.fetch_remote(id).await
+    }
+
+    async fn fetch_remote(&self, id: u64) -> Result<Option<VolumeInfo>, PbError> {
+        let cfg = &self.store.config;
+        let meta = placement::group_replicas(&cfg.node_ids(), META_GROUP_ID, cfg.cluster.replicas);
+        let deadline = Instant::now() + Duration::from_millis(cfg.limits.request_timeout_ms);
+        let mut reasons = Vec::new();
+        for node in meta {
+            let Some(addr) = cfg.node_addr(node) else {
+                continue;
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let ch = match self.channel(addr) {
+                Ok(c) => c,
+                Err(e) => {
+                    reasons.push(format!("node {node}: {e}"));
+                    continue;
+                }
+            };
+            let mut client = VolumesClient::new(ch);
+            let call = client.get_by_id(VolumeIdRequest { id });
+            match tokio::time::timeout(REMOTE_ATTEMPT_TIMEOUT.min(left), call).await {
+                Ok(Ok(r)) => {
+                    let r = r.into_inner();
+                    match r.error {
+                        None => return Ok(r.volume),
+                        Some(e) if e.kind() == ErrorCode::NoSuchVolume => return Ok(None),
+                        Some(e) => reasons.push(format!("node {node}: {e}")),
+                    }
+                }
+                Ok(Err(s)) => reasons.push(format!("node {node}: {}", s.message())),
+                Err(_) => reasons.push(format!("node {node}: timed out")),
+            }
+        }
+        Err(unavailable(format!(
+            "cannot read volume {id} from the meta group: {}",
+            reasons.join("; ")
+        )))
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        map.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+}
