@@ -26,7 +26,7 @@ use vmm_sys_util::event::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::ratelimit::LogLimiter;
-use crate::request::{parse, Desc, DeviceInfo, Kind, Request};
+use crate::request::{parse, walk_chain, Desc, DeviceInfo, Kind, Request};
 use crate::virtio_blk::*;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -175,44 +175,38 @@ impl BlkBackend {
             if event_idx {
                 vring.disable_notification().map_err(qerr)?;
             }
-            let chains: Vec<_> = {
+            // Only the heads are taken from virtio-queue; the chains are
+            // walked by `walk_chain`, which rejects loops and `next` fields
+            // outside their table instead of serving a cut-off prefix.
+            let (table, size, heads) = {
                 let mut state = vring.get_mut();
                 let queue = state.get_queue_mut();
+                let table = GuestAddress(queue.desc_table());
+                let size = queue.size();
                 let mut v = Vec::new();
                 while v.len() < usize::from(self.inner.opts.queue_size) {
                     match queue.pop_descriptor_chain(mem.memory()) {
-                        Some(c) => v.push(c),
+                        Some(c) => v.push(c.head_index()),
                         None => break,
                     }
                 }
-                v
+                (table, size, v)
             };
             let mut answered = false;
-            for chain in chains {
-                let head = chain.head_index();
-                let descs: Vec<Desc> = chain
-                    .take(CHAIN_DESCS_MAX + 1)
-                    .map(|d| Desc {
-                        addr: d.addr(),
-                        len: d.len(),
-                        write_only: d.is_write_only(),
-                    })
-                    .collect();
+            for head in heads {
                 let guest = mem.memory();
-                let parsed = if descs.len() > CHAIN_DESCS_MAX {
-                    Err(crate::request::Rejected {
-                        head,
-                        status: None,
-                        code: S_IOERR,
-                        reason: "descriptor chain too long".into(),
-                    })
-                } else {
-                    parse(head, &descs, &*guest, &self.inner.dev)
-                };
+                let parsed = walk_chain(&*guest, table, size, head, CHAIN_DESCS_MAX)
+                    .and_then(|descs| parse(head, &descs, &*guest, &self.inner.dev));
                 match parsed {
                     Err(rej) => {
                         if let Some(suppressed) = self.inner.bad_chain_log.allow() {
                             tracing::warn!(queue = q, head, status = rej.code, suppressed, reason = %rej.reason, "malformed request from guest");
+                        }
+                        if head >= size {
+                            // Not a descriptor: the used ring cannot name
+                            // it (add_used would fail and end this queue's
+                            // worker), so it is dropped.
+                            continue;
                         }
                         let len = match rej.status {
                             Some(addr) => {

@@ -9,8 +9,15 @@
 //! 16-byte header alone in the first, device-readable descriptor; data
 //! buffers in the middle; the status byte in the last, device-writable
 //! descriptor.
+//!
+//! The chain itself is walked here too (`walk_chain`), not by
+//! virtio-queue's iterator: that one stops silently after a table's worth
+//! of descriptors or at a `next` outside the table, so a chain whose `next`
+//! fields loop (or leave the table) would be served as whatever prefix it
+//! yielded. Here every descriptor is read at most once and a chain must end
+//! with a descriptor without NEXT; anything else is malformed.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::virtio_blk::*;
 
@@ -71,6 +78,164 @@ pub struct DeviceInfo {
     pub capacity_sectors: u64,
     pub read_only: bool,
     pub limits: Limits,
+}
+
+/// Split-ring descriptor flags and size (VIRTIO 1.2, 2.7.5).
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+const DESC_F_INDIRECT: u16 = 4;
+const DESC_BYTES: u32 = 16;
+
+/// The status byte of a chain whose last descriptor is `last`, if it is
+/// usable: device-writable, at least one byte, inside guest memory.
+fn status_byte<M: GuestMemory>(mem: &M, last: Option<&Desc>) -> Option<GuestAddress> {
+    let d = last?;
+    (d.write_only && d.len >= 1 && mem.check_range(d.addr, 1, Permissions::Write)).then_some(d.addr)
+}
+
+/// The entries of one descriptor table visited so far: one bit each, so at
+/// most 8 KiB for the largest table (65535 entries).
+struct Visited {
+    bits: Vec<u64>,
+}
+
+impl Visited {
+    fn new(entries: u32) -> Visited {
+        let mut v = Visited { bits: Vec::new() };
+        v.reset(entries);
+        v
+    }
+
+    /// Forgets every entry and resizes for a table of `entries`.
+    fn reset(&mut self, entries: u32) {
+        self.bits.clear();
+        self.bits.resize(entries.div_ceil(64) as usize, 0);
+    }
+
+    /// Marks entry `i`; false when it was marked already (or is outside
+    /// the table).
+    fn insert(&mut self, i: u16) -> bool {
+        let bit = 1u64 << (i % 64);
+        match self.bits.get_mut(usize::from(i / 64)) {
+            Some(word) if *word & bit == 0 => {
+                *word |= bit;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Reads the descriptors of the chain at `head` in the split-ring
+/// descriptor table at `table` (`size` entries), following at most one
+/// indirect table. Every descriptor is read from guest memory at most once,
+/// so a `next` back to a descriptor already visited (a loop, in the ring
+/// or in an indirect table) is detected as such, as is a `next` outside
+/// its table, an unreadable descriptor, an indirect table inside an
+/// indirect table, an indirect table whose length is not whole
+/// descriptors, and more than `max_descs` descriptors.
+///
+/// Such a chain is rejected with IOERR. Its status byte is the last
+/// descriptor read before the fault (the one whose `next` is bad, for a
+/// loop the one that closes it), when that one is a usable status byte;
+/// a chain longer than `max_descs` has none.
+pub fn walk_chain<M: GuestMemory>(
+    mem: &M,
+    table: GuestAddress,
+    size: u16,
+    head: u16,
+    max_descs: usize,
+) -> Result<Vec<Desc>, Rejected> {
+    let mut descs: Vec<Desc> = Vec::new();
+    let fail = |descs: &[Desc], reason: String| Rejected {
+        head,
+        status: status_byte(mem, descs.last()),
+        code: S_IOERR,
+        reason,
+    };
+    if head >= size {
+        return Err(fail(
+            &[],
+            format!("head index {head} outside the ring of {size}"),
+        ));
+    }
+    let mut table = table;
+    let mut entries = u32::from(size);
+    let mut visited = Visited::new(entries);
+    let mut in_indirect = false;
+    let mut index = head;
+    loop {
+        let place = if in_indirect {
+            "indirect table"
+        } else {
+            "ring"
+        };
+        if u32::from(index) >= entries {
+            return Err(fail(
+                &descs,
+                format!("next index {index} outside the {place} of {entries}"),
+            ));
+        }
+        if !visited.insert(index) {
+            return Err(fail(
+                &descs,
+                format!("descriptor {index} of the {place} visited twice: the chain loops"),
+            ));
+        }
+        let mut raw = [0u8; DESC_BYTES as usize];
+        let readable = table
+            .checked_add(u64::from(index) * u64::from(DESC_BYTES))
+            .is_some_and(|at| mem.read_slice(&mut raw, at).is_ok());
+        if !readable {
+            return Err(fail(
+                &descs,
+                format!("descriptor {index} of the {place} outside guest memory"),
+            ));
+        }
+        let mut addr = [0u8; 8];
+        addr.copy_from_slice(&raw[0..8]);
+        let addr = u64::from_le_bytes(addr);
+        let len = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
+        let flags = u16::from_le_bytes([raw[12], raw[13]]);
+        let next = u16::from_le_bytes([raw[14], raw[15]]);
+        if flags & DESC_F_INDIRECT != 0 {
+            if in_indirect {
+                return Err(fail(
+                    &descs,
+                    "indirect descriptor inside an indirect table".into(),
+                ));
+            }
+            let n = len / DESC_BYTES;
+            if len == 0 || !len.is_multiple_of(DESC_BYTES) || n > u32::from(u16::MAX) {
+                return Err(fail(&descs, format!("indirect table of {len} bytes")));
+            }
+            // Its NEXT flag is ignored (drivers must not set it), as
+            // virtio-queue and QEMU do: the chain continues in the table.
+            in_indirect = true;
+            table = GuestAddress(addr);
+            entries = n;
+            visited.reset(entries);
+            index = 0;
+            continue;
+        }
+        if descs.len() >= max_descs {
+            return Err(Rejected {
+                head,
+                status: None,
+                code: S_IOERR,
+                reason: "descriptor chain too long".into(),
+            });
+        }
+        descs.push(Desc {
+            addr: GuestAddress(addr),
+            len,
+            write_only: flags & DESC_F_WRITE != 0,
+        });
+        if flags & DESC_F_NEXT == 0 {
+            return Ok(descs);
+        }
+        index = next;
+    }
 }
 
 fn in_memory<M: GuestMemory>(mem: &M, d: &Desc) -> bool {
@@ -589,5 +754,151 @@ mod tests {
         ))
         .2
         .contains("16-byte"));
+    }
+
+    /// Writes descriptor `i` of the table at `table`.
+    fn put(m: &GuestMemoryMmap<()>, table: u64, i: u16, x: Desc, flags: u16, next: u16) {
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&x.addr.0.to_le_bytes());
+        raw[8..12].copy_from_slice(&x.len.to_le_bytes());
+        let w = if x.write_only { DESC_F_WRITE } else { 0 };
+        raw[12..14].copy_from_slice(&(flags | w).to_le_bytes());
+        raw[14..16].copy_from_slice(&next.to_le_bytes());
+        m.write_slice(&raw, GuestAddress(table + u64::from(i) * 16))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    const RING: u64 = 0x8000;
+    const TABLE: u64 = 0x9000;
+    const N: u16 = DESC_F_NEXT;
+
+    fn walk(m: &GuestMemoryMmap<()>, head: u16) -> Result<Vec<Desc>, Rejected> {
+        walk_chain(m, GuestAddress(RING), 8, head, 64)
+    }
+
+    /// The rejection of a chain that must not walk.
+    fn bad(r: Result<Vec<Desc>, Rejected>) -> Rejected {
+        match r {
+            Ok(d) => panic!("walked {d:?}"),
+            Err(e) => {
+                assert_eq!(e.code, S_IOERR);
+                e
+            }
+        }
+    }
+
+    #[test]
+    fn walks_direct_and_indirect_chains() {
+        let m = mem();
+        let (h, x, st) = (
+            d(0x1000, 16, false),
+            d(0x2000, 512, true),
+            d(0x3000, 1, true),
+        );
+        put(&m, RING, 5, h, N, 2);
+        put(&m, RING, 2, x, N, 7);
+        put(&m, RING, 7, st, 0, 0);
+        assert_eq!(walk(&m, 5), Ok(vec![h, x, st]));
+        // An indirect head (its next is ignored); the table starts at 0.
+        put(&m, RING, 1, d(TABLE, 48, false), DESC_F_INDIRECT | N, 6);
+        put(&m, TABLE, 0, h, N, 2);
+        put(&m, TABLE, 2, x, N, 1);
+        put(&m, TABLE, 1, st, 0, 0);
+        assert_eq!(walk(&m, 1), Ok(vec![h, x, st]));
+        // Every table's entries can be used once each: a full ring.
+        for i in 0..8u16 {
+            put(&m, RING, i, d(0x2000, 512, true), N, (i + 1) % 8);
+        }
+        put(&m, RING, 2, st, 0, 0);
+        assert_eq!(walk(&m, 3).map(|v| v.len()), Ok(8));
+    }
+
+    #[test]
+    fn loops_and_strays_are_rejected() {
+        let m = mem();
+        let (h, x, st) = (
+            d(0x1000, 16, false),
+            d(0x2000, 512, false),
+            d(0x3000, 1, true),
+        );
+        let indirect = |len: u32| {
+            put(&m, RING, 0, d(TABLE, len, false), DESC_F_INDIRECT, 0);
+        };
+        // Indirect table header -> data -> status -> header: cut off at the
+        // table's length it would be a valid write. The status byte is the
+        // descriptor that closes the loop.
+        indirect(48);
+        put(&m, TABLE, 0, h, N, 1);
+        put(&m, TABLE, 1, x, N, 2);
+        put(&m, TABLE, 2, st, N, 0);
+        let e = bad(walk(&m, 0));
+        assert!(e.reason.contains("loops"), "{}", e.reason);
+        assert_eq!(e.status, Some(st.addr));
+        // ... -> status -> data, and a longer table than the loop.
+        put(&m, TABLE, 2, st, N, 1);
+        assert!(bad(walk(&m, 0)).reason.contains("loops"));
+        indirect(64);
+        assert!(bad(walk(&m, 0)).reason.contains("loops"));
+        // A descriptor that is its own next.
+        put(&m, TABLE, 1, x, N, 1);
+        let e = bad(walk(&m, 0));
+        assert!(e.reason.contains("loops"));
+        assert_eq!(e.status, None, "data buffer is no status byte");
+        // Next outside the table (which the memory behind it does not
+        // extend).
+        indirect(48);
+        put(&m, TABLE, 1, x, N, 2);
+        put(&m, TABLE, 2, st, N, 3);
+        put(&m, TABLE, 3, st, 0, 0);
+        let e = bad(walk(&m, 0));
+        assert!(
+            e.reason.contains("outside the indirect table"),
+            "{}",
+            e.reason
+        );
+        assert_eq!(e.status, Some(st.addr));
+        // Loop in the ring itself, and a next outside it.
+        put(&m, RING, 3, h, N, 4);
+        put(&m, RING, 4, st, N, 3);
+        assert!(bad(walk(&m, 3)).reason.contains("loops"));
+        put(&m, RING, 4, st, N, 8);
+        assert!(bad(walk(&m, 3)).reason.contains("outside the ring"));
+        // Head outside the ring: no status.
+        let e = bad(walk(&m, 8));
+        assert!(e.reason.contains("head index"));
+        assert_eq!(e.status, None);
+        // Indirect inside indirect.
+        indirect(48);
+        put(&m, TABLE, 2, st, N, 1);
+        put(&m, TABLE, 1, d(TABLE, 48, false), DESC_F_INDIRECT, 0);
+        assert!(bad(walk(&m, 0)).reason.contains("inside an indirect"));
+        // Indirect tables of no descriptors, part of one, too many, and
+        // outside guest memory.
+        for len in [0, 40, 16 * 65536] {
+            indirect(len);
+            let e = bad(walk(&m, 0));
+            assert!(e.reason.contains("indirect table of"), "{}", e.reason);
+            assert_eq!(e.status, None);
+        }
+        put(&m, RING, 0, d(0xfff_0000, 48, false), DESC_F_INDIRECT, 0);
+        assert!(bad(walk(&m, 0)).reason.contains("outside guest memory"));
+        // A ring outside guest memory.
+        assert!(bad(walk_chain(&m, GuestAddress(0x100_0000), 8, 0, 64))
+            .reason
+            .contains("outside guest memory"));
+        // More descriptors than allowed: no status.
+        put(&m, RING, 0, d(TABLE, 48, false), DESC_F_INDIRECT, 0);
+        put(&m, TABLE, 0, h, N, 1);
+        put(&m, TABLE, 1, x, N, 2);
+        put(&m, TABLE, 2, st, 0, 0);
+        assert_eq!(
+            walk_chain(&m, GuestAddress(RING), 8, 0, 3).map(|v| v.len()),
+            Ok(3)
+        );
+        let e = bad(walk_chain(&m, GuestAddress(RING), 8, 0, 2));
+        assert_eq!(
+            (e.status, e.reason.as_str()),
+            (None, "descriptor chain too long")
+        );
     }
 }

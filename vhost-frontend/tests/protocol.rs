@@ -166,37 +166,65 @@ impl Driver {
     /// Submits a chain on queue `q` (direct, or through one indirect table)
     /// and waits for it; returns the used length.
     fn submit(&mut self, q: usize, chain: &[D], indirect: bool) -> anyhow::Result<u32> {
-        let vq = &self.queues[q];
-        let (desc, avail, used) = (vq.desc, vq.avail, vq.used);
+        let table: Vec<(D, Option<u16>)> = chain
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (*x, (i + 1 < chain.len()).then_some(i as u16 + 1)))
+            .collect();
+        self.submit_table(q, &table, indirect)
+    }
+
+    /// Like `submit`, with every descriptor's `next` given explicitly
+    /// (entry i of the table is descriptor i; the chain starts at 0).
+    fn submit_table(
+        &mut self,
+        q: usize,
+        table: &[(D, Option<u16>)],
+        indirect: bool,
+    ) -> anyhow::Result<u32> {
+        let desc = self.queues[q].desc;
         if indirect {
-            for (i, x) in chain.iter().enumerate() {
-                let next = (i + 1 < chain.len()).then_some(i as u16 + 1);
-                self.write_desc(INDIRECT_TABLE, i as u16, *x, next)?;
+            for (i, (x, next)) in table.iter().enumerate() {
+                self.write_desc(INDIRECT_TABLE, i as u16, *x, *next)?;
             }
             let at = GuestAddress(desc);
             self.mem.write_obj(INDIRECT_TABLE, at)?;
             self.mem
-                .write_obj((chain.len() * 16) as u32, at.unchecked_add(8))?;
+                .write_obj((table.len() * 16) as u32, at.unchecked_add(8))?;
             self.mem.write_obj(F_INDIRECT, at.unchecked_add(12))?;
             self.mem.write_obj(0u16, at.unchecked_add(14))?;
         } else {
             anyhow::ensure!(
-                chain.len() <= usize::from(QSIZE),
+                table.len() <= usize::from(QSIZE),
                 "chain longer than the queue"
             );
-            for (i, x) in chain.iter().enumerate() {
-                let next = (i + 1 < chain.len()).then_some(i as u16 + 1);
-                self.write_desc(desc, i as u16, *x, next)?;
+            for (i, (x, next)) in table.iter().enumerate() {
+                self.write_desc(desc, i as u16, *x, *next)?;
             }
         }
+        self.make_available(q, 0)?;
+        self.wait_used(q, 0)
+    }
+
+    /// Puts head index `head` on queue `q`'s available ring and kicks.
+    fn make_available(&mut self, q: usize, head: u16) -> anyhow::Result<()> {
         let vq = &mut self.queues[q];
         let slot = vq.avail_idx % QSIZE;
         self.mem
-            .write_obj(0u16, GuestAddress(avail + 4 + u64::from(slot) * 2))?;
+            .write_obj(head, GuestAddress(vq.avail + 4 + u64::from(slot) * 2))?;
         vq.avail_idx = vq.avail_idx.wrapping_add(1);
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.mem.write_obj(vq.avail_idx, GuestAddress(avail + 2))?;
+        self.mem
+            .write_obj(vq.avail_idx, GuestAddress(vq.avail + 2))?;
         vq.kick.write(1)?;
+        Ok(())
+    }
+
+    /// Waits for the next used-ring entry of queue `q`, which must be
+    /// `head`; returns its length.
+    fn wait_used(&mut self, q: usize, head: u16) -> anyhow::Result<u32> {
+        let vq = &mut self.queues[q];
+        let used = vq.used;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let idx: u16 = self.mem.read_obj(GuestAddress(used + 2))?;
@@ -209,7 +237,7 @@ impl Driver {
                     .mem
                     .read_obj(GuestAddress(used + 8 + u64::from(slot) * 8))?;
                 vq.used_idx = vq.used_idx.wrapping_add(1);
-                anyhow::ensure!(id == 0, "used id {id}, expected head 0");
+                anyhow::ensure!(id == u32::from(head), "used id {id}, expected head {head}");
                 return Ok(len);
             }
             anyhow::ensure!(
@@ -578,6 +606,74 @@ fn malformed_chains_get_errors_and_the_daemon_keeps_serving() -> anyhow::Result<
     drv.mem.write_obj(0xAAu8, GuestAddress(STATUS))?;
     let used = drv.submit(1, &[h, d(DATA, 4096, true), d(STATUS, 1, true)], true)?;
     assert_eq!(used, 4097);
+    // Chains whose `next` fields loop, or leave their table: cut off at the
+    // table's length each of these would look like a valid request. None
+    // may be executed (the write's sectors keep `good`); the descriptor
+    // that closes the loop is the status byte and gets IOERR.
+    let other = payload(10, 4096);
+    type BuildTable = Box<dyn Fn(&Driver) -> anyhow::Result<Vec<(D, Option<u16>)>>>;
+    let loops: Vec<(&str, BuildTable, bool)> = vec![
+        (
+            "indirect table: header -> data -> status -> header",
+            Box::new(|dr: &Driver| {
+                Ok(vec![
+                    (dr.header(T_OUT, 0)?, Some(1)),
+                    (d(DATA, 4096, false), Some(2)),
+                    (d(STATUS, 1, true), Some(0)),
+                ])
+            }),
+            true,
+        ),
+        (
+            "indirect table: header -> data -> status -> data",
+            Box::new(|dr: &Driver| {
+                Ok(vec![
+                    (dr.header(T_OUT, 0)?, Some(1)),
+                    (d(DATA, 4096, false), Some(2)),
+                    (d(STATUS, 1, true), Some(1)),
+                ])
+            }),
+            true,
+        ),
+        (
+            "indirect table: status's next beyond the table",
+            Box::new(|dr: &Driver| {
+                Ok(vec![
+                    (dr.header(T_OUT, 0)?, Some(1)),
+                    (d(DATA, 4096, false), Some(2)),
+                    (d(STATUS, 1, true), Some(3)),
+                ])
+            }),
+            true,
+        ),
+        (
+            "direct ring: flush header -> status -> header",
+            Box::new(|dr: &Driver| {
+                Ok(vec![
+                    (dr.header(T_FLUSH, 0)?, Some(1)),
+                    (d(STATUS, 1, true), Some(0)),
+                ])
+            }),
+            false,
+        ),
+    ];
+    for (name, build, indirect) in &loops {
+        drv.mem.write_slice(&other, GuestAddress(DATA))?;
+        let table = build(&drv)?;
+        drv.mem.write_obj(0xAAu8, GuestAddress(STATUS))?;
+        let used = drv.submit_table(1, &table, *indirect)?;
+        let s: u8 = drv.mem.read_obj(GuestAddress(STATUS))?;
+        assert_eq!((s, used), (S_IOERR, 1), "case {name}");
+        let (s, got) = drv.read(1, 0, 4096)?;
+        assert_eq!(s, S_OK, "after case {name}");
+        assert!(got == good, "case {name} was executed");
+    }
+    // A head index outside the ring cannot be returned to the used ring:
+    // it is dropped, and the queue keeps serving.
+    drv.make_available(1, QSIZE)?;
+    let (s, got) = drv.read(1, 0, 4096)?;
+    assert_eq!(s, S_OK, "after a head index outside the ring");
+    assert!(got == good);
     // Still alive, and the malformed requests were counted in its log.
     assert!(vhost.is_running());
     assert!(vhost.log_text().contains("malformed request from guest"));
