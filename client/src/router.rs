@@ -60,6 +60,9 @@ pub struct Client {
 }
 
 struct Inner {
+    /// Random per client instance: the first half of every request id.
+    request_nonce: u64,
+    request_seq: std::sync::atomic::AtomicU64,
     seeds: Vec<String>,
     opts: ClientOptions,
     topology: RwLock<Topology>,
@@ -92,6 +95,8 @@ impl Client {
                     channels.insert(seed.clone(), ch);
                     return Ok(Client {
                         inner: Arc::new(Inner {
+                            request_nonce: rand::thread_rng().gen(),
+                            request_seq: std::sync::atomic::AtomicU64::new(1),
                             seeds: seeds.to_vec(),
                             opts,
                             topology: RwLock::new(Topology::from_status(&status)),
@@ -108,6 +113,20 @@ impl Client {
             addrs: seeds.join(","),
             reason: reasons.join("; "),
         })
+    }
+
+    /// A new request id (16 bytes, unique to this client instance), sent
+    /// unchanged with every retry of one write or discard so the cluster
+    /// applies it at most once.
+    pub fn next_request_id(&self) -> bytes::Bytes {
+        let seq = self
+            .inner
+            .request_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut id = Vec::with_capacity(16);
+        id.extend_from_slice(&self.inner.request_nonce.to_be_bytes());
+        id.extend_from_slice(&seq.to_be_bytes());
+        id.into()
     }
 
     pub fn options(&self) -> &ClientOptions {

@@ -184,11 +184,13 @@ impl Volume {
                 let chunk = all.slice(at..at + p.len as usize);
                 async move {
                     let range = self.range(&p);
+                    let request_id = self.client.next_request_id();
                     self.client
                         .call_group(p.group, "write", |ch| {
                             let req = WriteRequest {
                                 range: Some(range),
                                 data: chunk.clone(),
+                                request_id: request_id.clone(),
                             };
                             async move {
                                 let r = BlockIoClient::new(ch)
@@ -237,16 +239,21 @@ impl Volume {
         stream::iter(pieces)
             .map(|p| async move {
                 let range = self.range(&p);
+                let request_id = self.client.next_request_id();
                 self.client
-                    .call_group(p.group, "discard", |ch| async move {
-                        let r = BlockIoClient::new(ch)
-                            .discard(DiscardRequest {
-                                range: Some(range),
-                                zeroes,
-                            })
-                            .await?
-                            .into_inner();
-                        Ok((r.error, ()))
+                    .call_group(p.group, "discard", |ch| {
+                        let request_id = request_id.clone();
+                        async move {
+                            let r = BlockIoClient::new(ch)
+                                .discard(DiscardRequest {
+                                    range: Some(range),
+                                    zeroes,
+                                    request_id,
+                                })
+                                .await?
+                                .into_inner();
+                            Ok((r.error, ()))
+                        }
                     })
                     .await
                     .map_err(|e| self.map_err(e))

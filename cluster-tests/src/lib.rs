@@ -314,6 +314,18 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// SIGSTOPs (`true`) or SIGCONTs (`false`) node `i`, if running.
+    pub fn pause(&self, i: usize, stop: bool) {
+        if let Some(pid) = self.pid(i) {
+            let sig = if stop { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: kill(2) on the PID of a child we spawned and have not
+            // reaped (it is still in `procs`), so the PID is not reused.
+            unsafe {
+                libc::kill(pid as libc::pid_t, sig);
+            }
+        }
+    }
+
     /// PID of node `i`'s process, if running.
     pub fn pid(&self, i: usize) -> Option<u32> {
         self.procs[i - 1].as_ref().map(|c| c.id())

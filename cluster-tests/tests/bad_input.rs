@@ -137,6 +137,7 @@ async fn malformed_rpcs_get_clear_errors_and_change_nothing() -> anyhow::Result<
     let write = |r: BlockRange, len: usize| WriteRequest {
         range: Some(r),
         data: vec![0xAB; len].into(),
+        request_id: Default::default(),
     };
     let cases: Vec<(WriteRequest, ErrorCode, &str)> = vec![
         (
@@ -193,9 +194,18 @@ async fn malformed_rpcs_get_clear_errors_and_change_nothing() -> anyhow::Result<
             WriteRequest {
                 range: None,
                 data: Default::default(),
+                request_id: Default::default(),
             },
             ErrorCode::InvalidArgument,
             "no range",
+        ),
+        (
+            WriteRequest {
+                request_id: vec![1u8; 5].into(),
+                ..write(range(g0, info.id, 0, 4096), 4096)
+            },
+            ErrorCode::InvalidArgument,
+            "request id must be 16 bytes",
         ),
     ];
     for (req, code, text) in cases {

@@ -173,3 +173,58 @@ async fn volume_catalog_operations() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A write retried with the same request id after a newer write completed
+/// is answered from its first copy, never applied again (which would undo
+/// the newer write); a new id is a new write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_writes_apply_at_most_once() -> anyhow::Result<()> {
+    use raftblk_proto::block_io_client::BlockIoClient;
+    use raftblk_proto::{placement, BlockRange, ReadRequest, WriteRequest};
+    let cluster = LocalCluster::start(ClusterSpec::default())?;
+    cluster.wait_healthy(HEALTHY).await?;
+    let client = cluster.client().await?;
+    let info = client.create_volume("once", 1 << 20).await?;
+    let group = placement::chunk_group(info.id, 0, cluster.spec.data_groups);
+    let leader = cluster
+        .leader_of(group)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(leader)))?
+        .connect()
+        .await?;
+    let mut bio = BlockIoClient::new(ch);
+    let range = Some(BlockRange {
+        group_id: group,
+        volume_id: info.id,
+        offset_bytes: 8192,
+        length_bytes: 4096,
+    });
+    let write = |data: Vec<u8>, id: u8| WriteRequest {
+        range,
+        data: data.into(),
+        request_id: vec![id; 16].into(),
+    };
+    let read = || ReadRequest { range };
+    let (w1, w2) = (payload(1, 4096), payload(2, 4096));
+    for (req, what) in [
+        (write(w1.clone(), 1), "first write"),
+        (write(w2.clone(), 2), "second write"),
+        (write(w1.clone(), 1), "retry of the first write"),
+    ] {
+        let r = bio.write(req).await?.into_inner();
+        anyhow::ensure!(r.error.is_none(), "{what}: {:?}", r.error);
+    }
+    let got = bio.read(read()).await?.into_inner();
+    anyhow::ensure!(got.error.is_none(), "{:?}", got.error);
+    assert!(
+        got.data[..] == w2[..],
+        "the retried first write was applied again over the second"
+    );
+    // A different id is a new request: it applies.
+    let r = bio.write(write(w1.clone(), 3)).await?.into_inner();
+    anyhow::ensure!(r.error.is_none(), "{:?}", r.error);
+    let got = bio.read(read()).await?.into_inner();
+    assert!(got.data[..] == w1[..], "a new request id must apply");
+    Ok(())
+}

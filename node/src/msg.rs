@@ -46,6 +46,8 @@ pub enum StoreMsg {
     Propose {
         group: u64,
         data: Vec<u8>,
+        /// A client's request id (16 bytes) or empty: see `store::dedup`.
+        request_id: Vec<u8>,
         cb: ProposeCb,
     },
     ReadIndex {

@@ -87,8 +87,9 @@ impl BlockIoService {
         self.volumes.volume_for_io(id, end).await
     }
 
-    async fn propose(&self, group: u64, cmd: Cmd) -> WriteResponse {
-        match self.store.propose(group, &Command { cmd: Some(cmd) }).await {
+    async fn propose(&self, group: u64, cmd: Cmd, request_id: &[u8]) -> WriteResponse {
+        let cmd = Command { cmd: Some(cmd) };
+        match self.store.propose_request(group, &cmd, request_id).await {
             Ok(Ok(ApplyOutput::Done | ApplyOutput::Volume(_))) => WriteResponse { error: None },
             Ok(Err(e)) => WriteResponse { error: Some(e) },
             Err(e) => WriteResponse {
@@ -262,7 +263,9 @@ impl BlockIo for BlockIoService {
             offset_bytes: range.offset_bytes,
             data: r.data,
         });
-        Ok(Response::new(self.propose(range.group_id, cmd).await))
+        Ok(Response::new(
+            self.propose(range.group_id, cmd, &r.request_id).await,
+        ))
     }
 
     async fn flush(&self, req: Request<FlushRequest>) -> Result<Response<WriteResponse>, Status> {
@@ -300,6 +303,8 @@ impl BlockIo for BlockIoService {
             offset_bytes: range.offset_bytes,
             length_bytes: range.length_bytes,
         });
-        Ok(Response::new(self.propose(range.group_id, cmd).await))
+        Ok(Response::new(
+            self.propose(range.group_id, cmd, &r.request_id).await,
+        ))
     }
 }

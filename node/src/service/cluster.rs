@@ -25,6 +25,7 @@ impl Cluster for ClusterService {
     async fn status(&self, _req: Request<Empty>) -> Result<Response<NodeStatusResponse>, Status> {
         let cfg = &self.store.config;
         let c = &self.store.counters;
+        let now = std::time::Instant::now();
         let groups = self
             .store
             .views()
@@ -39,6 +40,11 @@ impl Cluster for ClusterService {
                 first_index: v.first_index,
                 last_index: v.last_index,
                 role: v.role.to_string(),
+                lease_remaining_ms: v
+                    .lease_until
+                    .filter(|_| v.role == "leader" && !v.transferring)
+                    .map(|u| u.saturating_duration_since(now).as_millis() as u64)
+                    .unwrap_or(0),
             })
             .collect();
         Ok(Response::new(NodeStatusResponse {

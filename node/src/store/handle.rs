@@ -82,6 +82,17 @@ impl StoreHandle {
 
     /// Proposes `cmd` to `group`; resolves once it is committed and applied.
     pub async fn propose(&self, group: u64, cmd: &Command) -> Result<ApplyResult, StoreError> {
+        self.propose_request(group, cmd, &[]).await
+    }
+
+    /// Like `propose`, for a client request named by `request_id` (16
+    /// bytes, or empty): applied at most once however often it is retried.
+    pub async fn propose_request(
+        &self,
+        group: u64,
+        cmd: &Command,
+        request_id: &[u8],
+    ) -> Result<ApplyResult, StoreError> {
         match self.view(group) {
             None => return Err(StoreError::NoSuchGroup(group)),
             Some(v) if v.role != "leader" => {
@@ -96,6 +107,7 @@ impl StoreHandle {
         let msg = StoreMsg::Propose {
             group,
             data: cmd.encode_to_vec(),
+            request_id: request_id.to_vec(),
             cb,
         };
         self.call(group, msg, rx).await?

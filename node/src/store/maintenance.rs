@@ -17,7 +17,7 @@ impl Store {
         for g in self.groups.values_mut() {
             g.node.tick();
             // Proposals past their deadline: the caller has given up; the
-            // entry may still commit (writes are idempotent to retry).
+            // entry may still commit (a retry finds it, see `dedup`).
             let expired: Vec<u64> = g
                 .pending
                 .iter()
@@ -30,6 +30,18 @@ impl Store {
                         group: g.id,
                         what: "proposal",
                     }));
+                }
+            }
+            let mut i = 0;
+            while i < g.dup_waiters.len() {
+                if g.dup_waiters[i].3 <= now {
+                    let (_, _, cb, _) = g.dup_waiters.swap_remove(i);
+                    let _ = cb.send(Err(StoreError::TimedOut {
+                        group: g.id,
+                        what: "retried request",
+                    }));
+                } else {
+                    i += 1;
                 }
             }
             // Reads whose read-index round got lost (e.g. a new leader that

@@ -31,6 +31,7 @@
 //! made for peers and snapshots received), `maintenance` (ticks, proposal
 //! and read deadlines, log compaction, garbage collection).
 
+mod dedup;
 mod handle;
 mod maintenance;
 mod read;
@@ -75,6 +76,11 @@ struct Group {
     node: RawNode<GroupStorage>,
     replicas: Arc<[u64]>,
     pending: BTreeMap<u64, PendingProposal>,
+    /// Retries of requests already in the log: (index, term, caller,
+    /// deadline); answered when that entry applies (see `dedup`).
+    dup_waiters: Vec<(u64, u64, ProposeCb, Instant)>,
+    /// Client requests this replica applied recently (see `dedup`).
+    applied_requests: dedup::AppliedRequests,
     reads_unsent: Vec<(ReadCb, Instant)>,
     reads_inflight: HashMap<u64, InflightRead>,
     reads_waiting_apply: Vec<(u64, Vec<ReadCb>)>,
@@ -110,6 +116,9 @@ impl Group {
     pub(super) fn fail_all(&mut self, why: impl Fn() -> StoreError) {
         for (_, p) in std::mem::take(&mut self.pending) {
             let _ = p.cb.send(Err(why()));
+        }
+        for (_, _, cb, _) in self.dup_waiters.drain(..) {
+            let _ = cb.send(Err(why()));
         }
         for (cb, _) in self.reads_unsent.drain(..) {
             let _ = cb.send(Err(why()));
@@ -198,6 +207,7 @@ pub fn create(
         snapshot_file::resume_interrupted_install(&engine, g, &replicas, &counters)?;
         let storage = GroupStorage::open(engine.clone(), g, &replicas)?;
         let applied = storage.applied_index();
+        let applied_requests = recent_requests(&storage);
         let raft_cfg = raft::Config {
             id: node_id,
             election_tick: config.raft.election_ticks,
@@ -227,6 +237,8 @@ pub fn create(
                 node,
                 replicas: replicas.into(),
                 pending: BTreeMap::new(),
+                dup_waiters: Vec::new(),
+                applied_requests,
                 reads_unsent: Vec::new(),
                 reads_inflight: HashMap::new(),
                 reads_waiting_apply: Vec::new(),
@@ -329,7 +341,12 @@ impl Store {
 
     fn handle(&mut self, msg: StoreMsg) {
         match msg {
-            StoreMsg::Propose { group, data, cb } => self.propose(group, data, cb),
+            StoreMsg::Propose {
+                group,
+                data,
+                request_id,
+                cb,
+            } => self.propose(group, data, request_id, cb),
             StoreMsg::ReadIndex {
                 group,
                 allow_follower,
@@ -384,7 +401,13 @@ impl Store {
         }
     }
 
-    pub(super) fn propose(&mut self, group: u64, data: Vec<u8>, cb: ProposeCb) {
+    pub(super) fn propose(
+        &mut self,
+        group: u64,
+        data: Vec<u8>,
+        request_id: Vec<u8>,
+        cb: ProposeCb,
+    ) {
         let Some(g) = self.groups.get_mut(&group) else {
             let _ = cb.send(Err(StoreError::NoSuchGroup(group)));
             return;
@@ -394,8 +417,38 @@ impl Store {
             let _ = cb.send(Err(StoreError::NotLeader { group, leader }));
             return;
         }
+        let deadline =
+            Instant::now() + Duration::from_millis(self.config.limits.request_timeout_ms);
+        if let Some(id) = dedup::request_id(&request_id) {
+            // A retry: answer from the first copy if there is one.
+            if let Some(r) = g.applied_requests.get(&id) {
+                let _ = cb.send(Ok(r.clone()));
+                return;
+            }
+            match unapplied_copy(g, &id) {
+                Ok(Some((index, term))) => {
+                    g.dup_waiters.push((index, term, cb, deadline));
+                    return;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = cb.send(Err(e));
+                    return;
+                }
+            }
+        } else if !request_id.is_empty() {
+            let _ = cb.send(Ok(Err(raftblk_proto::Error::new(
+                raftblk_proto::ErrorCode::InvalidArgument,
+                format!(
+                    "request id must be {} bytes, not {}",
+                    dedup::ID_BYTES,
+                    request_id.len()
+                ),
+            ))));
+            return;
+        }
         let before = g.node.raft.raft_log.last_index();
-        if let Err(e) = g.node.propose(Vec::new(), data) {
+        if let Err(e) = g.node.propose(request_id, data) {
             let _ = cb.send(Err(StoreError::ProposalDropped {
                 group,
                 reason: e.to_string(),
@@ -404,8 +457,6 @@ impl Store {
         }
         let index = g.node.raft.raft_log.last_index();
         assert_eq!(index, before + 1, "one proposal appends one entry");
-        let deadline =
-            Instant::now() + Duration::from_millis(self.config.limits.request_timeout_ms);
         g.pending.insert(
             index,
             PendingProposal {
@@ -473,7 +524,7 @@ impl Store {
         let data = raftblk_proto::Command {
             cmd: Some(raftblk_proto::command::Cmd::RepairBlock(cmd)),
         };
-        self.propose(group, prost::Message::encode_to_vec(&data), cb);
+        self.propose(group, prost::Message::encode_to_vec(&data), Vec::new(), cb);
     }
 
     pub(super) fn update_view(&mut self, id: u64) {
@@ -499,4 +550,66 @@ impl Store {
             views.insert(id, v);
         }
     }
+}
+
+/// Bytes of unapplied log a retry may scan for its first copy.
+const DEDUP_SCAN_BYTES_MAX: u64 = 64 << 20;
+/// Applied entries whose request ids are reloaded at startup.
+const DEDUP_RELOAD_ENTRIES_MAX: u64 = 4096;
+
+/// The (index, term) of an entry past the applied index that carries
+/// request `id`, if any.
+fn unapplied_copy(g: &Group, id: &dedup::RequestId) -> Result<Option<(u64, u64)>, StoreError> {
+    let applied = g.node.store().applied_index();
+    let last = g.node.raft.raft_log.last_index();
+    if last <= applied {
+        return Ok(None);
+    }
+    let entries = g
+        .node
+        .raft
+        .raft_log
+        .entries(
+            applied + 1,
+            DEDUP_SCAN_BYTES_MAX,
+            raft::GetEntriesContext::empty(false),
+        )
+        .map_err(|_| StoreError::Busy {
+            group: g.id,
+            what: "request lookup",
+        })?;
+    if entries.last().map(|e| e.index) != Some(last) {
+        // Too much in flight to look through now: the client retries.
+        return Err(StoreError::Busy {
+            group: g.id,
+            what: "request lookup",
+        });
+    }
+    Ok(entries
+        .iter()
+        .find(|e| e.context[..] == id[..])
+        .map(|e| (e.index, e.term)))
+}
+
+/// Request ids of the applied entries still in the log (bounded): the
+/// dedup window survives a restart.
+fn recent_requests(storage: &GroupStorage) -> dedup::AppliedRequests {
+    use raft::Storage as _;
+    let mut out = dedup::AppliedRequests::default();
+    let applied = storage.applied_index();
+    let lo = (storage.truncated_index() + 1).max(applied.saturating_sub(DEDUP_RELOAD_ENTRIES_MAX));
+    if lo > applied {
+        return out;
+    }
+    let now = Instant::now();
+    if let Ok(entries) =
+        storage.entries(lo, applied + 1, None, raft::GetEntriesContext::empty(false))
+    {
+        for e in entries {
+            if let Some(id) = dedup::request_id(&e.context) {
+                out.record(id, Ok(crate::apply::ApplyOutput::Done), now);
+            }
+        }
+    }
+    out
 }

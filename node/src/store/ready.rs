@@ -10,7 +10,7 @@ use raft::prelude::{Entry, EntryType, Message, MessageType};
 use raft::StateRole;
 use rocksdb::WriteBatch;
 
-use super::{fatal, read, role_name, Store};
+use super::{dedup, fatal, read, role_name, Store};
 use crate::apply::{Applier, ApplyOutput, ApplyResult};
 use crate::msg::{ProposeCb, StoreError};
 
@@ -53,6 +53,7 @@ impl Store {
     ) -> Option<(u64, u64)> {
         let last = entries.last().map(|e| (e.index, e.term))?;
         let g = self.groups.get_mut(&group)?;
+        let now = std::time::Instant::now();
         for e in entries {
             let result = if e.get_entry_type() == EntryType::EntryNormal {
                 match applier.apply(wb, group, &e.data) {
@@ -64,6 +65,25 @@ impl Store {
                 // never proposed.
                 Ok(ApplyOutput::Done)
             };
+            if let Some(id) = dedup::request_id(&e.context) {
+                g.applied_requests.record(id, result.clone(), now);
+            }
+            if !g.dup_waiters.is_empty() {
+                let mut i = 0;
+                while i < g.dup_waiters.len() {
+                    if g.dup_waiters[i].0 > e.index {
+                        i += 1;
+                        continue;
+                    }
+                    let (idx, term, cb, _) = g.dup_waiters.swap_remove(i);
+                    if idx == e.index && term == e.term {
+                        done.proposals.push((cb, Ok(result.clone())));
+                    } else {
+                        done.proposals
+                            .push((cb, Err(StoreError::EntryReplaced { group })));
+                    }
+                }
+            }
             // Resolve proposals up to this index.
             while let Some((&idx, _)) = g.pending.first_key_value() {
                 if idx > e.index {
