@@ -349,12 +349,24 @@ pub fn lookup_volume(engine: &Engine, name: &str) -> Result<Option<VolumeInfo>, 
     }
 }
 
-/// Reads the catalog entry of volume `id` from the local meta replica.
+/// Reads the catalog entry of volume `id` from the local meta replica:
+/// both lookups (id → name → record) from one pinned view, and a record
+/// that names another id (the name was reused after a delete) is `None`.
 pub fn lookup_volume_by_id(engine: &Engine, id: u64) -> Result<Option<VolumeInfo>, EngineError> {
-    match engine.get_kv(&keys::volume_by_id(raftblk_proto::META_GROUP_ID, id))? {
-        Some(name) => lookup_volume(engine, &String::from_utf8_lossy(&name)),
-        None => Ok(None),
-    }
+    let snap = engine.db().snapshot();
+    let g = raftblk_proto::META_GROUP_ID;
+    let Some(name) = snap.get_cf(engine.kv_cf(), keys::volume_by_id(g, id))? else {
+        return Ok(None);
+    };
+    let key = keys::volume(g, &String::from_utf8_lossy(&name));
+    let Some(v) = snap.get_cf(engine.kv_cf(), &key)? else {
+        return Ok(None);
+    };
+    let info = VolumeInfo::decode(v.as_slice()).map_err(|e| EngineError::Corrupt {
+        key,
+        what: e.to_string(),
+    })?;
+    Ok((info.id == id).then_some(info))
 }
 
 /// The next volume id the local meta replica would hand out: every id below

@@ -1,9 +1,10 @@
 //! Node-wide state shared by the store, the transport, the services and
 //! the scrubber: counters (plain atomics: readers tolerate relaxed
-//! ordering), the blocks suspected corrupt, and the snapshot-install
-//! generation readers use to never see a range half rewritten.
+//! ordering), the blocks suspected corrupt, and the per-group
+//! snapshot-install generations readers use to never see a range half
+//! rewritten.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -54,30 +55,46 @@ impl Suspects {
     }
 }
 
-/// A seqlock-style generation around snapshot installs (which rewrite a
-/// group's range in several batches): odd while one is under way.
+/// Per hosted group, a seqlock-style generation around snapshot installs
+/// (which rewrite the group's range in several batches): odd while one is
+/// under way. A read of one group checks only that group's generation, so
+/// an install never refuses reads of the other groups. Groups not hosted
+/// here have no generation and are always stable.
 #[derive(Debug, Default)]
-pub struct InstallGen(AtomicU64);
+pub struct InstallGen(HashMap<u64, AtomicU64>);
 
 impl InstallGen {
-    pub fn begin(&self) {
-        let g = self.0.fetch_add(1, Ordering::AcqRel);
-        debug_assert!(g.is_multiple_of(2), "nested snapshot installs");
+    /// Generations for `groups`, all stable.
+    pub fn new(groups: impl IntoIterator<Item = u64>) -> InstallGen {
+        InstallGen(groups.into_iter().map(|g| (g, AtomicU64::new(0))).collect())
     }
 
-    pub fn end(&self) {
-        let g = self.0.fetch_add(1, Ordering::AcqRel);
-        debug_assert!(!g.is_multiple_of(2), "install end without a begin");
+    /// An install of `group` begins (the install thread only).
+    pub fn begin(&self, group: u64) {
+        if let Some(a) = self.0.get(&group) {
+            let g = a.fetch_add(1, Ordering::AcqRel);
+            debug_assert!(g.is_multiple_of(2), "nested snapshot installs");
+        }
     }
 
-    /// The current generation; `None` while an install is under way.
-    pub fn stable(&self) -> Option<u64> {
-        let g = self.0.load(Ordering::Acquire);
+    /// The install of `group` ended.
+    pub fn end(&self, group: u64) {
+        if let Some(a) = self.0.get(&group) {
+            let g = a.fetch_add(1, Ordering::AcqRel);
+            debug_assert!(!g.is_multiple_of(2), "install end without a begin");
+        }
+    }
+
+    /// The current generation of `group`; `None` while an install of it
+    /// is under way.
+    pub fn stable(&self, group: u64) -> Option<u64> {
+        let g = self.0.get(&group).map_or(0, |a| a.load(Ordering::Acquire));
         g.is_multiple_of(2).then_some(g)
     }
 
-    /// True if no install began since `stable()` returned `g`.
-    pub fn unchanged(&self, g: u64) -> bool {
-        self.0.load(Ordering::Acquire) == g
+    /// True if no install of `group` began since `stable(group)` returned
+    /// `g`.
+    pub fn unchanged(&self, group: u64, g: u64) -> bool {
+        self.0.get(&group).map_or(0, |a| a.load(Ordering::Acquire)) == g
     }
 }

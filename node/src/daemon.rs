@@ -97,8 +97,15 @@ pub fn exit_on_panic() {
             .name()
             .unwrap_or("unnamed")
             .to_owned();
-        tracing::error!(thread, panic = %info, "panic: stopping the node; it recovers from its data directory at restart");
-        eprintln!("raftblk-node: panic on thread {thread}: exiting with status {PANIC_EXIT_CODE}");
-        std::process::exit(PANIC_EXIT_CODE);
+        // Straight to stderr (the log), not through `tracing`: the panic
+        // may have happened with the log writer's lock held.
+        eprintln!(
+            "raftblk-node: panic on thread {thread}: stopping the node (status {PANIC_EXIT_CODE}); it recovers from its data directory at restart"
+        );
+        // SAFETY: _exit(2) ends the process at once without running atexit
+        // handlers or C++ static destructors, which could hang or crash
+        // while RocksDB's background threads are still running; the data
+        // on disk is consistent at any instant (fail-stop design).
+        unsafe { libc::_exit(PANIC_EXIT_CODE) }
     }));
 }

@@ -3,12 +3,13 @@
 //! lists the volume ids that still own blocks in the group (a bounded scan
 //! on the blocking pool), asks the meta group (linearizably, through the
 //! volume cache, so nodes without a meta replica do it too) whether each
-//! still exists, and proposes a `PurgeVolume` for the ones that do not.
+//! still exists, and proposes a `PurgeVolume` for the ones that two passes
+//! in a row found absent.
 //! Volume ids are never reused, so a volume absent from the catalog whose
 //! blocks exist was deleted; a write that raced with the delete and landed
 //! after the purge is found and purged by the next pass.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,8 +17,8 @@ use raftblk_proto::{command::Cmd, Command, PurgeVolumeCmd, META_GROUP_ID};
 
 use crate::engine::Engine;
 use crate::keys;
+use crate::service::volume_cache::VolumeCache;
 use crate::store::StoreHandle;
-use crate::volume_cache::VolumeCache;
 
 /// Pause between two passes.
 pub const GC_INTERVAL: Duration = Duration::from_secs(5);
@@ -26,18 +27,31 @@ const VOLUMES_PER_GROUP_MAX: usize = 256;
 /// Purges proposed per pass, over all groups.
 const PURGES_PER_PASS_MAX: usize = 64;
 
+/// What the collector remembers between passes.
+#[derive(Default)]
+pub struct GcState {
+    /// Per group: the volume id the next scan starts from (scans resume
+    /// where the last one stopped, so every volume is reached however many
+    /// live ones a group holds).
+    cursors: HashMap<u64, u64>,
+    /// Volumes found absent from the catalog in the previous pass: purged
+    /// only when a second pass, seconds later, finds them absent again.
+    absent_before: HashSet<u64>,
+}
+
 /// Runs forever (the process exits around it).
 pub async fn run(store: StoreHandle, volumes: Arc<VolumeCache>) {
     let mut interval = tokio::time::interval(GC_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut state = GcState::default();
     loop {
         interval.tick().await;
-        pass(&store, &volumes).await;
+        pass(&store, &volumes, &mut state).await;
     }
 }
 
 /// One pass over the groups led here; the number of purges proposed.
-pub async fn pass(store: &StoreHandle, volumes: &Arc<VolumeCache>) -> usize {
+pub async fn pass(store: &StoreHandle, volumes: &Arc<VolumeCache>, state: &mut GcState) -> usize {
     let led: Vec<u64> = store
         .views()
         .into_iter()
@@ -45,11 +59,13 @@ pub async fn pass(store: &StoreHandle, volumes: &Arc<VolumeCache>) -> usize {
         .map(|v| v.group)
         .collect();
     let mut exists: HashMap<u64, bool> = HashMap::new();
+    let mut absent_now = HashSet::new();
     let mut purged = 0usize;
     for group in led {
         let engine = store.engine.clone();
+        let from = state.cursors.get(&group).copied().unwrap_or(0);
         let ids = match tokio::task::spawn_blocking(move || {
-            volumes_in_group(&engine, group, VOLUMES_PER_GROUP_MAX)
+            volumes_in_group(&engine, group, from, VOLUMES_PER_GROUP_MAX)
         })
         .await
         {
@@ -59,21 +75,32 @@ pub async fn pass(store: &StoreHandle, volumes: &Arc<VolumeCache>) -> usize {
                 continue;
             }
         };
+        // A short scan reached the end: start over next time.
+        let next = match ids.last() {
+            Some(&last) if ids.len() >= VOLUMES_PER_GROUP_MAX => last.saturating_add(1),
+            _ => 0,
+        };
+        state.cursors.insert(group, next);
         for id in ids {
             let alive = match exists.get(&id) {
                 Some(a) => *a,
-                None => match volumes.refresh(id, Instant::now()).await {
+                None => match volumes.refresh(id, Instant::now(), true).await {
                     Ok(info) => {
                         exists.insert(id, info.is_some());
                         info.is_some()
                     }
                     Err(e) => {
                         tracing::debug!(group, volume = id, error = %e, "gc: catalog unreachable");
+                        state.absent_before = absent_now;
                         return purged;
                     }
                 },
             };
             if alive {
+                continue;
+            }
+            absent_now.insert(id);
+            if !state.absent_before.contains(&id) {
                 continue;
             }
             tracing::info!(group, volume = id, "purging blocks of a deleted volume");
@@ -85,18 +112,22 @@ pub async fn pass(store: &StoreHandle, volumes: &Arc<VolumeCache>) -> usize {
             }
             purged += 1;
             if purged >= PURGES_PER_PASS_MAX {
-                return purged;
+                break;
             }
         }
+        if purged >= PURGES_PER_PASS_MAX {
+            break;
+        }
     }
+    state.absent_before = absent_now;
     purged
 }
 
-/// Up to `max` distinct volume ids with blocks in `group`, in id order.
-fn volumes_in_group(engine: &Engine, group: u64, max: usize) -> Vec<u64> {
+/// Up to `max` distinct volume ids ≥ `from` with blocks in `group`, in id
+/// order.
+fn volumes_in_group(engine: &Engine, group: u64, mut from: u64, max: usize) -> Vec<u64> {
     let (_, end) = keys::group_range(group);
     let mut out = Vec::new();
-    let mut from = 0u64;
     while out.len() < max {
         let start = keys::volume_blocks_start(group, from);
         let mut ro = rocksdb::ReadOptions::default();

@@ -24,4 +24,3 @@ pub mod service;
 pub mod snapshot_file;
 pub mod store;
 pub mod transport;
-pub mod volume_cache;

@@ -1,7 +1,7 @@
 //! What flows into the store thread ([`StoreMsg`]) and what comes back
 //! ([`StoreError`]): the contract between the store and everything that
-//! talks to it (services, transport, snapshot receiver), kept apart so
-//! none of them depends on the store's insides.
+//! talks to it (services, transport, snapshot receiver, snapshot install
+//! thread), kept apart so none of them depends on the store's insides.
 
 use std::path::PathBuf;
 
@@ -67,6 +67,12 @@ pub enum StoreMsg {
         group: u64,
         to: u64,
         ok: bool,
+    },
+    /// The snapshot install thread has validated the staged file and
+    /// refilled `group`'s range from it (or failed to).
+    SnapshotFilled {
+        group: u64,
+        result: Result<(), EngineError>,
     },
     Unreachable {
         to: u64,

@@ -49,7 +49,7 @@ pub async fn serve(
         store_tx: handle.sender(),
         nonce: AtomicU64::new(0),
     };
-    let volumes = crate::volume_cache::VolumeCache::new(handle.clone());
+    let volumes = crate::service::volume_cache::VolumeCache::new(handle.clone());
     tokio::spawn(repair_loop(handle.clone()));
     tokio::spawn(crate::gc::run(handle.clone(), volumes.clone()));
     if config.limits.scrub_blocks_per_sec > 0 {

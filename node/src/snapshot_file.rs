@@ -4,19 +4,23 @@
 //! them to a staging file (`data_dir/snap/`), never holding it whole in
 //! memory. Installing it: (1) a marker key naming the file is written with
 //! fsync; (2) the group's state-machine range is cleared and refilled from
-//! the file in bounded batches; (3) one synced batch moves the raft state
+//! the file in bounded batches, without the WAL, and flushed; (3) one synced batch moves the raft state
 //! (log, truncated and apply states) to the snapshot and deletes the marker.
 //! A crash between (1) and (3) is finished at the next start from the file,
-//! which is removed only after (3).
+//! which is removed only after (3). The file is read whole once before (1),
+//! so a bad one is rejected with nothing written. The store runs (1) and
+//! (2) on its install thread and stages (3) into its ready loop's batch
+//! (see `store::install`); [`install`] runs all three in a row.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
 use raft::prelude::{Snapshot, SnapshotMetadata};
-use rocksdb::WriteBatch;
+use rocksdb::{WriteBatch, WriteOptions};
 
 use crate::counters::Counters;
 use crate::engine::{Engine, EngineError};
@@ -29,6 +33,8 @@ pub const KEY_BYTES_MAX: usize = 4096;
 pub const VALUE_BYTES_MAX: usize = 1 << 20;
 /// Bytes written per batch while installing.
 const INSTALL_BATCH_BYTES: usize = 4 << 20;
+/// Longest wait for a memtable flush before writing the next batch anyway.
+const FLUSH_WAIT_MAX: Duration = Duration::from_secs(10);
 
 fn corrupt(path: &Path, what: impl Into<String>) -> EngineError {
     EngineError::Corrupt {
@@ -87,17 +93,32 @@ impl SnapshotWriter {
         self.count
     }
 
-    /// Flushes, fsyncs and renames the file to its final name.
+    /// Flushes, fsyncs and renames the file to its final name, and fsyncs
+    /// the directory.
+    /// (Blocking: fsyncs; call it off the async runtime.) On failure the
+    /// staged file is removed.
     pub fn finish(mut self) -> Result<PathBuf, EngineError> {
-        self.out.flush()?;
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| EngineError::Io(e.into_error()))?;
-        file.sync_all()?;
-        let done = self.tmp.with_extension("snap");
-        std::fs::rename(&self.tmp, &done)?;
-        Ok(done)
+        let tmp = self.tmp.clone();
+        let r = (|| {
+            self.out.flush()?;
+            let file = self
+                .out
+                .into_inner()
+                .map_err(|e| EngineError::Io(e.into_error()))?;
+            file.sync_all()?;
+            let done = self.tmp.with_extension("snap");
+            std::fs::rename(&self.tmp, &done)?;
+            // The rename is durable only once the directory is.
+            if let Some(dir) = done.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+            Ok(done)
+        })();
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(tmp.with_extension("snap"));
+        }
+        r
     }
 
     /// Removes the partial file (transfer failed).
@@ -166,7 +187,9 @@ fn marker_value(meta: &SnapshotMetadata, path: &Path) -> Result<Vec<u8>, EngineE
     Ok(v)
 }
 
-/// Installs `snap` of `storage`'s group from the staging file at `path`.
+/// Installs `snap` of `storage`'s group from the staging file at `path`,
+/// all three steps at once (the store runs them apart: steps 1 and 2 on
+/// its install thread, step 3 in its ready loop).
 pub fn install(
     engine: &Engine,
     storage: &mut GroupStorage,
@@ -174,19 +197,11 @@ pub fn install(
     path: &Path,
 ) -> Result<(), EngineError> {
     let group = storage.group();
-    // Read the whole file once first: a bad one is rejected before the marker and the range clear.
-    read_pairs(path, group, |_, _| Ok(()))?;
-    let mut wb = WriteBatch::default();
-    wb.put_cf(
-        engine.raft_cf(),
-        keys::snapshot_marker(group),
-        marker_value(snap.get_metadata(), path)?,
-    );
-    engine.write(wb, true)?;
+    validate(path, group)?;
+    write_marker(engine, group, snap.get_metadata(), path)?;
     fill_from_file(engine, group, path)?;
     let mut wb = WriteBatch::default();
-    storage.stage_snapshot(&mut wb, snap)?;
-    wb.delete_cf(engine.raft_cf(), keys::snapshot_marker(group));
+    stage_finish(engine, storage, &mut wb, snap)?;
     engine.write(wb, true)?;
     let meta = snap.get_metadata();
     storage.set_applied(meta.index, meta.term);
@@ -194,20 +209,86 @@ pub fn install(
     Ok(())
 }
 
-fn fill_from_file(engine: &Engine, group: u64, path: &Path) -> Result<(), EngineError> {
+/// Reads the whole staged file of `group` once; its pair count. A bad file
+/// is rejected by this, before the marker and the range clear.
+pub fn validate(path: &Path, group: u64) -> Result<u64, EngineError> {
+    read_pairs(path, group, |_, _| Ok(()))
+}
+
+/// Step 1: the marker naming the file and the snapshot, written with fsync.
+pub fn write_marker(
+    engine: &Engine,
+    group: u64,
+    meta: &SnapshotMetadata,
+    path: &Path,
+) -> Result<(), EngineError> {
+    let mut wb = WriteBatch::default();
+    wb.put_cf(
+        engine.raft_cf(),
+        keys::snapshot_marker(group),
+        marker_value(meta, path)?,
+    );
+    engine.write(wb, true)
+}
+
+/// Step 2: clears `group`'s state-machine range and refills it from the
+/// file in bounded batches, then flushes the range to its SST files. The
+/// batches skip the WAL: the marker makes a crash before the flush refill
+/// the range, and the synced writes of the ready loop do not have to sync
+/// the whole snapshot (they share the WAL). A batch waits while a full
+/// memtable is being flushed, so the refill never fills the next one and
+/// stops every writer of the DB (RocksDB's memtable write stall).
+pub fn fill_from_file(engine: &Engine, group: u64, path: &Path) -> Result<(), EngineError> {
     let (start, end) = keys::group_range(group);
+    let mut wo = WriteOptions::default();
+    wo.disable_wal(true);
+    let write = |wb: WriteBatch| engine.db().write_opt(wb, &wo);
     let mut wb = WriteBatch::default();
     wb.delete_range_cf(engine.kv_cf(), &start, &end);
-    engine.write(wb, false)?;
+    write(wb)?;
     let mut wb = WriteBatch::default();
     read_pairs(path, group, |k, v| {
         wb.put_cf(engine.kv_cf(), &k, &v);
         if wb.size_in_bytes() >= INSTALL_BATCH_BYTES {
-            engine.write(std::mem::take(&mut wb), false)?;
+            wait_for_flush(engine);
+            write(std::mem::take(&mut wb))?;
         }
         Ok(())
     })?;
-    engine.write(wb, false)?;
+    write(wb)?;
+    engine.db().flush_cf(engine.kv_cf())?;
+    Ok(())
+}
+
+/// Waits (bounded) until the `kv` family has no memtable waiting for flush.
+fn wait_for_flush(engine: &Engine) {
+    let deadline = Instant::now() + FLUSH_WAIT_MAX;
+    while Instant::now() < deadline {
+        let pending = engine
+            .db()
+            .property_int_value_cf(engine.kv_cf(), rocksdb::properties::NUM_IMMUTABLE_MEM_TABLE)
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        if pending == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Step 3, staged into `wb` (to be written with fsync): the raft state
+/// (log, truncated and apply states) moves to the snapshot and the marker
+/// goes. The caller records the apply state (`set_applied`) once written
+/// and removes the file.
+pub fn stage_finish(
+    engine: &Engine,
+    storage: &mut GroupStorage,
+    wb: &mut WriteBatch,
+    snap: &Snapshot,
+) -> Result<(), EngineError> {
+    storage.stage_snapshot(wb, snap)?;
+    wb.delete_cf(engine.raft_cf(), keys::snapshot_marker(storage.group()));
     Ok(())
 }
 
@@ -242,8 +323,7 @@ pub fn resume_interrupted_install(
     snap.set_metadata(meta);
     fill_from_file(engine, group, &path)?;
     let mut wb = WriteBatch::default();
-    storage.stage_snapshot(&mut wb, &snap)?;
-    wb.delete_cf(engine.raft_cf(), keys::snapshot_marker(group));
+    stage_finish(engine, &mut storage, &mut wb, &snap)?;
     engine.write(wb, true)?;
     let _ = std::fs::remove_file(&path);
     counters.snapshots_applied.fetch_add(1, Ordering::Relaxed);

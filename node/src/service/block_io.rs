@@ -21,8 +21,8 @@ use super::store_error;
 use crate::apply::ApplyOutput;
 use crate::block;
 use crate::keys;
+use crate::service::volume_cache::VolumeCache;
 use crate::store::{StoreError, StoreHandle};
-use crate::volume_cache::VolumeCache;
 
 /// Reads up to this size run on the request's task.
 const INLINE_READ_BYTES_MAX: u64 = 128 * 1024;
@@ -131,19 +131,20 @@ fn read_blocks(
         .map(|b| keys::block(group, volume, b))
         .collect();
     // One pinned view for the whole range, taken while no snapshot install
-    // (which rewrites a group's range in several batches) is under way.
+    // of this group (which rewrites its range in several batches) is under
+    // way; installs of other groups do not matter.
     let busy = || {
         PbError::new(
             ErrorCode::Unavailable,
             format!(
-                "node {}: a snapshot install is under way",
+                "node {}: a snapshot install of group {group} is under way",
                 store.config.node_id
             ),
         )
     };
-    let gen = store.install_gen.stable().ok_or_else(busy)?;
+    let gen = store.install_gen.stable(group).ok_or_else(busy)?;
     let snap = engine.db().snapshot();
-    if !store.install_gen.unchanged(gen) {
+    if !store.install_gen.unchanged(group, gen) {
         return Err(busy());
     }
     let mut ro = rocksdb::ReadOptions::default();

@@ -5,6 +5,7 @@
 pub mod block_io;
 pub mod cluster;
 pub mod raft;
+pub mod volume_cache;
 pub mod volumes;
 
 use raftblk_proto::{Error as PbError, ErrorCode};

@@ -96,35 +96,24 @@ impl RaftTransport for RaftService {
         let nonce = self.nonce.fetch_add(1, Ordering::Relaxed);
         let mut writer = SnapshotWriter::create(&dir, group, meta.index, meta.term, nonce)
             .map_err(|e| Status::internal(e.to_string()))?;
-        let mut done = false;
-        let mut total = 0;
-        while let Some(piece) = stream.message().await? {
-            if done {
+        // Every way out but success removes the partial file.
+        let total = match receive_pieces(&mut stream, &mut writer).await {
+            Ok(total) => total,
+            Err(e) => {
                 writer.abandon();
-                return Err(Status::invalid_argument(
-                    "snapshot pieces after the last one",
-                ));
+                return Err(e);
             }
-            for kv in &piece.kvs {
-                if let Err(e) = writer.push(&kv.key, &kv.value) {
-                    writer.abandon();
-                    return Err(Status::invalid_argument(e.to_string()));
-                }
-            }
-            if piece.done {
-                done = true;
-                total = piece.total_kvs;
-            }
-        }
-        if !done || total != writer.count() {
+        };
+        if total != writer.count() {
             let got = writer.count();
             writer.abandon();
             return Err(Status::data_loss(format!(
                 "snapshot stream incomplete: {got} of {total} pairs"
             )));
         }
-        let path = writer
-            .finish()
+        let path = tokio::task::spawn_blocking(move || writer.finish())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!(
             group,
@@ -132,14 +121,45 @@ impl RaftTransport for RaftService {
             pairs = total,
             "snapshot received"
         );
-        self.store_tx
+        let staged = path.clone();
+        if self
+            .store_tx
             .send(StoreMsg::SnapshotReceived {
                 group,
                 msg: Box::new(msg),
                 path,
             })
             .await
-            .map_err(|_| Status::unavailable("store stopped"))?;
+            .is_err()
+        {
+            let _ = std::fs::remove_file(staged);
+            return Err(Status::unavailable("store stopped"));
+        }
         Ok(Response::new(Empty {}))
     }
+}
+
+/// Writes the pieces after the header into `writer`; the total number of
+/// pairs the sender announced in its last piece.
+async fn receive_pieces(
+    stream: &mut Streaming<SnapshotPiece>,
+    writer: &mut SnapshotWriter,
+) -> Result<u64, Status> {
+    let mut total = None;
+    while let Some(piece) = stream.message().await? {
+        if total.is_some() {
+            return Err(Status::invalid_argument(
+                "snapshot pieces after the last one",
+            ));
+        }
+        for kv in &piece.kvs {
+            writer
+                .push(&kv.key, &kv.value)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        if piece.done {
+            total = Some(piece.total_kvs);
+        }
+    }
+    total.ok_or_else(|| Status::data_loss("snapshot stream ended before its last piece"))
 }

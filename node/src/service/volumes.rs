@@ -185,7 +185,7 @@ impl Volumes for VolumesService {
         if let Err(e) = self.store.read_index(META_GROUP_ID, true).await {
             return Ok(failed(store_error(&self.store, e)));
         }
-        match apply::lookup_volume_by_id(&self.store.engine, id) {
+        match crate::service::volume_cache::read_local_catalog(&self.store, id) {
             Ok(Some(v)) => Ok(Response::new(VolumeResponse {
                 error: None,
                 volume: Some(v),
@@ -194,7 +194,7 @@ impl Volumes for VolumesService {
                 ErrorCode::NoSuchVolume,
                 format!("no volume with id {id}"),
             ))),
-            Err(e) => Ok(failed(PbError::new(ErrorCode::Storage, e.to_string()))),
+            Err(e) => Ok(failed(e)),
         }
     }
 

@@ -8,8 +8,10 @@
 //! So, before proposing a request with an id, the leader looks for it (1)
 //! among the requests its group applied recently ([`AppliedRequests`], on
 //! every replica, since any replica may lead next) and answers with that
-//! result, and (2) in its log past the applied index, and then waits for
-//! that entry instead of proposing again. Leader completeness makes this
+//! result, and (2) among the entries in its log past the applied index
+//! ([`InflightRequests`], filled as entries are proposed or appended, so a
+//! lookup costs a hash probe, not a log scan), and then waits for that
+//! entry instead of proposing again. Leader completeness makes this
 //! enough: if the first copy committed, the current leader's log holds it.
 //!
 //! The window is bounded: ids are kept for [`KEEP`] (longer than any
@@ -18,7 +20,7 @@
 //! disk. A snapshot install does not carry it (the rare case of a retry
 //! that spans a snapshot install and a leader change is not covered).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::apply::ApplyResult;
@@ -68,6 +70,46 @@ impl AppliedRequests {
     }
 }
 
+/// Request ids of entries in this replica's log past its applied index:
+/// `(index, term)` of the entry that carries each. Entries replaced by a
+/// conflicting append are dropped when their index is reused or applied;
+/// a lookup still checks the log's term at that index.
+#[derive(Default)]
+pub(crate) struct InflightRequests {
+    by_id: HashMap<RequestId, (u64, u64)>,
+    by_index: BTreeMap<u64, RequestId>,
+}
+
+impl InflightRequests {
+    /// An entry carrying `id` was appended (or proposed) at `index`.
+    pub(crate) fn appended(&mut self, index: u64, term: u64, id: RequestId) {
+        if let Some(old) = self.by_index.insert(index, id) {
+            if old != id {
+                self.by_id.remove(&old);
+            }
+        }
+        self.by_id.insert(id, (index, term));
+    }
+
+    /// Everything up to `index` is applied (or replaced by a snapshot).
+    pub(crate) fn applied_up_to(&mut self, index: u64) {
+        while let Some((&i, _)) = self.by_index.first_key_value() {
+            if i > index {
+                break;
+            }
+            if let Some((_, id)) = self.by_index.pop_first() {
+                if self.by_id.get(&id).is_some_and(|(at, _)| *at == i) {
+                    self.by_id.remove(&id);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn get(&self, id: &RequestId) -> Option<(u64, u64)> {
+        self.by_id.get(id).copied()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +136,25 @@ mod tests {
         assert_eq!(request_id(&[7u8; 16]), Some([7u8; 16]));
         assert_eq!(request_id(&[7u8; 8]), None);
         assert_eq!(request_id(&[]), None);
+    }
+
+    #[test]
+    fn inflight_requests_follow_the_log() {
+        let mut f = InflightRequests::default();
+        let id = |n: u8| [n; ID_BYTES];
+        f.appended(5, 2, id(1));
+        f.appended(6, 2, id(2));
+        assert_eq!(f.get(&id(1)), Some((5, 2)));
+        // A conflicting append replaces index 6.
+        f.appended(6, 3, id(3));
+        assert_eq!(f.get(&id(2)), None);
+        assert_eq!(f.get(&id(3)), Some((6, 3)));
+        f.applied_up_to(5);
+        assert_eq!(f.get(&id(1)), None);
+        assert_eq!(f.get(&id(3)), Some((6, 3)));
+        f.applied_up_to(100);
+        assert_eq!(f.get(&id(3)), None);
+        assert!(f.by_index.is_empty() && f.by_id.is_empty());
     }
 
     #[test]

@@ -15,7 +15,11 @@ impl Store {
             self.config.raft.tick_interval_ms * self.config.raft.heartbeat_ticks as u64 * 3,
         );
         for g in self.groups.values_mut() {
-            g.node.tick();
+            // Not while a snapshot installs: its held ready forbids it
+            // (see `install`).
+            if g.installing.is_none() {
+                g.node.tick();
+            }
             // Proposals past their deadline: the caller has given up; the
             // entry may still commit (a retry finds it, see `dedup`).
             let expired: Vec<u64> = g
@@ -86,6 +90,9 @@ impl Store {
         let bytes_threshold = self.config.raft.log_compact_threshold_bytes;
         let mut wb = WriteBatch::default();
         for g in self.groups.values_mut() {
+            if g.installing.is_some() {
+                continue;
+            }
             let st = g.node.store();
             let applied = st.applied_index();
             let truncated = st.truncated_index();

@@ -3,7 +3,8 @@
 //!
 //! Each round: drain a bounded batch of inbox messages (proposals, reads,
 //! raft messages), tick on time, then for every group with a ready:
-//! send leader messages at once, install a snapshot if any, apply committed
+//! send leader messages at once, hand a snapshot to the install thread (the
+//! group's ready is held until it is filled), apply committed
 //! entries and stage log appends and hard states — all groups into ONE
 //! write batch written with one fsync (group commit). Only then are the
 //! persisted messages sent and the ready advanced; the light ready's commit
@@ -28,11 +29,13 @@
 //! The parts: `handle` (the async [`StoreHandle`] and published
 //! [`GroupView`]s), `ready` (the ready loop: messages, apply, group commit),
 //! `read` (ReadIndex batching and the leader lease), `snapshot` (snapshots
-//! made for peers and snapshots received), `maintenance` (ticks, proposal
+//! made for peers and snapshots received), `install` (snapshot installs on
+//! their own thread, the held ready), `maintenance` (ticks, proposal
 //! and read deadlines, log compaction, garbage collection).
 
 mod dedup;
 mod handle;
+mod install;
 mod maintenance;
 mod read;
 mod ready;
@@ -44,6 +47,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use raft::prelude::MessageType;
 use raft::{RawNode, ReadOnlyOption, StateRole};
 use raftblk_proto::placement;
 use tokio::sync::mpsc;
@@ -81,6 +85,8 @@ struct Group {
     dup_waiters: Vec<(u64, u64, ProposeCb, Instant)>,
     /// Client requests this replica applied recently (see `dedup`).
     applied_requests: dedup::AppliedRequests,
+    /// Client requests in its log past the applied index (see `dedup`).
+    inflight_requests: dedup::InflightRequests,
     reads_unsent: Vec<(ReadCb, Instant)>,
     reads_inflight: HashMap<u64, InflightRead>,
     reads_waiting_apply: Vec<(u64, Vec<ReadCb>)>,
@@ -99,8 +105,12 @@ struct Group {
     /// then does raft-rs serve read-index requests (earlier ones it drops,
     /// so they are held, and re-issued when this turns true).
     reads_ready: bool,
-    /// A received snapshot file waiting for raft to accept it.
+    /// The received snapshot file raft took (its unstable snapshot), until
+    /// the ready carrying it starts the install: one slot per group.
     incoming_snapshot: Option<(u64, u64, PathBuf)>,
+    /// A snapshot install under way (see `install`): until it ends the
+    /// group's raft is left alone.
+    installing: Option<install::Installing>,
 }
 
 impl Group {
@@ -145,8 +155,8 @@ pub struct Store {
     /// Per group: a `RenewLease` is queued in the inbox (coalescing).
     renewals: Arc<HashMap<u64, AtomicBool>>,
     counters: Arc<Counters>,
-    /// Bumped around every snapshot install (readers check it).
-    install_gen: Arc<InstallGen>,
+    /// The snapshot install thread (see `install`).
+    installer: install::Installer,
     /// Read-index contexts issued by this node (see `read::ReadCtx`).
     read_ctx: read::ReadCtx,
     /// DB snapshots made for peers, keyed by (group, peer, applied index
@@ -154,6 +164,10 @@ pub struct Store {
     outgoing_snapshots: HashMap<(u64, u64, u64), (OwnedSnapshot, Instant)>,
     /// How long a completed read-index round lets the leader read locally.
     lease_duration: Duration,
+    /// When the store started, and how long after it votes are refused
+    /// (the election timeout: see `handle`).
+    started: Instant,
+    vote_quiet: Duration,
 }
 
 /// Inbox messages handled per round before the ready pass.
@@ -191,7 +205,6 @@ pub fn create(
     let (tx, rx) = mpsc::channel(config.limits.inbox_capacity);
     let counters = Arc::new(Counters::default());
     let suspects = Arc::new(Suspects::default());
-    let install_gen = Arc::new(InstallGen::default());
     let transport = transport_factory(tx.clone(), counters.clone(), suspects.clone());
     let node_id = config.node_id;
     let node_ids = config.node_ids();
@@ -239,6 +252,7 @@ pub fn create(
                 pending: BTreeMap::new(),
                 dup_waiters: Vec::new(),
                 applied_requests,
+                inflight_requests: Default::default(),
                 reads_unsent: Vec::new(),
                 reads_inflight: HashMap::new(),
                 reads_waiting_apply: Vec::new(),
@@ -249,10 +263,18 @@ pub fn create(
                 transfer_fence: None,
                 reads_ready: false,
                 incoming_snapshot: None,
+                installing: None,
             },
         );
     }
     snapshot_file::sweep_stale(&snap_dir);
+    let install_gen = Arc::new(InstallGen::new(groups.keys().copied()));
+    let installer = install::spawn(
+        engine.clone(),
+        install_gen.clone(),
+        tx.downgrade(),
+        groups.len(),
+    )?;
     let views = Arc::new(RwLock::new(BTreeMap::new()));
     let renewals: Arc<HashMap<u64, AtomicBool>> = Arc::new(
         groups
@@ -268,9 +290,11 @@ pub fn create(
         config: config.clone(),
         counters: counters.clone(),
         suspects,
-        install_gen: install_gen.clone(),
+        install_gen,
     };
     let lease_ms = lease_ms(config.raft.tick_interval_ms, config.raft.election_ticks);
+    let (config_tick_ms, config_election_ticks) =
+        (config.raft.tick_interval_ms, config.raft.election_ticks);
     let mut store = Store {
         node_id,
         engine,
@@ -281,10 +305,12 @@ pub fn create(
         views,
         renewals,
         counters,
-        install_gen,
         read_ctx: read::ReadCtx::new(node_id),
         outgoing_snapshots: HashMap::new(),
         lease_duration: Duration::from_millis(lease_ms),
+        started: Instant::now(),
+        vote_quiet: Duration::from_millis(config_tick_ms * config_election_ticks as u64),
+        installer,
     };
     let ids: Vec<u64> = store.groups.keys().copied().collect();
     for g in ids {
@@ -366,6 +392,24 @@ impl Store {
                             .fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
+                    if g.installing.is_some() {
+                        // Its raft is left alone until the install ends
+                        // (see `install`); the leader resends.
+                        continue;
+                    }
+                    if self.started.elapsed() < self.vote_quiet
+                        && matches!(
+                            m.get_msg_type(),
+                            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+                        )
+                    {
+                        // Just (re)started: this node may have acked a
+                        // leader's lease round moments before it went down,
+                        // and raft-rs would grant votes at once (it knows
+                        // no leader yet). Stay silent for one election
+                        // timeout, as if that leader were still heard.
+                        continue;
+                    }
                     read::observe_for_fence(g, &self.read_ctx, &m);
                     if let Err(e) = g.node.step(m) {
                         tracing::debug!(group, error = %e, "raft step rejected a message");
@@ -376,6 +420,7 @@ impl Store {
                 self.on_snapshot_received(group, *msg, path)
             }
             StoreMsg::SnapshotStatus { group, to, ok } => self.on_snapshot_status(group, to, ok),
+            StoreMsg::SnapshotFilled { group, result } => self.on_snapshot_filled(group, result),
             StoreMsg::Unreachable { to } => {
                 for g in self.groups.values_mut() {
                     if g.is_leader() && g.replicas.contains(&to) {
@@ -393,6 +438,11 @@ impl Store {
             StoreMsg::TransferLeader { group, to } => self.on_transfer_leader(group, to),
             StoreMsg::Digest { group, cb } => {
                 let r = match self.groups.get(&group) {
+                    // Half rewritten while an install runs.
+                    Some(g) if g.installing.is_some() => Err(StoreError::Busy {
+                        group,
+                        what: "snapshot install",
+                    }),
                     Some(g) => Ok((self.engine.snapshot(), g.node.store().applied_index())),
                     None => Err(StoreError::NoSuchGroup(group)),
                 };
@@ -419,20 +469,16 @@ impl Store {
         }
         let deadline =
             Instant::now() + Duration::from_millis(self.config.limits.request_timeout_ms);
-        if let Some(id) = dedup::request_id(&request_id) {
+        let id = dedup::request_id(&request_id);
+        if let Some(id) = id {
             // A retry: answer from the first copy if there is one.
             if let Some(r) = g.applied_requests.get(&id) {
                 let _ = cb.send(Ok(r.clone()));
                 return;
             }
-            match unapplied_copy(g, &id) {
-                Ok(Some((index, term))) => {
+            if let Some((index, term)) = g.inflight_requests.get(&id) {
+                if g.node.raft.raft_log.term(index).is_ok_and(|t| t == term) {
                     g.dup_waiters.push((index, term, cb, deadline));
-                    return;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    let _ = cb.send(Err(e));
                     return;
                 }
             }
@@ -457,6 +503,9 @@ impl Store {
         }
         let index = g.node.raft.raft_log.last_index();
         assert_eq!(index, before + 1, "one proposal appends one entry");
+        if let Some(id) = id {
+            g.inflight_requests.appended(index, g.node.raft.term, id);
+        }
         g.pending.insert(
             index,
             PendingProposal {
@@ -478,13 +527,21 @@ impl Store {
             return;
         }
         let applied = g.node.store().applied_index();
+        let last = g.node.raft.raft_log.last_index();
         let unapplied = match g.node.raft.raft_log.entries(
             applied + 1,
-            None,
+            REPAIR_SCAN_BYTES_MAX,
             raft::GetEntriesContext::empty(false),
         ) {
+            // Too much unapplied to look through now: retry later.
+            Ok(e) if last > applied && e.last().map(|e| e.index) != Some(last) => {
+                let _ = cb.send(Err(StoreError::Busy {
+                    group,
+                    what: "block repair",
+                }));
+                return;
+            }
             Ok(e) => e,
-            Err(raft::Error::Store(raft::StorageError::Unavailable)) => Vec::new(),
             Err(e) => {
                 let _ = cb.send(Err(StoreError::ProposalDropped {
                     group,
@@ -552,44 +609,10 @@ impl Store {
     }
 }
 
-/// Bytes of unapplied log a retry may scan for its first copy.
-const DEDUP_SCAN_BYTES_MAX: u64 = 64 << 20;
+/// Bytes of unapplied log a repair looks through at most.
+const REPAIR_SCAN_BYTES_MAX: u64 = 64 << 20;
 /// Applied entries whose request ids are reloaded at startup.
 const DEDUP_RELOAD_ENTRIES_MAX: u64 = 4096;
-
-/// The (index, term) of an entry past the applied index that carries
-/// request `id`, if any.
-fn unapplied_copy(g: &Group, id: &dedup::RequestId) -> Result<Option<(u64, u64)>, StoreError> {
-    let applied = g.node.store().applied_index();
-    let last = g.node.raft.raft_log.last_index();
-    if last <= applied {
-        return Ok(None);
-    }
-    let entries = g
-        .node
-        .raft
-        .raft_log
-        .entries(
-            applied + 1,
-            DEDUP_SCAN_BYTES_MAX,
-            raft::GetEntriesContext::empty(false),
-        )
-        .map_err(|_| StoreError::Busy {
-            group: g.id,
-            what: "request lookup",
-        })?;
-    if entries.last().map(|e| e.index) != Some(last) {
-        // Too much in flight to look through now: the client retries.
-        return Err(StoreError::Busy {
-            group: g.id,
-            what: "request lookup",
-        });
-    }
-    Ok(entries
-        .iter()
-        .find(|e| e.context[..] == id[..])
-        .map(|e| (e.index, e.term)))
-}
 
 /// Request ids of the applied entries still in the log (bounded): the
 /// dedup window survives a restart.

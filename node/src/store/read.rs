@@ -202,6 +202,11 @@ impl Store {
     pub(super) fn issue_reads(&mut self) {
         let timeout = Duration::from_millis(self.config.limits.request_timeout_ms);
         for g in self.groups.values_mut() {
+            if g.installing.is_some() {
+                // Its raft is left alone until the install ends (see
+                // `install`); its reads wait.
+                continue;
+            }
             // Hold reads until raft-rs will serve them; re-issue the ones
             // it dropped the moment it will.
             let ready = committed_in_term(g);
@@ -222,7 +227,18 @@ impl Store {
             // must ack before any lease.
             let term = g.node.raft.term;
             let leading = g.is_leader();
-            let transferring = g.node.raft.lead_transferee.is_some();
+            let transferring = g.node.raft.lead_transferee;
+            if let (Some(to), None, true) = (transferring, &g.transfer_fence, leading) {
+                // A transfer raft started by itself (a peer's
+                // MsgTransferLeader): fence it like our own.
+                g.lease_until = None;
+                g.transfer_fence = Some(TransferFence {
+                    transferee: to,
+                    term,
+                    min_seq: None,
+                });
+            }
+            let transferring = transferring.is_some();
             if let Some(f) = &mut g.transfer_fence {
                 if f.term != term || !leading {
                     g.transfer_fence = None;

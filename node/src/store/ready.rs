@@ -1,5 +1,6 @@
-//! The ready loop of all groups: leader messages first, snapshots,
-//! committed entries applied and log appends and hard states of every
+//! The ready loop of all groups: leader messages first, snapshots (handed
+//! to the install thread, their ready held until filled), committed
+//! entries applied and log appends and hard states of every
 //! group staged into ONE write batch with one fsync (group commit), then
 //! the persisted messages, `advance`, and the light ready's commits
 //! applied in a second, unsynced batch — raft-rs's documented ordering.
@@ -68,6 +69,7 @@ impl Store {
             if let Some(id) = dedup::request_id(&e.context) {
                 g.applied_requests.record(id, result.clone(), now);
             }
+            g.inflight_requests.applied_up_to(e.index);
             if !g.dup_waiters.is_empty() {
                 let mut i = 0;
                 while i < g.dup_waiters.len() {
@@ -105,10 +107,15 @@ impl Store {
     }
 
     pub(super) fn handle_readies(&mut self) {
+        // A group installing a snapshot is left out until the install
+        // thread has filled its range; then its held ready resumes.
         let ids: Vec<u64> = self
             .groups
             .iter()
-            .filter(|(_, g)| g.node.has_ready())
+            .filter(|(_, g)| match &g.installing {
+                Some(i) => i.filled,
+                None => g.node.has_ready(),
+            })
             .map(|(id, _)| *id)
             .collect();
         if ids.is_empty() {
@@ -124,12 +131,18 @@ impl Store {
         let mut need_sync = false;
         let mut readies = Vec::with_capacity(ids.len());
         let mut applied: Vec<(u64, u64, u64)> = Vec::new();
+        let mut installed = Vec::new();
         for &id in &ids {
             let Some(g) = self.groups.get_mut(&id) else {
                 continue;
             };
-            let mut rd = g.node.ready();
-            if let Some(ss) = rd.ss() {
+            // A held ready whose soft state and leader messages were handled
+            // when it was fresh.
+            let (mut rd, held) = match g.installing.take() {
+                Some(i) => (i.ready, Some(i.file)),
+                None => (g.node.ready(), None),
+            };
+            if let Some(ss) = rd.ss().filter(|_| held.is_none()) {
                 g.lease_until = None;
                 // Readers check the view without the store thread: drop the
                 // lease there at once, not at the end of the round.
@@ -159,7 +172,13 @@ impl Store {
                 self.send_messages(id, msgs);
             }
             if !rd.snapshot().is_empty() {
-                self.install_snapshot(id, rd.snapshot().clone());
+                let Some(file) = held else {
+                    // Filled on the install thread; the ready waits.
+                    self.start_install(id, rd);
+                    continue;
+                };
+                self.stage_installed(id, rd.snapshot(), &mut wb);
+                installed.push((id, file));
                 need_sync = true;
             }
             let committed = rd.take_committed_entries();
@@ -172,6 +191,11 @@ impl Store {
                 continue;
             };
             if !rd.entries().is_empty() {
+                for e in rd.entries() {
+                    if let Some(id) = dedup::request_id(&e.context) {
+                        g.inflight_requests.appended(e.index, e.term, id);
+                    }
+                }
                 if let Err(e) = g.node.mut_store().stage_append(&mut wb, rd.entries()) {
                     fatal("stage append", e);
                 }
@@ -215,6 +239,9 @@ impl Store {
             if let Err(e) = engine.write(wb, need_sync) {
                 fatal("raft log write", e);
             }
+        }
+        for (id, file) in installed {
+            self.finish_install(id, file);
         }
         for (id, i, t) in applied.drain(..) {
             if let Some(g) = self.groups.get_mut(&id) {

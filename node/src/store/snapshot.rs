@@ -1,37 +1,65 @@
 //! Snapshots: DB views taken for snapshots raft asks to send (paired with
 //! the exact index their metadata names), snapshots received from a
-//! leader (staged files waiting for raft to accept them), and their
-//! installation.
+//! leader (one staged file per group, kept while raft holds it). Their
+//! installation runs on the install thread (see `install`).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use raft::prelude::{Message, Snapshot};
+use raft::prelude::Message;
 
-use super::{fatal, Store};
-use crate::snapshot_file;
+use super::Store;
 
 impl Store {
+    /// A snapshot file received for `group`: stepped into raft, and kept
+    /// (one slot per group) only if raft took it; a file raft refused, one
+    /// that arrives while the group installs another, and one replaced by a
+    /// newer snapshot are deleted.
     pub(super) fn on_snapshot_received(&mut self, group: u64, msg: Message, path: PathBuf) {
         let Some(g) = self.groups.get_mut(&group) else {
             let _ = std::fs::remove_file(&path);
             return;
         };
-        let meta = msg.get_snapshot().get_metadata();
-        if let Some((_, _, old)) = g.incoming_snapshot.take() {
+        if g.installing.is_some() {
+            // Its raft is left alone until the install ends (see `install`);
+            // the leader sends a snapshot again if still needed.
+            tracing::info!(group, "snapshot refused: one is being installed");
+            let _ = std::fs::remove_file(&path);
+            return;
+        }
+        let (index, term) = {
+            let meta = msg.get_snapshot().get_metadata();
+            (meta.index, meta.term)
+        };
+        if let Err(e) = g.node.step(msg) {
+            tracing::warn!(group, error = %e, "raft rejected a snapshot");
+        }
+        let taken = g
+            .node
+            .raft
+            .raft_log
+            .unstable_snapshot()
+            .as_ref()
+            .is_some_and(|s| s.get_metadata().index == index && s.get_metadata().term == term);
+        if !taken {
+            tracing::info!(group, index, term, "raft did not take the snapshot");
+            let _ = std::fs::remove_file(&path);
+            return;
+        }
+        if let Some((_, _, old)) = g.incoming_snapshot.replace((index, term, path.clone())) {
             if old != path {
                 let _ = std::fs::remove_file(old);
             }
-        }
-        g.incoming_snapshot = Some((meta.index, meta.term, path));
-        if let Err(e) = g.node.step(msg) {
-            tracing::warn!(group, error = %e, "raft rejected a snapshot");
         }
     }
 
     pub(super) fn on_snapshot_status(&mut self, group: u64, to: u64, ok: bool) {
         if let Some(g) = self.groups.get_mut(&group) {
+            if g.installing.is_some() {
+                // Not a leader; its raft is left alone (see `install`).
+                return;
+            }
             let status = if ok {
                 self.counters.snapshots_sent.fetch_add(1, Ordering::Relaxed);
                 raft::SnapshotStatus::Finish
@@ -56,40 +84,5 @@ impl Store {
                     .insert((g.id, to, index), (self.engine.snapshot(), Instant::now()));
             }
         }
-    }
-
-    /// Installs a snapshot received from the leader: crash-safe through the
-    /// marker key (see `snapshot_file`).
-    pub(super) fn install_snapshot(&mut self, group: u64, snap: Snapshot) {
-        let Some(g) = self.groups.get_mut(&group) else {
-            return;
-        };
-        let meta = snap.get_metadata();
-        let Some((index, term, path)) = g.incoming_snapshot.take() else {
-            fatal(
-                "install snapshot",
-                format!("group {group}: raft produced a snapshot we never received"),
-            );
-        };
-        if index != meta.index || term != meta.term {
-            fatal(
-                "install snapshot",
-                format!(
-                    "group {group}: received ({index},{term}) but raft installs ({},{})",
-                    meta.index, meta.term
-                ),
-            );
-        }
-        // Requests waiting for the old state are answered by the new one.
-        self.install_gen.begin();
-        let r = snapshot_file::install(&self.engine, g.node.mut_store(), &snap, &path);
-        self.install_gen.end();
-        if let Err(e) = r {
-            fatal("install snapshot", e);
-        }
-        self.counters
-            .snapshots_applied
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(group, index, term, "installed snapshot");
     }
 }

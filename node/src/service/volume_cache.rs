@@ -13,8 +13,14 @@
 //! past the cached size always re-reads the record before it is refused.
 //! Negative answers (no such volume) are cached the same way, so a client
 //! hammering a deleted volume costs one meta read per TTL per node.
+//!
+//! The price of the bound: block I/O needs the meta group at least once
+//! per TTL per volume and node. While the meta group has no quorum for
+//! longer than that, requests get UNAVAILABLE (clients retry) instead of
+//! being checked against records that may be stale.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,8 +30,8 @@ use raftblk_proto::{
 };
 use tonic::transport::{Channel, Endpoint};
 
+use super::store_error;
 use crate::apply;
-use crate::service::store_error;
 use crate::store::StoreHandle;
 
 /// Records kept at most; beyond it the oldest half is dropped.
@@ -45,7 +51,11 @@ pub struct VolumeCache {
     entries: Mutex<HashMap<u64, Entry>>,
     /// One refresh per volume at a time; others wait for its answer.
     refreshing: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Volumes with a background refresh under way.
+    background: Mutex<HashSet<u64>>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// The meta replica that answered last (asked first next time).
+    last_good: AtomicUsize,
 }
 
 fn unavailable(msg: String) -> PbError {
@@ -60,7 +70,9 @@ impl VolumeCache {
             ttl,
             entries: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(HashMap::new()),
+            background: Mutex::new(HashSet::new()),
             channels: Mutex::new(HashMap::new()),
+            last_good: AtomicUsize::new(0),
         })
     }
 
@@ -92,16 +104,22 @@ impl VolumeCache {
     pub async fn volume_for_io(self: &Arc<Self>, id: u64, end: u64) -> Result<VolumeInfo, PbError> {
         let info = match self.cached(id) {
             Some((Some(v), age)) if age < self.ttl && end <= v.size_bytes => {
-                if age >= self.ttl / 2 {
+                if age >= self.ttl / 2 && self.start_background(id) {
                     let me = self.clone();
                     tokio::spawn(async move {
-                        let _ = me.refresh(id, Instant::now()).await;
+                        let _ = me.refresh(id, Instant::now(), false).await;
+                        me.end_background(id);
                     });
                 }
                 Some(v)
             }
             Some((None, age)) if age < self.ttl => None,
-            _ => self.refresh(id, Instant::now()).await?,
+            // Past the cached end: only an answer read after this request
+            // arrived may refuse it (a grow may just have committed).
+            Some((Some(v), _)) if end > v.size_bytes => {
+                self.refresh(id, Instant::now(), true).await?
+            }
+            _ => self.refresh(id, Instant::now(), false).await?,
         };
         let v = info.ok_or_else(|| {
             PbError::new(ErrorCode::NoSuchVolume, format!("no volume with id {id}"))
@@ -118,9 +136,27 @@ impl VolumeCache {
         Ok(v)
     }
 
-    /// Re-reads volume `id` unless an answer fetched after `asked` arrived
-    /// meanwhile (another caller refreshed it).
-    pub async fn refresh(&self, id: u64, asked: Instant) -> Result<Option<VolumeInfo>, PbError> {
+    /// One background refresh per volume at a time.
+    fn start_background(&self, id: u64) -> bool {
+        let mut b = self.background.lock().unwrap_or_else(|p| p.into_inner());
+        b.insert(id)
+    }
+
+    fn end_background(&self, id: u64) {
+        let mut b = self.background.lock().unwrap_or_else(|p| p.into_inner());
+        b.remove(&id);
+    }
+
+    /// Re-reads volume `id`, unless an answer read after `asked` arrived
+    /// meanwhile (another caller refreshed it) or, when not `strict`, one
+    /// younger than half the TTL (callers queued behind one refresh share
+    /// its answer).
+    pub async fn refresh(
+        &self,
+        id: u64,
+        asked: Instant,
+        strict: bool,
+    ) -> Result<Option<VolumeInfo>, PbError> {
         let lock = {
             let mut r = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
             r.entry(id).or_default().clone()
@@ -129,7 +165,7 @@ impl VolumeCache {
         {
             let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(e) = map.get(&id) {
-                if e.fetched >= asked {
+                if e.fetched >= asked || (!strict && e.fetched.elapsed() < self.ttl / 2) {
                     return Ok(e.info.clone());
                 }
             }
@@ -155,8 +191,7 @@ impl VolumeCache {
                 .read_index(META_GROUP_ID, true)
                 .await
                 .map_err(|e| store_error(&self.store, e))?;
-            return apply::lookup_volume_by_id(&self.store.engine, id)
-                .map_err(|e| PbError::new(ErrorCode::Storage, e.to_string()));
+            return read_local_catalog(&self.store, id);
         }
         self.fetch_remote(id).await
     }
@@ -166,7 +201,10 @@ impl VolumeCache {
         let meta = placement::group_replicas(&cfg.node_ids(), META_GROUP_ID, cfg.cluster.replicas);
         let deadline = Instant::now() + Duration::from_millis(cfg.limits.request_timeout_ms);
         let mut reasons = Vec::new();
-        for node in meta {
+        let first = self.last_good.load(Ordering::Relaxed) % meta.len().max(1);
+        for k in 0..meta.len() {
+            let at = (first + k) % meta.len();
+            let node = meta[at];
             let Some(addr) = cfg.node_addr(node) else {
                 continue;
             };
@@ -187,8 +225,14 @@ impl VolumeCache {
                 Ok(Ok(r)) => {
                     let r = r.into_inner();
                     match r.error {
-                        None => return Ok(r.volume),
-                        Some(e) if e.kind() == ErrorCode::NoSuchVolume => return Ok(None),
+                        None => {
+                            self.last_good.store(at, Ordering::Relaxed);
+                            return Ok(r.volume);
+                        }
+                        Some(e) if e.kind() == ErrorCode::NoSuchVolume => {
+                            self.last_good.store(at, Ordering::Relaxed);
+                            return Ok(None);
+                        }
                         Some(e) => reasons.push(format!("node {node}: {e}")),
                     }
                 }
@@ -217,4 +261,23 @@ impl VolumeCache {
         map.insert(addr.to_owned(), c.clone());
         Ok(c)
     }
+}
+
+/// Volume `id`'s record from this node's meta replica (after a ReadIndex):
+/// refused, not answered "absent", while a snapshot install rewrites the
+/// meta group's range.
+pub fn read_local_catalog(store: &StoreHandle, id: u64) -> Result<Option<VolumeInfo>, PbError> {
+    let busy = || {
+        unavailable(format!(
+            "node {}: the catalog is being rewritten by a snapshot install",
+            store.config.node_id
+        ))
+    };
+    let gen = store.install_gen.stable(META_GROUP_ID).ok_or_else(busy)?;
+    let r = apply::lookup_volume_by_id(&store.engine, id)
+        .map_err(|e| PbError::new(ErrorCode::Storage, e.to_string()))?;
+    if !store.install_gen.unchanged(META_GROUP_ID, gen) {
+        return Err(busy());
+    }
+    Ok(r)
 }
