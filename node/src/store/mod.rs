@@ -24,19 +24,23 @@
 //! while the process is paused (SIGSTOP), so a leader that wakes up after a
 //! long pause finds its lease expired; raft-rs's own tick-based lease is not
 //! used for exactly that reason. Leadership transfers drop the lease first
-//! (the transferee campaigns without waiting for the election timeout).
+//! (the transferee campaigns without waiting for the election timeout),
+//! and a restarted node refuses votes for one election timeout (it may have
+//! acknowledged a lease round just before it went down).
 //!
 //! The parts: `handle` (the async [`StoreHandle`] and published
 //! [`GroupView`]s), `ready` (the ready loop: messages, apply, group commit),
 //! `read` (ReadIndex batching and the leader lease), `snapshot` (snapshots
 //! made for peers and snapshots received), `install` (snapshot installs on
-//! their own thread, the held ready), `maintenance` (ticks, proposal
-//! and read deadlines, log compaction, garbage collection).
+//! their own thread, the held ready), `propose` (client requests and
+//! repairs), `dedup` (at-most-once client requests), `maintenance` (ticks,
+//! proposal and read deadlines, log compaction).
 
 mod dedup;
 mod handle;
 mod install;
 mod maintenance;
+mod propose;
 mod read;
 mod ready;
 mod snapshot;
@@ -220,7 +224,7 @@ pub fn create(
         snapshot_file::resume_interrupted_install(&engine, g, &replicas, &counters)?;
         let storage = GroupStorage::open(engine.clone(), g, &replicas)?;
         let applied = storage.applied_index();
-        let applied_requests = recent_requests(&storage);
+        let applied_requests = propose::recent_requests(&storage);
         let raft_cfg = raft::Config {
             id: node_id,
             election_tick: config.raft.election_ticks,
@@ -451,139 +455,6 @@ impl Store {
         }
     }
 
-    pub(super) fn propose(
-        &mut self,
-        group: u64,
-        data: Vec<u8>,
-        request_id: Vec<u8>,
-        cb: ProposeCb,
-    ) {
-        let Some(g) = self.groups.get_mut(&group) else {
-            let _ = cb.send(Err(StoreError::NoSuchGroup(group)));
-            return;
-        };
-        if !g.is_leader() {
-            let leader = g.leader_hint();
-            let _ = cb.send(Err(StoreError::NotLeader { group, leader }));
-            return;
-        }
-        let deadline =
-            Instant::now() + Duration::from_millis(self.config.limits.request_timeout_ms);
-        let id = dedup::request_id(&request_id);
-        if let Some(id) = id {
-            // A retry: answer from the first copy if there is one.
-            if let Some(r) = g.applied_requests.get(&id) {
-                let _ = cb.send(Ok(r.clone()));
-                return;
-            }
-            if let Some((index, term)) = g.inflight_requests.get(&id) {
-                if g.node.raft.raft_log.term(index).is_ok_and(|t| t == term) {
-                    g.dup_waiters.push((index, term, cb, deadline));
-                    return;
-                }
-            }
-        } else if !request_id.is_empty() {
-            let _ = cb.send(Ok(Err(raftblk_proto::Error::new(
-                raftblk_proto::ErrorCode::InvalidArgument,
-                format!(
-                    "request id must be {} bytes, not {}",
-                    dedup::ID_BYTES,
-                    request_id.len()
-                ),
-            ))));
-            return;
-        }
-        let before = g.node.raft.raft_log.last_index();
-        if let Err(e) = g.node.propose(request_id, data) {
-            let _ = cb.send(Err(StoreError::ProposalDropped {
-                group,
-                reason: e.to_string(),
-            }));
-            return;
-        }
-        let index = g.node.raft.raft_log.last_index();
-        assert_eq!(index, before + 1, "one proposal appends one entry");
-        if let Some(id) = id {
-            g.inflight_requests.appended(index, g.node.raft.term, id);
-        }
-        g.pending.insert(
-            index,
-            PendingProposal {
-                term: g.node.raft.term,
-                cb,
-                deadline,
-            },
-        );
-    }
-
-    fn on_repair(&mut self, group: u64, volume: u64, block: u64, cb: ProposeCb) {
-        let Some(g) = self.groups.get_mut(&group) else {
-            let _ = cb.send(Err(StoreError::NoSuchGroup(group)));
-            return;
-        };
-        if !g.is_leader() {
-            let leader = g.leader_hint();
-            let _ = cb.send(Err(StoreError::NotLeader { group, leader }));
-            return;
-        }
-        let applied = g.node.store().applied_index();
-        let last = g.node.raft.raft_log.last_index();
-        let unapplied = match g.node.raft.raft_log.entries(
-            applied + 1,
-            REPAIR_SCAN_BYTES_MAX,
-            raft::GetEntriesContext::empty(false),
-        ) {
-            // Too much unapplied to look through now: retry later.
-            Ok(e) if last > applied && e.last().map(|e| e.index) != Some(last) => {
-                let _ = cb.send(Err(StoreError::Busy {
-                    group,
-                    what: "block repair",
-                }));
-                return;
-            }
-            Ok(e) => e,
-            Err(e) => {
-                let _ = cb.send(Err(StoreError::ProposalDropped {
-                    group,
-                    reason: format!("cannot read the unapplied log: {e}"),
-                }));
-                return;
-            }
-        };
-        let plan = crate::repair::plan(
-            &self.engine,
-            group,
-            volume,
-            block,
-            unapplied.iter().map(|e| e.data.as_ref()),
-        );
-        let cmd = match plan {
-            Ok(cmd) => cmd,
-            Err(crate::repair::RepairRefusal::Busy) => {
-                let _ = cb.send(Err(StoreError::Busy {
-                    group,
-                    what: "block repair",
-                }));
-                return;
-            }
-            Err(crate::repair::RepairRefusal::LeaderCorrupt(e)) => {
-                let _ = cb.send(Ok(Err(raftblk_proto::Error::new(
-                    raftblk_proto::ErrorCode::Corrupted,
-                    format!("the leader's copy is corrupt too: {e}"),
-                ))));
-                return;
-            }
-            Err(crate::repair::RepairRefusal::Engine(e)) => {
-                let _ = cb.send(Err(StoreError::Engine(e)));
-                return;
-            }
-        };
-        let data = raftblk_proto::Command {
-            cmd: Some(raftblk_proto::command::Cmd::RepairBlock(cmd)),
-        };
-        self.propose(group, prost::Message::encode_to_vec(&data), Vec::new(), cb);
-    }
-
     pub(super) fn update_view(&mut self, id: u64) {
         let Some(g) = self.groups.get(&id) else {
             return;
@@ -607,32 +478,4 @@ impl Store {
             views.insert(id, v);
         }
     }
-}
-
-/// Bytes of unapplied log a repair looks through at most.
-const REPAIR_SCAN_BYTES_MAX: u64 = 64 << 20;
-/// Applied entries whose request ids are reloaded at startup.
-const DEDUP_RELOAD_ENTRIES_MAX: u64 = 4096;
-
-/// Request ids of the applied entries still in the log (bounded): the
-/// dedup window survives a restart.
-fn recent_requests(storage: &GroupStorage) -> dedup::AppliedRequests {
-    use raft::Storage as _;
-    let mut out = dedup::AppliedRequests::default();
-    let applied = storage.applied_index();
-    let lo = (storage.truncated_index() + 1).max(applied.saturating_sub(DEDUP_RELOAD_ENTRIES_MAX));
-    if lo > applied {
-        return out;
-    }
-    let now = Instant::now();
-    if let Ok(entries) =
-        storage.entries(lo, applied + 1, None, raft::GetEntriesContext::empty(false))
-    {
-        for e in entries {
-            if let Some(id) = dedup::request_id(&e.context) {
-                out.record(id, Ok(crate::apply::ApplyOutput::Done), now);
-            }
-        }
-    }
-    out
 }
