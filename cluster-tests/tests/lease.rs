@@ -4,9 +4,7 @@
 //! already sent could still make it win), and reads that arrive during an
 //! election complete within one heartbeat round of the new leader's first
 //! commit in its term (raft-rs drops read-index requests before it; they
-//! must not wait for the periodic re-issue). To make that window wide,
-//! every synced write there takes 150 ms more (a failpoint); with the
-//! re-issue-on-commit rule disabled the test measured gaps of ~450 ms.
+//! must not wait for the periodic re-issue).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -117,15 +115,7 @@ async fn reads_during_an_election_complete_right_after_the_first_commit() -> any
     c.wait_healthy(HEALTHY).await?;
     let client = c.client().await?;
     let id = client.create_volume("elect", 1 << 20).await?.id;
-    // Every synced write takes 150 ms more: a new leader's first commit in
-    // its term then comes well after it wins, so reads that reach it (or a
-    // follower) in between are many and raft-rs would drop them.
-    for i in 1..=3 {
-        c.kill(i);
-        c.set_next_env(i, &[("FAILPOINTS", "engine_sync_write=sleep(150)")]);
-        c.start_node(i)?;
-    }
-    c.wait_healthy(HEALTHY).await?;
+
     let heartbeat = Duration::from_millis(c.spec.tick_interval_ms * 2);
     let mut gaps = Vec::new();
     for round in 0..3 {
@@ -230,7 +220,6 @@ async fn reads_during_an_election_complete_right_after_the_first_commit() -> any
             heartbeat.as_millis()
         );
         gaps.push(gap);
-        c.set_next_env(m, &[("FAILPOINTS", "engine_sync_write=sleep(150)")]);
         c.start_node(m)?;
         c.wait_healthy(HEALTHY).await?;
     }
