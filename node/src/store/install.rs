@@ -106,6 +106,10 @@ pub(super) fn spawn(
 
 /// Steps 1 and 2 of an install, after reading the file whole once.
 fn fill(engine: &Engine, gens: &InstallGen, job: &Job) -> Result<(), EngineError> {
+    // Tests: `snapshot_install_start=sleep(ms)` holds the install back
+    // (the store thread goes on meanwhile).
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("snapshot_install_start");
     let started = Instant::now();
     let pairs = snapshot_file::validate(&job.path, job.group)?;
     let validated = started.elapsed();
