@@ -134,7 +134,10 @@ async fn big_snapshot_install_does_not_stall_other_groups() -> anyhow::Result<()
     // streamed now) is installed. Its install thread waits 3 s before it
     // starts (a failpoint; the store thread goes on), so the transfers
     // below always come first, however fast this machine streams.
-    c.set_next_env(INSTALLER, &[("FAILPOINTS", "snapshot_install_start=sleep(3000)")]);
+    c.set_next_env(
+        INSTALLER,
+        &[("FAILPOINTS", "snapshot_install_start=sleep(3000)")],
+    );
     c.start_node(INSTALLER)?;
     let transfers = probe
         .keys()
