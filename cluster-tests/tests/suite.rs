@@ -29,6 +29,11 @@ struct Scenario {
     fault: Fault,
 }
 
+/// Scenarios in which some group loses its majority for a while (all
+/// nodes down, 2 of 5 down, a 2|3 split): I/O may stall past the client's
+/// deadline there, so failed operations are reported, not a failure.
+const QUORUM_LOSS_SCENARIOS: &[&str] = &["kill_all", "five_nodes_lose_two", "minority_split"];
+
 /// Scenarios that need every node in its own network namespace.
 const NETNS_SCENARIOS: &[&str] = &[
     "leader_isolated",
@@ -556,9 +561,10 @@ async fn run(s: &Scenario, mut cluster: LocalCluster) -> anyhow::Result<Report> 
             failure.get_or_insert(format!("no convergence: {e}"));
         }
     }
-    // Availability: with a majority of every group up (every scenario
-    // heals within the client's 10 s deadline), no operation fails.
-    if summary.errors > 0 {
+    // Availability: where every group keeps a majority up (the promise),
+    // no operation fails. Scenarios that take a majority of some group
+    // down for seconds only report their errors.
+    if summary.errors > 0 && !QUORUM_LOSS_SCENARIOS.contains(&s.name) {
         failure.get_or_insert(format!(
             "{} operations failed or timed out: the workload saw I/O errors",
             summary.errors
