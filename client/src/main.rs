@@ -160,9 +160,21 @@ async fn status(client: &Client) -> anyhow::Result<()> {
         format_size(topo.chunk_size_bytes)
     );
     let statuses = client.node_statuses().await;
+    // How recently any other node heard from each node on its raft stream.
+    let mut heard: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+    for s in statuses.iter().filter_map(|(_, _, r)| r.as_ref().ok()) {
+        for p in s.peers.iter().filter(|p| p.heard) {
+            let e = heard.entry(p.node_id).or_insert(u64::MAX);
+            *e = (*e).min(p.silent_ms);
+        }
+    }
+    let heard_of = |id: &u64| match heard.get(id) {
+        Some(ms) => format!("{ms}ms ago"),
+        None => "-".to_string(),
+    };
     println!(
-        "{:<6} {:<22} {:<8} {:>7} {:>9} {:>10} {:>10}",
-        "NODE", "ADDRESS", "HEALTH", "GROUPS", "LEADING", "CRC-ERRS", "SNAPSHOTS"
+        "{:<6} {:<22} {:<8} {:>7} {:>9} {:>10} {:>10} {:>12}",
+        "NODE", "ADDRESS", "HEALTH", "GROUPS", "LEADING", "CRC-ERRS", "SNAPSHOTS", "PEERS-HEARD"
     );
     let mut leaders = std::collections::BTreeMap::new();
     for (id, addr, r) in &statuses {
@@ -175,7 +187,7 @@ async fn status(client: &Client) -> anyhow::Result<()> {
                     }
                 }
                 println!(
-                    "{:<6} {:<22} {:<8} {:>7} {:>9} {:>10} {:>4}/{:<5}",
+                    "{:<6} {:<22} {:<8} {:>7} {:>9} {:>10} {:>4}/{:<5} {:>12}",
                     id,
                     addr,
                     "up",
@@ -183,10 +195,17 @@ async fn status(client: &Client) -> anyhow::Result<()> {
                     leading,
                     s.checksum_errors,
                     s.snapshots_sent,
-                    s.snapshots_applied
+                    s.snapshots_applied,
+                    heard_of(id)
                 );
             }
-            Err(e) => println!("{:<6} {:<22} {:<8} ({e})", id, addr, "DOWN"),
+            Err(e) => println!(
+                "{:<6} {:<22} {:<8} (peers heard it {}; {e})",
+                id,
+                addr,
+                "DOWN",
+                heard_of(id)
+            ),
         }
     }
     println!();

@@ -7,6 +7,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Node-wide counters, reported by the Cluster service.
 #[derive(Debug, Default)]
@@ -96,5 +97,25 @@ impl InstallGen {
     /// `g`.
     pub fn unchanged(&self, group: u64, g: u64) -> bool {
         self.0.get(&group).map_or(0, |a| a.load(Ordering::Acquire)) == g
+    }
+}
+
+/// When each peer node was last heard from on its raft stream (any batch,
+/// including the empty keepalive a link sends every heartbeat interval
+/// when it has nothing else to send): node-level liveness, whatever the
+/// groups do.
+#[derive(Debug, Default)]
+pub struct PeerLiveness(Mutex<HashMap<u64, Instant>>);
+
+impl PeerLiveness {
+    pub fn heard(&self, node: u64) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.insert(node, Instant::now());
+    }
+
+    /// How long `node` has been silent; None if never heard since start.
+    pub fn silent_for(&self, node: u64) -> Option<Duration> {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&node).map(Instant::elapsed)
     }
 }

@@ -81,6 +81,9 @@ impl Transport {
                 store_tx: store_tx.clone(),
                 batch_msgs_max: config.limits.transport_batch_msgs_max,
                 batch_bytes_max: config.limits.transport_batch_bytes_max,
+                keepalive: Duration::from_millis(
+                    config.raft.tick_interval_ms * config.raft.heartbeat_ticks as u64,
+                ),
             };
             rt.spawn(peer.run());
         }
@@ -269,6 +272,9 @@ struct PeerLink {
     store_tx: mpsc::Sender<StoreMsg>,
     batch_msgs_max: usize,
     batch_bytes_max: usize,
+    /// An empty batch goes out when nothing else did for this long, so the
+    /// peer hears from this node even when every group is quiet.
+    keepalive: Duration,
 }
 
 impl PeerLink {
@@ -305,6 +311,9 @@ impl PeerLink {
         let (btx, brx) = mpsc::channel::<RaftBatch>(8);
         let call = client.send(ReceiverStream::new(brx));
         tokio::pin!(call);
+        let mut keepalive = tokio::time::interval(self.keepalive);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sent = false;
         loop {
             tokio::select! {
                 res = &mut call => {
@@ -318,6 +327,18 @@ impl PeerLink {
                     let batch = self.batch(first);
                     if btx.send(batch).await.is_err() {
                         return true;
+                    }
+                    sent = true;
+                }
+                _ = keepalive.tick() => {
+                    if !std::mem::take(&mut sent) {
+                        let empty = RaftBatch {
+                            from_node: self.from,
+                            to_node: self.to,
+                            envelopes: Vec::new(),
+                        };
+                        // Never wait for room: a full stream is not idle.
+                        let _ = btx.try_send(empty);
                     }
                 }
             }

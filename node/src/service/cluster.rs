@@ -5,11 +5,11 @@
 use std::sync::atomic::Ordering;
 
 use raftblk_proto::cluster_server::Cluster;
-use raftblk_proto::RepairBlockRequest;
 use raftblk_proto::{
     Empty, Error as PbError, ErrorCode, GroupDigestRequest, GroupDigestResponse, GroupStatus,
     NodeInfo, NodeStatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
+use raftblk_proto::{PeerHealth, RepairBlockRequest};
 use tonic::{Request, Response, Status};
 
 use super::store_error;
@@ -66,6 +66,20 @@ impl Cluster for ClusterService {
             snapshots_sent: c.snapshots_sent.load(Ordering::Relaxed),
             snapshots_applied: c.snapshots_applied.load(Ordering::Relaxed),
             blocks_repaired: c.blocks_repaired.load(Ordering::Relaxed),
+            peers: cfg
+                .cluster
+                .nodes
+                .iter()
+                .filter(|n| n.id != cfg.node_id)
+                .map(|n| {
+                    let silent = self.store.liveness.silent_for(n.id);
+                    PeerHealth {
+                        node_id: n.id,
+                        heard: silent.is_some(),
+                        silent_ms: silent.map(|d| d.as_millis() as u64).unwrap_or(0),
+                    }
+                })
+                .collect(),
         }))
     }
 

@@ -44,6 +44,11 @@ impl RaftTransport for RaftService {
             if batch.envelopes.len() > BATCH_ENVELOPES_MAX {
                 return Err(Status::invalid_argument("too many envelopes in one batch"));
             }
+            self.store.liveness.heard(batch.from_node);
+            if batch.envelopes.is_empty() {
+                // A keepalive: nothing for the store.
+                continue;
+            }
             let mut msgs = Vec::with_capacity(batch.envelopes.len());
             for env in batch.envelopes {
                 match Message::parse_from_bytes(&env.message) {

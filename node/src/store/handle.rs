@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::lease_ms;
 use crate::apply::ApplyResult;
 use crate::config::NodeConfig;
-use crate::counters::{Counters, InstallGen, Suspects};
+use crate::counters::{Counters, InstallGen, PeerLiveness, Suspects};
 use crate::engine::{Engine, OwnedSnapshot};
 use crate::msg::{StoreError, StoreMsg};
 
@@ -55,6 +55,8 @@ pub struct StoreHandle {
     pub suspects: Arc<Suspects>,
     /// Snapshot installs under way (reads check it, see `InstallGen`).
     pub install_gen: Arc<InstallGen>,
+    /// When each peer node was last heard from (see `PeerLiveness`).
+    pub liveness: Arc<PeerLiveness>,
 }
 
 impl StoreHandle {
@@ -271,6 +273,7 @@ addr = "127.0.0.1:7101"
             counters: Default::default(),
             suspects: Default::default(),
             install_gen: Default::default(),
+            liveness: Default::default(),
         };
         for _ in 0..500 {
             for group in [1u64, 2] {

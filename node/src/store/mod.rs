@@ -295,6 +295,7 @@ pub fn create(
         counters: counters.clone(),
         suspects,
         install_gen,
+        liveness: Default::default(),
     };
     let lease_ms = lease_ms(config.raft.tick_interval_ms, config.raft.election_ticks);
     let (config_tick_ms, config_election_ticks) =
