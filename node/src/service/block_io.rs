@@ -38,7 +38,7 @@ fn invalid(msg: String) -> PbError {
 
 impl BlockIoService {
     /// Checks a range and returns the volume it addresses.
-    async fn validate(&self, range: Option<&BlockRange>) -> Result<VolumeInfo, PbError> {
+    async fn validate(&self, range: Option<&BlockRange>) -> Result<Arc<VolumeInfo>, PbError> {
         let r = range.ok_or_else(|| invalid("request has no range".into()))?;
         let cfg = &self.store.config;
         if r.length_bytes == 0 {
@@ -83,7 +83,7 @@ impl BlockIoService {
 
     /// The volume `id`, checking that `[.., end)` lies inside it (cached
     /// record, see `volume_cache`).
-    async fn volume(&self, id: u64, end: u64) -> Result<VolumeInfo, PbError> {
+    async fn volume(&self, id: u64, end: u64) -> Result<Arc<VolumeInfo>, PbError> {
         self.volumes.volume_for_io(id, end).await
     }
 
@@ -130,9 +130,12 @@ fn read_blocks(
     let keys: Vec<Vec<u8>> = (first..=last)
         .map(|b| keys::block(group, volume, b))
         .collect();
-    // One pinned view for the whole range, taken while no snapshot install
-    // of this group (which rewrites its range in several batches) is under
-    // way; installs of other groups do not matter.
+    // One view for the whole range: RocksDB's MultiGet reads every key at
+    // one sequence number (an implicit snapshot, without the DB-mutex
+    // round trip of an explicit one), and the install generation checked
+    // before and after proves no snapshot install of this group (which
+    // rewrites its range in several batches) began in between; installs of
+    // other groups do not matter.
     let busy = || {
         PbError::new(
             ErrorCode::Unavailable,
@@ -143,15 +146,12 @@ fn read_blocks(
         )
     };
     let gen = store.install_gen.stable(group).ok_or_else(busy)?;
-    let snap = engine.db().snapshot();
+    let values = engine
+        .db()
+        .multi_get_cf(keys.iter().map(|k| (engine.kv_cf(), k.as_slice())));
     if !store.install_gen.unchanged(group, gen) {
         return Err(busy());
     }
-    let mut ro = rocksdb::ReadOptions::default();
-    ro.set_snapshot(&snap);
-    let values = engine
-        .db()
-        .multi_get_cf_opt(keys.iter().map(|k| (engine.kv_cf(), k.as_slice())), &ro);
     for (i, value) in values.into_iter().enumerate() {
         let b = first + i as u64;
         let Some(stored) = value.map_err(|e| PbError::new(ErrorCode::Storage, e.to_string()))?

@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use raftblk_proto::volumes_client::VolumesClient;
@@ -40,7 +40,8 @@ const ENTRIES_MAX: usize = 65_536;
 const REMOTE_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
 
 struct Entry {
-    info: Option<VolumeInfo>,
+    /// Shared: a cache hit clones a pointer, not the record.
+    info: Option<Arc<VolumeInfo>>,
     fetched: Instant,
 }
 
@@ -48,7 +49,7 @@ struct Entry {
 pub struct VolumeCache {
     store: StoreHandle,
     ttl: Duration,
-    entries: Mutex<HashMap<u64, Entry>>,
+    entries: RwLock<HashMap<u64, Entry>>,
     /// One refresh per volume at a time; others wait for its answer.
     refreshing: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     /// Volumes with a background refresh under way.
@@ -68,7 +69,7 @@ impl VolumeCache {
         Arc::new(VolumeCache {
             store,
             ttl,
-            entries: Mutex::new(HashMap::new()),
+            entries: RwLock::new(HashMap::new()),
             refreshing: Mutex::new(HashMap::new()),
             background: Mutex::new(HashSet::new()),
             channels: Mutex::new(HashMap::new()),
@@ -76,13 +77,13 @@ impl VolumeCache {
         })
     }
 
-    fn cached(&self, id: u64) -> Option<(Option<VolumeInfo>, Duration)> {
-        let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+    fn cached(&self, id: u64) -> Option<(Option<Arc<VolumeInfo>>, Duration)> {
+        let map = self.entries.read().unwrap_or_else(|p| p.into_inner());
         map.get(&id).map(|e| (e.info.clone(), e.fetched.elapsed()))
     }
 
-    fn remember(&self, id: u64, info: Option<VolumeInfo>, fetched: Instant) {
-        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+    fn remember(&self, id: u64, info: Option<Arc<VolumeInfo>>, fetched: Instant) {
+        let mut map = self.entries.write().unwrap_or_else(|p| p.into_inner());
         if map.len() >= ENTRIES_MAX && !map.contains_key(&id) {
             let mut ages: Vec<(Instant, u64)> = map.iter().map(|(k, e)| (e.fetched, *k)).collect();
             ages.sort_unstable();
@@ -101,7 +102,11 @@ impl VolumeCache {
 
     /// Volume `id`, checked to cover `[.., end)`: served from the cache
     /// when fresh enough, else re-read from the meta group first.
-    pub async fn volume_for_io(self: &Arc<Self>, id: u64, end: u64) -> Result<VolumeInfo, PbError> {
+    pub async fn volume_for_io(
+        self: &Arc<Self>,
+        id: u64,
+        end: u64,
+    ) -> Result<Arc<VolumeInfo>, PbError> {
         let info = match self.cached(id) {
             Some((Some(v), age)) if age < self.ttl && end <= v.size_bytes => {
                 if age >= self.ttl / 2 && self.start_background(id) {
@@ -156,14 +161,14 @@ impl VolumeCache {
         id: u64,
         asked: Instant,
         strict: bool,
-    ) -> Result<Option<VolumeInfo>, PbError> {
+    ) -> Result<Option<Arc<VolumeInfo>>, PbError> {
         let lock = {
             let mut r = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
             r.entry(id).or_default().clone()
         };
         let _guard = lock.lock().await;
         {
-            let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            let map = self.entries.read().unwrap_or_else(|p| p.into_inner());
             if let Some(e) = map.get(&id) {
                 if e.fetched >= asked || (!strict && e.fetched.elapsed() < self.ttl / 2) {
                     return Ok(e.info.clone());
@@ -171,7 +176,7 @@ impl VolumeCache {
             }
         }
         let fetched = Instant::now();
-        let result = self.fetch(id).await;
+        let result = self.fetch(id).await.map(|v| v.map(Arc::new));
         if let Ok(info) = &result {
             self.remember(id, info.clone(), fetched);
         }

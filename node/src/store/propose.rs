@@ -2,9 +2,10 @@
 //! block repairs (tied to a log position, see `crate::repair`), both
 //! checked and appended on the store thread.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::{dedup, PendingProposal, Store};
+use super::{dedup, Group, PendingProposal, Store};
 use crate::msg::{ProposeCb, StoreError};
 use crate::raft_storage::GroupStorage;
 
@@ -16,15 +17,13 @@ impl Store {
         request_id: Vec<u8>,
         cb: ProposeCb,
     ) {
-        let Some(g) = self.groups.get_mut(&group) else {
-            let _ = cb.send(Err(StoreError::NoSuchGroup(group)));
-            return;
+        let g = match leader_group(&mut self.groups, group) {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = cb.send(Err(e));
+                return;
+            }
         };
-        if !g.is_leader() {
-            let leader = g.leader_hint();
-            let _ = cb.send(Err(StoreError::NotLeader { group, leader }));
-            return;
-        }
         let deadline =
             Instant::now() + Duration::from_millis(self.config.limits.request_timeout_ms);
         let id = dedup::request_id(&request_id);
@@ -75,15 +74,13 @@ impl Store {
     }
 
     pub(super) fn on_repair(&mut self, group: u64, volume: u64, block: u64, cb: ProposeCb) {
-        let Some(g) = self.groups.get_mut(&group) else {
-            let _ = cb.send(Err(StoreError::NoSuchGroup(group)));
-            return;
+        let g = match leader_group(&mut self.groups, group) {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = cb.send(Err(e));
+                return;
+            }
         };
-        if !g.is_leader() {
-            let leader = g.leader_hint();
-            let _ = cb.send(Err(StoreError::NotLeader { group, leader }));
-            return;
-        }
         let applied = g.node.store().applied_index();
         let last = g.node.raft.raft_log.last_index();
         let unapplied = match g.node.raft.raft_log.entries(
@@ -141,6 +138,18 @@ impl Store {
         };
         self.propose(group, prost::Message::encode_to_vec(&data), Vec::new(), cb);
     }
+}
+
+/// Group `group`, if this node hosts and leads it.
+fn leader_group(groups: &mut BTreeMap<u64, Group>, group: u64) -> Result<&mut Group, StoreError> {
+    let g = groups
+        .get_mut(&group)
+        .ok_or(StoreError::NoSuchGroup(group))?;
+    if !g.is_leader() {
+        let leader = g.leader_hint();
+        return Err(StoreError::NotLeader { group, leader });
+    }
+    Ok(g)
 }
 
 /// Bytes of unapplied log a repair looks through at most.
