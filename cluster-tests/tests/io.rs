@@ -181,7 +181,7 @@ async fn volume_catalog_operations() -> anyhow::Result<()> {
 async fn retried_writes_apply_at_most_once() -> anyhow::Result<()> {
     use raftblk_proto::block_io_client::BlockIoClient;
     use raftblk_proto::{placement, BlockRange, ReadRequest, WriteRequest};
-    let cluster = LocalCluster::start(ClusterSpec::default())?;
+    let mut cluster = LocalCluster::start(ClusterSpec::default())?;
     cluster.wait_healthy(HEALTHY).await?;
     let client = cluster.client().await?;
     let info = client.create_volume("once", 1 << 20).await?;
@@ -220,6 +220,29 @@ async fn retried_writes_apply_at_most_once() -> anyhow::Result<()> {
     assert!(
         got.data[..] == w2[..],
         "the retried first write was applied again over the second"
+    );
+    // After every node restarts, a retry still finds its first copy (the
+    // ids are reloaded from the raft log).
+    for i in 1..=3 {
+        cluster.stop(i);
+        cluster.start_node(i)?;
+    }
+    cluster.wait_healthy(HEALTHY).await?;
+    let leader = cluster
+        .leader_of(group)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no leader after restart"))?;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(leader)))?
+        .connect()
+        .await?;
+    let mut bio = BlockIoClient::new(ch);
+    let r = bio.write(write(w1.clone(), 1)).await?.into_inner();
+    anyhow::ensure!(r.error.is_none(), "retry after restart: {:?}", r.error);
+    let got = bio.read(read()).await?.into_inner();
+    anyhow::ensure!(got.error.is_none(), "{:?}", got.error);
+    assert!(
+        got.data[..] == w2[..],
+        "after a restart, the retried first write was applied again"
     );
     // A different id is a new request: it applies.
     let r = bio.write(write(w1.clone(), 3)).await?.into_inner();

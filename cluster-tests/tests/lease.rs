@@ -173,6 +173,7 @@ async fn reads_during_an_election_complete_right_after_the_first_commit() -> any
             }));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+        let killed_at = Instant::now();
         c.kill(m);
         // The new leader's first commit in its term, seen from its status.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -200,13 +201,14 @@ async fn reads_during_an_election_complete_right_after_the_first_commit() -> any
             let _ = t.await;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        // Reads issued before the commit (during the election): the last
-        // of them to complete.
+        // Reads issued after the kill and before the commit (during the
+        // election; at least one must have succeeded): the last of them to
+        // complete.
         let during: Vec<(Instant, Instant)> = reads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|(t0, _)| *t0 < committed_at)
+            .filter(|(t0, _)| *t0 >= killed_at && *t0 < committed_at)
             .copied()
             .collect();
         let last = during.iter().map(|(_, done)| *done).max().ok_or_else(|| {

@@ -103,19 +103,37 @@ impl InstallGen {
 /// When each peer node was last heard from on its raft stream (any batch,
 /// including the empty keepalive a link sends every heartbeat interval
 /// when it has nothing else to send): node-level liveness, whatever the
-/// groups do.
-#[derive(Debug, Default)]
-pub struct PeerLiveness(Mutex<HashMap<u64, Instant>>);
+/// groups do. One atomic per member (milliseconds since this node
+/// started, 0 = never), so recording costs no lock on the receive path.
+#[derive(Debug)]
+pub struct PeerLiveness {
+    epoch: Instant,
+    last_ms: HashMap<u64, AtomicU64>,
+}
 
 impl PeerLiveness {
+    /// Liveness of the members `nodes`, none heard yet.
+    pub fn new(nodes: impl IntoIterator<Item = u64>) -> PeerLiveness {
+        PeerLiveness {
+            epoch: Instant::now(),
+            last_ms: nodes.into_iter().map(|n| (n, AtomicU64::new(0))).collect(),
+        }
+    }
+
     pub fn heard(&self, node: u64) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.insert(node, Instant::now());
+        if let Some(a) = self.last_ms.get(&node) {
+            let ms = self.epoch.elapsed().as_millis() as u64 + 1;
+            a.store(ms, Ordering::Relaxed);
+        }
     }
 
     /// How long `node` has been silent; None if never heard since start.
     pub fn silent_for(&self, node: u64) -> Option<Duration> {
-        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(&node).map(Instant::elapsed)
+        let ms = self.last_ms.get(&node)?.load(Ordering::Relaxed);
+        (ms != 0).then(|| {
+            self.epoch
+                .elapsed()
+                .saturating_sub(Duration::from_millis(ms - 1))
+        })
     }
 }

@@ -3,13 +3,13 @@
 //! lists the volume ids that still own blocks in the group (a bounded scan
 //! on the blocking pool), asks the meta group (linearizably, through the
 //! volume cache, so nodes without a meta replica do it too) whether each
-//! still exists, and proposes a `PurgeVolume` for the ones that two passes
-//! in a row found absent.
+//! still exists, and proposes a `PurgeVolume` for the ones found absent
+//! again on a later pass than the one that first found them absent.
 //! Volume ids are never reused, so a volume absent from the catalog whose
 //! blocks exist was deleted; a write that raced with the delete and landed
 //! after the purge is found and purged by the next pass.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,8 @@ use crate::store::StoreHandle;
 pub const GC_INTERVAL: Duration = Duration::from_secs(5);
 /// Volume ids looked at per group per pass.
 const VOLUMES_PER_GROUP_MAX: usize = 256;
+/// Deleted volumes awaiting their second look, at most.
+const ABSENT_TRACKED_MAX: usize = 4096;
 /// Purges proposed per pass, over all groups.
 const PURGES_PER_PASS_MAX: usize = 64;
 
@@ -34,9 +36,11 @@ pub struct GcState {
     /// where the last one stopped, so every volume is reached however many
     /// live ones a group holds).
     cursors: HashMap<u64, u64>,
-    /// Volumes found absent from the catalog in the previous pass: purged
-    /// only when a second pass, seconds later, finds them absent again.
-    absent_before: HashSet<u64>,
+    /// When each volume was first found absent from the catalog: purged
+    /// only when found absent again at least half a pass interval later,
+    /// i.e. on a later pass (however many passes the scan takes to come
+    /// back to it).
+    absent_since: HashMap<u64, Instant>,
 }
 
 /// Runs forever (the process exits around it).
@@ -52,6 +56,15 @@ pub async fn run(store: StoreHandle, volumes: Arc<VolumeCache>) {
 
 /// One pass over the groups led here; the number of purges proposed.
 pub async fn pass(store: &StoreHandle, volumes: &Arc<VolumeCache>, state: &mut GcState) -> usize {
+    if state.absent_since.len() > ABSENT_TRACKED_MAX {
+        // Bounded: forget the oldest half (they are found again).
+        let mut ages: Vec<(Instant, u64)> =
+            state.absent_since.iter().map(|(id, t)| (*t, *id)).collect();
+        ages.sort_unstable();
+        for (_, id) in ages.into_iter().take(ABSENT_TRACKED_MAX / 2) {
+            state.absent_since.remove(&id);
+        }
+    }
     let led: Vec<u64> = store
         .views()
         .into_iter()
@@ -59,7 +72,6 @@ pub async fn pass(store: &StoreHandle, volumes: &Arc<VolumeCache>, state: &mut G
         .map(|v| v.group)
         .collect();
     let mut exists: HashMap<u64, bool> = HashMap::new();
-    let mut absent_now = HashSet::new();
     let mut purged = 0usize;
     for group in led {
         let engine = store.engine.clone();
@@ -91,16 +103,18 @@ pub async fn pass(store: &StoreHandle, volumes: &Arc<VolumeCache>, state: &mut G
                     }
                     Err(e) => {
                         tracing::debug!(group, volume = id, error = %e, "gc: catalog unreachable");
-                        state.absent_before = absent_now;
                         return purged;
                     }
                 },
             };
             if alive {
+                state.absent_since.remove(&id);
                 continue;
             }
-            absent_now.insert(id);
-            if !state.absent_before.contains(&id) {
+            // Kept after a purge: the volume's other groups are purged on
+            // this and later passes without a new wait (the map is bounded).
+            let first_absent = *state.absent_since.entry(id).or_insert_with(Instant::now);
+            if first_absent.elapsed() < GC_INTERVAL / 2 {
                 continue;
             }
             tracing::info!(group, volume = id, "purging blocks of a deleted volume");
@@ -119,7 +133,6 @@ pub async fn pass(store: &StoreHandle, volumes: &Arc<VolumeCache>, state: &mut G
             break;
         }
     }
-    state.absent_before = absent_now;
     purged
 }
 

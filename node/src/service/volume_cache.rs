@@ -190,15 +190,32 @@ impl VolumeCache {
     }
 
     /// A linearizable read of volume `id`'s record from the meta group.
+    /// Errors are always UNAVAILABLE: they are about the meta group, and
+    /// must not read as (say) a NOT_LEADER hint for the data group the
+    /// request addressed.
     pub async fn fetch(&self, id: u64) -> Result<Option<VolumeInfo>, PbError> {
+        let mut local_error = None;
         if self.store.view(META_GROUP_ID).is_some() {
-            self.store
-                .read_index(META_GROUP_ID, true)
-                .await
-                .map_err(|e| store_error(&self.store, e))?;
-            return read_local_catalog(&self.store, id);
+            let local = async {
+                self.store
+                    .read_index(META_GROUP_ID, true)
+                    .await
+                    .map_err(|e| store_error(&self.store, e))?;
+                read_local_catalog(&self.store, id)
+            };
+            let budget = Duration::from_millis(self.store.config.limits.request_timeout_ms / 2);
+            match tokio::time::timeout(budget, local).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => local_error = Some(e.to_string()),
+                Err(_) => local_error = Some("local meta replica timed out".to_string()),
+            }
         }
-        self.fetch_remote(id).await
+        // No local meta replica, or it cannot answer now (no leader known,
+        // lagging, installing): ask the others.
+        self.fetch_remote(id).await.map_err(|e| match local_error {
+            Some(l) => unavailable(format!("{}; local meta replica: {l}", e.message)),
+            None => e,
+        })
     }
 
     async fn fetch_remote(&self, id: u64) -> Result<Option<VolumeInfo>, PbError> {
@@ -210,6 +227,9 @@ impl VolumeCache {
         for k in 0..meta.len() {
             let at = (first + k) % meta.len();
             let node = meta[at];
+            if node == cfg.node_id {
+                continue;
+            }
             let Some(addr) = cfg.node_addr(node) else {
                 continue;
             };

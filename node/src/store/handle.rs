@@ -273,7 +273,7 @@ addr = "127.0.0.1:7101"
             counters: Default::default(),
             suspects: Default::default(),
             install_gen: Default::default(),
-            liveness: Default::default(),
+            liveness: Arc::new(PeerLiveness::new([1u64])),
         };
         for _ in 0..500 {
             for group in [1u64, 2] {

@@ -74,6 +74,24 @@ impl Store {
                     }
                 }
             }
+            // Reads held back (an install, no commit in the term yet) wait
+            // no longer than any other.
+            let timeout = Duration::from_millis(self.config.limits.request_timeout_ms);
+            if g.reads_unsent
+                .iter()
+                .any(|(_, t)| now.duration_since(*t) >= timeout)
+            {
+                let (expired, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut g.reads_unsent)
+                    .into_iter()
+                    .partition(|(_, t)| now.duration_since(*t) >= timeout);
+                g.reads_unsent = kept;
+                for (cb, _) in expired {
+                    let _ = cb.send(Err(StoreError::TimedOut {
+                        group: g.id,
+                        what: "read index",
+                    }));
+                }
+            }
         }
         self.outgoing_snapshots
             .retain(|_, (_, made)| now.duration_since(*made) < Duration::from_secs(600));

@@ -56,7 +56,7 @@ use raft::{RawNode, ReadOnlyOption, StateRole};
 use raftblk_proto::placement;
 use tokio::sync::mpsc;
 
-pub use crate::counters::{Counters, InstallGen, Suspects};
+pub use crate::counters::{Counters, InstallGen, PeerLiveness, Suspects};
 pub use crate::msg::{StoreError, StoreMsg};
 pub use handle::{GroupView, StoreHandle};
 
@@ -196,7 +196,10 @@ fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
     // node (fail-stop) so it restarts from what is durable.
     tracing::error!(error = %e, "fatal storage failure: {what}; stopping the node");
     eprintln!("raftblk-node: fatal storage failure: {what}: {e}");
-    std::process::exit(70);
+    // SAFETY: _exit(2) ends the process at once, without atexit handlers or
+    // C++ static destructors racing RocksDB's background threads; what is
+    // on disk is consistent at any instant (fail-stop).
+    unsafe { libc::_exit(70) }
 }
 
 /// Creates the store and returns its handle; `run` must then be called on a
@@ -224,7 +227,7 @@ pub fn create(
         snapshot_file::resume_interrupted_install(&engine, g, &replicas, &counters)?;
         let storage = GroupStorage::open(engine.clone(), g, &replicas)?;
         let applied = storage.applied_index();
-        let applied_requests = propose::recent_requests(&storage);
+        let (applied_requests, inflight_requests) = propose::recent_requests(&storage);
         let raft_cfg = raft::Config {
             id: node_id,
             election_tick: config.raft.election_ticks,
@@ -256,7 +259,7 @@ pub fn create(
                 pending: BTreeMap::new(),
                 dup_waiters: Vec::new(),
                 applied_requests,
-                inflight_requests: Default::default(),
+                inflight_requests,
                 reads_unsent: Vec::new(),
                 reads_inflight: HashMap::new(),
                 reads_waiting_apply: Vec::new(),
@@ -295,7 +298,7 @@ pub fn create(
         counters: counters.clone(),
         suspects,
         install_gen,
-        liveness: Default::default(),
+        liveness: Arc::new(PeerLiveness::new(config.node_ids())),
     };
     let lease_ms = lease_ms(config.raft.tick_interval_ms, config.raft.election_ticks);
     let (config_tick_ms, config_election_ticks) =
@@ -358,10 +361,11 @@ impl Store {
                 let now = Instant::now();
                 if now >= next_tick {
                     self.on_tick(now);
-                    next_tick += tick;
-                    if next_tick < now {
-                        next_tick = now + tick;
-                    }
+                    // From now, never catching up: a late tick followed at
+                    // once by the next would let a follower count two ticks
+                    // in one interval and grant votes before the
+                    // (election_ticks - 1) ticks the lease relies on.
+                    next_tick = now + tick;
                 }
                 self.issue_reads();
                 self.handle_readies();

@@ -157,25 +157,36 @@ const REPAIR_SCAN_BYTES_MAX: u64 = 64 << 20;
 /// Applied entries whose request ids are reloaded at startup.
 const DEDUP_RELOAD_ENTRIES_MAX: u64 = 4096;
 
-/// Request ids of the applied entries still in the log (bounded): the
-/// dedup window survives a restart.
-pub(super) fn recent_requests(storage: &GroupStorage) -> dedup::AppliedRequests {
+/// Request ids in the log still on disk (the applied ones bounded to the
+/// last `DEDUP_RELOAD_ENTRIES_MAX`, all the unapplied ones): after a
+/// restart a retry still finds its first copy, applied or not.
+pub(super) fn recent_requests(
+    storage: &GroupStorage,
+) -> (dedup::AppliedRequests, dedup::InflightRequests) {
     use raft::Storage as _;
-    let mut out = dedup::AppliedRequests::default();
+    let mut applied_ids = dedup::AppliedRequests::default();
+    let mut inflight = dedup::InflightRequests::default();
     let applied = storage.applied_index();
+    let last = storage.last_index_now();
     let lo = (storage.truncated_index() + 1).max(applied.saturating_sub(DEDUP_RELOAD_ENTRIES_MAX));
-    if lo > applied {
-        return out;
+    if lo > last {
+        return (applied_ids, inflight);
     }
     let now = Instant::now();
-    if let Ok(entries) =
-        storage.entries(lo, applied + 1, None, raft::GetEntriesContext::empty(false))
+    if let Ok(entries) = storage.entries(lo, last + 1, None, raft::GetEntriesContext::empty(false))
     {
         for e in entries {
-            if let Some(id) = dedup::request_id(&e.context) {
-                out.record(id, Ok(crate::apply::ApplyOutput::Done), now);
+            let Some(id) = dedup::request_id(&e.context) else {
+                continue;
+            };
+            if e.index <= applied {
+                // Its result is not kept on disk; every write and discard
+                // that reaches the log applies as Done.
+                applied_ids.record(id, Ok(crate::apply::ApplyOutput::Done), now);
+            } else {
+                inflight.appended(e.index, e.term, id);
             }
         }
     }
-    out
+    (applied_ids, inflight)
 }

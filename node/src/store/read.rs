@@ -85,33 +85,56 @@ pub(crate) fn decode_ctx(ctx: &[u8]) -> Option<(u64, u64)> {
     Some((u64::from_be_bytes(a), u64::from_be_bytes(b)))
 }
 
-/// A leadership transfer was attempted in `term`: no lease until
-/// `transferee` acks a heartbeat whose context is at least `min_seq`
-/// (issued after the attempt ended).
+/// Leadership transfers were attempted in `term`: no lease until every
+/// one of `transferees` (a MsgTimeoutNow may be on its way to each) acks a
+/// heartbeat whose context is at least `min_seq` (issued after the last
+/// attempt ended).
 #[derive(Debug, Clone)]
 pub(crate) struct TransferFence {
-    pub transferee: u64,
+    pub transferees: Vec<u64>,
     pub term: u64,
     pub min_seq: Option<u64>,
+}
+
+/// Fences a transfer to `to` in the current term (joining any fence the
+/// term already has) and drops the lease.
+pub(super) fn fence_transfer(g: &mut Group, to: u64) {
+    g.lease_until = None;
+    let term = g.node.raft.term;
+    match &mut g.transfer_fence {
+        Some(f) if f.term == term => {
+            if !f.transferees.contains(&to) {
+                f.transferees.push(to);
+            }
+            f.min_seq = None;
+        }
+        _ => {
+            g.transfer_fence = Some(TransferFence {
+                transferees: vec![to],
+                term,
+                min_seq: None,
+            })
+        }
+    }
 }
 
 /// Looks at a raft message before it is stepped: a heartbeat response of
 /// the fenced transferee, in the fence's term, to a round issued after the
 /// transfer ended, lifts the fence.
 pub(super) fn observe_for_fence(g: &mut Group, ctxs: &ReadCtx, m: &Message) {
-    let Some(f) = &g.transfer_fence else { return };
+    let Some(f) = &mut g.transfer_fence else {
+        return;
+    };
     let Some(min_seq) = f.min_seq else { return };
     if m.get_msg_type() == MessageType::MsgHeartbeatResponse
-        && m.from == f.transferee
         && m.term == f.term
         && ctxs.own_seq(&m.context).is_some_and(|seq| seq >= min_seq)
     {
-        tracing::debug!(
-            group = g.id,
-            transferee = f.transferee,
-            "transfer fence lifted"
-        );
-        g.transfer_fence = None;
+        f.transferees.retain(|t| *t != m.from);
+        if f.transferees.is_empty() {
+            tracing::debug!(group = g.id, "transfer fence lifted");
+            g.transfer_fence = None;
+        }
     }
 }
 
@@ -184,12 +207,7 @@ impl Store {
                             .map(|(id, _)| *id)
                     });
                 if let Some(to) = best {
-                    g.lease_until = None;
-                    g.transfer_fence = Some(TransferFence {
-                        transferee: to,
-                        term: g.node.raft.term,
-                        min_seq: None,
-                    });
+                    fence_transfer(g, to);
                     tracing::warn!(group, to, "transferring leadership");
                     g.node.transfer_leader(to);
                 }
@@ -228,15 +246,16 @@ impl Store {
             let term = g.node.raft.term;
             let leading = g.is_leader();
             let transferring = g.node.raft.lead_transferee;
-            if let (Some(to), None, true) = (transferring, &g.transfer_fence, leading) {
+            if let (Some(to), true) = (transferring, leading) {
                 // A transfer raft started by itself (a peer's
-                // MsgTransferLeader): fence it like our own.
-                g.lease_until = None;
-                g.transfer_fence = Some(TransferFence {
-                    transferee: to,
-                    term,
-                    min_seq: None,
-                });
+                // MsgTransferLeader) is fenced like our own.
+                let fenced = g
+                    .transfer_fence
+                    .as_ref()
+                    .is_some_and(|f| f.term == term && f.transferees.contains(&to));
+                if !fenced {
+                    fence_transfer(g, to);
+                }
             }
             let transferring = transferring.is_some();
             if let Some(f) = &mut g.transfer_fence {
