@@ -183,7 +183,7 @@ async fn status(client: &Client) -> anyhow::Result<()> {
                 let leading = s.groups.iter().filter(|g| g.role == "leader").count();
                 for g in &s.groups {
                     if g.role == "leader" {
-                        leaders.insert(g.group_id, (*id, g.term, g.commit_index, g.applied_index));
+                        leaders.insert(g.group_id, (*id, g.clone()));
                     }
                 }
                 println!(
@@ -215,38 +215,40 @@ async fn status(client: &Client) -> anyhow::Result<()> {
     );
     let mut unhealthy = 0;
     for g in 0..=topo.data_groups {
-        let replicas = topo.replicas_of(g);
-        let reps = replicas
-            .iter()
-            .map(|r| r.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
+        let name = if g == 0 {
+            "meta".to_string()
+        } else {
+            g.to_string()
+        };
         match leaders.get(&g) {
-            Some((l, term, commit, applied)) => println!(
-                "{:<6} {:<14} {:<8} {:>6} {:>10} {:>10}",
-                if g == 0 {
-                    "meta".to_string()
-                } else {
-                    g.to_string()
-                },
-                reps,
-                l,
-                term,
-                commit,
-                applied
-            ),
+            Some((l, st)) => {
+                // Voters; learners as `+n`; a joint configuration's
+                // outgoing voters as `-n`.
+                let join = |v: &[u64], prefix: &str| {
+                    v.iter().map(|r| format!("{prefix}{r}")).collect::<Vec<_>>()
+                };
+                let mut reps = join(&st.replicas, "");
+                reps.extend(join(&st.learners, "+"));
+                let outgoing: Vec<u64> = st
+                    .voters_outgoing
+                    .iter()
+                    .copied()
+                    .filter(|v| !st.replicas.contains(v))
+                    .collect();
+                reps.extend(join(&outgoing, "-"));
+                println!(
+                    "{:<6} {:<14} {:<8} {:>6} {:>10} {:>10}",
+                    name,
+                    reps.join(","),
+                    l,
+                    st.term,
+                    st.commit_index,
+                    st.applied_index
+                )
+            }
             None => {
                 unhealthy += 1;
-                println!(
-                    "{:<6} {:<14} {:<8}",
-                    if g == 0 {
-                        "meta".to_string()
-                    } else {
-                        g.to_string()
-                    },
-                    reps,
-                    "NONE"
-                )
+                println!("{:<6} {:<14} {:<8}", name, "?", "NONE")
             }
         }
     }

@@ -208,11 +208,20 @@ impl Client {
         let opts = &self.inner.opts;
         let deadline = Instant::now() + opts.deadline;
         let topo = self.topology();
-        let replicas = topo.replicas_of(group);
+        // Replicas move between nodes: try the group's initial replicas
+        // first, then every other member, and follow leader hints to any
+        // member.
+        let mut replicas = topo.replicas_of(group);
         if replicas.is_empty() {
             return Err(ClientError::InvalidArgument(format!(
                 "group {group} has no replicas"
             )));
+        }
+        let initial = replicas.len();
+        for id in topo.nodes.keys() {
+            if !replicas.contains(id) {
+                replicas.push(*id);
+            }
         }
         let mut candidate = self
             .cached_leader(group)
@@ -250,10 +259,18 @@ impl Client {
                             {
                                 candidate = e.leader_id;
                                 hops += 1;
-                                sleep = hops > 2 * replicas.len();
+                                sleep = hops > 2 * initial;
                             } else {
                                 candidate = next_replica(candidate);
                             }
+                        }
+                        ErrorCode::WrongGroup => {
+                            // No replica there (any more): nodes answer
+                            // that at once, so go on without a pause, a
+                            // bounded number of times.
+                            candidate = next_replica(candidate);
+                            hops += 1;
+                            sleep = hops > 2 * replicas.len();
                         }
                         ErrorCode::Unavailable | ErrorCode::Corrupted | ErrorCode::Storage => {
                             candidate = next_replica(candidate);

@@ -17,7 +17,10 @@ pub mod workload;
 use anyhow::{bail, Context as _};
 use raftblk_client::{Client, ClientOptions};
 use raftblk_proto::cluster_client::ClusterClient;
-use raftblk_proto::{Empty, GroupDigestRequest, NodeStatusResponse, TransferLeaderRequest};
+use raftblk_proto::{
+    ChangePeersRequest, ChangePeersResponse, Empty, ErrorCode, GroupDigestRequest, GroupStatus,
+    NodeStatusResponse, PeerChange, PeerChangeKind, TransferLeaderRequest,
+};
 
 /// Shape and tuning of a test cluster.
 #[derive(Debug, Clone)]
@@ -383,6 +386,98 @@ impl LocalCluster {
         None
     }
 
+    /// The status of `group` as its current leader reports it (the leader
+    /// with the highest term, if several claim it), with that node.
+    pub async fn group_status(&self, group: u64) -> Option<(usize, GroupStatus)> {
+        let mut best: Option<(usize, GroupStatus)> = None;
+        for i in 1..=self.spec.nodes {
+            if !self.is_running(i) {
+                continue;
+            }
+            let Ok(s) = self.status(i).await else {
+                continue;
+            };
+            if let Some(g) = s
+                .groups
+                .into_iter()
+                .find(|g| g.group_id == group && g.role == "leader")
+            {
+                if best.as_ref().is_none_or(|(_, b)| g.term > b.term) {
+                    best = Some((i, g));
+                }
+            }
+        }
+        best
+    }
+
+    /// Every node with a replica of `group` per its leader (voters,
+    /// learners, outgoing voters); the bootstrap placement if no leader
+    /// answers.
+    pub async fn members_of(&self, group: u64) -> Vec<u64> {
+        match self.group_status(group).await {
+            Some((_, g)) => {
+                let mut m = g.replicas.clone();
+                m.extend_from_slice(&g.learners);
+                m.extend_from_slice(&g.voters_outgoing);
+                m.sort_unstable();
+                m.dedup();
+                m
+            }
+            None => {
+                let ids: Vec<u64> = (1..=self.spec.nodes as u64).collect();
+                raftblk_proto::placement::group_replicas(&ids, group, self.spec.replicas)
+            }
+        }
+    }
+
+    /// Asks the leader of `group` to make one membership change step,
+    /// following leader changes (bounded); returns the leader's answer.
+    pub async fn change_peers(
+        &self,
+        group: u64,
+        changes: &[(PeerChangeKind, u64)],
+        timeout: Duration,
+    ) -> anyhow::Result<ChangePeersResponse> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((l, st)) = self.group_status(group).await {
+                let req = ChangePeersRequest {
+                    group_id: group,
+                    changes: changes
+                        .iter()
+                        .map(|(k, n)| PeerChange {
+                            kind: *k as i32,
+                            node_id: *n,
+                        })
+                        .collect(),
+                    conf_ver: st.conf_ver,
+                };
+                let r = self
+                    .cluster_client(l)
+                    .await?
+                    .change_peers(req)
+                    .await?
+                    .into_inner();
+                match r.error.as_ref().map(|e| e.kind()) {
+                    None => return Ok(r),
+                    Some(
+                        ErrorCode::NotLeader | ErrorCode::Unavailable | ErrorCode::ConfChanged,
+                    ) => {}
+                    Some(_) => return Ok(r),
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "change of group {group} not made within {timeout:?}: {:?}",
+                        r.error
+                    );
+                }
+            } else if Instant::now() >= deadline {
+                bail!("group {group} has no leader");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until every group hosted by a running node has a leader among
     /// the running nodes.
     pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
@@ -424,7 +519,7 @@ impl LocalCluster {
         Ok(Client::connect(&self.addrs(), opts).await?)
     }
 
-    /// `(applied index, kv count, digest)` of `group` on node `i`.
+    /// `(applied index, stored blocks, digest)` of `group` on node `i`.
     pub async fn digest(&self, i: usize, group: u64) -> anyhow::Result<(u64, u64, u64)> {
         let r = self
             .cluster_client(i)
@@ -435,7 +530,7 @@ impl LocalCluster {
         if let Some(e) = r.error {
             bail!("digest of group {group} on node {i}: {e}");
         }
-        Ok((r.applied_index, r.kv_count, r.digest))
+        Ok((r.applied_index, r.block_count, r.digest))
     }
 
     /// Waits until every running replica of `group` reports the same applied
@@ -446,10 +541,8 @@ impl LocalCluster {
         timeout: Duration,
     ) -> anyhow::Result<(u64, u64)> {
         let deadline = Instant::now() + timeout;
-        let topo_nodes: Vec<u64> = (1..=self.spec.nodes as u64).collect();
-        let replicas =
-            raftblk_proto::placement::group_replicas(&topo_nodes, group, self.spec.replicas);
         loop {
+            let replicas = self.members_of(group).await;
             let mut seen = Vec::new();
             for &r in &replicas {
                 if self.is_running(r as usize) {

@@ -187,7 +187,7 @@ async fn malformed_rpcs_get_clear_errors_and_change_nothing() -> anyhow::Result<
         ),
         (
             write(range(if g0 == 1 { 2 } else { 1 }, info.id, 0, 4096), 4096),
-            ErrorCode::WrongGroup,
+            ErrorCode::InvalidArgument,
             "lives in group",
         ),
         (

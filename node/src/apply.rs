@@ -22,6 +22,8 @@ use crate::keys;
 pub enum ApplyOutput {
     Done,
     Volume(VolumeInfo),
+    /// A membership change took effect: the group's new membership.
+    Membership(std::sync::Arc<crate::membership::Membership>),
 }
 
 /// The result of one command: a domain error leaves the state unchanged.

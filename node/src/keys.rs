@@ -3,10 +3,12 @@
 //! Two column families:
 //! - `raft`: per group, log entries `G|e|index`, hard state `G|h`, conf
 //!   state `G|c`, truncated state `G|t`, apply state `G|a`, snapshot-apply
-//!   marker `G|s`.
+//!   marker `G|s`, and the tombstone `G|x` (configuration version) of a
+//!   replica removed from the group.
 //! - `kv`: each group's state machine under the prefix `G`: blocks
 //!   `G|b|volume|block`, catalog volumes `G|v|name`, id index `G|i|id`,
-//!   next volume id `G|n`.
+//!   next volume id `G|n`, configuration version `G|r` (in the state
+//!   machine so a snapshot carries it).
 //!
 //! `G` and all integers are 8-byte big-endian so keys sort numerically and a
 //! group's state machine is one contiguous range (what a snapshot copies).
@@ -51,6 +53,20 @@ pub fn apply_state(group: u64) -> Vec<u8> {
 }
 pub fn snapshot_marker(group: u64) -> Vec<u8> {
     with_group(group, b's', 0)
+}
+/// The node this data directory belongs to (`raft` family; outside every
+/// group's range).
+pub fn store_ident() -> Vec<u8> {
+    let mut k = with_group(u64::MAX, b'I', 0);
+    k.extend_from_slice(b"dent");
+    k
+}
+pub fn tombstone(group: u64) -> Vec<u8> {
+    with_group(group, b'x', 0)
+}
+/// The group's configuration version (`kv` family).
+pub fn conf_ver(group: u64) -> Vec<u8> {
+    with_group(group, b'r', 0)
 }
 
 pub fn block(group: u64, volume: u64, block: u64) -> Vec<u8> {
@@ -144,7 +160,12 @@ mod tests {
         assert!(entry(1, 255) < entry(1, 256));
         assert_eq!(parse_block(2, &block(2, 9, 1000)), Some((9, 1000)));
         let (s, e) = group_range(5);
-        for k in [block(5, 1, 1), volume(5, "x"), next_volume_id(5)] {
+        for k in [
+            block(5, 1, 1),
+            volume(5, "x"),
+            next_volume_id(5),
+            conf_ver(5),
+        ] {
             assert!(k >= s && k < e);
         }
         assert!(block(6, 0, 0) >= e);

@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod engine;
 pub mod gc;
 pub mod keys;
+pub mod membership;
 pub mod msg;
 pub mod raft_storage;
 pub mod repair;

@@ -28,8 +28,18 @@ pub enum StoreError {
     ProposalDropped { group: u64, reason: String },
     #[error("group {group}: {what} is busy; retry later")]
     Busy { group: u64, what: &'static str },
+    #[error("group {group}: configuration version is {actual}, the change was planned against {expected}")]
+    ConfChanged {
+        group: u64,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("group {group}: membership change refused: {reason}")]
+    BadConfChange { group: u64, reason: String },
     #[error("group {group}: raft setup: {reason}")]
     RaftSetup { group: u64, reason: String },
+    #[error("this data directory belongs to node {owner}, not to node {node}")]
+    WrongNode { owner: u64, node: u64 },
     #[error("storage: {0}")]
     Engine(#[from] EngineError),
     #[error("the store has stopped")]
@@ -55,8 +65,23 @@ pub enum StoreMsg {
         allow_follower: bool,
         cb: ReadCb,
     },
+    /// Raft messages from one peer: `(group, sender's conf_ver, message)`.
     Raft {
-        msgs: Vec<(u64, Message)>,
+        msgs: Vec<(u64, u64, Message)>,
+    },
+    /// A peer says this node is not a member of `group` at `conf_ver`.
+    RaftGc {
+        from: u64,
+        group: u64,
+        conf_ver: u64,
+    },
+    /// Propose one membership change step of a group (see `membership`).
+    ChangePeers {
+        group: u64,
+        changes: Vec<crate::membership::PeerChange>,
+        /// Refuse unless the group is at this version (0: any).
+        conf_ver: u64,
+        cb: ProposeCb,
     },
     SnapshotReceived {
         group: u64,

@@ -32,6 +32,12 @@ pub struct GroupStorage {
     /// Apply state as persisted (what the `kv` family reflects).
     applied_index: u64,
     applied_term: u64,
+    /// Configuration version as of `applied_index` (0: uninitialized).
+    conf_ver: u64,
+    /// A membership change staged with the current round's apply state:
+    /// takes effect in `set_applied`, so a snapshot made meanwhile still
+    /// names the configuration of the applied index.
+    staged_conf: Option<(ConfState, u64)>,
     /// Set by `snapshot()`: the peer and index a snapshot was made for; the
     /// store hands the DB view to the transport when the message goes out.
     snapshot_requests: std::cell::RefCell<Vec<(u64, u64, u64)>>,
@@ -65,9 +71,114 @@ fn encode_entry(e: &Entry) -> Result<Vec<u8>, EngineError> {
     Ok(v)
 }
 
+/// Index and term at which a bootstrapped group starts (TiKV's
+/// `RAFT_INIT_LOG_INDEX`): its log is "compacted" up to here, so a replica
+/// added later, which starts empty at index 0, can only be caught up by a
+/// snapshot, and a snapshot carries the configuration the log does not.
+pub const RAFT_INIT_INDEX: u64 = 5;
+pub const RAFT_INIT_TERM: u64 = 5;
+
+fn encode_conf_state(group: u64, cs: &ConfState) -> Result<Vec<u8>, EngineError> {
+    cs.write_to_bytes().map_err(|e| EngineError::Corrupt {
+        key: keys::conf_state(group),
+        what: e.to_string(),
+    })
+}
+
+/// Reads a group's configuration version from its state machine.
+pub fn read_conf_ver(engine: &Engine, group: u64) -> Result<u64, EngineError> {
+    match engine.get_kv(&keys::conf_ver(group))? {
+        None => Ok(0),
+        Some(v) if v.len() == 8 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v);
+            Ok(u64::from_be_bytes(b))
+        }
+        Some(_) => Err(EngineError::Corrupt {
+            key: keys::conf_ver(group),
+            what: "configuration version is not 8 bytes".into(),
+        }),
+    }
+}
+
+/// True if this node holds an initialized replica of `group` (one with a
+/// configuration: bootstrapped, or filled by a snapshot).
+pub fn is_initialized(engine: &Engine, group: u64) -> Result<bool, EngineError> {
+    Ok(engine.get_raft(&keys::conf_state(group))?.is_some())
+}
+
+/// Creates a group's first replica state on a node of its initial
+/// configuration: configuration `voters` at version 1, log compacted up to
+/// `RAFT_INIT_INDEX`, applied and committed there. Does nothing if the
+/// group already has a configuration here. One synced write.
+pub fn bootstrap(engine: &Engine, group: u64, voters: &[u64]) -> Result<(), EngineError> {
+    assert!(!voters.is_empty(), "a group starts with at least one voter");
+    if is_initialized(engine, group)? {
+        return Ok(());
+    }
+    let cs = ConfState {
+        voters: voters.to_vec(),
+        ..Default::default()
+    };
+    let hs = HardState {
+        term: RAFT_INIT_TERM,
+        commit: RAFT_INIT_INDEX,
+        ..Default::default()
+    };
+    let cf = engine.raft_cf();
+    let mut wb = WriteBatch::default();
+    wb.put_cf(cf, keys::conf_state(group), encode_conf_state(group, &cs)?);
+    let init = keys::u64_pair(RAFT_INIT_INDEX, RAFT_INIT_TERM);
+    wb.put_cf(cf, keys::truncated_state(group), &init);
+    wb.put_cf(cf, keys::apply_state(group), &init);
+    wb.put_cf(
+        cf,
+        keys::hard_state(group),
+        hs.write_to_bytes().map_err(|e| EngineError::Corrupt {
+            key: keys::hard_state(group),
+            what: e.to_string(),
+        })?,
+    );
+    wb.put_cf(engine.kv_cf(), keys::conf_ver(group), 1u64.to_be_bytes());
+    engine.write(wb, true)
+}
+
+/// Stages the removal of this node's replica of `group`: its raft state,
+/// log and state machine are deleted, and a tombstone records the
+/// configuration version `conf_ver` at which it left (see `keys`).
+pub fn stage_destroy(engine: &Engine, wb: &mut WriteBatch, group: u64, conf_ver: u64) {
+    let (start, end) = keys::group_range(group);
+    wb.delete_range_cf(engine.raft_cf(), &start, &end);
+    wb.delete_range_cf(engine.kv_cf(), &start, &end);
+    wb.put_cf(
+        engine.raft_cf(),
+        keys::tombstone(group),
+        conf_ver.to_be_bytes(),
+    );
+}
+
+/// The configuration version at which this node's replica of `group` was
+/// removed, if it was.
+pub fn tombstone(engine: &Engine, group: u64) -> Result<Option<u64>, EngineError> {
+    match engine.get_raft(&keys::tombstone(group))? {
+        None => Ok(None),
+        Some(v) if v.len() == 8 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v);
+            Ok(Some(u64::from_be_bytes(b)))
+        }
+        Some(_) => Err(EngineError::Corrupt {
+            key: keys::tombstone(group),
+            what: "tombstone is not 8 bytes".into(),
+        }),
+    }
+}
+
 impl GroupStorage {
-    /// Loads a group's raft state; a group never seen before starts empty
-    /// with `voters` as its configuration (static bootstrap).
+    /// Loads a group's raft state. A group with no configuration here
+    /// starts with `voters` as its configuration at index 0 (tests), or,
+    /// with no voters, as an uninitialized replica (nothing written) that
+    /// a snapshot from its leader will fill.
     pub fn open(engine: Engine, group: u64, voters: &[u64]) -> Result<GroupStorage, EngineError> {
         let hard_state = match engine.get_raft(&keys::hard_state(group))? {
             Some(v) => HardState::parse_from_bytes(&v).map_err(|e| EngineError::Corrupt {
@@ -81,21 +192,23 @@ impl GroupStorage {
                 key: keys::conf_state(group),
                 what: e.to_string(),
             })?,
+            None if voters.is_empty() => ConfState::default(),
             None => {
                 let cs = ConfState {
                     voters: voters.to_vec(),
                     ..Default::default()
                 };
                 let mut wb = WriteBatch::default();
-                let bytes = cs.write_to_bytes().map_err(|e| EngineError::Corrupt {
-                    key: keys::conf_state(group),
-                    what: e.to_string(),
-                })?;
-                wb.put_cf(engine.raft_cf(), keys::conf_state(group), bytes);
+                wb.put_cf(
+                    engine.raft_cf(),
+                    keys::conf_state(group),
+                    encode_conf_state(group, &cs)?,
+                );
                 engine.write(wb, true)?;
                 cs
             }
         };
+        let conf_ver = read_conf_ver(&engine, group)?;
         let pair = |key: Vec<u8>| -> Result<(u64, u64), EngineError> {
             match engine.get_raft(&key)? {
                 Some(v) => keys::parse_u64_pair(&v).ok_or(EngineError::Corrupt {
@@ -150,8 +263,50 @@ impl GroupStorage {
             log_bytes,
             applied_index,
             applied_term,
+            conf_ver,
+            staged_conf: None,
             snapshot_requests: std::cell::RefCell::new(Vec::new()),
         })
+    }
+
+    /// Configuration version as of the applied index.
+    pub fn conf_ver(&self) -> u64 {
+        self.conf_ver
+    }
+
+    /// Re-reads the configuration version from the state machine (after a
+    /// snapshot replaced it).
+    pub fn reload_conf_ver(&mut self) -> Result<(), EngineError> {
+        self.conf_ver = read_conf_ver(&self.engine, self.group)?;
+        Ok(())
+    }
+
+    /// Stages a membership change applied at the round's apply index: the
+    /// new configuration and version, written with the apply state and in
+    /// force from `set_applied`.
+    pub fn stage_conf_change(
+        &mut self,
+        wb: &mut WriteBatch,
+        cs: ConfState,
+        conf_ver: u64,
+    ) -> Result<(), EngineError> {
+        wb.put_cf(
+            self.engine.raft_cf(),
+            keys::conf_state(self.group),
+            encode_conf_state(self.group, &cs)?,
+        );
+        wb.put_cf(
+            self.engine.kv_cf(),
+            keys::conf_ver(self.group),
+            conf_ver.to_be_bytes(),
+        );
+        self.staged_conf = Some((cs, conf_ver));
+        Ok(())
+    }
+
+    /// The configuration version including a change staged this round.
+    pub fn conf_ver_staged(&self) -> u64 {
+        self.staged_conf.as_ref().map_or(self.conf_ver, |(_, v)| *v)
     }
 
     pub fn group(&self) -> u64 {
@@ -288,6 +443,10 @@ impl GroupStorage {
         debug_assert!(index >= self.applied_index);
         self.applied_index = index;
         self.applied_term = term;
+        if let Some((cs, ver)) = self.staged_conf.take() {
+            self.conf_state = cs;
+            self.conf_ver = ver;
+        }
     }
 
     /// Stages log compaction up to and including `index` (≤ applied).
@@ -343,11 +502,11 @@ impl GroupStorage {
             keys::u64_pair(meta.index, meta.term),
         );
         let cs = meta.get_conf_state().clone();
-        let bytes = cs.write_to_bytes().map_err(|e| EngineError::Corrupt {
-            key: keys::conf_state(self.group),
-            what: e.to_string(),
-        })?;
-        wb.put_cf(cf, keys::conf_state(self.group), bytes);
+        wb.put_cf(
+            cf,
+            keys::conf_state(self.group),
+            encode_conf_state(self.group, &cs)?,
+        );
         let mut hs = self.hard_state.clone();
         hs.commit = hs.commit.max(meta.index);
         hs.term = hs.term.max(meta.term);

@@ -126,7 +126,7 @@ async fn hand_off_leadership(store: &store::StoreHandle, deadline: std::time::Du
         let led: Vec<u64> = store
             .views()
             .into_iter()
-            .filter(|v| v.role == "leader" && v.replicas.len() > 1)
+            .filter(|v| v.role == "leader" && v.members.voters.len() > 1)
             .map(|v| v.group)
             .collect();
         if led.is_empty() {

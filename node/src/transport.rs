@@ -41,10 +41,23 @@ pub async fn connect(addr: &str) -> Result<Channel, tonic::transport::Error> {
         .await
 }
 
+/// What a peer link carries.
+enum Outgoing {
+    Raft {
+        group: u64,
+        conf_ver: u64,
+        msg: Message,
+    },
+    Gc {
+        group: u64,
+        conf_ver: u64,
+    },
+}
+
 /// Sending side of the raft transport, owned by the store thread.
 pub struct Transport {
     node_id: u64,
-    peers: HashMap<u64, mpsc::Sender<(u64, Message)>>,
+    peers: HashMap<u64, mpsc::Sender<Outgoing>>,
     addrs: HashMap<u64, String>,
     rt: tokio::runtime::Handle,
     store_tx: mpsc::Sender<StoreMsg>,
@@ -100,15 +113,33 @@ impl Transport {
         }
     }
 
-    /// Queues a raft message; drops it if the peer's queue is full.
-    pub fn send(&self, group: u64, msg: Message) {
-        let Some(tx) = self.peers.get(&msg.to) else {
+    /// Queues a raft message of `group` (at configuration version
+    /// `conf_ver`); drops it if the peer's queue is full.
+    pub fn send(&self, group: u64, conf_ver: u64, msg: Message) {
+        let to = msg.to;
+        self.queue(
+            to,
+            Outgoing::Raft {
+                group,
+                conf_ver,
+                msg,
+            },
+        );
+    }
+
+    /// Tells `to` that it is not a member of `group` at `conf_ver`.
+    pub fn send_gc(&self, to: u64, group: u64, conf_ver: u64) {
+        self.queue(to, Outgoing::Gc { group, conf_ver });
+    }
+
+    fn queue(&self, to: u64, out: Outgoing) {
+        let Some(tx) = self.peers.get(&to) else {
             self.counters
                 .dropped_messages
                 .fetch_add(1, Ordering::Relaxed);
             return;
         };
-        if tx.try_send((group, msg)).is_err() {
+        if tx.try_send(out).is_err() {
             self.counters
                 .dropped_messages
                 .fetch_add(1, Ordering::Relaxed);
@@ -181,6 +212,7 @@ async fn send_snapshot(
     let header = RaftEnvelope {
         group_id: group,
         message: msg.write_to_bytes()?.into(),
+        ..Default::default()
     };
     let (ptx, prx) = mpsc::channel::<SnapshotPiece>(2);
     let producer = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
@@ -268,7 +300,7 @@ struct PeerLink {
     from: u64,
     to: u64,
     addr: String,
-    rx: mpsc::Receiver<(u64, Message)>,
+    rx: mpsc::Receiver<Outgoing>,
     store_tx: mpsc::Sender<StoreMsg>,
     batch_msgs_max: usize,
     batch_bytes_max: usize,
@@ -345,20 +377,34 @@ impl PeerLink {
         }
     }
 
-    fn batch(&mut self, first: (u64, Message)) -> RaftBatch {
+    fn batch(&mut self, first: Outgoing) -> RaftBatch {
         let mut envelopes = Vec::new();
         let mut bytes = 0usize;
         let mut next = Some(first);
-        while let Some((group, msg)) = next.take() {
-            match msg.write_to_bytes() {
-                Ok(b) => {
-                    bytes += b.len();
-                    envelopes.push(RaftEnvelope {
-                        group_id: group,
-                        message: b.into(),
-                    });
-                }
-                Err(e) => tracing::warn!(group, error = %e, "cannot encode raft message"),
+        while let Some(out) = next.take() {
+            match out {
+                Outgoing::Raft {
+                    group,
+                    conf_ver,
+                    msg,
+                } => match msg.write_to_bytes() {
+                    Ok(b) => {
+                        bytes += b.len();
+                        envelopes.push(RaftEnvelope {
+                            group_id: group,
+                            message: b.into(),
+                            conf_ver,
+                            gc: false,
+                        });
+                    }
+                    Err(e) => tracing::warn!(group, error = %e, "cannot encode raft message"),
+                },
+                Outgoing::Gc { group, conf_ver } => envelopes.push(RaftEnvelope {
+                    group_id: group,
+                    message: Default::default(),
+                    conf_ver,
+                    gc: true,
+                }),
             }
             if envelopes.len() >= self.batch_msgs_max || bytes >= self.batch_bytes_max {
                 break;

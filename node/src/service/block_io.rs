@@ -18,7 +18,6 @@ use raftblk_proto::{
 use tonic::{Request, Response, Status};
 
 use super::store_error;
-use crate::apply::ApplyOutput;
 use crate::block;
 use crate::keys;
 use crate::service::volume_cache::VolumeCache;
@@ -70,8 +69,9 @@ impl BlockIoService {
         }
         let want = placement::chunk_group(r.volume_id, chunk, cfg.cluster.data_groups);
         if want != r.group_id {
+            // A client bug, not a stale route: groups never change.
             return Err(PbError::new(
-                ErrorCode::WrongGroup,
+                ErrorCode::InvalidArgument,
                 format!(
                     "chunk {chunk} of volume {} lives in group {want}, not {}",
                     r.volume_id, r.group_id
@@ -90,7 +90,7 @@ impl BlockIoService {
     async fn propose(&self, group: u64, cmd: Cmd, request_id: &[u8]) -> WriteResponse {
         let cmd = Command { cmd: Some(cmd) };
         match self.store.propose_request(group, &cmd, request_id).await {
-            Ok(Ok(ApplyOutput::Done | ApplyOutput::Volume(_))) => WriteResponse { error: None },
+            Ok(Ok(_)) => WriteResponse { error: None },
             Ok(Err(e)) => WriteResponse { error: Some(e) },
             Err(e) => WriteResponse {
                 error: Some(store_error(&self.store, e)),

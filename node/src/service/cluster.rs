@@ -6,10 +6,13 @@ use std::sync::atomic::Ordering;
 
 use raftblk_proto::cluster_server::Cluster;
 use raftblk_proto::{
+    ChangePeersRequest, ChangePeersResponse, PeerChangeKind, PeerHealth, PeerProgress,
+    RepairBlockRequest,
+};
+use raftblk_proto::{
     Empty, Error as PbError, ErrorCode, GroupDigestRequest, GroupDigestResponse, GroupStatus,
     NodeInfo, NodeStatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
-use raftblk_proto::{PeerHealth, RepairBlockRequest};
 use tonic::{Request, Response, Status};
 
 use super::store_error;
@@ -32,7 +35,19 @@ impl Cluster for ClusterService {
             .into_iter()
             .map(|v| GroupStatus {
                 group_id: v.group,
-                replicas: v.replicas.to_vec(),
+                replicas: v.members.voters.clone(),
+                conf_ver: v.members.conf_ver,
+                learners: v.members.learners.clone(),
+                voters_outgoing: v.members.voters_outgoing.clone(),
+                progress: v
+                    .progress
+                    .iter()
+                    .map(|&(node_id, matched, state)| PeerProgress {
+                        node_id,
+                        matched,
+                        state: state.to_owned(),
+                    })
+                    .collect(),
                 leader_id: v.leader_id,
                 term: v.term,
                 commit_index: v.commit_index,
@@ -83,6 +98,69 @@ impl Cluster for ClusterService {
         }))
     }
 
+    async fn change_peers(
+        &self,
+        req: Request<ChangePeersRequest>,
+    ) -> Result<Response<ChangePeersResponse>, Status> {
+        use crate::membership::PeerChange;
+        let r = req.into_inner();
+        let fail = |e| {
+            Ok(Response::new(ChangePeersResponse {
+                error: Some(e),
+                ..Default::default()
+            }))
+        };
+        if r.changes.len() > 8 {
+            return fail(PbError::new(
+                ErrorCode::InvalidArgument,
+                "at most 8 changes in one step",
+            ));
+        }
+        let mut changes = Vec::with_capacity(r.changes.len());
+        for c in &r.changes {
+            changes.push(match PeerChangeKind::try_from(c.kind) {
+                Ok(PeerChangeKind::AddLearner) => PeerChange::AddLearner(c.node_id),
+                Ok(PeerChangeKind::AddVoter) => PeerChange::AddVoter(c.node_id),
+                Ok(PeerChangeKind::Remove) => PeerChange::Remove(c.node_id),
+                _ => {
+                    return fail(PbError::new(
+                        ErrorCode::InvalidArgument,
+                        format!("unknown peer change kind {}", c.kind),
+                    ))
+                }
+            });
+        }
+        for c in &changes {
+            if self.store.config.node_addr(c.node()).is_none() {
+                return fail(PbError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("node {} is not a cluster member", c.node()),
+                ));
+            }
+        }
+        match self
+            .store
+            .change_peers(r.group_id, changes, r.conf_ver)
+            .await
+        {
+            Ok(Ok(crate::apply::ApplyOutput::Membership(m))) => {
+                Ok(Response::new(ChangePeersResponse {
+                    error: None,
+                    conf_ver: m.conf_ver,
+                    voters: m.voters.clone(),
+                    learners: m.learners.clone(),
+                    voters_outgoing: m.voters_outgoing.clone(),
+                }))
+            }
+            Ok(Ok(_)) => fail(PbError::new(
+                ErrorCode::Unavailable,
+                "the change did not apply as a membership change",
+            )),
+            Ok(Err(e)) => fail(e),
+            Err(e) => fail(store_error(&self.store, e)),
+        }
+    }
+
     async fn group_digest(
         &self,
         req: Request<GroupDigestRequest>,
@@ -103,7 +181,11 @@ impl Cluster for ClusterService {
             let mut h = crc32fast::Hasher::new();
             let mut h2 = crc32fast::Hasher::new_with_initial(0x5a5a_5a5a);
             let mut n = 0u64;
+            let mut blocks = 0u64;
             snap.scan_kv(&engine, &start, &end, |k, v| {
+                if keys::parse_block(group, k).is_some() {
+                    blocks += 1;
+                }
                 for x in [k, v] {
                     h.update(&(x.len() as u32).to_le_bytes());
                     h.update(x);
@@ -115,6 +197,7 @@ impl Cluster for ClusterService {
             .map(|_| {
                 (
                     n,
+                    blocks,
                     (u64::from(h.finalize()) << 32) | u64::from(h2.finalize()),
                 )
             })
@@ -122,11 +205,12 @@ impl Cluster for ClusterService {
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(match res {
-            Ok((kv_count, digest)) => GroupDigestResponse {
+            Ok((kv_count, block_count, digest)) => GroupDigestResponse {
                 error: None,
                 applied_index: applied,
                 kv_count,
                 digest,
+                block_count,
             },
             Err(e) => GroupDigestResponse {
                 error: Some(PbError::new(ErrorCode::Storage, e.to_string())),
@@ -152,13 +236,12 @@ impl Cluster for ClusterService {
                     leader: (v.leader_id != 0).then_some(v.leader_id),
                 },
             )),
-            Some(v) if r.to_node != 0 && !v.replicas.contains(&r.to_node) => Some(PbError::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "node {} is not a replica of group {}",
-                    r.to_node, r.group_id
-                ),
-            )),
+            Some(v) if r.to_node != 0 && !v.members.voters.contains(&r.to_node) => {
+                Some(PbError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("node {} is not a voter of group {}", r.to_node, r.group_id),
+                ))
+            }
             Some(_) => {
                 self.store
                     .request_transfer_leader(r.group_id, (r.to_node != 0).then_some(r.to_node));

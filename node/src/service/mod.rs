@@ -40,6 +40,10 @@ pub fn store_error(store: &StoreHandle, e: StoreError) -> PbError {
         | StoreError::Busy { .. }
         | StoreError::RaftSetup { .. }
         | StoreError::Stopped => PbError::new(ErrorCode::Unavailable, e.to_string()),
-        StoreError::Engine(_) => PbError::new(ErrorCode::Storage, e.to_string()),
+        StoreError::ConfChanged { .. } => PbError::new(ErrorCode::ConfChanged, e.to_string()),
+        StoreError::BadConfChange { .. } => PbError::new(ErrorCode::InvalidArgument, e.to_string()),
+        StoreError::Engine(_) | StoreError::WrongNode { .. } => {
+            PbError::new(ErrorCode::Storage, e.to_string())
+        }
     }
 }

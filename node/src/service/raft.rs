@@ -51,9 +51,25 @@ impl RaftTransport for RaftService {
             }
             let mut msgs = Vec::with_capacity(batch.envelopes.len());
             for env in batch.envelopes {
+                if env.gc {
+                    let gc = StoreMsg::RaftGc {
+                        from: batch.from_node,
+                        group: env.group_id,
+                        conf_ver: env.conf_ver,
+                    };
+                    if self.store_tx.send(gc).await.is_err() {
+                        return Err(Status::unavailable("store stopped"));
+                    }
+                    continue;
+                }
                 match Message::parse_from_bytes(&env.message) {
+                    Ok(m) if m.from != batch.from_node => tracing::warn!(
+                        from = batch.from_node,
+                        claimed = m.from,
+                        "raft message from another node than its stream's"
+                    ),
                     Ok(m) if m.get_msg_type() != MessageType::MsgSnapshot => {
-                        msgs.push((env.group_id, m))
+                        msgs.push((env.group_id, env.conf_ver, m))
                     }
                     Ok(_) => tracing::warn!(
                         from = batch.from_node,
@@ -63,6 +79,9 @@ impl RaftTransport for RaftService {
                         tracing::warn!(from = batch.from_node, error = %e, "undecodable raft message")
                     }
                 }
+            }
+            if msgs.is_empty() {
+                continue;
             }
             if self.store_tx.send(StoreMsg::Raft { msgs }).await.is_err() {
                 return Err(Status::unavailable("store stopped"));

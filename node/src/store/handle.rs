@@ -24,8 +24,12 @@ use crate::msg::{StoreError, StoreMsg};
 #[derive(Debug, Clone, Default)]
 pub struct GroupView {
     pub group: u64,
-    /// Shared with the store: cloning a view does not allocate.
-    pub replicas: Arc<[u64]>,
+    /// The applied configuration; shared with the store: cloning a view
+    /// does not allocate.
+    pub members: Arc<crate::membership::Membership>,
+    /// On the leader, refreshed every tick: each other replica's matched
+    /// log index and progress state.
+    pub progress: Arc<[(u64, u64, &'static str)]>,
     pub leader_id: u64,
     pub term: u64,
     pub role: &'static str,
@@ -161,6 +165,24 @@ impl StoreHandle {
             group,
             volume,
             block,
+            cb,
+        };
+        self.call(group, msg, rx).await?
+    }
+
+    /// Asks this node, as the leader of `group`, to propose one membership
+    /// change step; resolves once it is applied here.
+    pub async fn change_peers(
+        &self,
+        group: u64,
+        changes: Vec<crate::membership::PeerChange>,
+        conf_ver: u64,
+    ) -> Result<ApplyResult, StoreError> {
+        let (cb, rx) = oneshot::channel();
+        let msg = StoreMsg::ChangePeers {
+            group,
+            changes,
+            conf_ver,
             cb,
         };
         self.call(group, msg, rx).await?

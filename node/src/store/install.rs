@@ -207,6 +207,15 @@ impl Store {
     pub(super) fn finish_install(&mut self, group: u64, file: StagedSnapshot) {
         if let Some(g) = self.groups.get_mut(&group) {
             g.node.mut_store().set_applied(file.index, file.term);
+            // The configuration came with the snapshot.
+            if let Err(e) = g.node.mut_store().reload_conf_ver() {
+                fatal("install snapshot", e);
+            }
+            let st = g.node.store();
+            g.members = std::sync::Arc::new(crate::membership::Membership::new(
+                st.conf_state(),
+                st.conf_ver(),
+            ));
         }
         let _ = std::fs::remove_file(&file.path);
         self.counters

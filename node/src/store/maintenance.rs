@@ -98,7 +98,7 @@ impl Store {
         self.maybe_compact();
         let ids: Vec<u64> = self.groups.keys().copied().collect();
         for id in ids {
-            self.update_view(id);
+            self.publish_view(id, true);
         }
     }
 

@@ -33,9 +33,11 @@
 //! `read` (ReadIndex batching and the leader lease), `snapshot` (snapshots
 //! made for peers and snapshots received), `install` (snapshot installs on
 //! their own thread, the held ready), `propose` (client requests and
-//! repairs), `dedup` (at-most-once client requests), `maintenance` (ticks,
+//! repairs), `dedup` (at-most-once client requests), `conf` (membership
+//! changes, replicas created and destroyed with them), `maintenance` (ticks,
 //! proposal and read deadlines, log compaction).
 
+mod conf;
 mod dedup;
 mod handle;
 mod install;
@@ -47,12 +49,11 @@ mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use raft::prelude::MessageType;
-use raft::{RawNode, ReadOnlyOption, StateRole};
+use raft::{RawNode, StateRole};
 use raftblk_proto::placement;
 use tokio::sync::mpsc;
 
@@ -62,8 +63,9 @@ pub use handle::{GroupView, StoreHandle};
 
 use crate::config::NodeConfig;
 use crate::engine::{Engine, EngineError, OwnedSnapshot};
+use crate::membership::Membership;
 use crate::msg::{ProposeCb, ReadCb};
-use crate::raft_storage::GroupStorage;
+use crate::raft_storage::{self, GroupStorage};
 use crate::snapshot_file;
 use crate::transport::Transport;
 
@@ -71,6 +73,8 @@ struct PendingProposal {
     term: u64,
     cb: ProposeCb,
     deadline: Instant,
+    /// A membership change: the entry at its index must be one.
+    conf_change: bool,
 }
 
 struct InflightRead {
@@ -82,7 +86,8 @@ struct InflightRead {
 struct Group {
     id: u64,
     node: RawNode<GroupStorage>,
-    replicas: Arc<[u64]>,
+    /// The applied configuration (see `conf`).
+    members: Arc<Membership>,
     pending: BTreeMap<u64, PendingProposal>,
     /// Retries of requests already in the log: (index, term, caller,
     /// deadline); answered when that entry applies (see `dedup`).
@@ -202,6 +207,42 @@ fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
     unsafe { libc::_exit(70) }
 }
 
+/// Checks that the data directory belongs to `node_id`; true if it belongs
+/// to no node yet (a new store, to be bootstrapped).
+fn claim_store(engine: &Engine, node_id: u64) -> Result<bool, StoreError> {
+    match engine.get_raft(&crate::keys::store_ident())? {
+        None => Ok(true),
+        Some(v) if v.len() == 8 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v);
+            let owner = u64::from_be_bytes(b);
+            if owner != node_id {
+                return Err(StoreError::WrongNode {
+                    owner,
+                    node: node_id,
+                });
+            }
+            Ok(false)
+        }
+        Some(_) => Err(EngineError::Corrupt {
+            key: crate::keys::store_ident(),
+            what: "store identity is not 8 bytes".into(),
+        }
+        .into()),
+    }
+}
+
+fn mark_store_claimed(engine: &Engine, node_id: u64) -> Result<(), StoreError> {
+    let mut wb = rocksdb::WriteBatch::default();
+    wb.put_cf(
+        engine.raft_cf(),
+        crate::keys::store_ident(),
+        node_id.to_be_bytes(),
+    );
+    engine.write(wb, true)?;
+    Ok(())
+}
+
 /// Creates the store and returns its handle; `run` must then be called on a
 /// dedicated thread.
 pub fn create(
@@ -214,68 +255,35 @@ pub fn create(
     let suspects = Arc::new(Suspects::default());
     let transport = transport_factory(tx.clone(), counters.clone(), suspects.clone());
     let node_id = config.node_id;
-    let node_ids = config.node_ids();
-    let logger = slog::Logger::root(slog::Discard, slog::o!());
     let mut groups = BTreeMap::new();
     let snap_dir = config.data_dir.join("snap");
     std::fs::create_dir_all(&snap_dir).map_err(EngineError::from)?;
+    let fresh = claim_store(&engine, node_id)?;
+    let node_ids = config.node_ids();
     for g in 0..=config.cluster.data_groups {
-        let replicas = placement::group_replicas(&node_ids, g, config.cluster.replicas);
-        if !replicas.contains(&node_id) {
+        if fresh {
+            // A new cluster: this node starts the groups the bootstrap
+            // placement gives it (later, replicas move by membership
+            // change, never by config).
+            let voters = placement::group_replicas(&node_ids, g, config.cluster.replicas);
+            if voters.contains(&node_id) {
+                raft_storage::bootstrap(&engine, g, &voters)?;
+            }
+        }
+        snapshot_file::resume_interrupted_install(&engine, g, &[], &counters)?;
+        if !raft_storage::is_initialized(&engine, g)? {
             continue;
         }
-        snapshot_file::resume_interrupted_install(&engine, g, &replicas, &counters)?;
-        let storage = GroupStorage::open(engine.clone(), g, &replicas)?;
-        let applied = storage.applied_index();
-        let (applied_requests, inflight_requests) = propose::recent_requests(&storage);
-        let raft_cfg = raft::Config {
-            id: node_id,
-            election_tick: config.raft.election_ticks,
-            heartbeat_tick: config.raft.heartbeat_ticks,
-            applied,
-            max_size_per_msg: config.raft.max_size_per_msg_bytes,
-            max_inflight_msgs: config.raft.max_inflight_msgs,
-            check_quorum: true,
-            pre_vote: true,
-            read_only_option: ReadOnlyOption::Safe,
-            max_committed_size_per_ready: 16 << 20,
-            ..Default::default()
-        };
-        raft_cfg.validate().map_err(|e| StoreError::RaftSetup {
-            group: g,
-            reason: format!("raft config: {e}"),
-        })?;
-        let node =
-            RawNode::new(&raft_cfg, storage, &logger).map_err(|e| StoreError::RaftSetup {
-                group: g,
-                reason: format!("raft init: {e}"),
-            })?;
-        groups.insert(
-            g,
-            Group {
-                id: g,
-                node,
-                replicas: replicas.into(),
-                pending: BTreeMap::new(),
-                dup_waiters: Vec::new(),
-                applied_requests,
-                inflight_requests,
-                reads_unsent: Vec::new(),
-                reads_inflight: HashMap::new(),
-                reads_waiting_apply: Vec::new(),
-                was_leader: false,
-                lease_until: None,
-                lease_index: 0,
-                renew_lease: false,
-                transfer_fence: None,
-                reads_ready: false,
-                incoming_snapshot: None,
-                installing: None,
-            },
-        );
+        groups.insert(g, conf::open_group(&config, &engine, g)?);
+    }
+    if fresh {
+        mark_store_claimed(&engine, node_id)?;
     }
     snapshot_file::sweep_stale(&snap_dir);
-    let install_gen = Arc::new(InstallGen::new(groups.keys().copied()));
+    // Every group id may come to be hosted here: per-group slots exist for
+    // all of them (a few thousand at most).
+    let all_groups = 0..=config.cluster.data_groups;
+    let install_gen = Arc::new(InstallGen::new(all_groups.clone()));
     let installer = install::spawn(
         engine.clone(),
         install_gen.clone(),
@@ -283,12 +291,8 @@ pub fn create(
         groups.len(),
     )?;
     let views = Arc::new(RwLock::new(BTreeMap::new()));
-    let renewals: Arc<HashMap<u64, AtomicBool>> = Arc::new(
-        groups
-            .keys()
-            .map(|g| (*g, AtomicBool::new(false)))
-            .collect(),
-    );
+    let renewals: Arc<HashMap<u64, AtomicBool>> =
+        Arc::new(all_groups.map(|g| (g, AtomicBool::new(false))).collect());
     let handle = StoreHandle {
         tx,
         views: views.clone(),
@@ -388,43 +392,21 @@ impl Store {
                 cb,
             } => self.on_read_index(group, allow_follower, cb),
             StoreMsg::Raft { msgs } => {
-                for (group, m) in msgs {
-                    let Some(g) = self.groups.get_mut(&group) else {
-                        self.counters
-                            .dropped_messages
-                            .fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    };
-                    if m.to != self.node_id || !g.replicas.contains(&m.from) {
-                        self.counters
-                            .dropped_messages
-                            .fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    if g.installing.is_some() {
-                        // Its raft is left alone until the install ends
-                        // (see `install`); the leader resends.
-                        continue;
-                    }
-                    if self.started.elapsed() < self.vote_quiet
-                        && matches!(
-                            m.get_msg_type(),
-                            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
-                        )
-                    {
-                        // Just (re)started: this node may have acked a
-                        // leader's lease round moments before it went down,
-                        // and raft-rs would grant votes at once (it knows
-                        // no leader yet). Stay silent for one election
-                        // timeout, as if that leader were still heard.
-                        continue;
-                    }
-                    read::observe_for_fence(g, &self.read_ctx, &m);
-                    if let Err(e) = g.node.step(m) {
-                        tracing::debug!(group, error = %e, "raft step rejected a message");
-                    }
+                for (group, conf_ver, m) in msgs {
+                    self.on_raft_message(group, conf_ver, m);
                 }
             }
+            StoreMsg::RaftGc {
+                from,
+                group,
+                conf_ver,
+            } => self.on_gc_notice(from, group, conf_ver),
+            StoreMsg::ChangePeers {
+                group,
+                changes,
+                conf_ver,
+                cb,
+            } => self.on_change_peers(group, changes, conf_ver, cb),
             StoreMsg::SnapshotReceived { group, msg, path } => {
                 self.on_snapshot_received(group, *msg, path)
             }
@@ -432,7 +414,7 @@ impl Store {
             StoreMsg::SnapshotFilled { group, result } => self.on_snapshot_filled(group, result),
             StoreMsg::Unreachable { to } => {
                 for g in self.groups.values_mut() {
-                    if g.is_leader() && g.replicas.contains(&to) {
+                    if g.is_leader() && g.members.contains(to) {
                         g.node.report_unreachable(to);
                     }
                 }
@@ -461,13 +443,54 @@ impl Store {
     }
 
     pub(super) fn update_view(&mut self, id: u64) {
+        self.publish_view(id, false);
+    }
+
+    /// Publishes a group's view; with `progress`, the leader's per-replica
+    /// progress too (once a tick: it is not needed per round).
+    pub(super) fn publish_view(&mut self, id: u64, progress: bool) {
         let Some(g) = self.groups.get(&id) else {
             return;
         };
         let st = g.node.store();
+        let progress = if !progress {
+            None
+        } else if g.is_leader() {
+            let me = self.node_id;
+            let mut p: Vec<(u64, u64, &'static str)> = g
+                .node
+                .raft
+                .prs()
+                .iter()
+                .filter(|(id, _)| **id != me)
+                .map(|(id, pr)| {
+                    let state = match pr.state {
+                        raft::ProgressState::Probe => "probe",
+                        raft::ProgressState::Replicate => "replicate",
+                        raft::ProgressState::Snapshot => "snapshot",
+                    };
+                    (*id, pr.matched, state)
+                })
+                .collect();
+            p.sort_unstable();
+            Some(p.into())
+        } else {
+            Some(Arc::from(Vec::new()))
+        };
+        let mut views = match self.views.write() {
+            Ok(v) => v,
+            Err(_) => return,
+        };
+        let progress = progress.unwrap_or_else(|| {
+            views
+                .get(&id)
+                .map(|v| v.progress.clone())
+                .unwrap_or_else(|| Arc::from(Vec::new()))
+        });
         let v = GroupView {
             group: id,
-            replicas: g.replicas.clone(),
+            members: g.members.clone(),
+            progress,
             leader_id: g.node.raft.leader_id,
             term: g.node.raft.term,
             role: role_name(g.node.raft.state),
@@ -479,8 +502,6 @@ impl Store {
             lease_index: g.lease_index,
             transferring: g.node.raft.lead_transferee.is_some(),
         };
-        if let Ok(mut views) = self.views.write() {
-            views.insert(id, v);
-        }
+        views.insert(id, v);
     }
 }

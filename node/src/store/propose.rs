@@ -69,6 +69,7 @@ impl Store {
                 term: g.node.raft.term,
                 cb,
                 deadline,
+                conf_change: false,
             },
         );
     }
@@ -141,7 +142,10 @@ impl Store {
 }
 
 /// Group `group`, if this node hosts and leads it.
-fn leader_group(groups: &mut BTreeMap<u64, Group>, group: u64) -> Result<&mut Group, StoreError> {
+pub(super) fn leader_group(
+    groups: &mut BTreeMap<u64, Group>,
+    group: u64,
+) -> Result<&mut Group, StoreError> {
     let g = groups
         .get_mut(&group)
         .ok_or(StoreError::NoSuchGroup(group))?;

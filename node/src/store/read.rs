@@ -196,13 +196,13 @@ impl Store {
         if let Some(g) = self.groups.get_mut(&group) {
             if g.is_leader() {
                 let best = to
-                    .filter(|t| *t != me && g.replicas.contains(t))
+                    .filter(|t| *t != me && g.members.voters.contains(t))
                     .or_else(|| {
                         g.node
                             .raft
                             .prs()
                             .iter()
-                            .filter(|(id, _)| **id != me)
+                            .filter(|(id, _)| **id != me && g.members.voters.contains(id))
                             .max_by_key(|(_, p)| p.matched)
                             .map(|(id, _)| *id)
                     });

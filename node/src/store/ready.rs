@@ -12,17 +12,21 @@ use raft::StateRole;
 use rocksdb::WriteBatch;
 
 use super::{dedup, fatal, read, role_name, Store};
-use crate::apply::{Applier, ApplyOutput, ApplyResult};
+use crate::apply::{Applier, ApplyResult};
 use crate::msg::{ProposeCb, StoreError};
 
 /// Results of one apply pass, delivered after the batch is written.
 #[derive(Default)]
 pub(super) struct Completions {
     proposals: Vec<(ProposeCb, Result<ApplyResult, StoreError>)>,
+    /// Groups a membership change applied this round removed this node
+    /// from: destroyed once the round is written.
+    removed: Vec<u64>,
 }
 
 impl Store {
     pub(super) fn send_messages(&mut self, group: u64, msgs: Vec<Message>) {
+        let conf_ver = self.groups.get(&group).map_or(0, |g| g.members.conf_ver);
         for m in msgs {
             if m.get_msg_type() == MessageType::MsgSnapshot {
                 // The data must be the DB view taken for exactly this
@@ -39,7 +43,7 @@ impl Store {
                     }
                 }
             } else {
-                self.transport.send(group, m);
+                self.transport.send(group, conf_ver, m);
             }
         }
     }
@@ -53,18 +57,24 @@ impl Store {
         done: &mut Completions,
     ) -> Option<(u64, u64)> {
         let last = entries.last().map(|e| (e.index, e.term))?;
-        let g = self.groups.get_mut(&group)?;
+        self.groups.get(&group)?;
         let now = std::time::Instant::now();
         for e in entries {
-            let result = if e.get_entry_type() == EntryType::EntryNormal {
+            let is_conf = e.get_entry_type() != EntryType::EntryNormal;
+            let result = if is_conf {
+                let (r, removed) = self.apply_conf_change(group, &e, wb);
+                if removed {
+                    done.removed.push(group);
+                }
+                r
+            } else {
                 match applier.apply(wb, group, &e.data) {
                     Ok(r) => r,
                     Err(err) => fatal("apply", err),
                 }
-            } else {
-                // Membership is static in this version: conf changes are
-                // never proposed.
-                Ok(ApplyOutput::Done)
+            };
+            let Some(g) = self.groups.get_mut(&group) else {
+                break;
             };
             if let Some(id) = dedup::request_id(&e.context) {
                 g.applied_requests.record(id, result.clone(), now);
@@ -94,14 +104,25 @@ impl Store {
                 let Some((_, p)) = g.pending.pop_first() else {
                     break;
                 };
-                if idx == e.index && p.term == e.term {
+                if idx == e.index && p.term == e.term && p.conf_change == is_conf {
                     done.proposals.push((p.cb, Ok(result.clone())));
+                } else if idx == e.index && p.term == e.term {
+                    // raft-rs turns a membership change it refuses into an
+                    // empty entry.
+                    done.proposals.push((
+                        p.cb,
+                        Err(StoreError::ProposalDropped {
+                            group,
+                            reason: "raft refused the membership change".into(),
+                        }),
+                    ));
                 } else {
                     done.proposals
                         .push((p.cb, Err(StoreError::EntryReplaced { group })));
                 }
             }
         }
+        let g = self.groups.get_mut(&group)?;
         g.node.store().stage_apply_state(wb, last.0, last.1);
         Some(last)
     }
@@ -320,6 +341,10 @@ impl Store {
                 g.reads_waiting_apply = still;
             }
             self.update_view(id);
+        }
+        for id in done.removed {
+            let conf_ver = self.groups.get(&id).map_or(0, |g| g.members.conf_ver);
+            self.destroy(id, conf_ver);
         }
     }
 }

@@ -32,6 +32,21 @@ impl Store {
             let meta = msg.get_snapshot().get_metadata();
             (meta.index, meta.term)
         };
+        let snap_members = crate::membership::Membership::new(
+            msg.get_snapshot().get_metadata().get_conf_state(),
+            0,
+        );
+        if !snap_members.contains(self.node_id) {
+            // Its configuration does not include this node: installing it
+            // would make a replica of a group it is not in.
+            tracing::warn!(
+                group,
+                index,
+                "snapshot refused: its configuration excludes this node"
+            );
+            let _ = std::fs::remove_file(&path);
+            return;
+        }
         if let Err(e) = g.node.step(msg) {
             tracing::warn!(group, error = %e, "raft rejected a snapshot");
         }

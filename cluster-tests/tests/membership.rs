@@ -1,0 +1,261 @@
+//! Moving a replica by raft membership change, with real processes: add
+//! the new replica as a learner (it catches up by snapshot), then one
+//! joint-consensus change that promotes it and removes the old one, then
+//! leave the joint configuration. Under a recording workload: no failed
+//! I/O and no linearizability anomaly; the replicas end identical; the
+//! removed replica deletes its data and never comes back, even when its
+//! node was down during the move and learns of it only on return.
+
+use std::time::{Duration, Instant};
+
+use raftblk_client::Volume;
+use raftblk_cluster_tests::history::check;
+use raftblk_cluster_tests::workload::{summarize, Workload, WorkloadSpec};
+use raftblk_cluster_tests::{ClusterSpec, LocalCluster};
+use raftblk_proto::PeerChangeKind::{AddLearner, AddVoter, Remove};
+
+const HEALTHY: Duration = Duration::from_secs(30);
+const STEP: Duration = Duration::from_secs(20);
+const GROUP: u64 = 1;
+
+fn spec() -> ClusterSpec {
+    ClusterSpec {
+        nodes: 4,
+        data_groups: 4,
+        // Small logs: the learner must be caught up by a snapshot.
+        log_compact_threshold_entries: 64,
+        log_retain_entries: 8,
+        ..ClusterSpec::default()
+    }
+}
+
+/// Keys of `group` left in node `i`'s data directory (node stopped):
+/// `(state machine keys, raft keys other than the tombstone, tombstone)`.
+fn leftovers(
+    c: &LocalCluster,
+    i: usize,
+    group: u64,
+) -> anyhow::Result<(usize, usize, Option<u64>)> {
+    let engine = raftblk_node::engine::Engine::open(&c.data_dir(i))?;
+    let (start, end) = raftblk_node::keys::group_range(group);
+    let count = |cf| -> anyhow::Result<usize> {
+        let mut n = 0;
+        let iter = engine.db().iterator_cf(
+            cf,
+            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, _) = item?;
+            if k.as_ref() >= end.as_slice() {
+                break;
+            }
+            if k.as_ref() != raftblk_node::keys::tombstone(group).as_slice() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    };
+    let kv = count(engine.kv_cf())?;
+    let raft = count(engine.raft_cf())?;
+    let tomb = raftblk_node::raft_storage::tombstone(&engine, group)?;
+    Ok((kv, raft, tomb))
+}
+
+/// Waits until the leader reports `node` caught up (replicating, matched
+/// within a few entries of the commit index).
+async fn wait_caught_up(c: &LocalCluster, group: u64, node: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + STEP;
+    loop {
+        if let Some((_, st)) = c.group_status(group).await {
+            if let Some(p) = st.progress.iter().find(|p| p.node_id == node) {
+                if p.state == "replicate" && p.matched + 32 >= st.commit_index {
+                    return Ok(());
+                }
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "node {node} never caught up in group {group}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until node `i` no longer hosts `group`.
+async fn wait_gone(
+    c: &LocalCluster,
+    i: usize,
+    group: u64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(st) = c.status(i).await {
+            if !st.groups.iter().any(|g| g.group_id == group) {
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "node {i} still hosts group {group} after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Moves `group`'s replica from node `from` to node `to`, step by step.
+async fn move_replica(c: &LocalCluster, group: u64, from: u64, to: u64) -> anyhow::Result<()> {
+    let r = c.change_peers(group, &[(AddLearner, to)], STEP).await?;
+    anyhow::ensure!(r.error.is_none(), "add learner: {:?}", r.error);
+    anyhow::ensure!(r.learners.contains(&to), "learner missing: {r:?}");
+    wait_caught_up(c, group, to).await?;
+    let r = c
+        .change_peers(group, &[(AddVoter, to), (Remove, from)], STEP)
+        .await?;
+    anyhow::ensure!(r.error.is_none(), "enter joint: {:?}", r.error);
+    anyhow::ensure!(
+        r.voters.contains(&to) && r.voters_outgoing.contains(&from),
+        "joint configuration expected: {r:?}"
+    );
+    let r = c.change_peers(group, &[], STEP).await?;
+    anyhow::ensure!(r.error.is_none(), "leave joint: {:?}", r.error);
+    anyhow::ensure!(
+        r.voters_outgoing.is_empty() && r.voters.contains(&to) && !r.voters.contains(&from),
+        "final configuration: {r:?}"
+    );
+    println!(
+        "group {group}: moved from node {from} to node {to}, now {:?} at version {}",
+        r.voters, r.conf_ver
+    );
+    Ok(())
+}
+
+/// A voter of `group` that does not lead it.
+async fn follower_of(c: &LocalCluster, group: u64) -> anyhow::Result<u64> {
+    let (leader, st) = c
+        .group_status(group)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("group {group} has no leader"))?;
+    st.replicas
+        .iter()
+        .copied()
+        .find(|r| *r != leader as u64)
+        .ok_or_else(|| anyhow::anyhow!("group {group} has no follower"))
+}
+
+async fn volumes(c: &LocalCluster, n: usize, bytes: u64) -> anyhow::Result<Vec<Volume>> {
+    let client = c.client().await?;
+    let mut v = Vec::new();
+    for i in 0..n {
+        let name = format!("mv{i}");
+        client.create_volume(&name, bytes).await?;
+        v.push(client.open_volume(&name).await?);
+    }
+    Ok(v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_a_replica_under_load() -> anyhow::Result<()> {
+    let mut c = LocalCluster::start(spec())?;
+    c.wait_healthy(HEALTHY).await?;
+    let blocks = 1024; // 4 MiB per volume: chunks in every group.
+    let vols = volumes(&c, 2, blocks * 4096).await?;
+    let wspec = WorkloadSpec {
+        clients: 4,
+        blocks,
+        ops_max: 40_000,
+        duration_max: Duration::from_secs(90),
+    };
+    let mut wl = Workload::start(vols.clone(), wspec, 0x6d6f7665);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let from = follower_of(&c, GROUP).await?;
+    let members = c.members_of(GROUP).await;
+    let to = (1..=4u64)
+        .find(|n| !members.contains(n))
+        .ok_or_else(|| anyhow::anyhow!("every node hosts group {GROUP}"))?;
+    move_replica(&c, GROUP, from, to).await?;
+    wait_gone(&c, from as usize, GROUP, STEP).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    wl.stop().await;
+    let end = wl.started.elapsed();
+    wl.final_reads(&vols, blocks).await;
+    let history = wl.history();
+    let summary = summarize(&history, end);
+    let anomalies = check(&history);
+    println!(
+        "{} ops, {} acked writes, {} failed, longest gap {:?}, {} anomalies",
+        summary.ops,
+        summary.acked_writes,
+        summary.errors,
+        summary.longest_gap,
+        anomalies.len()
+    );
+    anyhow::ensure!(
+        anomalies.is_empty(),
+        "anomalies: {:?}",
+        &anomalies[..anomalies.len().min(5)]
+    );
+    anyhow::ensure!(
+        summary.errors == 0,
+        "{} operations failed during the move",
+        summary.errors
+    );
+    anyhow::ensure!(summary.acked_writes > 100, "too little load: {summary:?}");
+    let (kvs, _) = c.wait_replicas_identical(GROUP, STEP).await?;
+    anyhow::ensure!(kvs > 0, "group {GROUP} holds no data");
+    // The removed replica's data is gone from its node, and a restart does
+    // not bring the replica back.
+    c.kill(from as usize);
+    let (kv, raft, tomb) = leftovers(&c, from as usize, GROUP)?;
+    anyhow::ensure!(
+        kv == 0 && raft == 0 && tomb.is_some(),
+        "node {from} keeps group {GROUP}: {kv} state-machine keys, {raft} raft keys, tombstone {tomb:?}"
+    );
+    c.start_node(from as usize)?;
+    c.wait_healthy(HEALTHY).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let st = c.status(from as usize).await?;
+    anyhow::ensure!(
+        !st.groups.iter().any(|g| g.group_id == GROUP),
+        "node {from} hosts group {GROUP} again after a restart"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_removed_while_its_node_was_down_deletes_itself() -> anyhow::Result<()> {
+    let mut c = LocalCluster::start(spec())?;
+    c.wait_healthy(HEALTHY).await?;
+    let vols = volumes(&c, 1, 4 << 20).await?;
+    vols[0]
+        .write(0, &raftblk_cluster_tests::payload(7, 4 << 20))
+        .await?;
+    let from = follower_of(&c, GROUP).await?;
+    let members = c.members_of(GROUP).await;
+    let to = (1..=4u64)
+        .find(|n| !members.contains(n))
+        .ok_or_else(|| anyhow::anyhow!("every node hosts group {GROUP}"))?;
+    c.kill(from as usize);
+    // Two of three voters are up: the move goes on without the dead one.
+    move_replica(&c, GROUP, from, to).await?;
+    vols[0]
+        .write(0, &raftblk_cluster_tests::payload(8, 4 << 20))
+        .await?;
+    c.start_node(from as usize)?;
+    // It wakes up believing it is a voter; its peers tell it otherwise.
+    wait_gone(&c, from as usize, GROUP, STEP).await?;
+    c.wait_healthy(HEALTHY).await?;
+    let want = raftblk_cluster_tests::payload(8, 4 << 20);
+    anyhow::ensure!(
+        vols[0].read(0, 4 << 20).await? == want,
+        "data after the move"
+    );
+    c.wait_replicas_identical(GROUP, STEP).await?;
+    c.kill(from as usize);
+    let (kv, raft, tomb) = leftovers(&c, from as usize, GROUP)?;
+    anyhow::ensure!(
+        kv == 0 && raft == 0 && tomb.is_some(),
+        "node {from} keeps group {GROUP}: {kv} state-machine keys, {raft} raft keys, tombstone {tomb:?}"
+    );
+    Ok(())
+}
