@@ -4,9 +4,11 @@
 //! - `topology`: the cluster's shape, fetched from any reachable node.
 //! - `router`: group → leader cache, per-attempt timeouts, retries of
 //!   NotLeader / unavailable / timeouts with backoff under a deadline.
+//! - `admin`: the cluster map and node administration (meta leader).
 //! - `volume`: a volume handle that validates I/O, splits it at chunk
 //!   boundaries and sends the pieces concurrently.
 
+pub mod admin;
 pub mod error;
 pub mod router;
 pub mod size;

@@ -1,7 +1,8 @@
-//! `raftblk`: the admin CLI (cluster status, volume management, raw image
-//! import/export, benchmark).
+//! `raftblk`: the admin CLI (cluster status, node and volume management,
+//! raw image import/export, benchmark).
 
 mod bench;
+mod cli_node;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -43,6 +44,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VolumeCmd,
     },
+    /// Node management: list, add, drain, out, in, remove, set-weight.
+    Node {
+        #[command(subcommand)]
+        cmd: cli_node::NodeCmd,
+    },
     /// Benchmark a running cluster against this machine's local limits.
     Bench(bench::BenchArgs),
 }
@@ -51,6 +57,22 @@ enum Cmd {
 enum ClusterCmd {
     /// Members, groups, leaders, terms, indexes and health.
     Status,
+    /// Wait until every group has a leader and its full set of healthy
+    /// replicas and no replica is moving, showing progress.
+    WaitHealthy {
+        /// Give up (exit status 1) after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        wait_secs: u64,
+    },
+    /// Set a cluster flag: `noout` (nodes that go down are never marked
+    /// out: a planned reboot causes no rebuild), `norecover` (no automatic
+    /// membership change), `norebalance` (repairs only, no balancing).
+    Flag {
+        #[arg(value_parser = ["noout", "norecover", "norebalance"])]
+        name: String,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -145,7 +167,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Cluster {
             cmd: ClusterCmd::Status,
         } => status(&connect(&cli).await?).await,
+        Cmd::Cluster {
+            cmd: ClusterCmd::WaitHealthy { wait_secs },
+        } => cli_node::wait_healthy(&connect(&cli).await?, *wait_secs).await,
+        Cmd::Cluster {
+            cmd: ClusterCmd::Flag { name, state },
+        } => cli_node::set_flag(&connect(&cli).await?, name, state == "on").await,
         Cmd::Volume { cmd } => volume(&cli, cmd).await,
+        Cmd::Node { cmd } => cli_node::run(&connect(&cli).await?, cmd).await,
         Cmd::Bench(args) => bench::run(&connect(&cli).await?, args).await,
     }
 }
@@ -254,10 +283,27 @@ async fn status(client: &Client) -> anyhow::Result<()> {
     }
     let down = statuses.iter().filter(|(_, _, r)| r.is_err()).count();
     println!();
-    if down == 0 && unhealthy == 0 {
+    let placement = statuses
+        .iter()
+        .filter_map(|(_, _, r)| r.as_ref().ok())
+        .filter_map(|s| s.placement)
+        .find(|p| p.active);
+    let (degraded, moving) = match placement {
+        Some(p) => {
+            println!("placement: {}", cli_node::describe_placement(&p));
+            (p.degraded_groups, p.moves_in_progress)
+        }
+        None => {
+            println!("placement: no meta leader reports");
+            (0, 0)
+        }
+    };
+    if down == 0 && unhealthy == 0 && degraded == 0 && moving == 0 {
         println!("health: OK");
     } else {
-        println!("health: DEGRADED ({down} node(s) down, {unhealthy} group(s) without a leader)");
+        println!(
+            "health: DEGRADED ({down} node(s) down, {unhealthy} group(s) without a leader, {degraded} degraded, {moving} moving)"
+        );
     }
     Ok(())
 }

@@ -66,6 +66,8 @@ struct Inner {
     seeds: Vec<String>,
     opts: ClientOptions,
     topology: RwLock<Topology>,
+    /// When the map was last fetched (refreshes are rate-limited).
+    refreshed: Mutex<Option<Instant>>,
     channels: Mutex<HashMap<String, Channel>>,
     leaders: RwLock<HashMap<u64, u64>>,
 }
@@ -91,6 +93,16 @@ impl Client {
             match tokio::time::timeout(opts.attempt_timeout, c.status(Empty {})).await {
                 Ok(Ok(resp)) => {
                     let status = resp.into_inner();
+                    let mut topology = Topology::from_status(&status);
+                    // The map, if this node has one (older nodes, or a
+                    // node still starting, may not).
+                    if let Ok(Ok(r)) =
+                        tokio::time::timeout(opts.attempt_timeout, c.get_map(Empty {})).await
+                    {
+                        if let Some(m) = r.into_inner().map {
+                            topology.apply_map(&m);
+                        }
+                    }
                     let mut channels = HashMap::new();
                     channels.insert(seed.clone(), ch);
                     return Ok(Client {
@@ -99,7 +111,8 @@ impl Client {
                             request_seq: std::sync::atomic::AtomicU64::new(1),
                             seeds: seeds.to_vec(),
                             opts,
-                            topology: RwLock::new(Topology::from_status(&status)),
+                            topology: RwLock::new(topology),
+                            refreshed: Mutex::new(Some(Instant::now())),
                             channels: Mutex::new(channels),
                             leaders: RwLock::new(HashMap::new()),
                         }),
@@ -142,6 +155,66 @@ impl Client {
         match self.inner.topology.read() {
             Ok(t) => t.clone(),
             Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Adds node `id` at `addr` if this client does not know it (a leader
+    /// hint naming a node that joined after the client connected).
+    fn learn_node(&self, id: u64, addr: &str) {
+        let mut t = self
+            .inner
+            .topology
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        t.nodes.entry(id).or_insert_with(|| addr.to_owned());
+    }
+
+    /// Fetches the cluster map from any member (at most every 250 ms) and
+    /// takes it if newer: replicas moved, nodes joined or left.
+    pub async fn refresh_topology(&self) {
+        {
+            let mut last = self
+                .inner
+                .refreshed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < Duration::from_millis(250)) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        self.refresh_topology_now().await;
+    }
+
+    /// Fetches the cluster map now, whatever the rate limit.
+    async fn refresh_topology_now(&self) {
+        if let Ok(mut last) = self.inner.refreshed.lock() {
+            *last = Some(Instant::now());
+        }
+        let topo = self.topology();
+        let mut addrs: Vec<String> = topo.nodes.values().cloned().collect();
+        for s in &self.inner.seeds {
+            if !addrs.contains(s) {
+                addrs.push(s.clone());
+            }
+        }
+        for addr in addrs.into_iter().take(16) {
+            let Ok(ch) = self.channel(&addr) else {
+                continue;
+            };
+            let mut c = ClusterClient::new(ch);
+            let call = c.get_map(Empty {});
+            if let Ok(Ok(r)) = tokio::time::timeout(self.inner.opts.attempt_timeout, call).await {
+                if let Some(m) = r.into_inner().map {
+                    let mut t = self
+                        .inner
+                        .topology
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner());
+                    t.apply_map(&m);
+                    return;
+                }
+            }
         }
     }
 
@@ -207,22 +280,27 @@ impl Client {
     {
         let opts = &self.inner.opts;
         let deadline = Instant::now() + opts.deadline;
-        let topo = self.topology();
-        // Replicas move between nodes: try the group's initial replicas
-        // first, then every other member, and follow leader hints to any
-        // member.
-        let mut replicas = topo.replicas_of(group);
+        // Replicas move between nodes: try the group's replicas per the
+        // map first, then every other member, and follow leader hints to
+        // any member; refresh the map when a node says it has no replica.
+        let route = |topo: &Topology| {
+            let mut replicas = topo.replicas_of(group);
+            let initial = replicas.len();
+            for id in topo.nodes.keys() {
+                if !replicas.contains(id) {
+                    replicas.push(*id);
+                }
+            }
+            (replicas, initial)
+        };
+        let mut topo = self.topology();
+        let (mut replicas, mut initial) = route(&topo);
         if replicas.is_empty() {
             return Err(ClientError::InvalidArgument(format!(
                 "group {group} has no replicas"
             )));
         }
-        let initial = replicas.len();
-        for id in topo.nodes.keys() {
-            if !replicas.contains(id) {
-                replicas.push(*id);
-            }
-        }
+        let mut refreshed = false;
         let mut candidate = self
             .cached_leader(group)
             .filter(|l| replicas.contains(l))
@@ -231,7 +309,7 @@ impl Client {
         let mut hops = 0usize;
         let mut last: String;
         loop {
-            let next_replica = |c: u64| {
+            let next_replica = |replicas: &[u64], c: u64| {
                 let i = replicas.iter().position(|r| *r == c).unwrap_or(0);
                 replicas[(i + 1) % replicas.len()]
             };
@@ -255,36 +333,65 @@ impl Client {
                         ErrorCode::NotLeader => {
                             if e.leader_id != 0
                                 && e.leader_id != candidate
+                                && !replicas.contains(&e.leader_id)
+                            {
+                                // A node this client does not know yet (it
+                                // joined after the client connected): the
+                                // hint carries its address; the map the
+                                // rest.
+                                if !e.leader_addr.is_empty() {
+                                    self.learn_node(e.leader_id, &e.leader_addr);
+                                } else {
+                                    self.refresh_topology().await;
+                                }
+                                topo = self.topology();
+                                (replicas, initial) = route(&topo);
+                            }
+                            if e.leader_id != 0
+                                && e.leader_id != candidate
                                 && replicas.contains(&e.leader_id)
                             {
                                 candidate = e.leader_id;
                                 hops += 1;
                                 sleep = hops > 2 * initial;
                             } else {
-                                candidate = next_replica(candidate);
+                                candidate = next_replica(&replicas, candidate);
                             }
                         }
                         ErrorCode::WrongGroup => {
                             // No replica there (any more): nodes answer
                             // that at once, so go on without a pause, a
-                            // bounded number of times.
-                            candidate = next_replica(candidate);
+                            // bounded number of times, with a fresh map.
+                            if !refreshed {
+                                refreshed = true;
+                                self.refresh_topology_now().await;
+                                topo = self.topology();
+                                (replicas, initial) = route(&topo);
+                                if replicas.is_empty() {
+                                    return Err(ClientError::InvalidArgument(format!(
+                                        "group {group} has no replicas"
+                                    )));
+                                }
+                                candidate = replicas[0];
+                            } else {
+                                candidate = next_replica(&replicas, candidate);
+                            }
                             hops += 1;
                             sleep = hops > 2 * replicas.len();
                         }
                         ErrorCode::Unavailable | ErrorCode::Corrupted | ErrorCode::Storage => {
-                            candidate = next_replica(candidate);
+                            candidate = next_replica(&replicas, candidate);
                         }
                         _ => return Err(ClientError::Server(e)),
                     }
                 }
                 Ok(Err(status)) => {
                     last = format!("node {candidate}: {}: {}", status.code(), status.message());
-                    candidate = next_replica(candidate);
+                    candidate = next_replica(&replicas, candidate);
                 }
                 Err(_) => {
                     last = format!("node {candidate}: attempt timed out");
-                    candidate = next_replica(candidate);
+                    candidate = next_replica(&replicas, candidate);
                 }
             }
             if sleep {

@@ -43,6 +43,13 @@ pub struct ClusterSpec {
     pub netns: bool,
     /// With `netns`: put a delay proxy in front of this node.
     pub delay_proxy_node: Option<usize>,
+    /// Placement: heartbeats, down and out (short in tests).
+    pub heartbeat_interval_ms: u64,
+    pub node_down_after_ms: u64,
+    pub down_out_secs: u64,
+    /// Balance replicas and leaderships (off by default in tests, so
+    /// leadership stays where a test puts it: the `norebalance` flag).
+    pub rebalance: bool,
 }
 
 impl Default for ClusterSpec {
@@ -61,6 +68,10 @@ impl Default for ClusterSpec {
             tmpfs_node: None,
             netns: false,
             delay_proxy_node: None,
+            heartbeat_interval_ms: 200,
+            node_down_after_ms: 2000,
+            down_out_secs: 600,
+            rebalance: false,
         }
     }
 }
@@ -99,6 +110,8 @@ pub struct LocalCluster {
     dir: tempfile::TempDir,
     ports: Vec<u16>,
     procs: Vec<Option<Child>>,
+    /// Nodes added after the bootstrap (configured with seeds).
+    joined: Vec<usize>,
     /// Extra environment for a node's next start.
     next_env: Vec<Vec<(String, String)>>,
     mounted: Vec<PathBuf>,
@@ -119,6 +132,7 @@ impl LocalCluster {
             dir,
             ports,
             procs: Vec::new(),
+            joined: Vec::new(),
             mounted: Vec::new(),
             delay: None,
             net: None,
@@ -156,8 +170,48 @@ impl LocalCluster {
         Ok(c)
     }
 
+    /// Adds node `spec.nodes + 1`, configured to join through node 1 (no
+    /// `[cluster]` section: it learns the cluster from the map), and starts
+    /// it. Loopback clusters only.
+    pub fn add_joining_node(&mut self) -> anyhow::Result<usize> {
+        anyhow::ensure!(self.net.is_none(), "joining nodes need a loopback cluster");
+        let i = self.spec.nodes + 1;
+        self.ports.push(free_port());
+        self.procs.push(None);
+        self.next_env.push(Vec::new());
+        self.spec.nodes = i;
+        self.joined.push(i);
+        std::fs::write(self.config_path(i), self.config_text(i))?;
+        self.start_node(i)?;
+        Ok(i)
+    }
+
+    /// Removes node `i`'s data directory (the node must be stopped).
+    pub fn wipe(&mut self, i: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.is_running(i), "node {i} is running");
+        let d = self.data_dir(i);
+        if d.exists() {
+            std::fs::remove_dir_all(&d)?;
+        }
+        Ok(())
+    }
+
     fn config_text(&self, i: usize) -> String {
         let s = &self.spec;
+        if self.joined.contains(&i) {
+            return format!(
+                "node_id = {i}\nlisten_addr = \"{}\"\ndata_dir = \"{}\"\nseeds = [\"{}\"]\n\n[raft]\ntick_interval_ms = {}\nelection_ticks = {}\nheartbeat_ticks = 2\nlog_compact_threshold_entries = {}\nlog_retain_entries = {}\n\n[limits]\nscrub_blocks_per_sec = {}\nscrub_interval_secs = {}\n",
+                self.addr(i),
+                self.data_dir(i).display(),
+                self.addr(1),
+                s.tick_interval_ms,
+                s.election_ticks,
+                s.log_compact_threshold_entries,
+                s.log_retain_entries,
+                s.scrub_blocks_per_sec,
+                s.scrub_interval_secs
+            ) + &self.placement_text();
+        }
         let mut t = format!(
             "node_id = {i}\nlisten_addr = \"{}\"\ndata_dir = \"{}\"\n\n[cluster]\ndata_groups = {}\nreplicas = {}\nchunk_size_bytes = {}\n",
             self.addr(i),
@@ -166,6 +220,9 @@ impl LocalCluster {
             s.replicas,
             s.chunk_size_bytes
         );
+        if !s.rebalance {
+            t += "flags = [\"norebalance\"]\n";
+        }
         for j in 1..=s.nodes {
             t += &format!(
                 "\n[[cluster.nodes]]\nid = {j}\naddr = \"{}\"\n",
@@ -180,7 +237,15 @@ impl LocalCluster {
             "\n[limits]\nscrub_blocks_per_sec = {}\nscrub_interval_secs = {}\n",
             s.scrub_blocks_per_sec, s.scrub_interval_secs
         );
-        t
+        t + &self.placement_text()
+    }
+
+    fn placement_text(&self) -> String {
+        let p = &self.spec;
+        format!(
+            "\n[placement]\nheartbeat_interval_ms = {}\nnode_down_after_ms = {}\ndown_out_secs = {}\n",
+            p.heartbeat_interval_ms, p.node_down_after_ms, p.down_out_secs
+        )
     }
 
     pub fn config_path(&self, i: usize) -> PathBuf {
@@ -615,6 +680,15 @@ impl Drop for LocalCluster {
     fn drop(&mut self) {
         for i in 1..=self.procs.len() {
             self.kill(i);
+        }
+        // RAFTBLK_KEEP_LOGS=DIR: copy the node logs there (debugging).
+        if let Some(keep) = std::env::var_os("RAFTBLK_KEEP_LOGS") {
+            let keep = PathBuf::from(keep);
+            if std::fs::create_dir_all(&keep).is_ok() {
+                for i in 1..=self.procs.len() {
+                    let _ = std::fs::copy(self.log_path(i), keep.join(format!("node{i}.log")));
+                }
+            }
         }
         for m in &self.mounted {
             let _ = Command::new("umount").arg(m).status();

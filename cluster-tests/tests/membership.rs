@@ -4,7 +4,9 @@
 //! leave the joint configuration. Under a recording workload: no failed
 //! I/O and no linearizability anomaly; the replicas end identical; the
 //! removed replica deletes its data and never comes back, even when its
-//! node was down during the move and learns of it only on return.
+//! node was down during the move and learns of it only on return. (The
+//! placement driver is switched off with the `norecover` flag: these moves
+//! are made by hand, step by step.)
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,21 @@ fn spec() -> ClusterSpec {
         log_retain_entries: 8,
         ..ClusterSpec::default()
     }
+}
+
+/// Starts the cluster with the placement driver off.
+async fn manual_cluster() -> anyhow::Result<LocalCluster> {
+    let c = LocalCluster::start(spec())?;
+    c.wait_healthy(HEALTHY).await?;
+    let client = c.client().await?;
+    client
+        .set_flags(raftblk_proto::ClusterFlags {
+            norecover: true,
+            norebalance: true,
+            noout: false,
+        })
+        .await?;
+    Ok(c)
 }
 
 /// Keys of `group` left in node `i`'s data directory (node stopped):
@@ -156,8 +173,7 @@ async fn volumes(c: &LocalCluster, n: usize, bytes: u64) -> anyhow::Result<Vec<V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn move_a_replica_under_load() -> anyhow::Result<()> {
-    let mut c = LocalCluster::start(spec())?;
-    c.wait_healthy(HEALTHY).await?;
+    let mut c = manual_cluster().await?;
     let blocks = 1024; // 4 MiB per volume: chunks in every group.
     let vols = volumes(&c, 2, blocks * 4096).await?;
     let wspec = WorkloadSpec {
@@ -224,8 +240,7 @@ async fn move_a_replica_under_load() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_removed_while_its_node_was_down_deletes_itself() -> anyhow::Result<()> {
-    let mut c = LocalCluster::start(spec())?;
-    c.wait_healthy(HEALTHY).await?;
+    let mut c = manual_cluster().await?;
     let vols = volumes(&c, 1, 4 << 20).await?;
     vols[0]
         .write(0, &raftblk_cluster_tests::payload(7, 4 << 20))

@@ -22,6 +22,8 @@ use crate::keys;
 pub enum ApplyOutput {
     Done,
     Volume(VolumeInfo),
+    /// The cluster map changed: its new epoch.
+    MapEpoch(u64),
     /// A membership change took effect: the group's new membership.
     Membership(std::sync::Arc<crate::membership::Membership>),
 }
@@ -51,7 +53,7 @@ impl<'a> Applier<'a> {
         }
     }
 
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.clone());
         }
@@ -65,7 +67,7 @@ impl<'a> Applier<'a> {
         self.engine.get_kv(key)
     }
 
-    fn put(&mut self, wb: &mut WriteBatch, key: Vec<u8>, value: Vec<u8>) {
+    pub(crate) fn put(&mut self, wb: &mut WriteBatch, key: Vec<u8>, value: Vec<u8>) {
         wb.put_cf(self.engine.kv_cf(), &key, &value);
         self.overlay.insert(key, Some(value));
     }
@@ -123,6 +125,9 @@ impl<'a> Applier<'a> {
                 );
                 Ok(Ok(ApplyOutput::Done))
             }
+            Cmd::SetNode(c) => self.set_node(wb, group, c),
+            Cmd::SetGroups(c) => self.set_groups(wb, group, c),
+            Cmd::SetFlags(c) => self.set_flags(wb, group, c),
             Cmd::CreateVolume(c) => self.create_volume(wb, group, c),
             Cmd::DeleteVolume(d) => self.delete_volume(wb, group, &d.name),
             Cmd::GrowVolume(g) => self.grow_volume(wb, group, &g.name, g.new_size_bytes),

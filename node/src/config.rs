@@ -29,43 +29,120 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
-    /// This node's id; must appear in `cluster.nodes`.
+    /// This node's id: one of `cluster.nodes` for a node that bootstraps a
+    /// new cluster, any unused id for a node that joins one through
+    /// `seeds`.
     pub node_id: u64,
-    /// Address the gRPC server binds, e.g. `127.0.0.1:7101`.
+    /// Address the gRPC server binds, e.g. `127.0.0.1:7101`; other nodes
+    /// and clients reach this node there.
     pub listen_addr: String,
     /// Directory that holds the node's RocksDB and snapshot staging files.
     pub data_dir: PathBuf,
+    /// Addresses of running members to join through (a node that is not
+    /// in `cluster.nodes`); also used to find the cluster after a restart
+    /// if no member it knew answers.
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// This node's failure domain (host, rack, ...) when it joins.
+    #[serde(default)]
+    pub failure_domain: Option<String>,
+    /// This node's weight when it joins (share of replicas; default 100).
+    #[serde(default)]
+    pub weight: Option<u64>,
+    /// A new cluster's bootstrap parameters and first nodes; every
+    /// bootstrap node carries the same section. Absent on joining nodes:
+    /// they learn the cluster from `seeds`.
+    #[serde(default)]
     pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub placement: PlacementConfig,
     #[serde(default)]
     pub raft: RaftConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
 }
 
-/// Cluster-wide parameters, fixed at bootstrap: every node must carry the
-/// same values.
+/// Cluster-wide parameters, fixed at bootstrap: every bootstrap node must
+/// carry the same values. On a joining node they are filled in at start
+/// from the cluster map.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
-    /// Number of data raft groups (like Ceph PGs).
+    /// Number of data raft groups (like Ceph PGs); never changes.
     pub data_groups: u64,
     /// Replicas per data group.
-    #[serde(default = "default_replicas")]
     pub replicas: u64,
     /// Chunk size; a power of two, at least 64 KiB.
-    #[serde(default = "default_chunk_size_bytes")]
     pub chunk_size_bytes: u64,
-    /// Every node of the cluster.
+    /// The nodes that bootstrap the cluster (later nodes join by `seeds`).
     pub nodes: Vec<NodeEntry>,
+    /// Cluster flags the map starts with: `noout`, `norecover`,
+    /// `norebalance` (see `raftblk cluster flag`).
+    pub flags: Vec<String>,
 }
 
-/// One cluster member.
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            data_groups: 0,
+            replicas: default_replicas(),
+            chunk_size_bytes: default_chunk_size_bytes(),
+            nodes: Vec::new(),
+            flags: Vec::new(),
+        }
+    }
+}
+
+/// One bootstrap node.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeEntry {
     pub id: u64,
     /// Address other nodes and clients use to reach it.
     pub addr: String,
+    #[serde(default)]
+    pub failure_domain: Option<String>,
+    #[serde(default)]
+    pub weight: Option<u64>,
+}
+
+/// How the cluster watches its nodes and moves replicas (read by whichever
+/// node leads the meta group).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementConfig {
+    /// How often each node reports to the meta leader.
+    pub heartbeat_interval_ms: u64,
+    /// A node that has not reported for this long is marked down.
+    pub node_down_after_ms: u64,
+    /// A node down for this long is marked out and its replicas are
+    /// re-created elsewhere (Ceph's `mon_osd_down_out_interval`).
+    pub down_out_secs: u64,
+    /// Replica moves under way at once, per node and in the cluster.
+    pub moves_per_node_max: u64,
+    pub moves_max: u64,
+    /// Snapshot bytes per second each node sends (0: unlimited): the
+    /// rebuild throttle that keeps guests' latency.
+    pub snapshot_bytes_per_sec: u64,
+    /// No new replicas go to a node whose disk is fuller than this.
+    pub nearfull_ratio: f64,
+    /// Writes are refused on a node whose disk is fuller than this.
+    pub full_ratio: f64,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        PlacementConfig {
+            heartbeat_interval_ms: 1000,
+            node_down_after_ms: 10_000,
+            down_out_secs: 600,
+            moves_per_node_max: 2,
+            moves_max: 16,
+            snapshot_bytes_per_sec: 64 * 1024 * 1024,
+            nearfull_ratio: 0.85,
+            full_ratio: 0.95,
+        }
+    }
 }
 
 /// Raft timing and log management.
@@ -113,6 +190,9 @@ pub struct LimitsConfig {
     /// on how long a deleted volume still accepts I/O.
     pub volume_cache_ttl_ms: u64,
 }
+
+/// Names of the cluster flags.
+pub const FLAGS: [&str; 3] = ["noout", "norecover", "norebalance"];
 
 fn default_replicas() -> u64 {
     3
@@ -189,9 +269,38 @@ impl NodeConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(bad("data_dir", "must not be empty".into()));
         }
+        for (i, seed) in self.seeds.iter().enumerate() {
+            seed.parse::<SocketAddr>()
+                .map_err(|e| bad(&format!("seeds[{i}]"), format!("`{seed}`: {e}")))?;
+        }
+        if self.weight.is_some_and(|w| w > 1_000_000) {
+            return Err(bad("weight", "must be at most 1000000".into()));
+        }
+        self.validate_placement(path)?;
         let c = &self.cluster;
         if c.nodes.is_empty() {
-            return Err(bad("cluster.nodes", "must list at least one node".into()));
+            // A node joining an existing cluster.
+            if self.seeds.is_empty() {
+                return Err(bad(
+                    "seeds",
+                    "a node that does not bootstrap a new cluster (no cluster.nodes) must name seeds to join through".into(),
+                ));
+            }
+            if c.data_groups != 0 {
+                return Err(bad(
+                    "cluster.data_groups",
+                    "set only with cluster.nodes, when bootstrapping a new cluster; a joining node learns it from the cluster".into(),
+                ));
+            }
+            return self.validate_raft_and_limits(path);
+        }
+        for (i, f) in c.flags.iter().enumerate() {
+            if !FLAGS.contains(&f.as_str()) {
+                return Err(bad(
+                    &format!("cluster.flags[{i}]"),
+                    format!("unknown flag `{f}` (known: {})", FLAGS.join(", ")),
+                ));
+            }
         }
         let mut ids = HashSet::new();
         let mut addrs = HashSet::new();
@@ -224,7 +333,10 @@ impl NodeConfig {
         if !ids.contains(&self.node_id) {
             return Err(bad(
                 "node_id",
-                format!("{} is not listed in cluster.nodes", self.node_id),
+                format!(
+                    "{} is not listed in cluster.nodes (a node joining an existing cluster names seeds and no [cluster] section)",
+                    self.node_id
+                ),
             ));
         }
         if c.data_groups == 0 || c.data_groups > 4096 {
@@ -255,6 +367,55 @@ impl NodeConfig {
                 ),
             ));
         }
+        self.validate_raft_and_limits(path)
+    }
+
+    fn validate_placement(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        let p = &self.placement;
+        if p.heartbeat_interval_ms < 50 || p.heartbeat_interval_ms > 60_000 {
+            return Err(bad(
+                "placement.heartbeat_interval_ms",
+                format!("{} is not in 50..=60000", p.heartbeat_interval_ms),
+            ));
+        }
+        if p.node_down_after_ms < 2 * p.heartbeat_interval_ms {
+            return Err(bad(
+                "placement.node_down_after_ms",
+                format!(
+                    "{} must be at least twice placement.heartbeat_interval_ms ({})",
+                    p.node_down_after_ms, p.heartbeat_interval_ms
+                ),
+            ));
+        }
+        if p.moves_per_node_max == 0 || p.moves_max == 0 {
+            return Err(bad(
+                "placement.moves_per_node_max",
+                "moves_per_node_max and moves_max must be at least 1".into(),
+            ));
+        }
+        if !(p.nearfull_ratio > 0.0 && p.nearfull_ratio <= p.full_ratio && p.full_ratio <= 1.0) {
+            return Err(bad(
+                "placement.nearfull_ratio",
+                format!(
+                    "need 0 < nearfull_ratio ({}) <= full_ratio ({}) <= 1",
+                    p.nearfull_ratio, p.full_ratio
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_raft_and_limits(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
         let r = &self.raft;
         if r.tick_interval_ms == 0 || r.tick_interval_ms > 10_000 {
             return Err(bad(
@@ -369,7 +530,12 @@ impl NodeConfig {
         Ok(())
     }
 
-    /// Address of node `id`, if it is a member.
+    /// True if this node bootstraps a new cluster (else it joins one).
+    pub fn bootstraps(&self) -> bool {
+        self.cluster.nodes.iter().any(|n| n.id == self.node_id)
+    }
+
+    /// Address of bootstrap node `id`.
     pub fn node_addr(&self, id: u64) -> Option<&str> {
         self.cluster
             .nodes
@@ -378,7 +544,7 @@ impl NodeConfig {
             .map(|n| n.addr.as_str())
     }
 
-    /// Ids of every member.
+    /// Ids of the bootstrap nodes.
     pub fn node_ids(&self) -> Vec<u64> {
         self.cluster.nodes.iter().map(|n| n.id).collect()
     }
@@ -455,5 +621,21 @@ addr = "127.0.0.1:7103"
         assert!(NodeConfig::parse(&seven, Path::new("t.toml")).is_ok());
         let typed = err(&GOOD.replace("data_groups = 8", "data_groups = \"eight\""));
         assert!(typed.contains("data_groups"), "{typed}");
+        let p = err(&format!("{GOOD}\n[placement]\nnearfull_ratio = 1.5\n"));
+        assert!(p.contains("placement.nearfull_ratio"), "{p}");
+    }
+
+    #[test]
+    fn a_joining_node_names_seeds() {
+        let join = "node_id = 4\nlisten_addr = \"127.0.0.1:7104\"\ndata_dir = \"/tmp/x\"\nseeds = [\"127.0.0.1:7101\"]\n";
+        let c = NodeConfig::parse(join, Path::new("t.toml")).expect("valid");
+        assert!(!c.bootstraps());
+        assert_eq!(c.seeds.len(), 1);
+        let none = err("node_id = 4\nlisten_addr = \"127.0.0.1:7104\"\ndata_dir = \"/tmp/x\"\n");
+        assert!(none.contains("`seeds`"), "{none}");
+        let badseed = err(&join.replace("127.0.0.1:7101", "nowhere"));
+        assert!(badseed.contains("seeds[0]"), "{badseed}");
+        let both = err(&format!("{join}[cluster]\ndata_groups = 4\n"));
+        assert!(both.contains("cluster.data_groups"), "{both}");
     }
 }

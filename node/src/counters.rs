@@ -108,7 +108,9 @@ impl InstallGen {
 #[derive(Debug)]
 pub struct PeerLiveness {
     epoch: Instant,
-    last_ms: HashMap<u64, AtomicU64>,
+    /// Members are added as they are first heard (nodes join); the write
+    /// lock is taken only then.
+    last_ms: std::sync::RwLock<HashMap<u64, AtomicU64>>,
 }
 
 impl PeerLiveness {
@@ -116,20 +118,38 @@ impl PeerLiveness {
     pub fn new(nodes: impl IntoIterator<Item = u64>) -> PeerLiveness {
         PeerLiveness {
             epoch: Instant::now(),
-            last_ms: nodes.into_iter().map(|n| (n, AtomicU64::new(0))).collect(),
+            last_ms: std::sync::RwLock::new(
+                nodes.into_iter().map(|n| (n, AtomicU64::new(0))).collect(),
+            ),
         }
     }
 
     pub fn heard(&self, node: u64) {
-        if let Some(a) = self.last_ms.get(&node) {
-            let ms = self.epoch.elapsed().as_millis() as u64 + 1;
-            a.store(ms, Ordering::Relaxed);
+        let ms = self.epoch.elapsed().as_millis() as u64 + 1;
+        {
+            let map = self.last_ms.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(a) = map.get(&node) {
+                a.store(ms, Ordering::Relaxed);
+                return;
+            }
         }
+        let mut map = self.last_ms.write().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= crate::cluster_map::NODES_MAX {
+            return;
+        }
+        map.entry(node)
+            .or_insert_with(|| AtomicU64::new(0))
+            .store(ms, Ordering::Relaxed);
     }
 
     /// How long `node` has been silent; None if never heard since start.
     pub fn silent_for(&self, node: u64) -> Option<Duration> {
-        let ms = self.last_ms.get(&node)?.load(Ordering::Relaxed);
+        let ms = self
+            .last_ms
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)?
+            .load(Ordering::Relaxed);
         (ms != 0).then(|| {
             self.epoch
                 .elapsed()

@@ -8,7 +8,9 @@
 //! - `kv`: each group's state machine under the prefix `G`: blocks
 //!   `G|b|volume|block`, catalog volumes `G|v|name`, id index `G|i|id`,
 //!   next volume id `G|n`, configuration version `G|r` (in the state
-//!   machine so a snapshot carries it).
+//!   machine so a snapshot carries it); in the meta group also the cluster
+//!   map: nodes `G|N|id`, groups `G|P|group`, flags `G|F`, epoch `G|E`,
+//!   parameters `G|K`.
 //!
 //! `G` and all integers are 8-byte big-endian so keys sort numerically and a
 //! group's state machine is one contiguous range (what a snapshot copies).
@@ -59,6 +61,13 @@ pub fn snapshot_marker(group: u64) -> Vec<u8> {
 pub fn store_ident() -> Vec<u8> {
     let mut k = with_group(u64::MAX, b'I', 0);
     k.extend_from_slice(b"dent");
+    k
+}
+/// The last cluster map this node saw (`raft` family, outside every
+/// group's range), for restarts when no meta replica answers.
+pub fn store_map() -> Vec<u8> {
+    let mut k = with_group(u64::MAX, b'M', 0);
+    k.extend_from_slice(b"ap");
     k
 }
 pub fn tombstone(group: u64) -> Vec<u8> {
@@ -119,6 +128,33 @@ pub fn volume_by_id(group: u64, id: u64) -> Vec<u8> {
 }
 pub fn next_volume_id(group: u64) -> Vec<u8> {
     with_group(group, b'n', 0)
+}
+
+/// Cluster map keys (meta group).
+pub fn map_node(group: u64, id: u64) -> Vec<u8> {
+    let mut k = with_group(group, b'N', 8);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+pub fn map_nodes_range(group: u64) -> (Vec<u8>, Vec<u8>) {
+    (with_group(group, b'N', 0), with_group(group, b'O', 0))
+}
+pub fn map_group(group: u64, id: u64) -> Vec<u8> {
+    let mut k = with_group(group, b'P', 8);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+pub fn map_groups_range(group: u64) -> (Vec<u8>, Vec<u8>) {
+    (with_group(group, b'P', 0), with_group(group, b'Q', 0))
+}
+pub fn map_flags(group: u64) -> Vec<u8> {
+    with_group(group, b'F', 0)
+}
+pub fn map_epoch(group: u64) -> Vec<u8> {
+    with_group(group, b'E', 0)
+}
+pub fn map_params(group: u64) -> Vec<u8> {
+    with_group(group, b'K', 0)
 }
 
 /// The state-machine range of `group` in the `kv` family: `[start, end)`.

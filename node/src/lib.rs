@@ -7,16 +7,22 @@
 //! `engine` (RocksDB); `transport` carries raft messages and snapshots
 //! between nodes, `snapshot_file` stages and installs received snapshots.
 
+pub mod address_book;
 pub mod apply;
 pub mod block;
+pub mod cluster_map;
 pub mod config;
 pub mod counters;
 pub mod daemon;
 pub mod engine;
 pub mod gc;
+pub mod identity;
+pub mod join;
 pub mod keys;
+pub mod map_sync;
 pub mod membership;
 pub mod msg;
+pub mod placement;
 pub mod raft_storage;
 pub mod repair;
 pub mod scrub;
@@ -24,4 +30,5 @@ pub mod server;
 pub mod service;
 pub mod snapshot_file;
 pub mod store;
+pub mod throttle;
 pub mod transport;

@@ -38,8 +38,6 @@ pub enum StoreError {
     BadConfChange { group: u64, reason: String },
     #[error("group {group}: raft setup: {reason}")]
     RaftSetup { group: u64, reason: String },
-    #[error("this data directory belongs to node {owner}, not to node {node}")]
-    WrongNode { owner: u64, node: u64 },
     #[error("storage: {0}")]
     Engine(#[from] EngineError),
     #[error("the store has stopped")]

@@ -109,9 +109,15 @@ pub fn is_initialized(engine: &Engine, group: u64) -> Result<bool, EngineError> 
 
 /// Creates a group's first replica state on a node of its initial
 /// configuration: configuration `voters` at version 1, log compacted up to
-/// `RAFT_INIT_INDEX`, applied and committed there. Does nothing if the
+/// `RAFT_INIT_INDEX`, applied and committed there, its state machine
+/// holding `kvs` (the same on every initial replica). Does nothing if the
 /// group already has a configuration here. One synced write.
-pub fn bootstrap(engine: &Engine, group: u64, voters: &[u64]) -> Result<(), EngineError> {
+pub fn bootstrap(
+    engine: &Engine,
+    group: u64,
+    voters: &[u64],
+    kvs: &[(Vec<u8>, Vec<u8>)],
+) -> Result<(), EngineError> {
     assert!(!voters.is_empty(), "a group starts with at least one voter");
     if is_initialized(engine, group)? {
         return Ok(());
@@ -140,6 +146,14 @@ pub fn bootstrap(engine: &Engine, group: u64, voters: &[u64]) -> Result<(), Engi
         })?,
     );
     wb.put_cf(engine.kv_cf(), keys::conf_ver(group), 1u64.to_be_bytes());
+    let (start, end) = keys::group_range(group);
+    for (k, v) in kvs {
+        assert!(
+            k.as_slice() >= start.as_slice() && k.as_slice() < end.as_slice(),
+            "bootstrap pair outside group {group}"
+        );
+        wb.put_cf(engine.kv_cf(), k, v);
+    }
     engine.write(wb, true)
 }
 

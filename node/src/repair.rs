@@ -53,7 +53,12 @@ pub fn touches(data: &[u8], volume: u64, blk: u64) -> bool {
         Cmd::Discard(d) => covers(d.volume_id, d.offset_bytes, d.length_bytes),
         Cmd::PurgeVolume(p) => p.volume_id == volume,
         Cmd::RepairBlock(r) => r.volume_id == volume && r.block == blk,
-        Cmd::CreateVolume(_) | Cmd::DeleteVolume(_) | Cmd::GrowVolume(_) => false,
+        Cmd::CreateVolume(_)
+        | Cmd::DeleteVolume(_)
+        | Cmd::GrowVolume(_)
+        | Cmd::SetNode(_)
+        | Cmd::SetGroups(_)
+        | Cmd::SetFlags(_) => false,
     }
 }
 

@@ -11,6 +11,7 @@ use raftblk_proto::raft_transport_server::RaftTransportServer;
 use raftblk_proto::volumes_server::VolumesServer;
 use raftblk_proto::GRPC_MESSAGE_BYTES_MAX;
 
+use crate::address_book::AddressBook;
 use crate::config::NodeConfig;
 use crate::engine::Engine;
 use crate::service::{
@@ -24,19 +25,38 @@ pub async fn serve(
     config: NodeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let config = Arc::new(config);
+    let mut config = config;
     let engine = Engine::open(&config.data_dir).with_context(|| {
         format!(
             "cannot open the data directory {}",
             config.data_dir.display()
         )
     })?;
+    let ident = crate::identity::load(&engine, config.node_id)
+        .with_context(|| format!("data directory {}", config.data_dir.display()))?;
+    let map = crate::join::prepare(&mut config, &engine, &ident).await?;
+    let config = Arc::new(config);
+    // Where the others are: the bootstrap nodes, then the last map seen.
+    let book = Arc::new(AddressBook::new(
+        config.cluster.nodes.iter().map(|n| (n.id, n.addr.clone())),
+    ));
+    if let Some(m) = &map {
+        book.update(m);
+        crate::map_sync::persist(&engine, m);
+    }
     let rt = tokio::runtime::Handle::current();
     let tcfg = config.clone();
     let tengine = engine.clone();
-    let (store, handle) = store::create(config.clone(), engine, move |tx, counters, suspects| {
-        Transport::new(&tcfg, tengine, rt, tx, counters, suspects)
-    })
+    let tbook = book.clone();
+    let (store, handle) = store::create(
+        config.clone(),
+        ident,
+        book,
+        engine,
+        move |tx, counters, suspects| {
+            Transport::new(&tcfg, tbook, tengine, rt, tx, counters, suspects)
+        },
+    )
     .context("cannot start the raft store")?;
     let store_thread = std::thread::Builder::new()
         .name("raft-store".into())
@@ -51,6 +71,14 @@ pub async fn serve(
     };
     let volumes = crate::service::volume_cache::VolumeCache::new(handle.clone());
     tokio::spawn(repair_loop(handle.clone()));
+    tokio::spawn(crate::map_sync::run(handle.clone()));
+    let reports: Arc<crate::placement::reports::Reports> = Default::default();
+    let placement: Arc<crate::placement::driver::DriverStatus> = Default::default();
+    tokio::spawn(crate::placement::driver::run(
+        handle.clone(),
+        reports.clone(),
+        placement.clone(),
+    ));
     tokio::spawn(crate::gc::run(handle.clone(), volumes.clone()));
     if config.limits.scrub_blocks_per_sec > 0 {
         let scrub_store = handle.clone();
@@ -98,6 +126,9 @@ pub async fn serve(
         )
         .add_service(ClusterServer::new(ClusterService {
             store: handle.clone(),
+            reports,
+            placement,
+            join_lock: tokio::sync::Mutex::new(()),
         }))
         .serve_with_shutdown(addr, async move {
             let _ = stop_server.wait_for(|stop| *stop).await;
@@ -160,7 +191,7 @@ async fn repair_loop(store: store::StoreHandle) {
         let batch = store.suspects.take(PER_PASS);
         for (group, volume, block) in batch {
             let leader = store.view(group).map(|v| v.leader_id).unwrap_or(0);
-            let addr = store.config.node_addr(leader).map(str::to_owned);
+            let addr = store.book.addr(leader);
             let done = match (leader, addr) {
                 (l, Some(addr)) if l != 0 && l != store.config.node_id => {
                     request_repair(&addr, group, volume, block).await

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::address_book::AddressBook;
 use crate::block;
 use crate::config::NodeConfig;
 use crate::counters::{Counters, Suspects};
@@ -57,60 +58,100 @@ enum Outgoing {
 /// Sending side of the raft transport, owned by the store thread.
 pub struct Transport {
     node_id: u64,
-    peers: HashMap<u64, mpsc::Sender<Outgoing>>,
-    addrs: HashMap<u64, String>,
+    /// One link per peer: its address and queue.
+    peers: HashMap<u64, (String, mpsc::Sender<Outgoing>)>,
+    book: Arc<AddressBook>,
+    /// The address book's epoch the links were last matched to.
+    book_epoch: u64,
     rt: tokio::runtime::Handle,
     store_tx: mpsc::Sender<StoreMsg>,
     counters: Arc<Counters>,
     suspects: Arc<Suspects>,
     engine: Engine,
     piece_bytes: usize,
+    /// Shared by every snapshot sent (the rebuild throttle).
+    throttle: Arc<crate::throttle::Throttle>,
+    queue_capacity: usize,
+    batch_msgs_max: usize,
+    batch_bytes_max: usize,
+    keepalive: Duration,
 }
 
 impl Transport {
-    /// Spawns one sender task per peer on `rt`.
+    /// Spawns one sender task per known peer on `rt`.
     pub fn new(
         config: &NodeConfig,
+        book: Arc<AddressBook>,
         engine: Engine,
         rt: tokio::runtime::Handle,
         store_tx: mpsc::Sender<StoreMsg>,
         counters: Arc<Counters>,
         suspects: Arc<Suspects>,
     ) -> Transport {
-        let mut peers = HashMap::new();
-        let mut addrs = HashMap::new();
-        for n in &config.cluster.nodes {
-            if n.id == config.node_id {
-                continue;
-            }
-            let (tx, rx) = mpsc::channel(config.limits.peer_queue_capacity);
-            peers.insert(n.id, tx);
-            addrs.insert(n.id, n.addr.clone());
-            let peer = PeerLink {
-                from: config.node_id,
-                to: n.id,
-                addr: n.addr.clone(),
-                rx,
-                store_tx: store_tx.clone(),
-                batch_msgs_max: config.limits.transport_batch_msgs_max,
-                batch_bytes_max: config.limits.transport_batch_bytes_max,
-                keepalive: Duration::from_millis(
-                    config.raft.tick_interval_ms * config.raft.heartbeat_ticks as u64,
-                ),
-            };
-            rt.spawn(peer.run());
-        }
-        Transport {
+        let mut t = Transport {
             node_id: config.node_id,
-            peers,
-            addrs,
+            peers: HashMap::new(),
+            book,
+            book_epoch: u64::MAX,
             rt,
             store_tx,
             counters,
             suspects,
             engine,
             piece_bytes: config.raft.snapshot_piece_bytes as usize,
+            throttle: Arc::new(crate::throttle::Throttle::new(
+                config.placement.snapshot_bytes_per_sec,
+            )),
+            queue_capacity: config.limits.peer_queue_capacity,
+            batch_msgs_max: config.limits.transport_batch_msgs_max,
+            batch_bytes_max: config.limits.transport_batch_bytes_max,
+            keepalive: Duration::from_millis(
+                config.raft.tick_interval_ms * config.raft.heartbeat_ticks as u64,
+            ),
+        };
+        t.refresh();
+        t
+    }
+
+    /// Matches the links to the address book: a link for every member
+    /// (so keepalives reach it even with no group in common), none for
+    /// nodes gone from it, a new link for a node whose address changed.
+    pub fn refresh(&mut self) {
+        let epoch = self.book.epoch();
+        if epoch == self.book_epoch {
+            return;
         }
+        self.book_epoch = epoch;
+        let nodes: HashMap<u64, String> = self
+            .book
+            .nodes()
+            .into_iter()
+            .filter(|(id, _)| *id != self.node_id)
+            .collect();
+        // Dropping a link's sender ends its task.
+        self.peers
+            .retain(|id, (addr, _)| nodes.get(id).is_some_and(|a| a == addr));
+        for (id, addr) in nodes {
+            if !self.peers.contains_key(&id) {
+                self.spawn_link(id, addr);
+            }
+        }
+    }
+
+    fn spawn_link(&mut self, to: u64, addr: String) {
+        let (tx, rx) = mpsc::channel(self.queue_capacity);
+        self.peers.insert(to, (addr.clone(), tx));
+        let peer = PeerLink {
+            from: self.node_id,
+            to,
+            addr,
+            rx,
+            store_tx: self.store_tx.clone(),
+            batch_msgs_max: self.batch_msgs_max,
+            batch_bytes_max: self.batch_bytes_max,
+            keepalive: self.keepalive,
+        };
+        self.rt.spawn(peer.run());
     }
 
     /// Queues a raft message of `group` (at configuration version
@@ -133,7 +174,7 @@ impl Transport {
     }
 
     fn queue(&self, to: u64, out: Outgoing) {
-        let Some(tx) = self.peers.get(&to) else {
+        let Some((_, tx)) = self.peers.get(&to) else {
             self.counters
                 .dropped_messages
                 .fetch_add(1, Ordering::Relaxed);
@@ -150,7 +191,7 @@ impl Transport {
     /// outcome to the store.
     pub fn send_snapshot(&self, group: u64, msg: Message, snap: OwnedSnapshot) {
         let to = msg.to;
-        let Some(addr) = self.addrs.get(&to).cloned() else {
+        let Some(addr) = self.peers.get(&to).map(|(a, _)| a.clone()) else {
             return;
         };
         let from = self.node_id;
@@ -159,12 +200,14 @@ impl Transport {
         let piece_bytes = self.piece_bytes;
         let suspects = self.suspects.clone();
         let counters = self.counters.clone();
+        let throttle = self.throttle.clone();
         self.rt.spawn(async move {
             let source = SnapshotSource {
                 snap,
                 engine,
                 suspects,
                 counters,
+                throttle,
             };
             let r = send_snapshot(from, addr, group, msg, source, piece_bytes).await;
             if let Err(e) = &r {
@@ -189,6 +232,7 @@ struct SnapshotSource {
     engine: Engine,
     suspects: Arc<Suspects>,
     counters: Arc<Counters>,
+    throttle: Arc<crate::throttle::Throttle>,
 }
 
 /// Streams one snapshot. Every block is verified on the way out: a corrupt
@@ -207,6 +251,7 @@ async fn send_snapshot(
         engine,
         suspects,
         counters,
+        throttle,
     } = source;
     let to = msg.to;
     let header = RaftEnvelope {
@@ -252,6 +297,7 @@ async fn send_snapshot(
                     kvs: std::mem::take(&mut kvs),
                     ..Default::default()
                 };
+                throttle.wait_blocking(bytes as u64);
                 bytes = 0;
                 if ptx.blocking_send(piece).is_err() {
                     closed = true;

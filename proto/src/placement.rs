@@ -27,9 +27,12 @@ fn splitmix64(x: u64) -> u64 {
 
 /// Replica node ids of `group`, given the cluster's node ids.
 ///
-/// The meta group (0) lives on the first `min(n, 5)` nodes; data group `g`
-/// on `replicas` consecutive nodes starting at `(g - 1) % n`, so groups are
-/// spread evenly and every group's replicas are on distinct nodes.
+/// Bootstrap placement. The meta group (0) starts on the first 5 nodes if
+/// there are 5 or more, else on the first 3 (or as many as there are): an
+/// odd size where it can be. Data group `g` starts on `replicas`
+/// consecutive nodes from `(g - 1) % n`, so groups are spread evenly and
+/// every group's replicas are on distinct nodes. Replicas move later by
+/// membership change; this only says where they begin.
 pub fn group_replicas(node_ids: &[u64], group: u64, replicas: u64) -> Vec<u64> {
     let mut ids = node_ids.to_vec();
     ids.sort_unstable();
@@ -39,7 +42,8 @@ pub fn group_replicas(node_ids: &[u64], group: u64, replicas: u64) -> Vec<u64> {
         return Vec::new();
     }
     if group == crate::META_GROUP_ID {
-        return ids.into_iter().take(5).collect();
+        let size = if n >= 5 { 5 } else { n.min(3) };
+        return ids.into_iter().take(size as usize).collect();
     }
     let count = replicas.min(n);
     (0..count)
@@ -83,6 +87,7 @@ mod tests {
             assert_eq!(s.len(), 3, "group {g}: {r:?}");
         }
         assert_eq!(group_replicas(&nodes, 0, 3), vec![1, 2, 3, 4, 5]);
+        assert_eq!(group_replicas(&[1, 2, 3, 4], 0, 3), vec![1, 2, 3]);
         assert_eq!(group_replicas(&[1, 2], 1, 3), vec![1, 2]);
     }
 }

@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering;
 
 use raftblk_proto::cluster_server::Cluster;
 use raftblk_proto::{
-    ChangePeersRequest, ChangePeersResponse, PeerChangeKind, PeerHealth, PeerProgress,
-    RepairBlockRequest,
+    ChangePeersRequest, ChangePeersResponse, ClusterMapResponse, HeartbeatResponse, JoinRequest,
+    JoinResponse, MapChangeResponse, NodeHeartbeat, PeerChangeKind, PeerHealth, PeerProgress,
+    RepairBlockRequest, SetFlagsRequest, SetNodeRequest,
 };
 use raftblk_proto::{
     Empty, Error as PbError, ErrorCode, GroupDigestRequest, GroupDigestResponse, GroupStatus,
@@ -21,6 +22,12 @@ use crate::store::StoreHandle;
 
 pub struct ClusterService {
     pub store: StoreHandle,
+    /// Heartbeats received while leading the meta group.
+    pub reports: std::sync::Arc<crate::placement::reports::Reports>,
+    /// The placement driver's last view (meta leader).
+    pub placement: std::sync::Arc<crate::placement::driver::DriverStatus>,
+    /// Joins run one at a time (see `map::join`).
+    pub join_lock: tokio::sync::Mutex<()>,
 }
 
 #[tonic::async_trait]
@@ -64,14 +71,12 @@ impl Cluster for ClusterService {
             .collect();
         Ok(Response::new(NodeStatusResponse {
             node_id: cfg.node_id,
-            nodes: cfg
-                .cluster
-                .nodes
-                .iter()
-                .map(|n| NodeInfo {
-                    id: n.id,
-                    addr: n.addr.clone(),
-                })
+            nodes: self
+                .store
+                .book
+                .nodes()
+                .into_iter()
+                .map(|(id, addr)| NodeInfo { id, addr })
                 .collect(),
             data_group_count: cfg.cluster.data_groups,
             replicas: cfg.cluster.replicas,
@@ -81,21 +86,60 @@ impl Cluster for ClusterService {
             snapshots_sent: c.snapshots_sent.load(Ordering::Relaxed),
             snapshots_applied: c.snapshots_applied.load(Ordering::Relaxed),
             blocks_repaired: c.blocks_repaired.load(Ordering::Relaxed),
-            peers: cfg
-                .cluster
-                .nodes
-                .iter()
-                .filter(|n| n.id != cfg.node_id)
-                .map(|n| {
-                    let silent = self.store.liveness.silent_for(n.id);
+            placement: Some(self.placement.get()),
+            peers: self
+                .store
+                .book
+                .nodes()
+                .into_iter()
+                .filter(|(id, _)| *id != cfg.node_id)
+                .map(|(id, _)| {
+                    let silent = self.store.liveness.silent_for(id);
                     PeerHealth {
-                        node_id: n.id,
+                        node_id: id,
                         heard: silent.is_some(),
                         silent_ms: silent.map(|d| d.as_millis() as u64).unwrap_or(0),
                     }
                 })
                 .collect(),
         }))
+    }
+
+    async fn get_map(&self, _req: Request<Empty>) -> Result<Response<ClusterMapResponse>, Status> {
+        Ok(Response::new(super::map::get_map(&self.store).await))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<NodeHeartbeat>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        Ok(Response::new(
+            super::map::heartbeat(&self.store, &self.reports, req.into_inner()).await,
+        ))
+    }
+
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        Ok(Response::new(
+            super::map::join(&self.store, &self.join_lock, req.into_inner()).await,
+        ))
+    }
+
+    async fn set_node(
+        &self,
+        req: Request<SetNodeRequest>,
+    ) -> Result<Response<MapChangeResponse>, Status> {
+        Ok(Response::new(
+            super::map::set_node(&self.store, req.into_inner()).await,
+        ))
+    }
+
+    async fn set_flags(
+        &self,
+        req: Request<SetFlagsRequest>,
+    ) -> Result<Response<MapChangeResponse>, Status> {
+        Ok(Response::new(
+            super::map::set_flags(&self.store, req.into_inner()).await,
+        ))
     }
 
     async fn change_peers(
@@ -131,7 +175,7 @@ impl Cluster for ClusterService {
             });
         }
         for c in &changes {
-            if self.store.config.node_addr(c.node()).is_none() {
+            if self.store.book.addr(c.node()).is_none() {
                 return fail(PbError::new(
                     ErrorCode::InvalidArgument,
                     format!("node {} is not a cluster member", c.node()),

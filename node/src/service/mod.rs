@@ -4,6 +4,7 @@
 
 pub mod block_io;
 pub mod cluster;
+pub mod map;
 pub mod raft;
 pub mod volume_cache;
 pub mod volumes;
@@ -25,7 +26,7 @@ pub fn store_error(store: &StoreHandle, e: StoreError) -> PbError {
             );
             if let Some(l) = leader {
                 err.leader_id = l;
-                err.leader_addr = store.config.node_addr(l).unwrap_or_default().to_owned();
+                err.leader_addr = store.book.addr(l).unwrap_or_default();
             }
             err
         }
@@ -42,8 +43,6 @@ pub fn store_error(store: &StoreHandle, e: StoreError) -> PbError {
         | StoreError::Stopped => PbError::new(ErrorCode::Unavailable, e.to_string()),
         StoreError::ConfChanged { .. } => PbError::new(ErrorCode::ConfChanged, e.to_string()),
         StoreError::BadConfChange { .. } => PbError::new(ErrorCode::InvalidArgument, e.to_string()),
-        StoreError::Engine(_) | StoreError::WrongNode { .. } => {
-            PbError::new(ErrorCode::Storage, e.to_string())
-        }
+        StoreError::Engine(_) => PbError::new(ErrorCode::Storage, e.to_string()),
     }
 }

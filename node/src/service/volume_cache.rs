@@ -220,7 +220,11 @@ impl VolumeCache {
 
     async fn fetch_remote(&self, id: u64) -> Result<Option<VolumeInfo>, PbError> {
         let cfg = &self.store.config;
-        let meta = placement::group_replicas(&cfg.node_ids(), META_GROUP_ID, cfg.cluster.replicas);
+        let mut meta = self.store.book.meta_voters();
+        if meta.is_empty() {
+            // No map yet: the bootstrap placement.
+            meta = placement::group_replicas(&cfg.node_ids(), META_GROUP_ID, cfg.cluster.replicas);
+        }
         let deadline = Instant::now() + Duration::from_millis(cfg.limits.request_timeout_ms);
         let mut reasons = Vec::new();
         let first = self.last_good.load(Ordering::Relaxed) % meta.len().max(1);
@@ -230,14 +234,14 @@ impl VolumeCache {
             if node == cfg.node_id {
                 continue;
             }
-            let Some(addr) = cfg.node_addr(node) else {
+            let Some(addr) = self.store.book.addr(node) else {
                 continue;
             };
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
-            let ch = match self.channel(addr) {
+            let ch = match self.channel(&addr) {
                 Ok(c) => c,
                 Err(e) => {
                     reasons.push(format!("node {node}: {e}"));

@@ -76,7 +76,7 @@ impl VolumesService {
                 error: None,
                 volume: Some(v),
             },
-            Ok(Ok(ApplyOutput::Done | ApplyOutput::Membership(_))) => VolumeResponse::default(),
+            Ok(Ok(_)) => VolumeResponse::default(),
             Ok(Err(e)) => VolumeResponse {
                 error: Some(e),
                 volume: None,

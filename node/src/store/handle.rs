@@ -61,6 +61,10 @@ pub struct StoreHandle {
     pub install_gen: Arc<InstallGen>,
     /// When each peer node was last heard from (see `PeerLiveness`).
     pub liveness: Arc<PeerLiveness>,
+    /// Where the other nodes are (see `address_book`).
+    pub book: Arc<crate::address_book::AddressBook>,
+    /// This data directory's identity (see `identity`).
+    pub store_uuid: [u8; 16],
 }
 
 impl StoreHandle {
@@ -296,6 +300,8 @@ addr = "127.0.0.1:7101"
             suspects: Default::default(),
             install_gen: Default::default(),
             liveness: Arc::new(PeerLiveness::new([1u64])),
+            book: Default::default(),
+            store_uuid: [0; 16],
         };
         for _ in 0..500 {
             for group in [1u64, 2] {

@@ -11,6 +11,8 @@ use crate::msg::StoreError;
 
 impl Store {
     pub(super) fn on_tick(&mut self, now: Instant) {
+        // Nodes joined, left or moved (see `address_book`).
+        self.transport.refresh();
         let reissue_after = Duration::from_millis(
             self.config.raft.tick_interval_ms * self.config.raft.heartbeat_ticks as u64 * 3,
         );

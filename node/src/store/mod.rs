@@ -54,7 +54,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use raft::{RawNode, StateRole};
-use raftblk_proto::placement;
+use raftblk_proto::{placement, META_GROUP_ID};
 use tokio::sync::mpsc;
 
 pub use crate::counters::{Counters, InstallGen, PeerLiveness, Suspects};
@@ -207,46 +207,12 @@ fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
     unsafe { libc::_exit(70) }
 }
 
-/// Checks that the data directory belongs to `node_id`; true if it belongs
-/// to no node yet (a new store, to be bootstrapped).
-fn claim_store(engine: &Engine, node_id: u64) -> Result<bool, StoreError> {
-    match engine.get_raft(&crate::keys::store_ident())? {
-        None => Ok(true),
-        Some(v) if v.len() == 8 => {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&v);
-            let owner = u64::from_be_bytes(b);
-            if owner != node_id {
-                return Err(StoreError::WrongNode {
-                    owner,
-                    node: node_id,
-                });
-            }
-            Ok(false)
-        }
-        Some(_) => Err(EngineError::Corrupt {
-            key: crate::keys::store_ident(),
-            what: "store identity is not 8 bytes".into(),
-        }
-        .into()),
-    }
-}
-
-fn mark_store_claimed(engine: &Engine, node_id: u64) -> Result<(), StoreError> {
-    let mut wb = rocksdb::WriteBatch::default();
-    wb.put_cf(
-        engine.raft_cf(),
-        crate::keys::store_ident(),
-        node_id.to_be_bytes(),
-    );
-    engine.write(wb, true)?;
-    Ok(())
-}
-
 /// Creates the store and returns its handle; `run` must then be called on a
 /// dedicated thread.
 pub fn create(
     config: Arc<NodeConfig>,
+    ident: crate::identity::StoreIdent,
+    book: Arc<crate::address_book::AddressBook>,
     engine: Engine,
     transport_factory: impl FnOnce(mpsc::Sender<StoreMsg>, Arc<Counters>, Arc<Suspects>) -> Transport,
 ) -> Result<(Store, StoreHandle), StoreError> {
@@ -258,16 +224,18 @@ pub fn create(
     let mut groups = BTreeMap::new();
     let snap_dir = config.data_dir.join("snap");
     std::fs::create_dir_all(&snap_dir).map_err(EngineError::from)?;
-    let fresh = claim_store(&engine, node_id)?;
+    let fresh = ident.fresh;
     let node_ids = config.node_ids();
+    let meta_kvs = crate::cluster_map::initial_kvs(&config);
     for g in 0..=config.cluster.data_groups {
-        if fresh {
+        if fresh && config.bootstraps() {
             // A new cluster: this node starts the groups the bootstrap
             // placement gives it (later, replicas move by membership
             // change, never by config).
             let voters = placement::group_replicas(&node_ids, g, config.cluster.replicas);
             if voters.contains(&node_id) {
-                raft_storage::bootstrap(&engine, g, &voters)?;
+                let kvs: &[(Vec<u8>, Vec<u8>)] = if g == META_GROUP_ID { &meta_kvs } else { &[] };
+                raft_storage::bootstrap(&engine, g, &voters, kvs)?;
             }
         }
         snapshot_file::resume_interrupted_install(&engine, g, &[], &counters)?;
@@ -277,7 +245,7 @@ pub fn create(
         groups.insert(g, conf::open_group(&config, &engine, g)?);
     }
     if fresh {
-        mark_store_claimed(&engine, node_id)?;
+        crate::identity::persist(&engine, &ident)?;
     }
     snapshot_file::sweep_stale(&snap_dir);
     // Every group id may come to be hosted here: per-group slots exist for
@@ -302,7 +270,11 @@ pub fn create(
         counters: counters.clone(),
         suspects,
         install_gen,
-        liveness: Arc::new(PeerLiveness::new(config.node_ids())),
+        liveness: Arc::new(PeerLiveness::new(
+            book.nodes().into_iter().map(|(id, _)| id),
+        )),
+        book,
+        store_uuid: ident.uuid,
     };
     let lease_ms = lease_ms(config.raft.tick_interval_ms, config.raft.election_ticks);
     let (config_tick_ms, config_election_ticks) =

@@ -1,0 +1,418 @@
+//! The placement driver. It runs on every node and acts only while the
+//! node leads the meta group, once per heartbeat interval:
+//!
+//! 1. nodes: one not heard for `node_down_after_ms` is marked down; one
+//!    down for `down_out_secs` is marked out (unless the cluster has the
+//!    `noout` flag); a node that reports again is marked up by the
+//!    heartbeat itself (see `service::map`);
+//! 2. groups: `plan` picks the next step of each group from the map and
+//!    the leaders' reports, and the driver asks the group's leader to make
+//!    it (one `ChangePeers` or `TransferLeader` RPC, bounded in time). The
+//!    group's own committed configuration stays the truth: a step that
+//!    fails or races is simply planned again from the next report.
+//!
+//! The map's flags switch parts off: `noout` (never mark out),
+//! `norecover` (no membership change at all), `norebalance` (repairs only).
+//!
+//! A new meta leader waits two heartbeat intervals before acting, so every
+//! live node has reported; a node that never reports counts from then.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use raftblk_proto::cluster_client::ClusterClient;
+use raftblk_proto::command::Cmd;
+use raftblk_proto::{
+    ChangePeersRequest, ClusterMap, Command, NodeState, PeerChange as PbPeerChange, PeerChangeKind,
+    PlacementStatus, SetNodeCmd, TransferLeaderRequest, META_GROUP_ID,
+};
+
+use super::plan::{self, Action, GroupInfo, Limits, NodeInfo};
+use super::reports::Reports;
+use crate::membership::PeerChange;
+use crate::store::StoreHandle;
+
+/// The meta group's size: 5 voters once there are 5 nodes, else 3 (or as
+/// many as there are), always odd where it can be.
+pub fn meta_size(fit_nodes: usize) -> usize {
+    if fit_nodes >= 5 {
+        5
+    } else {
+        fit_nodes.min(3)
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What the driver last saw, for `Cluster.Status` (see `PlacementStatus`).
+#[derive(Debug, Default)]
+pub struct DriverStatus {
+    inner: std::sync::Mutex<StatusInner>,
+}
+
+#[derive(Debug, Default)]
+struct StatusInner {
+    status: PlacementStatus,
+    /// Groups moving at the last pass.
+    moving: Vec<u64>,
+    /// When recent moves finished (bounded).
+    done_at: std::collections::VecDeque<Instant>,
+}
+
+const RATE_WINDOW: Duration = Duration::from_secs(300);
+
+impl DriverStatus {
+    pub fn get(&self) -> PlacementStatus {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .status
+            .clone()
+    }
+
+    fn inactive(&self) {
+        *self.inner.lock().unwrap_or_else(|p| p.into_inner()) = StatusInner::default();
+    }
+
+    fn update(&self, nodes: &[NodeInfo], groups: &[GroupInfo], since: Instant) {
+        let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let fit = |n: u64| {
+            nodes
+                .iter()
+                .any(|x| x.id == n && matches!(x.state, NodeState::Up | NodeState::Down))
+        };
+        let degraded = groups
+            .iter()
+            .filter(|g| {
+                let fit_voters = g.voters.iter().filter(|v| fit(**v)).count();
+                fit_voters < g.want || fit_voters < g.voters.len()
+            })
+            .count();
+        let moving: Vec<u64> = groups
+            .iter()
+            .filter(|g| !g.learners.is_empty() || !g.voters_outgoing.is_empty())
+            .map(|g| g.id)
+            .collect();
+        let now = Instant::now();
+        let finished = s.moving.iter().filter(|g| !moving.contains(g)).count();
+        for _ in 0..finished {
+            if s.done_at.len() >= 4096 {
+                s.done_at.pop_front();
+            }
+            s.done_at.push_back(now);
+        }
+        while s
+            .done_at
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RATE_WINDOW)
+        {
+            s.done_at.pop_front();
+        }
+        let window = now
+            .duration_since(since)
+            .min(RATE_WINDOW)
+            .as_secs_f64()
+            .max(1.0);
+        let per_min = s.done_at.len() as f64 * 60.0 / window;
+        let left = degraded.max(moving.len()) as f64;
+        s.status = PlacementStatus {
+            active: true,
+            degraded_groups: degraded as u64,
+            moves_in_progress: moving.len() as u64,
+            moves_done: s.status.moves_done + finished as u64,
+            moves_per_min: per_min,
+            eta_secs: if left > 0.0 && per_min > 0.0 {
+                (left * 60.0 / per_min).ceil() as u64
+            } else {
+                0
+            },
+            groups_reported: groups.len() as u64,
+        };
+        s.moving = moving;
+    }
+}
+
+/// Runs until the process ends.
+pub async fn run(store: StoreHandle, reports: Arc<Reports>, status: Arc<DriverStatus>) {
+    let cfg = store.config.placement.clone();
+    let every = Duration::from_millis(cfg.heartbeat_interval_ms);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leading_since: Option<Instant> = None;
+    // Groups asked to change recently: skipped until their report moves
+    // past that configuration or a few intervals pass.
+    let mut asked: HashMap<u64, (u64, Instant)> = HashMap::new();
+    loop {
+        tick.tick().await;
+        let leader = store
+            .view(META_GROUP_ID)
+            .is_some_and(|v| v.role == "leader");
+        if !leader {
+            if leading_since.take().is_some() {
+                reports.clear();
+                asked.clear();
+                status.inactive();
+            }
+            continue;
+        }
+        let since = *leading_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < 2 * every {
+            continue;
+        }
+        let Some(map) = crate::map_sync::read_local(&store).await else {
+            continue;
+        };
+        if let Err(e) = mark_nodes(&store, &reports, &map, since).await {
+            tracing::warn!(error = %e, "placement: cannot update node states");
+            continue;
+        }
+        let flags = map.flags.unwrap_or_default();
+        let (nodes, groups) = views(&store, &reports, &map, since);
+        status.update(&nodes, &groups, since);
+        if flags.norecover {
+            continue;
+        }
+        let limits = Limits {
+            moves_per_node_max: cfg.moves_per_node_max as usize,
+            moves_max: cfg.moves_max as usize,
+            rebalance: !flags.norebalance,
+        };
+        let now = Instant::now();
+        asked.retain(|g, (ver, at)| {
+            groups.iter().any(|x| x.id == *g && x.conf_ver == *ver)
+                && now.duration_since(*at) < 5 * every
+        });
+        let actions: Vec<Action> = plan::plan(&nodes, &groups, limits)
+            .into_iter()
+            .filter(|a| {
+                let g = match a {
+                    Action::ChangePeers { group, .. } | Action::TransferLeader { group, .. } => {
+                        *group
+                    }
+                };
+                !asked.contains_key(&g)
+            })
+            .collect();
+        for a in &actions {
+            let (group, ver) = match a {
+                Action::ChangePeers {
+                    group, conf_ver, ..
+                } => (*group, *conf_ver),
+                Action::TransferLeader { group, .. } => (
+                    *group,
+                    groups
+                        .iter()
+                        .find(|g| g.id == *group)
+                        .map_or(0, |g| g.conf_ver),
+                ),
+            };
+            asked.insert(group, (ver, now));
+        }
+        let calls = actions.into_iter().map(|a| execute(&store, a));
+        futures::future::join_all(calls).await;
+    }
+}
+
+/// Marks silent nodes down and long-down nodes out.
+async fn mark_nodes(
+    store: &StoreHandle,
+    reports: &Reports,
+    map: &ClusterMap,
+    since: Instant,
+) -> Result<(), String> {
+    let cfg = &store.config.placement;
+    let down_after = Duration::from_millis(cfg.node_down_after_ms);
+    let noout = map.flags.as_ref().is_some_and(|f| f.noout);
+    let now_ms = now_unix_ms();
+    for n in &map.nodes {
+        let state = NodeState::try_from(n.state).unwrap_or(NodeState::Unspecified);
+        let heard = reports.node(n.id).map_or(since, |r| r.at.max(since));
+        let new_state = match state {
+            NodeState::Up if heard.elapsed() > down_after => NodeState::Down,
+            NodeState::Down
+                if !noout
+                    && now_ms.saturating_sub(n.state_since_unix_ms)
+                        >= cfg.down_out_secs.saturating_mul(1000) =>
+            {
+                NodeState::Out
+            }
+            _ => continue,
+        };
+        tracing::warn!(
+            node = n.id,
+            from = state.as_str_name(),
+            to = new_state.as_str_name(),
+            silent_ms = heard.elapsed().as_millis() as u64,
+            "placement: node state changes"
+        );
+        let mut rec = n.clone();
+        rec.state = new_state as i32;
+        rec.state_since_unix_ms = now_ms;
+        let cmd = Command {
+            cmd: Some(Cmd::SetNode(SetNodeCmd {
+                node: Some(rec),
+                create: false,
+            })),
+        };
+        match store.propose(META_GROUP_ID, &cmd).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
+
+/// The planner's inputs: nodes from the map and their reports, groups from
+/// their leaders' recent reports.
+fn views(
+    store: &StoreHandle,
+    reports: &Reports,
+    map: &ClusterMap,
+    since: Instant,
+) -> (Vec<NodeInfo>, Vec<GroupInfo>) {
+    let cfg = &store.config.placement;
+    let down_after = Duration::from_millis(cfg.node_down_after_ms);
+    let node_reports = reports.nodes();
+    let nodes: Vec<NodeInfo> = map
+        .nodes
+        .iter()
+        .filter(|n| n.state != NodeState::Removed as i32)
+        .map(|n| {
+            let r = node_reports.get(&n.id);
+            let live = r.is_some_and(|r| r.at.max(since).elapsed() <= down_after);
+            let nearfull = r.is_some_and(|r| {
+                r.capacity_bytes > 0
+                    && (r.capacity_bytes - r.available_bytes.min(r.capacity_bytes)) as f64
+                        > cfg.nearfull_ratio * r.capacity_bytes as f64
+            });
+            NodeInfo {
+                id: n.id,
+                state: NodeState::try_from(n.state).unwrap_or(NodeState::Unspecified),
+                weight: n.weight,
+                domain: n.failure_domain.clone(),
+                live,
+                nearfull,
+            }
+        })
+        .collect();
+    let fit = nodes
+        .iter()
+        .filter(|n| matches!(n.state, NodeState::Up | NodeState::Down))
+        .count();
+    let norebalance = map.flags.as_ref().is_some_and(|f| f.norebalance);
+    let fresh = 3 * Duration::from_millis(cfg.heartbeat_interval_ms);
+    let groups = reports
+        .groups()
+        .into_values()
+        .filter(|r| r.at.elapsed() <= fresh)
+        .map(|r| {
+            let s = r.status;
+            let want = if s.group_id != META_GROUP_ID {
+                (map.replicas as usize).min(fit.max(1))
+            } else if !norebalance {
+                meta_size(fit)
+            } else {
+                // Repairs only: keep the meta group's size.
+                s.replicas.len()
+            };
+            GroupInfo {
+                id: s.group_id,
+                leader: r.leader,
+                conf_ver: s.conf_ver,
+                voters: s.replicas,
+                learners: s.learners,
+                voters_outgoing: s.voters_outgoing,
+                progress: s
+                    .progress
+                    .into_iter()
+                    .map(|p| (p.node_id, p.matched, p.state))
+                    .collect(),
+                commit: s.commit_index,
+                want,
+            }
+        })
+        .collect();
+    (nodes, groups)
+}
+
+fn to_pb(c: &PeerChange) -> PbPeerChange {
+    let (kind, node_id) = match *c {
+        PeerChange::AddLearner(n) => (PeerChangeKind::AddLearner, n),
+        PeerChange::AddVoter(n) => (PeerChangeKind::AddVoter, n),
+        PeerChange::Remove(n) => (PeerChangeKind::Remove, n),
+    };
+    PbPeerChange {
+        kind: kind as i32,
+        node_id,
+    }
+}
+
+/// Asks a group's leader to carry out one action (bounded in time).
+async fn execute(store: &StoreHandle, action: Action) {
+    let leader = match &action {
+        Action::ChangePeers { leader, .. } | Action::TransferLeader { leader, .. } => *leader,
+    };
+    let Some(addr) = store.book.addr(leader) else {
+        return;
+    };
+    let timeout = Duration::from_millis(store.config.limits.request_timeout_ms);
+    let call = async {
+        let ch = crate::transport::connect(&addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut client = ClusterClient::new(ch);
+        match &action {
+            Action::ChangePeers {
+                group,
+                conf_ver,
+                changes,
+                why,
+                ..
+            } => {
+                tracing::info!(group, leader, ?changes, why, "placement: membership step");
+                let r = client
+                    .change_peers(ChangePeersRequest {
+                        group_id: *group,
+                        changes: changes.iter().map(to_pb).collect(),
+                        conf_ver: *conf_ver,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner();
+                match r.error {
+                    None => Ok(()),
+                    Some(e) => Err(e.to_string()),
+                }
+            }
+            Action::TransferLeader { group, to, why, .. } => {
+                tracing::info!(group, leader, to, why, "placement: leadership transfer");
+                let r = client
+                    .transfer_leader(TransferLeaderRequest {
+                        group_id: *group,
+                        to_node: *to,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner();
+                match r.error {
+                    None => Ok(()),
+                    Some(e) => Err(e.to_string()),
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::info!(leader, error = %e, "placement: step not made (planned again)")
+        }
+        Err(_) => tracing::info!(leader, "placement: step timed out (planned again)"),
+    }
+}
