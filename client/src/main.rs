@@ -202,8 +202,16 @@ async fn status(client: &Client) -> anyhow::Result<()> {
         None => "-".to_string(),
     };
     println!(
-        "{:<6} {:<22} {:<8} {:>7} {:>9} {:>10} {:>10} {:>12}",
-        "NODE", "ADDRESS", "HEALTH", "GROUPS", "LEADING", "CRC-ERRS", "SNAPSHOTS", "PEERS-HEARD"
+        "{:<6} {:<22} {:<8} {:>7} {:>9} {:>7} {:>10} {:>10} {:>12}",
+        "NODE",
+        "ADDRESS",
+        "HEALTH",
+        "GROUPS",
+        "LEADING",
+        "ASLEEP",
+        "CRC-ERRS",
+        "SNAPSHOTS",
+        "PEERS-HEARD"
     );
     let mut leaders = std::collections::BTreeMap::new();
     for (id, addr, r) in &statuses {
@@ -215,13 +223,15 @@ async fn status(client: &Client) -> anyhow::Result<()> {
                         leaders.insert(g.group_id, (*id, g.clone()));
                     }
                 }
+                let asleep = s.groups.iter().filter(|g| g.hibernating).count();
                 println!(
-                    "{:<6} {:<22} {:<8} {:>7} {:>9} {:>10} {:>4}/{:<5} {:>12}",
+                    "{:<6} {:<22} {:<8} {:>7} {:>9} {:>7} {:>10} {:>4}/{:<5} {:>12}",
                     id,
                     addr,
                     "up",
                     s.groups.len(),
                     leading,
+                    asleep,
                     s.checksum_errors,
                     s.snapshots_sent,
                     s.snapshots_applied,

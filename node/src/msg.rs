@@ -73,6 +73,13 @@ pub enum StoreMsg {
         group: u64,
         conf_ver: u64,
     },
+    /// The leader of `group` hibernates (see `store::hibernate`).
+    Hibernate {
+        from: u64,
+        group: u64,
+        term: u64,
+        commit: u64,
+    },
     /// Propose one membership change step of a group (see `membership`).
     ChangePeers {
         group: u64,

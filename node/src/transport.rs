@@ -53,6 +53,11 @@ enum Outgoing {
         group: u64,
         conf_ver: u64,
     },
+    Hibernate {
+        group: u64,
+        term: u64,
+        commit: u64,
+    },
 }
 
 /// Sending side of the raft transport, owned by the store thread.
@@ -171,6 +176,18 @@ impl Transport {
     /// Tells `to` that it is not a member of `group` at `conf_ver`.
     pub fn send_gc(&self, to: u64, group: u64, conf_ver: u64) {
         self.queue(to, Outgoing::Gc { group, conf_ver });
+    }
+
+    /// Tells follower `to` that this leader's `group` hibernates.
+    pub fn send_hibernate(&self, to: u64, group: u64, term: u64, commit: u64) {
+        self.queue(
+            to,
+            Outgoing::Hibernate {
+                group,
+                term,
+                commit,
+            },
+        );
     }
 
     fn queue(&self, to: u64, out: Outgoing) {
@@ -440,16 +457,27 @@ impl PeerLink {
                             group_id: group,
                             message: b.into(),
                             conf_ver,
-                            gc: false,
+                            ..Default::default()
                         });
                     }
                     Err(e) => tracing::warn!(group, error = %e, "cannot encode raft message"),
                 },
                 Outgoing::Gc { group, conf_ver } => envelopes.push(RaftEnvelope {
                     group_id: group,
-                    message: Default::default(),
                     conf_ver,
                     gc: true,
+                    ..Default::default()
+                }),
+                Outgoing::Hibernate {
+                    group,
+                    term,
+                    commit,
+                } => envelopes.push(RaftEnvelope {
+                    group_id: group,
+                    hibernate: true,
+                    term,
+                    commit,
+                    ..Default::default()
                 }),
             }
             if envelopes.len() >= self.batch_msgs_max || bytes >= self.batch_bytes_max {

@@ -69,11 +69,7 @@ const RATE_WINDOW: Duration = Duration::from_secs(300);
 
 impl DriverStatus {
     pub fn get(&self) -> PlacementStatus {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .status
-            .clone()
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).status
     }
 
     fn inactive(&self) {

@@ -44,6 +44,7 @@ impl Cluster for ClusterService {
                 group_id: v.group,
                 replicas: v.members.voters.clone(),
                 conf_ver: v.members.conf_ver,
+                hibernating: v.hibernating,
                 learners: v.members.learners.clone(),
                 voters_outgoing: v.members.voters_outgoing.clone(),
                 progress: v

@@ -51,6 +51,18 @@ impl RaftTransport for RaftService {
             }
             let mut msgs = Vec::with_capacity(batch.envelopes.len());
             for env in batch.envelopes {
+                if env.hibernate {
+                    let h = StoreMsg::Hibernate {
+                        from: batch.from_node,
+                        group: env.group_id,
+                        term: env.term,
+                        commit: env.commit,
+                    };
+                    if self.store_tx.send(h).await.is_err() {
+                        return Err(Status::unavailable("store stopped"));
+                    }
+                    continue;
+                }
                 if env.gc {
                     let gc = StoreMsg::RaftGc {
                         from: batch.from_node,

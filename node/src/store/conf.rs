@@ -87,6 +87,8 @@ pub(super) fn open_group(
         reads_ready: false,
         incoming_snapshot: None,
         installing: None,
+        hibernating: false,
+        idle_ticks: 0,
     })
 }
 
@@ -141,6 +143,22 @@ impl Store {
             // `install`); the leader resends.
             return;
         }
+        let vote = matches!(
+            m.get_msg_type(),
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+        );
+        if g.hibernating && !self.wake_for_message(group, &m, vote) {
+            // A heartbeat exchange that only confirms the sleep.
+            if let Some(g) = self.groups.get_mut(&group) {
+                if g.is_leader() {
+                    let _ = g.node.step(m);
+                }
+            }
+            return;
+        }
+        let Some(g) = self.groups.get_mut(&group) else {
+            return;
+        };
         if self.started.elapsed() < self.vote_quiet
             && matches!(
                 m.get_msg_type(),

@@ -42,6 +42,8 @@ pub struct GroupView {
     pub lease_index: u64,
     /// A leadership transfer is under way: no lease reads.
     pub transferring: bool,
+    /// Idle, not ticking (see `hibernate`).
+    pub hibernating: bool,
 }
 
 /// Cheap, cloneable access to the store from async code.

@@ -13,13 +13,16 @@ impl Store {
     pub(super) fn on_tick(&mut self, now: Instant) {
         // Nodes joined, left or moved (see `address_book`).
         self.transport.refresh();
+        // Before ticking: a leader that goes to sleep now sends no
+        // heartbeat after its notice (see `hibernate`).
+        self.hibernate_pass();
         let reissue_after = Duration::from_millis(
             self.config.raft.tick_interval_ms * self.config.raft.heartbeat_ticks as u64 * 3,
         );
         for g in self.groups.values_mut() {
             // Not while a snapshot installs: its held ready forbids it
-            // (see `install`).
-            if g.installing.is_none() {
+            // (see `install`); not while idle (see `hibernate`).
+            if g.installing.is_none() && !g.hibernating {
                 g.node.tick();
             }
             // Proposals past their deadline: the caller has given up; the
@@ -98,7 +101,13 @@ impl Store {
         self.outgoing_snapshots
             .retain(|_, (_, made)| now.duration_since(*made) < Duration::from_secs(600));
         self.maybe_compact();
-        let ids: Vec<u64> = self.groups.keys().copied().collect();
+        // Hibernating groups do not change: their views stay as published.
+        let ids: Vec<u64> = self
+            .groups
+            .values()
+            .filter(|g| !g.hibernating)
+            .map(|g| g.id)
+            .collect();
         for id in ids {
             self.publish_view(id, true);
         }

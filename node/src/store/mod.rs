@@ -40,6 +40,7 @@
 mod conf;
 mod dedup;
 mod handle;
+mod hibernate;
 mod install;
 mod maintenance;
 mod propose;
@@ -120,6 +121,10 @@ struct Group {
     /// A snapshot install under way (see `install`): until it ends the
     /// group's raft is left alone.
     installing: Option<install::Installing>,
+    /// Not ticking: idle (see `hibernate`).
+    hibernating: bool,
+    /// Consecutive ticks this leader's group has been idle.
+    idle_ticks: u32,
 }
 
 impl Group {
@@ -177,6 +182,9 @@ pub struct Store {
     /// (the election timeout: see `handle`).
     started: Instant,
     vote_quiet: Duration,
+    /// When each peer node was last heard (wakes hibernating followers
+    /// whose leader died, see `hibernate`).
+    liveness: Arc<PeerLiveness>,
 }
 
 /// Inbox messages handled per round before the ready pass.
@@ -261,6 +269,9 @@ pub fn create(
     let views = Arc::new(RwLock::new(BTreeMap::new()));
     let renewals: Arc<HashMap<u64, AtomicBool>> =
         Arc::new(all_groups.map(|g| (g, AtomicBool::new(false))).collect());
+    let liveness = Arc::new(PeerLiveness::new(
+        book.nodes().into_iter().map(|(id, _)| id),
+    ));
     let handle = StoreHandle {
         tx,
         views: views.clone(),
@@ -270,9 +281,7 @@ pub fn create(
         counters: counters.clone(),
         suspects,
         install_gen,
-        liveness: Arc::new(PeerLiveness::new(
-            book.nodes().into_iter().map(|(id, _)| id),
-        )),
+        liveness: liveness.clone(),
         book,
         store_uuid: ident.uuid,
     };
@@ -295,6 +304,7 @@ pub fn create(
         started: Instant::now(),
         vote_quiet: Duration::from_millis(config_tick_ms * config_election_ticks as u64),
         installer,
+        liveness,
     };
     let ids: Vec<u64> = store.groups.keys().copied().collect();
     for g in ids {
@@ -351,6 +361,16 @@ impl Store {
     }
 
     fn handle(&mut self, msg: StoreMsg) {
+        // Requests for a group wake it (see `hibernate`).
+        match &msg {
+            StoreMsg::Propose { group, .. }
+            | StoreMsg::ReadIndex { group, .. }
+            | StoreMsg::Repair { group, .. }
+            | StoreMsg::RenewLease { group }
+            | StoreMsg::TransferLeader { group, .. }
+            | StoreMsg::ChangePeers { group, .. } => self.wake(*group),
+            _ => {}
+        }
         match msg {
             StoreMsg::Propose {
                 group,
@@ -373,6 +393,12 @@ impl Store {
                 group,
                 conf_ver,
             } => self.on_gc_notice(from, group, conf_ver),
+            StoreMsg::Hibernate {
+                from,
+                group,
+                term,
+                commit,
+            } => self.on_hibernate_notice(from, group, term, commit),
             StoreMsg::ChangePeers {
                 group,
                 changes,
@@ -473,6 +499,7 @@ impl Store {
             lease_until: g.lease_until,
             lease_index: g.lease_index,
             transferring: g.node.raft.lead_transferee.is_some(),
+            hibernating: g.hibernating,
         };
         views.insert(id, v);
     }
