@@ -10,6 +10,13 @@
 #                                    Linux guest under QEMU with it as its disk,
 #                                    write and verify data inside the guest
 #                                    and check it from the host
+#   deploy/local-cluster.sh add-node start the next joining node (4, then 5:
+#                                    deploy/local/node4.toml, node5.toml) and
+#                                    wait until the cluster has rebalanced
+#   deploy/local-cluster.sh remove-node ID
+#                                    drain node ID, wait until its replicas
+#                                    live elsewhere, remove it from the
+#                                    cluster, stop it and delete its data
 #   deploy/local-cluster.sh wipe     down, then delete all data
 #
 # State (data, logs, pids) lives in .local-cluster/ under the repository.
@@ -38,14 +45,72 @@ build() {
 
 running() { [[ -f "$STATE/node$1.pid" ]] && kill -0 "$(cat "$STATE/node$1.pid")" 2>/dev/null; }
 
+# The bootstrap nodes and any added ones.
+nodes() {
+  local ids="1 2 3"
+  for i in 4 5; do [[ -f "$STATE/node$i.pid" ]] && ids="$ids $i"; done
+  echo "$ids"
+}
+
+start_node() {
+  "$NODE_BIN" --config "deploy/local/node$1.toml" >>"$STATE/node$1.log" 2>&1 &
+  echo $! >"$STATE/node$1.pid"
+  echo "started node $1 (pid $!, log $STATE/node$1.log)"
+}
+
+stop_node() {
+  if running "$1"; then
+    local pid; pid="$(cat "$STATE/node$1.pid")"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    echo "stopped node $1"
+  fi
+}
+
+add_node() {
+  build
+  mkdir -p "$STATE"
+  local n=""
+  for i in 4 5; do if ! running "$i"; then n="$i"; break; fi; done
+  if [[ -z "$n" ]]; then echo "nodes 4 and 5 already run: the local cluster has configs for 5 nodes" >&2; return 1; fi
+  start_node "$n"
+  # It joins through its seeds (wait until the map shows it), then the
+  # placement driver moves replicas and leaderships to it.
+  for _ in $(seq 1 100); do
+    "$CLI_BIN" node list 2>/dev/null | awk -v n="$n" '$1 == n && $3 == "up"' | grep -q . && break
+    sleep 0.2
+  done
+  "$CLI_BIN" cluster wait-healthy --balanced --wait-secs 300
+  "$CLI_BIN" node list
+}
+
+remove_node() {
+  local id="${1:-}"
+  if [[ ! "$id" =~ ^[0-9]+$ ]]; then echo "usage: $0 remove-node ID" >&2; return 2; fi
+  "$CLI_BIN" node drain "$id"
+  # Draining replicas count as degraded until they live elsewhere.
+  "$CLI_BIN" cluster wait-healthy --wait-secs 600
+  # The map learns of the last move within a heartbeat or two.
+  local ok=""
+  for _ in $(seq 1 30); do
+    if "$CLI_BIN" node remove "$id" >/dev/null 2>&1; then ok=1; break; fi
+    sleep 1
+  done
+  if [[ -z "$ok" ]]; then "$CLI_BIN" node remove "$id"; return 1; fi
+  stop_node "$id"
+  rm -f "$STATE/node$id.pid"
+  rm -rf "$STATE/node$id"
+  echo "node $id removed from the cluster, stopped, its data deleted"
+  "$CLI_BIN" node list
+}
+
 up() {
   build
   mkdir -p "$STATE"
-  for i in 1 2 3; do
+  for i in $(nodes); do
     if running "$i"; then echo "node $i already running (pid $(cat "$STATE/node$i.pid"))"; continue; fi
-    "$NODE_BIN" --config "deploy/local/node$i.toml" >>"$STATE/node$i.log" 2>&1 &
-    echo $! >"$STATE/node$i.pid"
-    echo "started node $i (pid $!, log $STATE/node$i.log)"
+    start_node "$i"
   done
   # Wait (bounded) until every group has a leader.
   for _ in $(seq 1 100); do
@@ -60,20 +125,15 @@ up() {
 }
 
 down() {
-  for i in 1 2 3; do
-    if running "$i"; then
-      local pid; pid="$(cat "$STATE/node$i.pid")"
-      kill "$pid" 2>/dev/null || true
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -9 "$pid" 2>/dev/null || true
-      echo "stopped node $i"
-    fi
-    rm -f "$STATE/node$i.pid"
+  # Pid files of added nodes stay, so `up` restarts them too.
+  for i in $(nodes); do
+    stop_node "$i"
+    if [[ "$i" -le 3 ]]; then rm -f "$STATE/node$i.pid"; fi
   done
 }
 
 status() {
-  for i in 1 2 3; do
+  for i in $(nodes); do
     if running "$i"; then echo "node $i: running (pid $(cat "$STATE/node$i.pid"))"; else echo "node $i: stopped"; fi
   done
   "$CLI_BIN" cluster status
@@ -142,6 +202,8 @@ case "${1:-}" in
   down) down ;;
   status) status ;;
   demo) demo ;;
+  add-node) add_node ;;
+  remove-node) remove_node "${2:-}" ;;
   wipe) down; rm -rf "$STATE"; echo "wiped $STATE" ;;
-  *) echo "usage: $0 up|down|status|demo|wipe" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|status|demo|add-node|remove-node ID|wipe" >&2; exit 2 ;;
 esac

@@ -161,12 +161,13 @@ pub fn describe_placement(p: &PlacementStatus) -> String {
 /// `raftblk cluster wait-healthy`: polls once a second until every group
 /// has a leader, nothing is degraded and nothing moves; draws a progress
 /// bar on a terminal, one line per change otherwise.
-pub async fn wait_healthy(client: &Client, wait_secs: u64) -> anyhow::Result<()> {
+pub async fn wait_healthy(client: &Client, wait_secs: u64, balanced: bool) -> anyhow::Result<()> {
     use std::io::Write as _;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait_secs);
     let total = client.topology().data_groups + 1;
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut last_line = String::new();
+    let mut calm = 0u32;
     loop {
         let statuses = client.node_statuses().await;
         let mut led = std::collections::BTreeSet::new();
@@ -183,7 +184,13 @@ pub async fn wait_healthy(client: &Client, wait_secs: u64) -> anyhow::Result<()>
         let busy = (p.degraded_groups.max(p.moves_in_progress)).min(total);
         let leaderless = total.saturating_sub(led.len() as u64);
         let healthy = total.saturating_sub(busy.max(leaderless));
-        let done = placement.is_some() && healthy == total && p.groups_reported >= total;
+        let healthy_now = placement.is_some() && healthy == total && p.groups_reported >= total;
+        calm = if healthy_now && (!balanced || p.balanced) {
+            calm + 1
+        } else {
+            0
+        };
+        let done = calm >= if balanced { 3 } else { 1 };
         let width = 30u64;
         let filled = (healthy * width / total.max(1)) as usize;
         let line = format!(
@@ -207,7 +214,10 @@ pub async fn wait_healthy(client: &Client, wait_secs: u64) -> anyhow::Result<()>
             if tty {
                 println!();
             }
-            println!("cluster healthy");
+            println!(
+                "cluster healthy{}",
+                if balanced { " and balanced" } else { "" }
+            );
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {

@@ -63,6 +63,10 @@ enum ClusterCmd {
         /// Give up (exit status 1) after this many seconds.
         #[arg(long, default_value_t = 600)]
         wait_secs: u64,
+        /// Also wait until replicas and leaderships are balanced (after
+        /// adding a node), for three seconds in a row.
+        #[arg(long)]
+        balanced: bool,
     },
     /// Set a cluster flag: `noout` (nodes that go down are never marked
     /// out: a planned reboot causes no rebuild), `norecover` (no automatic
@@ -168,8 +172,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cmd: ClusterCmd::Status,
         } => status(&connect(&cli).await?).await,
         Cmd::Cluster {
-            cmd: ClusterCmd::WaitHealthy { wait_secs },
-        } => cli_node::wait_healthy(&connect(&cli).await?, *wait_secs).await,
+            cmd:
+                ClusterCmd::WaitHealthy {
+                    wait_secs,
+                    balanced,
+                },
+        } => cli_node::wait_healthy(&connect(&cli).await?, *wait_secs, *balanced).await,
         Cmd::Cluster {
             cmd: ClusterCmd::Flag { name, state },
         } => cli_node::set_flag(&connect(&cli).await?, name, state == "on").await,

@@ -543,6 +543,31 @@ impl LocalCluster {
         }
     }
 
+    /// Waits until the leader of `group` reports `node` caught up
+    /// (replicating, matched within a few entries of the commit index).
+    pub async fn wait_caught_up(
+        &self,
+        group: u64,
+        node: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((_, st)) = self.group_status(group).await {
+                if let Some(p) = st.progress.iter().find(|p| p.node_id == node) {
+                    if p.state == "replicate" && p.matched + 32 >= st.commit_index {
+                        return Ok(());
+                    }
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "node {node} never caught up in group {group}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until every group hosted by a running node has a leader among
     /// the running nodes.
     pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {

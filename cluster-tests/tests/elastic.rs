@@ -485,3 +485,149 @@ async fn replaced_node_returns() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Where in a move a node dies.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// The new replica is a learner catching up (or caught up).
+    Learner,
+    /// The group is in the joint configuration (new voter in, old out).
+    Joint,
+}
+
+/// Which node of the move dies.
+#[derive(Debug, Clone, Copy)]
+enum Victim {
+    Source,
+    Target,
+    Leader,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_during_move() -> anyhow::Result<()> {
+    use raftblk_proto::ClusterFlags;
+    use raftblk_proto::PeerChangeKind::{AddLearner, AddVoter, Remove};
+    // Down after 1 s, never out: the victims come back.
+    let mut c = LocalCluster::start(ClusterSpec {
+        down_out_secs: 3600,
+        ..spec(5)
+    })?;
+    c.wait_healthy(HEALTHY).await?;
+    let client = c.client().await?;
+    let blocks = 2048;
+    let vols = volumes(&c, 2, blocks * 4096).await?;
+    let wspec = WorkloadSpec {
+        clients: 4,
+        blocks,
+        ops_max: 200_000,
+        duration_max: Duration::from_secs(240),
+    };
+    let mut wl = Workload::start(vols.clone(), wspec, 0xdead);
+    let hold = |on: bool| ClusterFlags {
+        noout: false,
+        norecover: on,
+        norebalance: true,
+    };
+    let step_wait = Duration::from_secs(20);
+    let mut group = 0u64;
+    for step in [Step::Learner, Step::Joint] {
+        for victim in [Victim::Source, Victim::Target, Victim::Leader] {
+            group = group % 8 + 1;
+            client.set_flags(hold(true)).await?;
+            let (leader, st) = c
+                .group_status(group)
+                .await
+                .ok_or_else(|| anyhow::anyhow!("group {group} has no leader"))?;
+            let leader = leader as u64;
+            let source = st
+                .replicas
+                .iter()
+                .copied()
+                .find(|r| *r != leader)
+                .ok_or_else(|| anyhow::anyhow!("no follower"))?;
+            let target = (1..=5u64)
+                .find(|n| !st.replicas.contains(n))
+                .ok_or_else(|| anyhow::anyhow!("no spare node"))?;
+            let r = c
+                .change_peers(group, &[(AddLearner, target)], step_wait)
+                .await?;
+            anyhow::ensure!(r.error.is_none(), "add learner: {:?}", r.error);
+            c.wait_caught_up(group, target, step_wait).await?;
+            if let Step::Joint = step {
+                let r = c
+                    .change_peers(group, &[(AddVoter, target), (Remove, source)], step_wait)
+                    .await?;
+                anyhow::ensure!(r.error.is_none(), "enter joint: {:?}", r.error);
+            }
+            let dead = match victim {
+                Victim::Source => source,
+                Victim::Target => target,
+                Victim::Leader => leader,
+            };
+            c.kill(dead as usize);
+            let killed = Instant::now();
+            // The driver takes over: the move completes or rolls back.
+            client.set_flags(hold(false)).await?;
+            let deadline = Instant::now() + Duration::from_secs(40);
+            let done = loop {
+                if let Some((_, st)) = c.group_status(group).await {
+                    if st.learners.is_empty()
+                        && st.voters_outgoing.is_empty()
+                        && st.replicas.len() == 3
+                    {
+                        break st.replicas;
+                    }
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "group {group}: move neither finished nor rolled back ({step:?}, {victim:?} killed): {:?}",
+                    c.group_status(group).await.map(|(_, s)| (s.replicas, s.learners, s.voters_outgoing))
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            let outcome = if done.contains(&target) {
+                "completed"
+            } else {
+                "rolled back"
+            };
+            println!(
+                "group {group}: {step:?} step, {victim:?} (node {dead}) killed: {outcome} after {:?}, voters {done:?}",
+                killed.elapsed()
+            );
+            c.start_node(dead as usize)?;
+            c.wait_healthy(HEALTHY).await?;
+            c.wait_replicas_identical(group, Duration::from_secs(30))
+                .await?;
+        }
+    }
+    wl.stop().await;
+    let end = wl.started.elapsed();
+    wl.final_reads(&vols, blocks).await;
+    let history = wl.history();
+    let summary = summarize(&history, end);
+    let anomalies = check(&history);
+    println!(
+        "{} ops, {} acked writes, {} failed, longest gap {:?}, {} anomalies",
+        summary.ops,
+        summary.acked_writes,
+        summary.errors,
+        summary.longest_gap,
+        anomalies.len()
+    );
+    anyhow::ensure!(
+        anomalies.is_empty(),
+        "anomalies: {:?}",
+        &anomalies[..anomalies.len().min(5)]
+    );
+    let failed: Vec<_> = history
+        .iter()
+        .filter(|o| o.complete.is_none())
+        .take(5)
+        .collect();
+    anyhow::ensure!(
+        summary.errors == 0,
+        "{} operations failed: {failed:?}",
+        summary.errors
+    );
+    Ok(())
+}

@@ -78,26 +78,6 @@ fn leftovers(
     Ok((kv, raft, tomb))
 }
 
-/// Waits until the leader reports `node` caught up (replicating, matched
-/// within a few entries of the commit index).
-async fn wait_caught_up(c: &LocalCluster, group: u64, node: u64) -> anyhow::Result<()> {
-    let deadline = Instant::now() + STEP;
-    loop {
-        if let Some((_, st)) = c.group_status(group).await {
-            if let Some(p) = st.progress.iter().find(|p| p.node_id == node) {
-                if p.state == "replicate" && p.matched + 32 >= st.commit_index {
-                    return Ok(());
-                }
-            }
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "node {node} never caught up in group {group}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Waits until node `i` no longer hosts `group`.
 async fn wait_gone(
     c: &LocalCluster,
@@ -125,7 +105,7 @@ async fn move_replica(c: &LocalCluster, group: u64, from: u64, to: u64) -> anyho
     let r = c.change_peers(group, &[(AddLearner, to)], STEP).await?;
     anyhow::ensure!(r.error.is_none(), "add learner: {:?}", r.error);
     anyhow::ensure!(r.learners.contains(&to), "learner missing: {r:?}");
-    wait_caught_up(c, group, to).await?;
+    c.wait_caught_up(group, to, STEP).await?;
     let r = c
         .change_peers(group, &[(AddVoter, to), (Remove, from)], STEP)
         .await?;

@@ -4,6 +4,11 @@
 //! it, updates the address book and persists it (a restart finds its peers
 //! even before any meta replica answers). All calls are bounded in time;
 //! the meta leader is found through the map's meta voters and leader hints.
+//!
+//! The map also catches replicas the GC notices cannot (see
+//! `store::conf`): a replica that never speaks, such as a learner whose
+//! move was rolled back while its node was down, is destroyed once the map
+//! records a newer configuration of its group without this node.
 
 use std::time::Duration;
 
@@ -60,6 +65,31 @@ pub fn take_map(store: &StoreHandle, map: &ClusterMap) {
         store.book.update(map);
         persist(&store.engine, map);
     }
+}
+
+/// Replicas here that the map shows were removed: the map records a newer
+/// committed configuration of their group that leaves this node out.
+/// Uninitialized replicas (version 0, waiting for their first snapshot)
+/// are left alone: the map may not show their addition yet.
+pub fn stale_replicas(store: &StoreHandle, map: &ClusterMap) -> Vec<(u64, u64)> {
+    let me = store.config.node_id;
+    let mut out = Vec::new();
+    for v in store.views() {
+        let local = v.members.conf_ver;
+        if local == 0 {
+            continue;
+        }
+        let Some(rec) = map.groups.iter().find(|g| g.group_id == v.group) else {
+            continue;
+        };
+        let member = rec.voters.contains(&me)
+            || rec.learners.contains(&me)
+            || rec.voters_outgoing.contains(&me);
+        if rec.conf_ver > local && !member {
+            out.push((v.group, rec.conf_ver));
+        }
+    }
+    out
 }
 
 /// The map as this node's meta replica has applied it, after a ReadIndex
@@ -235,6 +265,15 @@ pub async fn run(store: StoreHandle) {
             if let Some(m) = map {
                 take_map(&store, &m);
                 since_fetch = 0;
+                for (group, conf_ver) in stale_replicas(&store, &m) {
+                    tracing::info!(group, conf_ver, "the map shows this replica was removed");
+                    let gc = crate::msg::StoreMsg::RaftGc {
+                        from: 0,
+                        group,
+                        conf_ver,
+                    };
+                    let _ = store.sender().try_send(gc);
+                }
             }
         }
     }

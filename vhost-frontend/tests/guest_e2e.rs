@@ -237,3 +237,118 @@ fn guest_survives_kill_of_a_group_leader_during_fio_verify() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// True when every data group of `map` has `replicas` voters, none on
+/// `gone`, and no move under way.
+fn healed(map: &raftblk_proto::ClusterMap, gone: u64) -> bool {
+    map.groups.iter().filter(|g| g.group_id != 0).all(|g| {
+        g.voters.len() as u64 == map.replicas
+            && !g.voters.contains(&gone)
+            && g.learners.is_empty()
+            && g.voters_outgoing.is_empty()
+    })
+}
+
+#[test]
+fn guest_fio_verify_while_a_node_is_lost_for_good_and_the_cluster_heals() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    // Four nodes: down after 1 s of silence, out 2 s later; then every
+    // group that had a replica on the lost node gets one back.
+    let spec = ClusterSpec {
+        nodes: 4,
+        data_groups: 8,
+        node_down_after_ms: 1000,
+        down_out_secs: 2,
+        ..ClusterSpec::default()
+    };
+    let mut cluster = LocalCluster::start(spec)?;
+    rt.block_on(cluster.wait_healthy(Duration::from_secs(30)))?;
+    let client = rt.block_on(cluster.client())?;
+    rt.block_on(client.create_volume("vm4", 256 << 20))?;
+    let dir = tempfile::tempdir()?;
+    let vhost = VhostDaemon::start(dir.path(), &cluster.cluster_arg(), "vm4", 2)?;
+    let gone = 4u64;
+    let pid = cluster
+        .pid(gone as usize)
+        .ok_or_else(|| anyhow::anyhow!("node {gone} not running"))?;
+    // fio runs for 25 s, verifying as it goes; node 4 dies 2 s in.
+    let script = format!(
+        "#!/bin/sh\nset -e\necho RAFTBLK-FIO-START\n{}",
+        fio_verify(0, 96, "time_based=1\nruntime=25")
+    );
+    let started = std::time::Instant::now();
+    let watcher =
+        {
+            let client = client.clone();
+            rt.spawn(async move {
+                // When the map shows every group healed (bounded).
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+                while tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if let Ok(map) = client.cluster_map().await {
+                        if map.nodes.iter().any(|n| {
+                            n.id == gone && n.state == raftblk_proto::NodeState::Out as i32
+                        }) && healed(&map, gone)
+                        {
+                            return Some(std::time::Instant::now());
+                        }
+                    }
+                }
+                None
+            })
+        };
+    let mut killer: Option<std::thread::JoinHandle<()>> = None;
+    let mut fio_ended = None;
+    let run = run_guest(&vhost.socket, 2, &script, GUEST_TIMEOUT, |line| {
+        if line.contains("RAFTBLK-FIO-START") && killer.is_none() {
+            killer = Some(std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(2));
+                // SAFETY: kill(2) on the PID of a node process this test
+                // started and has not reaped.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                }
+            }));
+        }
+        if line.starts_with("RAFTBLK-FIO ") {
+            fio_ended = Some(std::time::Instant::now());
+        }
+    })?;
+    if let Some(k) = killer {
+        let _ = k.join();
+    }
+    cluster.kill(gone as usize);
+    assert_eq!(
+        run.exit,
+        Some(0),
+        "fio verify failed while the cluster healed:\n{}",
+        run.output
+    );
+    let fio = run.values("RAFTBLK-FIO");
+    assert_eq!(
+        fio.first().and_then(|v| v.first()).map(String::as_str),
+        Some("rc=0"),
+        "{}",
+        run.output
+    );
+    let healed_at = rt
+        .block_on(watcher)?
+        .ok_or_else(|| anyhow::anyhow!("the cluster did not heal within 180 s"))?;
+    let fio_ended = fio_ended.ok_or_else(|| anyhow::anyhow!("no fio result line"))?;
+    println!(
+        "node {gone} killed 2 s into fio; cluster healed {:?} after the start, fio ended {:?} after it: {}",
+        healed_at.duration_since(started),
+        fio_ended.duration_since(started),
+        fio[0].join(" ")
+    );
+    assert!(
+        healed_at < fio_ended,
+        "the cluster healed only after fio ended: the heal did not happen under guest I/O"
+    );
+    assert!(
+        !vhost.log_text().contains("I/O failed"),
+        "the daemon reported I/O errors:\n{}",
+        vhost.log_text()
+    );
+    Ok(())
+}

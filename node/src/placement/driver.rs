@@ -72,6 +72,14 @@ impl DriverStatus {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).status
     }
 
+    fn set_balanced(&self, balanced: bool) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .status
+            .balanced = balanced;
+    }
+
     fn inactive(&self) {
         *self.inner.lock().unwrap_or_else(|p| p.into_inner()) = StatusInner::default();
     }
@@ -129,6 +137,7 @@ impl DriverStatus {
                 0
             },
             groups_reported: groups.len() as u64,
+            balanced: s.status.balanced,
         };
         s.moving = moving;
     }
@@ -184,7 +193,9 @@ pub async fn run(store: StoreHandle, reports: Arc<Reports>, status: Arc<DriverSt
             groups.iter().any(|x| x.id == *g && x.conf_ver == *ver)
                 && now.duration_since(*at) < 5 * every
         });
-        let actions: Vec<Action> = plan::plan(&nodes, &groups, limits)
+        let planned = plan::plan(&nodes, &groups, limits);
+        status.set_balanced(planned.is_empty());
+        let actions: Vec<Action> = planned
             .into_iter()
             .filter(|a| {
                 let g = match a {
