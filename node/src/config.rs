@@ -126,7 +126,8 @@ pub struct PlacementConfig {
     pub snapshot_bytes_per_sec: u64,
     /// No new replicas go to a node whose disk is fuller than this.
     pub nearfull_ratio: f64,
-    /// Writes are refused on a node whose disk is fuller than this.
+    /// Reserved: writes are to be refused past this (not enforced yet; a
+    /// node whose disk fills up stops, fail-stop).
     pub full_ratio: f64,
 }
 
