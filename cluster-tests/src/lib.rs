@@ -47,6 +47,9 @@ pub struct ClusterSpec {
     pub heartbeat_interval_ms: u64,
     pub node_down_after_ms: u64,
     pub down_out_secs: u64,
+    /// Rebuild throttle (`placement.snapshot_bytes_per_sec`; None: the
+    /// default).
+    pub snapshot_bytes_per_sec: Option<u64>,
     /// Balance replicas and leaderships (off by default in tests, so
     /// leadership stays where a test puts it: the `norebalance` flag).
     pub rebalance: bool,
@@ -71,19 +74,22 @@ impl Default for ClusterSpec {
             heartbeat_interval_ms: 200,
             node_down_after_ms: 2000,
             down_out_secs: 600,
+            snapshot_bytes_per_sec: None,
             rebalance: false,
         }
     }
 }
 
-/// Directory holding the workspace's binaries (next to the test binary).
+/// Directory holding the workspace's binaries (next to the test binary,
+/// or next to this binary when it is one, like the rebuild bench).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
     // target/<profile>/deps/<test> → target/<profile>
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        return dir.parent().map(Path::to_path_buf).unwrap_or_default();
+    }
+    dir
 }
 
 /// Path of a workspace binary; panics with a hint when it was not built.
@@ -242,10 +248,14 @@ impl LocalCluster {
 
     fn placement_text(&self) -> String {
         let p = &self.spec;
-        format!(
+        let mut t = format!(
             "\n[placement]\nheartbeat_interval_ms = {}\nnode_down_after_ms = {}\ndown_out_secs = {}\n",
             p.heartbeat_interval_ms, p.node_down_after_ms, p.down_out_secs
-        )
+        );
+        if let Some(b) = p.snapshot_bytes_per_sec {
+            t += &format!("snapshot_bytes_per_sec = {b}\n");
+        }
+        t
     }
 
     pub fn config_path(&self, i: usize) -> PathBuf {

@@ -121,6 +121,18 @@ impl Applier<'_> {
             )));
         }
         let key = keys::map_node(group, n.id);
+        if c.expect_state != NodeState::Unspecified as i32 {
+            let stored = match self.get(&key)? {
+                Some(v) => NodeRecord::decode(v.as_slice()).map_err(|e| corrupt(&key, e))?,
+                None => NodeRecord::default(),
+            };
+            if stored.state != c.expect_state {
+                return Ok(Err(PbError::new(
+                    ErrorCode::Unavailable,
+                    format!("node {}'s state changed meanwhile", n.id),
+                )));
+            }
+        }
         if c.create && self.get(&key)?.is_some() {
             return Ok(Err(PbError::new(
                 ErrorCode::InvalidArgument,
@@ -321,19 +333,36 @@ failure_domain = "rack-b"
                 &mut wb,
                 META_GROUP_ID,
                 SetNodeCmd {
-                    node: Some(node),
+                    node: Some(node.clone()),
                     create: true,
+                    expect_state: 0,
                 },
             )
             .expect("apply");
         assert_eq!(r, Ok(ApplyOutput::MapEpoch(3)));
+        // A state change that expected another state is refused.
+        let mut down = node.clone();
+        down.state = NodeState::Down as i32;
+        let r = a
+            .set_node(
+                &mut wb,
+                META_GROUP_ID,
+                SetNodeCmd {
+                    node: Some(down),
+                    create: false,
+                    expect_state: NodeState::Draining as i32,
+                },
+            )
+            .expect("apply");
+        assert!(r.is_err(), "{r:?}");
         assert!(a
             .set_node(
                 &mut wb,
                 5,
                 SetNodeCmd {
                     node: Some(NodeRecord::default()),
-                    create: false
+                    create: false,
+                    expect_state: 0,
                 }
             )
             .expect("apply")

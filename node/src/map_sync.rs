@@ -175,7 +175,8 @@ fn heartbeat(store: &StoreHandle) -> NodeHeartbeat {
                 conf_ver: v.members.conf_ver,
                 leader_id: v.leader_id,
                 term: v.term,
-                commit_index: v.commit_index,
+                // The commit index of the moment the progress was taken.
+                commit_index: v.progress_commit,
                 applied_index: v.applied_index,
                 progress: v
                     .progress

@@ -179,6 +179,17 @@ pub fn plan(
     if voters_after.is_empty() {
         return Err("a group keeps at least one voter".into());
     }
+    let adds_learner = changes
+        .iter()
+        .any(|c| matches!(c, PeerChange::AddLearner(_)));
+    let removes_voter = changes
+        .iter()
+        .any(|c| matches!(c, PeerChange::Remove(n) if m.voters.contains(n)));
+    if adds_learner && removes_voter {
+        return Err(
+            "add the new replica first: a voter is removed only when its replacement votes".into(),
+        );
+    }
     // A single change is applied at once; several go through a joint
     // configuration left by an explicit empty change (raft-rs 0.7 does not
     // leave by itself when the leader changes meanwhile).
@@ -269,7 +280,7 @@ mod tests {
             at(1),
             1
         )
-        .is_ok());
+        .is_err());
     }
 
     #[test]

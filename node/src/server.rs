@@ -48,13 +48,14 @@ pub async fn serve(
     let tcfg = config.clone();
     let tengine = engine.clone();
     let tbook = book.clone();
+    let tuuid = ident.uuid;
     let (store, handle) = store::create(
         config.clone(),
         ident,
         book,
         engine,
         move |tx, counters, suspects| {
-            Transport::new(&tcfg, tbook, tengine, rt, tx, counters, suspects)
+            Transport::new(&tcfg, tuuid, tbook, tengine, rt, tx, counters, suspects)
         },
     )
     .context("cannot start the raft store")?;

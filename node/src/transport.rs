@@ -63,6 +63,7 @@ enum Outgoing {
 /// Sending side of the raft transport, owned by the store thread.
 pub struct Transport {
     node_id: u64,
+    store_uuid: bytes::Bytes,
     /// One link per peer: its address and queue.
     peers: HashMap<u64, (String, mpsc::Sender<Outgoing>)>,
     book: Arc<AddressBook>,
@@ -84,8 +85,12 @@ pub struct Transport {
 
 impl Transport {
     /// Spawns one sender task per known peer on `rt`.
+    // Each argument is a separate piece of the node's wiring (built once,
+    // in `server`); a struct for them would only be taken apart here.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &NodeConfig,
+        store_uuid: [u8; 16],
         book: Arc<AddressBook>,
         engine: Engine,
         rt: tokio::runtime::Handle,
@@ -95,6 +100,7 @@ impl Transport {
     ) -> Transport {
         let mut t = Transport {
             node_id: config.node_id,
+            store_uuid: bytes::Bytes::copy_from_slice(&store_uuid),
             peers: HashMap::new(),
             book,
             book_epoch: u64::MAX,
@@ -148,6 +154,7 @@ impl Transport {
         self.peers.insert(to, (addr.clone(), tx));
         let peer = PeerLink {
             from: self.node_id,
+            uuid: self.store_uuid.clone(),
             to,
             addr,
             rx,
@@ -361,6 +368,8 @@ async fn send_snapshot(
 /// One peer's sender task.
 struct PeerLink {
     from: u64,
+    /// This node's data-directory identity, sent with every batch.
+    uuid: bytes::Bytes,
     to: u64,
     addr: String,
     rx: mpsc::Receiver<Outgoing>,
@@ -431,6 +440,7 @@ impl PeerLink {
                             from_node: self.from,
                             to_node: self.to,
                             envelopes: Vec::new(),
+                            from_store_uuid: self.uuid.clone(),
                         };
                         // Never wait for room: a full stream is not idle.
                         let _ = btx.try_send(empty);
@@ -489,6 +499,7 @@ impl PeerLink {
             from_node: self.from,
             to_node: self.to,
             envelopes,
+            from_store_uuid: self.uuid.clone(),
         }
     }
 }

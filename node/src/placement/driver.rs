@@ -265,10 +265,13 @@ async fn mark_nodes(
             cmd: Some(Cmd::SetNode(SetNodeCmd {
                 node: Some(rec),
                 create: false,
+                expect_state: n.state,
             })),
         };
         match store.propose(META_GROUP_ID, &cmd).await {
             Ok(Ok(_)) => {}
+            // Changed meanwhile (an admin, a heartbeat): next pass.
+            Ok(Err(e)) if e.kind() == raftblk_proto::ErrorCode::Unavailable => {}
             Ok(Err(e)) => return Err(e.to_string()),
             Err(e) => return Err(e.to_string()),
         }

@@ -124,6 +124,15 @@ impl Ctx<'_> {
         *self.load.get(&n).unwrap_or(&0) as f64 / w
     }
 
+    /// More than half of `voters` are on live, fit nodes.
+    fn live_majority(&self, voters: &[u64]) -> bool {
+        let live = voters
+            .iter()
+            .filter(|v| self.fit(**v) && self.live(**v))
+            .count();
+        live * 2 > voters.len()
+    }
+
     fn has_room(&self, n: u64) -> bool {
         self.busy.get(&n).copied().unwrap_or(0) < self.limits.moves_per_node_max
     }
@@ -258,8 +267,11 @@ fn step(g: &GroupInfo, ctx: &mut Ctx<'_>) -> Option<Action> {
         ));
     }
     if let Some(l) = g.learners.iter().copied().find(|l| caught_up(g, *l)) {
+        // The voter to replace: one on an unfit node, else a dead one, else
+        // (a rebalancing move) the one on the fullest node.
         let unfit = g.voters.iter().copied().find(|v| !ctx.fit(*v));
-        let victim = match unfit {
+        let dead = g.voters.iter().copied().find(|v| !ctx.live(*v));
+        let victim = match unfit.or(dead) {
             Some(v) => Some(v),
             None if g.voters.len() >= g.want => g
                 .voters
@@ -268,6 +280,16 @@ fn step(g: &GroupInfo, ctx: &mut Ctx<'_>) -> Option<Action> {
                 .max_by(|a, b| ctx.fullness(*a).total_cmp(&ctx.fullness(*b)).then(a.cmp(b))),
             None => None,
         };
+        let mut after: Vec<u64> = g
+            .voters
+            .iter()
+            .copied()
+            .filter(|v| Some(*v) != victim)
+            .collect();
+        after.push(l);
+        if !ctx.live_majority(&after) {
+            return None;
+        }
         if victim == Some(g.leader) {
             let to = ctx.transferee(g, &g.voters, g.leader)?;
             return Some(Action::TransferLeader {
@@ -296,14 +318,24 @@ fn step(g: &GroupInfo, ctx: &mut Ctx<'_>) -> Option<Action> {
         .find(|v| !ctx.fit(*v) && *v != g.leader);
     if g.voters.len() > g.want {
         // Too many voters (the meta group shrinking to an odd size): drop
-        // an unfit one, else the one on the fullest node.
-        let v = unfit.or_else(|| {
+        // an unfit one, else a dead one, else the one on the fullest node;
+        // only if the voters left still have a live majority.
+        let dead = g
+            .voters
+            .iter()
+            .copied()
+            .find(|v| !ctx.live(*v) && *v != g.leader);
+        let v = unfit.or(dead).or_else(|| {
             g.voters
                 .iter()
                 .copied()
                 .filter(|v| *v != g.leader)
                 .max_by(|a, b| ctx.fullness(*a).total_cmp(&ctx.fullness(*b)).then(a.cmp(b)))
         })?;
+        let after: Vec<u64> = g.voters.iter().copied().filter(|x| *x != v).collect();
+        if !ctx.live_majority(&after) {
+            return None;
+        }
         return Some(change(g, vec![PeerChange::Remove(v)], "one voter too many"));
     }
     let unfit_any = g.voters.iter().copied().find(|v| !ctx.fit(*v));
@@ -529,6 +561,36 @@ mod tests {
         assert!(
             matches!(&a[0], Action::ChangePeers { changes, .. }
             if changes == &vec![PeerChange::AddLearner(6)]),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn no_removal_leaves_a_group_without_a_live_majority() {
+        // Node 2 is down (rebooting), node 3 drains, three nodes in all:
+        // dropping node 3 would leave {1, 2} with one live voter.
+        let nodes = [
+            node(1, NodeState::Up),
+            node(2, NodeState::Down),
+            node(3, NodeState::Draining),
+        ];
+        let mut g = group(1, &[1, 2, 3], 1);
+        g.want = 2;
+        assert!(plan(&nodes, std::slice::from_ref(&g), LIMITS).is_empty());
+        // A caught-up learner replaces the dead voter rather than a live one.
+        let nodes = [
+            node(1, NodeState::Up),
+            node(2, NodeState::Down),
+            node(3, NodeState::Up),
+            node(4, NodeState::Up),
+        ];
+        let mut g = group(1, &[1, 2, 3], 1);
+        g.learners = vec![4];
+        g.progress.push((4, 100, "replicate".into()));
+        let a = plan(&nodes, &[g], LIMITS);
+        assert!(
+            matches!(&a[0], Action::ChangePeers { changes, .. }
+            if changes == &vec![PeerChange::AddVoter(4), PeerChange::Remove(2)]),
             "{a:?}"
         );
     }

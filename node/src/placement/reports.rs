@@ -34,8 +34,9 @@ pub struct Reports {
 }
 
 impl Reports {
-    /// Records a heartbeat (the caller checked the node is a member).
-    pub fn record(&self, hb: &NodeHeartbeat, now: Instant) {
+    /// Records a heartbeat (the caller checked the node is a member);
+    /// reports of groups past `data_groups` are ignored.
+    pub fn record(&self, hb: &NodeHeartbeat, now: Instant, data_groups: u64) {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         if nodes.len() < crate::cluster_map::NODES_MAX || nodes.contains_key(&hb.node_id) {
             nodes.insert(
@@ -51,7 +52,7 @@ impl Reports {
         }
         drop(nodes);
         let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
-        for g in &hb.led {
+        for g in hb.led.iter().filter(|g| g.group_id <= data_groups) {
             // A newer term, or the same term's newer view, wins.
             let newer = groups
                 .get(&g.group_id)

@@ -176,7 +176,8 @@ impl Cluster for ClusterService {
             });
         }
         for c in &changes {
-            if self.store.book.addr(c.node()).is_none() {
+            // A removed node may still have to be dropped from a group.
+            if !matches!(c, PeerChange::Remove(_)) && self.store.book.addr(c.node()).is_none() {
                 return fail(PbError::new(
                     ErrorCode::InvalidArgument,
                     format!("node {} is not a cluster member", c.node()),

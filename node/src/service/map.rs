@@ -172,13 +172,14 @@ async fn handle_heartbeat(
             hb.node_id, hb.node_id, hb.node_id
         )));
     }
-    reports.record(&hb, Instant::now());
+    reports.record(&hb, Instant::now(), store.config.cluster.data_groups);
     // The node's own facts, and its return from down/out.
     let back = rec.state == NodeState::Down as i32 || rec.state == NodeState::Out as i32;
     if rec.store_uuid.is_empty() || rec.addr != hb.addr || back {
         if hb.addr.parse::<SocketAddr>().is_err() {
             return Err(invalid(format!("address `{}` is not host:port", hb.addr)));
         }
+        let expect_state = rec.state;
         rec.store_uuid = hb.store_uuid.clone();
         rec.addr = hb.addr.clone();
         if back {
@@ -186,14 +187,22 @@ async fn handle_heartbeat(
             rec.state = NodeState::Up as i32;
             rec.state_since_unix_ms = now_unix_ms();
         }
-        propose(
+        match propose(
             store,
             Cmd::SetNode(SetNodeCmd {
                 node: Some(rec),
                 create: false,
+                expect_state,
             }),
         )
-        .await?;
+        .await
+        {
+            // Changed meanwhile: the next heartbeat tries again.
+            Err(e) if e.kind() == ErrorCode::Unavailable => {}
+            r => {
+                r?;
+            }
+        }
     }
     // Groups whose configuration moved on since the map last heard.
     let mut newer = Vec::new();
@@ -319,6 +328,7 @@ async fn handle_join(
         Cmd::SetNode(SetNodeCmd {
             node: Some(rec),
             create,
+            expect_state: 0,
         }),
     )
     .await?;
@@ -369,6 +379,7 @@ pub async fn set_node(store: &StoreHandle, req: SetNodeRequest) -> MapChangeResp
             Cmd::SetNode(SetNodeCmd {
                 node: Some(rec),
                 create: false,
+                expect_state: 0,
             }),
         )
         .await?;

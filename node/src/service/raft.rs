@@ -34,12 +34,24 @@ impl RaftTransport for RaftService {
     async fn send(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<Empty>, Status> {
         let me = self.store.config.node_id;
         let mut stream = req.into_inner();
+        // The sender, checked on its first batch: later ones must match.
+        let mut sender: Option<(u64, bytes::Bytes)> = None;
         while let Some(batch) = stream.message().await? {
             if batch.to_node != me {
                 return Err(Status::invalid_argument(format!(
                     "batch for node {} reached node {me}",
                     batch.to_node
                 )));
+            }
+            match &sender {
+                Some((n, u)) if *n == batch.from_node && *u == batch.from_store_uuid => {}
+                Some(_) => {
+                    return Err(Status::invalid_argument("a raft stream changed its sender"))
+                }
+                None => {
+                    check_sender(&self.store, batch.from_node, &batch.from_store_uuid)?;
+                    sender = Some((batch.from_node, batch.from_store_uuid.clone()));
+                }
             }
             if batch.envelopes.len() > BATCH_ENVELOPES_MAX {
                 return Err(Status::invalid_argument("too many envelopes in one batch"));
@@ -173,6 +185,33 @@ impl RaftTransport for RaftService {
         }
         Ok(Response::new(Empty {}))
     }
+}
+
+/// Refuses a raft stream from a node whose data directory is not the one
+/// the cluster map records for its id (a wiped or replaced disk that came
+/// back under the old id: its empty log and lost votes must not count), or
+/// from a removed node.
+fn check_sender(store: &StoreHandle, from: u64, uuid: &[u8]) -> Result<(), Status> {
+    if store.book.is_removed(from) {
+        return Err(Status::permission_denied(format!(
+            "node {from} was removed from the cluster"
+        )));
+    }
+    let Some(map) = store.book.map() else {
+        return Ok(());
+    };
+    if let Some(rec) = map.nodes.iter().find(|n| n.id == from) {
+        if !rec.store_uuid.is_empty() && rec.store_uuid.as_ref() != uuid {
+            tracing::warn!(
+                from,
+                "raft stream refused: the sender's data directory is not the one the cluster knows"
+            );
+            return Err(Status::permission_denied(format!(
+                "node {from}'s data directory is not the one the cluster knows: remove node {from} and join under a new id"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Writes the pieces after the header into `writer`; the total number of

@@ -30,6 +30,9 @@ pub struct GroupView {
     /// On the leader, refreshed every tick: each other replica's matched
     /// log index and progress state.
     pub progress: Arc<[(u64, u64, &'static str)]>,
+    /// The leader's commit index when `progress` was taken (compare
+    /// matched indexes with this, not with the newer `commit_index`).
+    pub progress_commit: u64,
     pub leader_id: u64,
     pub term: u64,
     pub role: &'static str,

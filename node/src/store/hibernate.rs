@@ -101,9 +101,11 @@ impl Store {
             _ => {}
         }
         let leader = g.node.raft.leader_id;
+        // Its leader asking for a vote restarted (it lost its leadership
+        // with its process): its lease is gone as well.
         let quiet = leader != 0
             && leader != self.node_id
-            && self.liveness.silent_for(leader).is_none_or(|d| d >= half);
+            && (m.from == leader || self.liveness.silent_for(leader).is_none_or(|d| d >= half));
         wake_group(g);
         if vote && quiet {
             let et = g.node.raft.election_timeout();

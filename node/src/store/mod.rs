@@ -479,16 +479,18 @@ impl Store {
             Ok(v) => v,
             Err(_) => return,
         };
-        let progress = progress.unwrap_or_else(|| {
-            views
+        let (progress, progress_commit) = match progress {
+            Some(p) => (p, g.node.raft.raft_log.committed),
+            None => views
                 .get(&id)
-                .map(|v| v.progress.clone())
-                .unwrap_or_else(|| Arc::from(Vec::new()))
-        });
+                .map(|v| (v.progress.clone(), v.progress_commit))
+                .unwrap_or_else(|| (Arc::from(Vec::new()), 0)),
+        };
         let v = GroupView {
             group: id,
             members: g.members.clone(),
             progress,
+            progress_commit,
             leader_id: g.node.raft.leader_id,
             term: g.node.raft.term,
             role: role_name(g.node.raft.state),
