@@ -50,6 +50,8 @@ pub struct ClusterSpec {
     /// Rebuild throttle (`placement.snapshot_bytes_per_sec`; None: the
     /// default).
     pub snapshot_bytes_per_sec: Option<u64>,
+    /// `placement.nearfull_ratio` and `full_ratio` (None: the defaults).
+    pub full_ratios: Option<(f64, f64)>,
     /// Balance replicas and leaderships (off by default in tests, so
     /// leadership stays where a test puts it: the `norebalance` flag).
     pub rebalance: bool,
@@ -75,6 +77,7 @@ impl Default for ClusterSpec {
             node_down_after_ms: 2000,
             down_out_secs: 600,
             snapshot_bytes_per_sec: None,
+            full_ratios: None,
             rebalance: false,
         }
     }
@@ -103,11 +106,23 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A free loopback port, never one handed out before in this process
+/// (tests in one binary run clusters side by side: two of them must not
+/// get the same port between its release here and a node's bind).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..1000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(0);
+        if port != 0 && !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+    0
 }
 
 /// A running test cluster.
@@ -254,6 +269,9 @@ impl LocalCluster {
         );
         if let Some(b) = p.snapshot_bytes_per_sec {
             t += &format!("snapshot_bytes_per_sec = {b}\n");
+        }
+        if let Some((near, full)) = p.full_ratios {
+            t += &format!("nearfull_ratio = {near}\nfull_ratio = {full}\n");
         }
         t
     }

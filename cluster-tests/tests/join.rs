@@ -136,3 +136,35 @@ async fn a_node_joins_through_a_seed_and_the_map_follows() -> anyhow::Result<()>
     anyhow::ensure!(log.contains("must not bootstrap again"), "log:\n{log}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_full_nodes_are_refused_clearly() -> anyhow::Result<()> {
+    // Every disk counts as full (any use is past 0.01%): the driver marks
+    // the nodes full in the map and writes get a clear NO_SPACE error,
+    // while reads and discards still work.
+    let c = LocalCluster::start(ClusterSpec {
+        full_ratios: Some((0.0001, 0.0001)),
+        ..ClusterSpec::default()
+    })?;
+    c.wait_healthy(HEALTHY).await?;
+    let client = c.client().await?;
+    client.create_volume("full", 4 << 20).await?;
+    let vol = client.open_volume("full").await?;
+    let err = wait_for("writes refused as the map marks the nodes full", || async {
+        match vol.write(0, &raftblk_cluster_tests::payload(1, 4096)).await {
+            Ok(()) => None,
+            Err(e) => Some(e.to_string()),
+        }
+    })
+    .await?;
+    anyhow::ensure!(
+        err.contains("NO_SPACE") && err.contains("full_ratio"),
+        "unclear error: {err}"
+    );
+    let map = client.cluster_map().await?;
+    anyhow::ensure!(map.full_nodes.len() == 3, "full nodes {:?}", map.full_nodes);
+    vol.read(0, 4096).await?;
+    vol.discard(0, 4096).await?;
+    println!("write refused: {err}");
+    Ok(())
+}

@@ -499,6 +499,9 @@ fn spec_for(s: &Scenario) -> anyhow::Result<ClusterSpec> {
         data_groups: if s.nodes >= 6 { 6 } else { 4 },
         chunk_size_bytes: 64 * 1024,
         tmpfs_node: (s.name == "full_disk").then_some((3, 48)),
+        // The scenario checks that a node whose disk fills up stops
+        // (fail-stop): no refusal before it (tests/join.rs checks that).
+        full_ratios: (s.name == "full_disk").then_some((0.85, 1.0)),
         netns: NETNS_SCENARIOS.contains(&s.name),
         // The slow node (made a follower of every group by the scenario).
         delay_proxy_node: (s.name == "slow_link").then_some(3),

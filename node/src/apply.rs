@@ -128,6 +128,7 @@ impl<'a> Applier<'a> {
             Cmd::SetNode(c) => self.set_node(wb, group, c),
             Cmd::SetGroups(c) => self.set_groups(wb, group, c),
             Cmd::SetFlags(c) => self.set_flags(wb, group, c),
+            Cmd::SetFullNodes(c) => self.set_full_nodes(wb, group, c),
             Cmd::CreateVolume(c) => self.create_volume(wb, group, c),
             Cmd::DeleteVolume(d) => self.delete_volume(wb, group, &d.name),
             Cmd::GrowVolume(g) => self.grow_volume(wb, group, &g.name, g.new_size_bytes),

@@ -8,7 +8,7 @@
 use prost::Message as _;
 use raftblk_proto::{
     ClusterFlags, ClusterMap, Error as PbError, ErrorCode, GroupRecord, NodeRecord, NodeState,
-    SetFlagsCmd, SetGroupsCmd, SetNodeCmd, META_GROUP_ID,
+    SetFlagsCmd, SetFullNodesCmd, SetGroupsCmd, SetNodeCmd, META_GROUP_ID,
 };
 use rocksdb::WriteBatch;
 
@@ -175,6 +175,22 @@ impl Applier<'_> {
         Ok(Ok(ApplyOutput::MapEpoch(self.bump_epoch(wb, group)?)))
     }
 
+    pub(crate) fn set_full_nodes(
+        &mut self,
+        wb: &mut WriteBatch,
+        group: u64,
+        c: SetFullNodesCmd,
+    ) -> Result<ApplyResult, EngineError> {
+        if group != META_GROUP_ID || c.nodes.len() > NODES_MAX {
+            return Ok(Err(PbError::new(
+                ErrorCode::InvalidArgument,
+                "full nodes live in the meta group",
+            )));
+        }
+        self.put(wb, keys::map_full_nodes(group), c.encode_to_vec());
+        Ok(Ok(ApplyOutput::MapEpoch(self.bump_epoch(wb, group)?)))
+    }
+
     pub(crate) fn set_flags(
         &mut self,
         wb: &mut WriteBatch,
@@ -221,6 +237,12 @@ pub fn read(engine: &Engine) -> Result<ClusterMap, EngineError> {
     let key = keys::map_flags(g);
     if let Some(v) = get(key.clone())? {
         map.flags = Some(ClusterFlags::decode(v.as_slice()).map_err(|e| corrupt(&key, e))?);
+    }
+    let key = keys::map_full_nodes(g);
+    if let Some(v) = get(key.clone())? {
+        map.full_nodes = SetFullNodesCmd::decode(v.as_slice())
+            .map_err(|e| corrupt(&key, e))?
+            .nodes;
     }
     let mut bad = None;
     let (start, end) = keys::map_nodes_range(g);

@@ -126,8 +126,9 @@ pub struct PlacementConfig {
     pub snapshot_bytes_per_sec: u64,
     /// No new replicas go to a node whose disk is fuller than this.
     pub nearfull_ratio: f64,
-    /// Reserved: writes are to be refused past this (not enforced yet; a
-    /// node whose disk fills up stops, fail-stop).
+    /// Writes to groups with a replica on a node whose disk is fuller than
+    /// this are refused (NO_SPACE) until space is freed; 1.0 turns it off
+    /// (a node whose disk fills up then stops, fail-stop).
     pub full_ratio: f64,
 }
 

@@ -10,7 +10,7 @@
 //!   next volume id `G|n`, configuration version `G|r` (in the state
 //!   machine so a snapshot carries it); in the meta group also the cluster
 //!   map: nodes `G|N|id`, groups `G|P|group`, flags `G|F`, epoch `G|E`,
-//!   parameters `G|K`.
+//!   parameters `G|K`, full nodes `G|U`.
 //!
 //! `G` and all integers are 8-byte big-endian so keys sort numerically and a
 //! group's state machine is one contiguous range (what a snapshot copies).
@@ -152,6 +152,9 @@ pub fn map_flags(group: u64) -> Vec<u8> {
 }
 pub fn map_epoch(group: u64) -> Vec<u8> {
     with_group(group, b'E', 0)
+}
+pub fn map_full_nodes(group: u64) -> Vec<u8> {
+    with_group(group, b'U', 0)
 }
 pub fn map_params(group: u64) -> Vec<u8> {
     with_group(group, b'K', 0)

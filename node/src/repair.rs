@@ -58,7 +58,8 @@ pub fn touches(data: &[u8], volume: u64, blk: u64) -> bool {
         | Cmd::GrowVolume(_)
         | Cmd::SetNode(_)
         | Cmd::SetGroups(_)
-        | Cmd::SetFlags(_) => false,
+        | Cmd::SetFlags(_)
+        | Cmd::SetFullNodes(_) => false,
     }
 }
 

@@ -173,6 +173,9 @@ pub async fn run(store: StoreHandle, reports: Arc<Reports>, status: Arc<DriverSt
         let Some(map) = crate::map_sync::read_local(&store).await else {
             continue;
         };
+        if let Err(e) = mark_full(&store, &reports, &map).await {
+            tracing::warn!(error = %e, "placement: cannot update full nodes");
+        }
         if let Err(e) = mark_nodes(&store, &reports, &map, since).await {
             tracing::warn!(error = %e, "placement: cannot update node states");
             continue;
@@ -223,6 +226,39 @@ pub async fn run(store: StoreHandle, reports: Arc<Reports>, status: Arc<DriverSt
         }
         let calls = actions.into_iter().map(|a| execute(&store, a));
         futures::future::join_all(calls).await;
+    }
+}
+
+/// Records in the map which live nodes' disks are past the full ratio
+/// (writes to their groups are refused, see `service::block_io`).
+async fn mark_full(store: &StoreHandle, reports: &Reports, map: &ClusterMap) -> Result<(), String> {
+    let ratio = store.config.placement.full_ratio;
+    let mut full: Vec<u64> = reports
+        .nodes()
+        .into_iter()
+        .filter(|(_, r)| {
+            r.capacity_bytes > 0
+                && (r.capacity_bytes - r.available_bytes.min(r.capacity_bytes)) as f64
+                    > ratio * r.capacity_bytes as f64
+        })
+        .map(|(id, _)| id)
+        .collect();
+    full.sort_unstable();
+    let mut have = map.full_nodes.clone();
+    have.sort_unstable();
+    if full == have {
+        return Ok(());
+    }
+    tracing::warn!(full = ?full, ratio, "placement: nodes past the full ratio (writes to their groups refused)");
+    let cmd = Command {
+        cmd: Some(Cmd::SetFullNodes(raftblk_proto::SetFullNodesCmd {
+            nodes: full,
+        })),
+    };
+    match store.propose(META_GROUP_ID, &cmd).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 

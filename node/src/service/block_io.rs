@@ -111,6 +111,37 @@ impl BlockIoService {
             Some(_) => Ok(()),
         }
     }
+
+    /// Refuses writes to a group with a replica on a node whose disk the
+    /// cluster map records as past the full ratio (a full follower would
+    /// otherwise stop on its next append).
+    fn check_space(&self, group: u64) -> Result<(), PbError> {
+        let Some(map) = self.store.book.map() else {
+            return Ok(());
+        };
+        if map.full_nodes.is_empty() {
+            return Ok(());
+        }
+        let Some(v) = self.store.view(group) else {
+            return Ok(());
+        };
+        let full: Vec<u64> = v
+            .members
+            .all()
+            .into_iter()
+            .filter(|n| map.full_nodes.contains(n))
+            .collect();
+        if full.is_empty() {
+            return Ok(());
+        }
+        Err(PbError::new(
+            ErrorCode::NoSpace,
+            format!(
+                "group {group} has a replica on node(s) {full:?}, whose disk is past placement.full_ratio ({}): writes are refused until space is freed or nodes are added; reads, discards and deletes still work",
+                self.store.config.placement.full_ratio
+            ),
+        ))
+    }
 }
 
 /// Reads `[offset, offset+len)` of `volume` from `group`'s blocks,
@@ -257,6 +288,9 @@ impl BlockIo for BlockIoService {
             return fail(e);
         }
         if let Err(e) = self.check_leader(range.group_id) {
+            return fail(e);
+        }
+        if let Err(e) = self.check_space(range.group_id) {
             return fail(e);
         }
         let cmd = Cmd::Write(WriteCmd {
