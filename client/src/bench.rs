@@ -2,8 +2,11 @@
 //! (4 KiB random writes and reads at QD1 and QD32, 1 MiB sequential writes)
 //! and, in the same run, measures this machine's local limits: a 4 KiB
 //! write + fdatasync at QD1, and synced RocksDB writes from 32 threads.
-//! Prints one table with IOPS, MiB/s, p50/p99 latency and the ratio to the
-//! local limit.
+//! Prints one table with IOPS, MiB/s, p50/p99 latency, the ratio to the
+//! local limit, and the CPU time each operation cost: all node processes
+//! together (user + system from `/proc`, for the nodes whose pid files
+//! `--local-dir` holds, as `deploy/local-cluster.sh` writes them) and this
+//! client process.
 
 use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
@@ -44,6 +47,81 @@ struct Stats {
     bytes: u64,
     elapsed: Duration,
     lat_us: Vec<u32>,
+    /// CPU spent meanwhile, in ms: all node processes (None: no pid files)
+    /// and this process.
+    node_cpu_ms: Option<f64>,
+    client_cpu_ms: f64,
+}
+
+/// CPU time of processes, from `/proc/PID/stat` (utime + stime).
+struct CpuMeter {
+    nodes: Vec<u32>,
+    ticks_per_sec: f64,
+}
+
+impl CpuMeter {
+    /// The node processes whose pid files (`node*.pid`) are in `dir`.
+    fn new(dir: &std::path::Path) -> CpuMeter {
+        let mut nodes = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("node") && name.ends_with(".pid") {
+                    if let Some(pid) = std::fs::read_to_string(e.path())
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u32>().ok())
+                    {
+                        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                            nodes.push(pid);
+                        }
+                    }
+                }
+            }
+        }
+        let ticks_per_sec = std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .filter(|t| *t > 0.0)
+            .unwrap_or(100.0);
+        CpuMeter {
+            nodes,
+            ticks_per_sec,
+        }
+    }
+
+    fn ticks(pid: &str) -> Option<u64> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name may hold spaces: fields start after the ')'.
+        let rest = text.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 (1-based) of the line, the
+        // 12th and 13th after the name.
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    }
+
+    /// (node ticks, own ticks) now.
+    fn sample(&self) -> (Option<u64>, u64) {
+        let nodes = if self.nodes.is_empty() {
+            None
+        } else {
+            self.nodes
+                .iter()
+                .map(|p| Self::ticks(&p.to_string()))
+                .sum::<Option<u64>>()
+        };
+        (nodes, Self::ticks("self").unwrap_or(0))
+    }
+
+    fn ms(&self, ticks: u64) -> f64 {
+        ticks as f64 * 1000.0 / self.ticks_per_sec
+    }
 }
 
 impl Stats {
@@ -78,7 +156,13 @@ struct Spec {
     sequential: bool,
 }
 
-async fn workload(vol: &Volume, spec: Spec, region: u64, seconds: u64) -> anyhow::Result<Stats> {
+async fn workload(
+    vol: &Volume,
+    spec: Spec,
+    region: u64,
+    seconds: u64,
+    cpu: &CpuMeter,
+) -> anyhow::Result<Stats> {
     let Spec {
         name,
         op,
@@ -88,6 +172,7 @@ async fn workload(vol: &Volume, spec: Spec, region: u64, seconds: u64) -> anyhow
     } = spec;
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let next = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu.sample();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..qd {
@@ -125,6 +210,8 @@ async fn workload(vol: &Volume, spec: Spec, region: u64, seconds: u64) -> anyhow
         bytes: 0,
         elapsed: Duration::ZERO,
         lat_us: Vec::new(),
+        node_cpu_ms: None,
+        client_cpu_ms: 0.0,
     };
     for t in tasks {
         let (ops, lat) = t.await??;
@@ -132,6 +219,12 @@ async fn workload(vol: &Volume, spec: Spec, region: u64, seconds: u64) -> anyhow
         stats.lat_us.extend(lat);
     }
     stats.elapsed = started.elapsed();
+    let cpu_after = cpu.sample();
+    stats.node_cpu_ms = match (cpu_before.0, cpu_after.0) {
+        (Some(a), Some(b)) => Some(cpu.ms(b.saturating_sub(a))),
+        _ => None,
+    };
+    stats.client_cpu_ms = cpu.ms(cpu_after.1.saturating_sub(cpu_before.1));
     stats.bytes = stats.ops * block;
     Ok(stats)
 }
@@ -185,6 +278,8 @@ fn local_fdatasync(dir: &std::path::Path, seconds: u64) -> anyhow::Result<Stats>
         bytes: ops * 4096,
         elapsed,
         lat_us: lat,
+        node_cpu_ms: None,
+        client_cpu_ms: 0.0,
     })
 }
 
@@ -224,6 +319,8 @@ fn local_rocksdb(dir: &std::path::Path, seconds: u64) -> anyhow::Result<Stats> {
         bytes: 0,
         elapsed: Duration::ZERO,
         lat_us: Vec::new(),
+        node_cpu_ms: None,
+        client_cpu_ms: 0.0,
     };
     for t in threads {
         let (ops, lat) = t
@@ -259,6 +356,13 @@ pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
     let d2 = dir.clone();
     let mut rocks = tokio::task::spawn_blocking(move || local_rocksdb(&d2, s)).await??;
 
+    let cpu = CpuMeter::new(&dir);
+    if cpu.nodes.is_empty() {
+        eprintln!(
+            "no node pid files in {}: node CPU per operation is not measured",
+            dir.display()
+        );
+    }
     let name = format!("bench-{}", std::process::id());
     client.create_volume(&name, size).await?;
     let vol = client.open_volume(&name).await?;
@@ -275,6 +379,7 @@ pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
             },
             size,
             s,
+            &cpu,
         )
         .await?;
         // Random I/O within what the sequential pass filled.
@@ -290,6 +395,7 @@ pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
             },
             region,
             s,
+            &cpu,
         )
         .await?;
         let mut w32 = workload(
@@ -303,6 +409,7 @@ pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
             },
             region,
             s,
+            &cpu,
         )
         .await?;
         let mut r1 = workload(
@@ -316,6 +423,7 @@ pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
             },
             region,
             s,
+            &cpu,
         )
         .await?;
         let mut r32 = workload(
@@ -329,23 +437,44 @@ pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
             },
             region,
             s,
+            &cpu,
         )
         .await?;
         let fs_p50 = fsync.pct(0.5);
         let rocks_iops = rocks.iops();
         let mut out = String::new();
-        out += "| workload | IOPS | MiB/s | p50 ms | p99 ms | vs local limit |\n";
-        out += "|---|---:|---:|---:|---:|---|\n";
+        out += &format!(
+            "| workload | IOPS | MiB/s | p50 ms | p99 ms | vs local limit | node CPU ms/op ({} nodes) | client CPU ms/op |\n",
+            cpu.nodes.len()
+        );
+        out += "|---|---:|---:|---:|---:|---|---:|---:|\n";
         let mut row = |st: &mut Stats, ratio: String| {
             let (p50, p99) = (st.pct(0.5), st.pct(0.99));
+            let per_op = |ms: f64| {
+                if st.ops == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{:.3}", ms / st.ops as f64)
+                }
+            };
+            let (node, client) = if st.name.starts_with("local") {
+                ("-".to_string(), "-".to_string())
+            } else {
+                (
+                    st.node_cpu_ms.map_or("-".to_string(), per_op),
+                    per_op(st.client_cpu_ms),
+                )
+            };
             out += &format!(
-                "| {} | {:.0} | {:.1} | {:.3} | {:.3} | {} |\n",
+                "| {} | {:.0} | {:.1} | {:.3} | {:.3} | {} | {} | {} |\n",
                 st.name,
                 st.iops(),
                 st.mib_s(),
                 p50,
                 p99,
-                ratio
+                ratio,
+                node,
+                client
             );
         };
         row(&mut fsync, "(local limit: QD1 latency)".into());
