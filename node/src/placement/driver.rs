@@ -432,10 +432,28 @@ async fn execute(store: &StoreHandle, action: Action) {
                     .await
                     .map_err(|e| e.to_string())?
                     .into_inner();
-                match r.error {
-                    None => Ok(()),
-                    Some(e) => Err(e.to_string()),
+                if let Some(e) = r.error {
+                    return Err(e.to_string());
                 }
+                // Entered a joint configuration that this leader stays in:
+                // leaving it is always the next step, so take it now
+                // rather than a pass later.
+                if !r.voters_outgoing.is_empty() && r.voters.contains(&leader) {
+                    tracing::info!(group, leader, "placement: leave the joint configuration");
+                    let r = client
+                        .change_peers(ChangePeersRequest {
+                            group_id: *group,
+                            changes: Vec::new(),
+                            conf_ver: r.conf_ver,
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .into_inner();
+                    if let Some(e) = r.error {
+                        return Err(e.to_string());
+                    }
+                }
+                Ok(())
             }
             Action::TransferLeader { group, to, why, .. } => {
                 tracing::info!(group, leader, to, why, "placement: leadership transfer");
