@@ -177,6 +177,47 @@ impl Workload {
     pub fn history(&self) -> Vec<Op> {
         self.ops.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    /// Stops the clients, reads every block once more, and checks the
+    /// history: no linearizability anomaly and no failed operation (what
+    /// the scenarios where a majority stays up promise). Prints a one-line
+    /// summary and returns it.
+    pub async fn stop_and_check(
+        &mut self,
+        volumes: &[Volume],
+        blocks: u64,
+    ) -> anyhow::Result<Summary> {
+        self.stop().await;
+        let end = self.started.elapsed();
+        self.final_reads(volumes, blocks).await;
+        let history = self.history();
+        let summary = summarize(&history, end);
+        let anomalies = crate::history::check(&history);
+        println!(
+            "{} ops, {} acked writes, {} failed, longest gap {:?}, {} anomalies",
+            summary.ops,
+            summary.acked_writes,
+            summary.errors,
+            summary.longest_gap,
+            anomalies.len()
+        );
+        anyhow::ensure!(
+            anomalies.is_empty(),
+            "anomalies: {:?}",
+            &anomalies[..anomalies.len().min(5)]
+        );
+        let failed: Vec<&Op> = history
+            .iter()
+            .filter(|o| o.complete.is_none())
+            .take(5)
+            .collect();
+        anyhow::ensure!(
+            summary.errors == 0,
+            "{} operations failed: {failed:?}",
+            summary.errors
+        );
+        Ok(summary)
+    }
 }
 
 /// Summary of a history for the report.

@@ -7,8 +7,7 @@
 use std::time::{Duration, Instant};
 
 use raftblk_client::Volume;
-use raftblk_cluster_tests::history::check;
-use raftblk_cluster_tests::workload::{summarize, Workload, WorkloadSpec};
+use raftblk_cluster_tests::workload::{Workload, WorkloadSpec};
 use raftblk_cluster_tests::{ClusterSpec, LocalCluster};
 use raftblk_proto::NodeState;
 
@@ -99,26 +98,7 @@ async fn permanent_node_loss() -> anyhow::Result<()> {
         killed.elapsed()
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    wl.stop().await;
-    let end = wl.started.elapsed();
-    wl.final_reads(&vols, blocks).await;
-    let history = wl.history();
-    let summary = summarize(&history, end);
-    let anomalies = check(&history);
-    println!(
-        "{} ops, {} acked writes, {} failed, longest gap {:?}, {} anomalies",
-        summary.ops,
-        summary.acked_writes,
-        summary.errors,
-        summary.longest_gap,
-        anomalies.len()
-    );
-    anyhow::ensure!(
-        anomalies.is_empty(),
-        "anomalies: {:?}",
-        &anomalies[..anomalies.len().min(5)]
-    );
-    anyhow::ensure!(summary.errors == 0, "{} operations failed", summary.errors);
+    wl.stop_and_check(&vols, blocks).await?;
     for g in 1..=8 {
         c.wait_replicas_identical(g, Duration::from_secs(20))
             .await?;
@@ -244,35 +224,7 @@ async fn add_node_rebalance() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    wl.stop().await;
-    let end = wl.started.elapsed();
-    wl.final_reads(&vols, blocks).await;
-    let history = wl.history();
-    let summary = summarize(&history, end);
-    let anomalies = check(&history);
-    println!(
-        "{} ops, {} acked writes, {} failed, longest gap {:?}, {} anomalies",
-        summary.ops,
-        summary.acked_writes,
-        summary.errors,
-        summary.longest_gap,
-        anomalies.len()
-    );
-    anyhow::ensure!(
-        anomalies.is_empty(),
-        "anomalies: {:?}",
-        &anomalies[..anomalies.len().min(5)]
-    );
-    let failed: Vec<_> = history
-        .iter()
-        .filter(|o| o.complete.is_none())
-        .take(5)
-        .collect();
-    anyhow::ensure!(
-        summary.errors == 0,
-        "{} operations failed: {failed:?}",
-        summary.errors
-    );
+    wl.stop_and_check(&vols, blocks).await?;
     for g in 0..=8 {
         c.wait_replicas_identical(g, Duration::from_secs(20))
             .await?;
@@ -359,26 +311,7 @@ async fn drain_node() -> anyhow::Result<()> {
     }
     c.stop(drained as usize);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    wl.stop().await;
-    let end = wl.started.elapsed();
-    wl.final_reads(&vols, blocks).await;
-    let history = wl.history();
-    let summary = summarize(&history, end);
-    let anomalies = check(&history);
-    println!(
-        "{} ops, {} acked writes, {} failed, longest gap {:?}, {} anomalies",
-        summary.ops,
-        summary.acked_writes,
-        summary.errors,
-        summary.longest_gap,
-        anomalies.len()
-    );
-    anyhow::ensure!(
-        anomalies.is_empty(),
-        "anomalies: {:?}",
-        &anomalies[..anomalies.len().min(5)]
-    );
-    anyhow::ensure!(summary.errors == 0, "{} operations failed", summary.errors);
+    wl.stop_and_check(&vols, blocks).await?;
     Ok(())
 }
 
@@ -445,26 +378,7 @@ async fn replaced_node_returns() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    wl.stop().await;
-    let end = wl.started.elapsed();
-    wl.final_reads(&vols, blocks).await;
-    let history = wl.history();
-    let summary = summarize(&history, end);
-    let anomalies = check(&history);
-    println!(
-        "{} ops, {} acked writes, {} failed, longest gap {:?}, {} anomalies",
-        summary.ops,
-        summary.acked_writes,
-        summary.errors,
-        summary.longest_gap,
-        anomalies.len()
-    );
-    anyhow::ensure!(
-        anomalies.is_empty(),
-        "anomalies: {:?}",
-        &anomalies[..anomalies.len().min(5)]
-    );
-    anyhow::ensure!(summary.errors == 0, "{} operations failed", summary.errors);
+    wl.stop_and_check(&vols, blocks).await?;
     // Its stale data is gone.
     c.kill(gone as usize);
     let engine = raftblk_node::engine::Engine::open(&c.data_dir(gone as usize))?;
@@ -600,34 +514,6 @@ async fn kill_during_move() -> anyhow::Result<()> {
                 .await?;
         }
     }
-    wl.stop().await;
-    let end = wl.started.elapsed();
-    wl.final_reads(&vols, blocks).await;
-    let history = wl.history();
-    let summary = summarize(&history, end);
-    let anomalies = check(&history);
-    println!(
-        "{} ops, {} acked writes, {} failed, longest gap {:?}, {} anomalies",
-        summary.ops,
-        summary.acked_writes,
-        summary.errors,
-        summary.longest_gap,
-        anomalies.len()
-    );
-    anyhow::ensure!(
-        anomalies.is_empty(),
-        "anomalies: {:?}",
-        &anomalies[..anomalies.len().min(5)]
-    );
-    let failed: Vec<_> = history
-        .iter()
-        .filter(|o| o.complete.is_none())
-        .take(5)
-        .collect();
-    anyhow::ensure!(
-        summary.errors == 0,
-        "{} operations failed: {failed:?}",
-        summary.errors
-    );
+    wl.stop_and_check(&vols, blocks).await?;
     Ok(())
 }

@@ -11,8 +11,7 @@
 use std::time::{Duration, Instant};
 
 use raftblk_client::Volume;
-use raftblk_cluster_tests::history::check;
-use raftblk_cluster_tests::workload::{summarize, Workload, WorkloadSpec};
+use raftblk_cluster_tests::workload::{Workload, WorkloadSpec};
 use raftblk_cluster_tests::{ClusterSpec, LocalCluster};
 use raftblk_proto::PeerChangeKind::{AddLearner, AddVoter, Remove};
 
@@ -172,30 +171,7 @@ async fn move_a_replica_under_load() -> anyhow::Result<()> {
     move_replica(&c, GROUP, from, to).await?;
     wait_gone(&c, from as usize, GROUP, STEP).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    wl.stop().await;
-    let end = wl.started.elapsed();
-    wl.final_reads(&vols, blocks).await;
-    let history = wl.history();
-    let summary = summarize(&history, end);
-    let anomalies = check(&history);
-    println!(
-        "{} ops, {} acked writes, {} failed, longest gap {:?}, {} anomalies",
-        summary.ops,
-        summary.acked_writes,
-        summary.errors,
-        summary.longest_gap,
-        anomalies.len()
-    );
-    anyhow::ensure!(
-        anomalies.is_empty(),
-        "anomalies: {:?}",
-        &anomalies[..anomalies.len().min(5)]
-    );
-    anyhow::ensure!(
-        summary.errors == 0,
-        "{} operations failed during the move",
-        summary.errors
-    );
+    let summary = wl.stop_and_check(&vols, blocks).await?;
     anyhow::ensure!(summary.acked_writes > 100, "too little load: {summary:?}");
     let (kvs, _) = c.wait_replicas_identical(GROUP, STEP).await?;
     anyhow::ensure!(kvs > 0, "group {GROUP} holds no data");

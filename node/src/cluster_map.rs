@@ -181,14 +181,13 @@ impl Applier<'_> {
         group: u64,
         c: SetFullNodesCmd,
     ) -> Result<ApplyResult, EngineError> {
-        if group != META_GROUP_ID || c.nodes.len() > NODES_MAX {
+        if c.nodes.len() > NODES_MAX {
             return Ok(Err(PbError::new(
                 ErrorCode::InvalidArgument,
-                "full nodes live in the meta group",
+                "too many full nodes",
             )));
         }
-        self.put(wb, keys::map_full_nodes(group), c.encode_to_vec());
-        Ok(Ok(ApplyOutput::MapEpoch(self.bump_epoch(wb, group)?)))
+        self.put_map_value(wb, group, keys::map_full_nodes(group), c.encode_to_vec())
     }
 
     pub(crate) fn set_flags(
@@ -197,14 +196,26 @@ impl Applier<'_> {
         group: u64,
         c: SetFlagsCmd,
     ) -> Result<ApplyResult, EngineError> {
+        let flags = c.flags.unwrap_or_default();
+        self.put_map_value(wb, group, keys::map_flags(group), flags.encode_to_vec())
+    }
+
+    /// Replaces one whole-map value (flags, full nodes) of the meta group
+    /// and bumps the epoch.
+    fn put_map_value(
+        &mut self,
+        wb: &mut WriteBatch,
+        group: u64,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    ) -> Result<ApplyResult, EngineError> {
         if group != META_GROUP_ID {
             return Ok(Err(PbError::new(
                 ErrorCode::InvalidArgument,
-                "flags live in the meta group",
+                "the cluster map lives in the meta group",
             )));
         }
-        let flags = c.flags.unwrap_or_default();
-        self.put(wb, keys::map_flags(group), flags.encode_to_vec());
+        self.put(wb, key, value);
         Ok(Ok(ApplyOutput::MapEpoch(self.bump_epoch(wb, group)?)))
     }
 }
