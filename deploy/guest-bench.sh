@@ -14,7 +14,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SECS="${1:-10}"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
-BIN="$TARGET/debug"
+BIN="$TARGET/release"
 STATE="$ROOT/.local-cluster"
 export RAFTBLK_CLUSTER="127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
 "$ROOT/deploy/local-cluster.sh" up >/dev/null

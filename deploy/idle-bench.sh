@@ -12,9 +12,9 @@ GROUPS_N="${1:-1024}"
 SECONDS_N="${2:-30}"
 SETTLE_SECS=10
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
-NODE_BIN="$TARGET/debug/raftblk-node"
-CLI_BIN="$TARGET/debug/raftblk"
-[[ -x "$NODE_BIN" && -x "$CLI_BIN" ]] || (cd "$ROOT" && cargo build --quiet -p raftblk-node -p raftblk-client --bins)
+NODE_BIN="$TARGET/release/raftblk-node"
+CLI_BIN="$TARGET/release/raftblk"
+[[ -x "$NODE_BIN" && -x "$CLI_BIN" ]] || (cd "$ROOT" && cargo build --release --quiet -p raftblk-node -p raftblk-client --bins)
 DIR="$(mktemp -d /tmp/raftblk-idle.XXXXXX)"
 PIDS=()
 cleanup() {

@@ -25,7 +25,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 STATE="$ROOT/.local-cluster"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
-PROFILE_DIR="$TARGET/debug"
+PROFILE_DIR="$TARGET/release"
 NODE_BIN="$PROFILE_DIR/raftblk-node"
 CLI_BIN="$PROFILE_DIR/raftblk"
 VHOST_BIN="$PROFILE_DIR/raftblk-vhost"
@@ -40,7 +40,7 @@ build() {
   [[ -x "$NODE_BIN" ]] || echo "building raftblk (a clean build compiles RocksDB: ~15 minutes)..."
   # Only the shipped packages: the test-only failpoints feature (enabled by
   # cluster-tests) must not reach the binaries this script runs.
-  cargo build --quiet -p raftblk-node -p raftblk-client -p raftblk-vhost --bins
+  cargo build --release --quiet -p raftblk-node -p raftblk-client -p raftblk-vhost --bins
 }
 
 running() { [[ -f "$STATE/node$1.pid" ]] && kill -0 "$(cat "$STATE/node$1.pid")" 2>/dev/null; }

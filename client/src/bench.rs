@@ -36,7 +36,23 @@ pub struct BenchArgs {
     /// Keep the scratch volume instead of deleting it.
     #[arg(long)]
     pub keep: bool,
+    /// Run only these cluster workloads (comma separated: seqwrite,
+    /// write1, write32, read1, read32), e.g. to profile one of them.
+    /// Without seqwrite the random ones use the first 64 MiB.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
 }
+
+/// The cluster workloads, by their `--only` names.
+const WORKLOADS: [&str; 5] = ["seqwrite", "write1", "write32", "read1", "read32"];
+
+/// Waiting for the nodes to go idle before a workload (and after it, with
+/// the background work it caused counted): at most this long...
+const SETTLE_MAX: Duration = Duration::from_secs(30);
+/// ...sampling node CPU over this window...
+const SETTLE_WINDOW: Duration = Duration::from_millis(500);
+/// ...until all nodes together use less than this share of one core.
+const SETTLE_IDLE_CORE_SHARE: f64 = 0.10;
 
 /// Latency samples kept per workload.
 const SAMPLES_MAX: usize = 2_000_000;
@@ -122,6 +138,26 @@ impl CpuMeter {
     fn ms(&self, ticks: u64) -> f64 {
         ticks as f64 * 1000.0 / self.ticks_per_sec
     }
+
+    /// Waits (at most `SETTLE_MAX`) until the nodes are idle: flushes and
+    /// compactions a workload left behind end before the next one starts,
+    /// and count for the workload that caused them.
+    async fn settle(&self) {
+        if self.nodes.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        while started.elapsed() < SETTLE_MAX {
+            let Some(a) = self.sample().0 else { return };
+            tokio::time::sleep(SETTLE_WINDOW).await;
+            let Some(b) = self.sample().0 else { return };
+            let busy_ms = self.ms(b.saturating_sub(a));
+            if busy_ms < SETTLE_WINDOW.as_millis() as f64 * SETTLE_IDLE_CORE_SHARE {
+                return;
+            }
+        }
+        eprintln!("note: the nodes were still busy {SETTLE_MAX:?} after a workload");
+    }
 }
 
 impl Stats {
@@ -170,6 +206,7 @@ async fn workload(
         block,
         sequential,
     } = spec;
+    cpu.settle().await;
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let next = Arc::new(AtomicU64::new(0));
     let cpu_before = cpu.sample();
@@ -219,7 +256,11 @@ async fn workload(
         stats.lat_us.extend(lat);
     }
     stats.elapsed = started.elapsed();
-    let cpu_after = cpu.sample();
+    // The client's share ends with its last operation; the nodes' includes
+    // the flushes and compactions the workload left behind.
+    let client_after = cpu.sample().1;
+    cpu.settle().await;
+    let cpu_after = (cpu.sample().0, client_after);
     stats.node_cpu_ms = match (cpu_before.0, cpu_after.0) {
         (Some(a), Some(b)) => Some(cpu.ms(b.saturating_sub(a))),
         _ => None,
@@ -276,6 +317,49 @@ fn local_fdatasync(dir: &std::path::Path, seconds: u64) -> anyhow::Result<Stats>
         name: "local 4K write+fdatasync QD1".into(),
         ops,
         bytes: ops * 4096,
+        elapsed,
+        lat_us: lat,
+        node_cpu_ms: None,
+        client_cpu_ms: 0.0,
+    })
+}
+
+/// 1 MiB sequential writes to a scratch file in `dir` (at most 1 GiB, then
+/// wrapping), fdatasync every 64 MiB and at the end: the disk's sequential
+/// write bandwidth.
+fn local_seq_write(dir: &std::path::Path, seconds: u64) -> anyhow::Result<Stats> {
+    const BLOCK: u64 = 1 << 20;
+    const FILE_BLOCKS: u64 = 1024;
+    const SYNC_EVERY_BLOCKS: u64 = 64;
+    let path = dir.join(format!(".raftblk-bench-seq-{}.dat", std::process::id()));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    let buf = raftblk_client_bench_payload(2, BLOCK as usize);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut lat = Vec::new();
+    let mut ops = 0u64;
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        f.write_all_at(&buf, (ops % FILE_BLOCKS) * BLOCK)?;
+        ops += 1;
+        if ops % SYNC_EVERY_BLOCKS == 0 {
+            f.sync_data()?;
+        }
+        lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+    }
+    f.sync_data()?;
+    let elapsed = started.elapsed();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    Ok(Stats {
+        name: "local 1M seq write (disk bandwidth)".into(),
+        ops,
+        bytes: ops * BLOCK,
         elapsed,
         lat_us: lat,
         node_cpu_ms: None,
@@ -355,6 +439,14 @@ pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
     let mut fsync = tokio::task::spawn_blocking(move || local_fdatasync(&d1, s)).await??;
     let d2 = dir.clone();
     let mut rocks = tokio::task::spawn_blocking(move || local_rocksdb(&d2, s)).await??;
+    let d3 = dir.clone();
+    let mut disk = tokio::task::spawn_blocking(move || local_seq_write(&d3, s)).await??;
+    for w in &args.only {
+        if !WORKLOADS.contains(&w.as_str()) {
+            anyhow::bail!("--only: unknown workload {w:?} (one of {})", WORKLOADS.join(", "));
+        }
+    }
+    let wanted = |w: &str| args.only.is_empty() || args.only.iter().any(|o| o == w);
 
     let cpu = CpuMeter::new(&dir);
     if cpu.nodes.is_empty() {
@@ -368,80 +460,35 @@ pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
     let vol = client.open_volume(&name).await?;
     let result = async {
         eprintln!("running cluster workloads on volume {name} ({s} s each)...");
-        let mut seq = workload(
-            &vol,
-            Spec {
-                name: "1M seq write QD4",
-                op: Op::Write,
-                qd: 4,
-                block: 1 << 20,
-                sequential: true,
-            },
-            size,
-            s,
-            &cpu,
-        )
-        .await?;
+        let spec = |name, op, qd, block, sequential| Spec {
+            name,
+            op,
+            qd,
+            block,
+            sequential,
+        };
+        let mut seq = None;
+        if wanted("seqwrite") {
+            let spec = spec("1M seq write QD4", Op::Write, 4, 1 << 20, true);
+            seq = Some(workload(&vol, spec, size, s, &cpu).await?);
+        }
         // Random I/O within what the sequential pass filled.
-        let region = (seq.ops * (1 << 20)).clamp(64 << 20, size);
-        let mut w1 = workload(
-            &vol,
-            Spec {
-                name: "4K rand write QD1",
-                op: Op::Write,
-                qd: 1,
-                block: 4096,
-                sequential: false,
-            },
-            region,
-            s,
-            &cpu,
-        )
-        .await?;
-        let mut w32 = workload(
-            &vol,
-            Spec {
-                name: "4K rand write QD32",
-                op: Op::Write,
-                qd: 32,
-                block: 4096,
-                sequential: false,
-            },
-            region,
-            s,
-            &cpu,
-        )
-        .await?;
-        let mut r1 = workload(
-            &vol,
-            Spec {
-                name: "4K rand read QD1",
-                op: Op::Read,
-                qd: 1,
-                block: 4096,
-                sequential: false,
-            },
-            region,
-            s,
-            &cpu,
-        )
-        .await?;
-        let mut r32 = workload(
-            &vol,
-            Spec {
-                name: "4K rand read QD32",
-                op: Op::Read,
-                qd: 32,
-                block: 4096,
-                sequential: false,
-            },
-            region,
-            s,
-            &cpu,
-        )
-        .await?;
+        let region = (seq.as_ref().map_or(0, |q| q.ops) * (1 << 20)).clamp(64 << 20, size);
+        let mut runs = Vec::new();
+        for (key, name, op, qd) in [
+            ("write1", "4K rand write QD1", Op::Write, 1),
+            ("write32", "4K rand write QD32", Op::Write, 32),
+            ("read1", "4K rand read QD1", Op::Read, 1),
+            ("read32", "4K rand read QD32", Op::Read, 32),
+        ] {
+            if wanted(key) {
+                let st = workload(&vol, spec(name, op, qd, 4096, false), region, s, &cpu).await?;
+                runs.push((key, st));
+            }
+        }
         let fs_p50 = fsync.pct(0.5);
         let rocks_iops = rocks.iops();
+        let disk_mib_s = disk.mib_s();
         let mut out = String::new();
         out += &format!(
             "| workload | IOPS | MiB/s | p50 ms | p99 ms | vs local limit | node CPU ms/op ({} nodes) | client CPU ms/op |\n",
@@ -479,25 +526,28 @@ pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
         };
         row(&mut fsync, "(local limit: QD1 latency)".into());
         row(&mut rocks, "(local limit: QD32 IOPS)".into());
-        let w1_p50 = w1.pct(0.5);
-        row(
-            &mut w1,
-            format!(
-                "p50 = {:.2}x local fdatasync p50",
-                w1_p50 / fs_p50.max(1e-9)
-            ),
-        );
-        let w32_iops = w32.iops();
-        row(
-            &mut w32,
-            format!(
-                "IOPS = {:.2}x local RocksDB 32 writers",
-                w32_iops / rocks_iops.max(1e-9)
-            ),
-        );
-        row(&mut r1, "-".into());
-        row(&mut r32, "-".into());
-        row(&mut seq, "-".into());
+        row(&mut disk, "(local limit: bandwidth)".into());
+        for (key, st) in &mut runs {
+            let ratio = match *key {
+                "write1" => format!(
+                    "p50 = {:.2}x local fdatasync p50",
+                    st.pct(0.5) / fs_p50.max(1e-9)
+                ),
+                "write32" => format!(
+                    "IOPS = {:.2}x local RocksDB 32 writers",
+                    st.iops() / rocks_iops.max(1e-9)
+                ),
+                _ => "-".into(),
+            };
+            row(st, ratio);
+        }
+        if let Some(q) = &mut seq {
+            let ratio = format!(
+                "MiB/s = {:.3}x local disk bandwidth",
+                q.mib_s() / disk_mib_s.max(1e-9)
+            );
+            row(q, ratio);
+        }
         anyhow::Ok(out)
     }
     .await;

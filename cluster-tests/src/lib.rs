@@ -100,7 +100,7 @@ pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     assert!(
         p.exists(),
-        "{} not found: build the workspace binaries first (cargo test --workspace builds them)",
+        "{} not found: build the workspace binaries first (cargo test --workspace --release builds them)",
         p.display()
     );
     p

@@ -5,8 +5,8 @@
 //! of every group's replicas, and prints one report line; the suite prints
 //! the table at the end and fails if any scenario saw an anomaly.
 //!
-//!   cargo test -p raftblk-cluster-tests --test suite              # all
-//!   cargo test -p raftblk-cluster-tests --test suite -- leader_kill  # one
+//!   cargo test --release -p raftblk-cluster-tests --test suite              # all
+//!   cargo test --release -p raftblk-cluster-tests --test suite -- leader_kill  # one
 //!
 //! Faults here are process faults on loopback (kill -9, SIGSTOP, restarts,
 //! corruption of a stopped replica).

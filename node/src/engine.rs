@@ -81,6 +81,24 @@ impl Engine {
         Ok(())
     }
 
+    /// Writes an apply batch (state-machine changes and apply states, the
+    /// `kv` family only) without the WAL: the raft log already holds what
+    /// it derives from durably, and log compaction waits until a flush of
+    /// the family made it durable (see `store::flush`).
+    pub fn write_apply(&self, batch: WriteBatch) -> Result<(), EngineError> {
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Flushes the `kv` family's memtables to SST files and waits: every
+    /// apply written before the call is durable after it.
+    pub fn flush_kv(&self) -> Result<(), EngineError> {
+        self.db.flush_cf(self.kv_cf())?;
+        Ok(())
+    }
+
     pub fn get_raft(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
         Ok(self.db.get_cf(self.raft_cf(), key)?)
     }

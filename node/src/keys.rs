@@ -1,11 +1,16 @@
 //! Key layout of the node's one RocksDB.
 //!
 //! Two column families:
-//! - `raft`: per group, log entries `G|e|index`, hard state `G|h`, conf
-//!   state `G|c`, truncated state `G|t`, apply state `G|a`, snapshot-apply
+//! - `raft` (always written through the WAL): per group, log entries
+//!   `G|e|index`, hard state `G|h`, truncated state `G|t`, snapshot-apply
 //!   marker `G|s`, and the tombstone `G|x` (configuration version) of a
 //!   replica removed from the group.
-//! - `kv`: each group's state machine under the prefix `G`: blocks
+//! - `kv` (the state machines; apply writes it without the WAL, see
+//!   `store::flush`): the apply state `MAX|a|G` and conf state `MAX|c|G` of
+//!   each group, outside every group's range so snapshots and digests
+//!   leave them out but in the same family as the data they describe (a
+//!   crash keeps both or neither); and each group's state machine under
+//!   the prefix `G`: blocks
 //!   `G|b|volume|block`, catalog volumes `G|v|name`, id index `G|i|id`,
 //!   next volume id `G|n`, configuration version `G|r` (in the state
 //!   machine so a snapshot carries it); in the meta group also the cluster
@@ -44,14 +49,20 @@ pub fn entry_index(group: u64, key: &[u8]) -> Option<u64> {
 pub fn hard_state(group: u64) -> Vec<u8> {
     with_group(group, b'h', 0)
 }
+/// A group's configuration as of its applied index (`kv` family).
 pub fn conf_state(group: u64) -> Vec<u8> {
-    with_group(group, b'c', 0)
+    let mut k = with_group(u64::MAX, b'c', 8);
+    k.extend_from_slice(&group.to_be_bytes());
+    k
 }
 pub fn truncated_state(group: u64) -> Vec<u8> {
     with_group(group, b't', 0)
 }
+/// A group's applied index and term (`kv` family).
 pub fn apply_state(group: u64) -> Vec<u8> {
-    with_group(group, b'a', 0)
+    let mut k = with_group(u64::MAX, b'a', 8);
+    k.extend_from_slice(&group.to_be_bytes());
+    k
 }
 pub fn snapshot_marker(group: u64) -> Vec<u8> {
     with_group(group, b's', 0)

@@ -104,6 +104,12 @@ pub enum StoreMsg {
         group: u64,
         result: Result<(), EngineError>,
     },
+    /// The kv-flush thread flushed the state machines: the applied
+    /// indexes recorded before it began are durable (see `store::flush`).
+    KvFlushed {
+        applied: Vec<(u64, u64, u64)>,
+        result: Result<(), EngineError>,
+    },
     Unreachable {
         to: u64,
     },

@@ -38,6 +38,12 @@ pub struct GroupStorage {
     /// takes effect in `set_applied`, so a snapshot made meanwhile still
     /// names the configuration of the applied index.
     staged_conf: Option<(ConfState, u64)>,
+    /// Applied index a flush of the `kv` family has made durable: the log
+    /// is never compacted past it (see `store::flush`).
+    durable_applied: u64,
+    /// Tells this replica's flush reports from those of an earlier
+    /// replica of the same group on this node.
+    incarnation: u64,
     /// Set by `snapshot()`: the peer and index a snapshot was made for; the
     /// store hands the DB view to the transport when the message goes out.
     snapshot_requests: std::cell::RefCell<Vec<(u64, u64, u64)>>,
@@ -70,6 +76,9 @@ fn encode_entry(e: &Entry) -> Result<Vec<u8>, EngineError> {
     v.extend_from_slice(&body);
     Ok(v)
 }
+
+/// Source of `GroupStorage::incarnation`.
+static NEXT_INCARNATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Index and term at which a bootstrapped group starts (TiKV's
 /// `RAFT_INIT_LOG_INDEX`): its log is "compacted" up to here, so a replica
@@ -104,7 +113,7 @@ pub fn read_conf_ver(engine: &Engine, group: u64) -> Result<u64, EngineError> {
 /// True if this node holds an initialized replica of `group` (one with a
 /// configuration: bootstrapped, or filled by a snapshot).
 pub fn is_initialized(engine: &Engine, group: u64) -> Result<bool, EngineError> {
-    Ok(engine.get_raft(&keys::conf_state(group))?.is_some())
+    Ok(engine.get_kv(&keys::conf_state(group))?.is_some())
 }
 
 /// Creates a group's first replica state on a node of its initial
@@ -133,10 +142,14 @@ pub fn bootstrap(
     };
     let cf = engine.raft_cf();
     let mut wb = WriteBatch::default();
-    wb.put_cf(cf, keys::conf_state(group), encode_conf_state(group, &cs)?);
+    wb.put_cf(
+        engine.kv_cf(),
+        keys::conf_state(group),
+        encode_conf_state(group, &cs)?,
+    );
     let init = keys::u64_pair(RAFT_INIT_INDEX, RAFT_INIT_TERM);
     wb.put_cf(cf, keys::truncated_state(group), &init);
-    wb.put_cf(cf, keys::apply_state(group), &init);
+    wb.put_cf(engine.kv_cf(), keys::apply_state(group), &init);
     wb.put_cf(
         cf,
         keys::hard_state(group),
@@ -164,6 +177,8 @@ pub fn stage_destroy(engine: &Engine, wb: &mut WriteBatch, group: u64, conf_ver:
     let (start, end) = keys::group_range(group);
     wb.delete_range_cf(engine.raft_cf(), &start, &end);
     wb.delete_range_cf(engine.kv_cf(), &start, &end);
+    wb.delete_cf(engine.kv_cf(), keys::apply_state(group));
+    wb.delete_cf(engine.kv_cf(), keys::conf_state(group));
     wb.put_cf(
         engine.raft_cf(),
         keys::tombstone(group),
@@ -201,7 +216,7 @@ impl GroupStorage {
             })?,
             None => HardState::default(),
         };
-        let conf_state = match engine.get_raft(&keys::conf_state(group))? {
+        let conf_state = match engine.get_kv(&keys::conf_state(group))? {
             Some(v) => ConfState::parse_from_bytes(&v).map_err(|e| EngineError::Corrupt {
                 key: keys::conf_state(group),
                 what: e.to_string(),
@@ -214,7 +229,7 @@ impl GroupStorage {
                 };
                 let mut wb = WriteBatch::default();
                 wb.put_cf(
-                    engine.raft_cf(),
+                    engine.kv_cf(),
                     keys::conf_state(group),
                     encode_conf_state(group, &cs)?,
                 );
@@ -223,8 +238,13 @@ impl GroupStorage {
             }
         };
         let conf_ver = read_conf_ver(&engine, group)?;
-        let pair = |key: Vec<u8>| -> Result<(u64, u64), EngineError> {
-            match engine.get_raft(&key)? {
+        let pair = |key: Vec<u8>, kv: bool| -> Result<(u64, u64), EngineError> {
+            let v = if kv {
+                engine.get_kv(&key)?
+            } else {
+                engine.get_raft(&key)?
+            };
+            match v {
                 Some(v) => keys::parse_u64_pair(&v).ok_or(EngineError::Corrupt {
                     key,
                     what: "expected 16 bytes".into(),
@@ -232,8 +252,19 @@ impl GroupStorage {
                 None => Ok((0, 0)),
             }
         };
-        let (truncated_index, truncated_term) = pair(keys::truncated_state(group))?;
-        let (applied_index, applied_term) = pair(keys::apply_state(group))?;
+        let (truncated_index, truncated_term) = pair(keys::truncated_state(group), false)?;
+        let (applied_index, applied_term) = pair(keys::apply_state(group), true)?;
+        // Apply skips the WAL and log compaction waits for a flush of what
+        // it wrote: a crash loses applied entries, never the log holding
+        // them (see `store::flush`).
+        if applied_index < truncated_index {
+            return Err(EngineError::Corrupt {
+                key: keys::apply_state(group),
+                what: format!(
+                    "group {group}: applied index {applied_index} is below the log's start {truncated_index}: entries were compacted before their apply was durable"
+                ),
+            });
+        }
         let mut terms = VecDeque::new();
         let mut log_bytes = 0u64;
         let mut last_index = truncated_index;
@@ -278,6 +309,9 @@ impl GroupStorage {
             applied_index,
             applied_term,
             conf_ver,
+            // What a restart reads back is durable.
+            durable_applied: applied_index,
+            incarnation: NEXT_INCARNATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             staged_conf: None,
             snapshot_requests: std::cell::RefCell::new(Vec::new()),
         })
@@ -305,7 +339,7 @@ impl GroupStorage {
         conf_ver: u64,
     ) -> Result<(), EngineError> {
         wb.put_cf(
-            self.engine.raft_cf(),
+            self.engine.kv_cf(),
             keys::conf_state(self.group),
             encode_conf_state(self.group, &cs)?,
         );
@@ -343,9 +377,26 @@ impl GroupStorage {
         self.log_bytes
     }
 
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Applied index a flush has made durable.
+    pub fn durable_applied(&self) -> u64 {
+        self.durable_applied
+    }
+
+    /// Records a flush report taken from this incarnation at `applied`.
+    pub fn mark_durable(&mut self, incarnation: u64, applied: u64) {
+        if incarnation == self.incarnation {
+            self.durable_applied = self.durable_applied.max(applied.min(self.applied_index));
+        }
+    }
+
     /// The highest index `i ≤ applied` such that the entries after `i` up
     /// to `applied` hold at most `bytes_max` bytes and number at most
     /// `entries_max`: how far to compact while keeping a bounded tail.
+    /// (The caller also holds compaction to `durable_applied`.)
     pub fn compact_point(&self, entries_max: u64, bytes_max: u64) -> u64 {
         let applied = self.applied_index.min(self.last_index);
         let mut index = applied;
@@ -443,10 +494,11 @@ impl GroupStorage {
         self.stage_hard_state(wb, &hs)
     }
 
-    /// Stages the apply state; `set_applied` must follow once written.
+    /// Stages the apply state into the apply batch (the `kv` family, with
+    /// the data it describes); `set_applied` must follow once written.
     pub fn stage_apply_state(&self, wb: &mut WriteBatch, index: u64, term: u64) {
         wb.put_cf(
-            self.engine.raft_cf(),
+            self.engine.kv_cf(),
             keys::apply_state(self.group),
             keys::u64_pair(index, term),
         );
@@ -469,6 +521,12 @@ impl GroupStorage {
             return Ok(());
         }
         assert!(index <= self.applied_index, "compacting unapplied entries");
+        assert!(
+            index <= self.durable_applied,
+            "group {}: compacting to {index} past the durable apply {}",
+            self.group,
+            self.durable_applied
+        );
         assert!(index <= self.last_index, "compacting past the log");
         let term = raft::Storage::term(self, index)?;
         let cf = self.engine.raft_cf();
@@ -511,13 +569,13 @@ impl GroupStorage {
             keys::u64_pair(meta.index, meta.term),
         );
         wb.put_cf(
-            cf,
+            self.engine.kv_cf(),
             keys::apply_state(self.group),
             keys::u64_pair(meta.index, meta.term),
         );
         let cs = meta.get_conf_state().clone();
         wb.put_cf(
-            cf,
+            self.engine.kv_cf(),
             keys::conf_state(self.group),
             encode_conf_state(self.group, &cs)?,
         );
@@ -528,6 +586,8 @@ impl GroupStorage {
         self.conf_state = cs;
         self.truncated_index = meta.index;
         self.truncated_term = meta.term;
+        // Synced with this batch, after the data was flushed.
+        self.durable_applied = meta.index;
         self.last_index = meta.index;
         self.terms.clear();
         self.log_bytes = 0;

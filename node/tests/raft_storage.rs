@@ -46,13 +46,16 @@ fn append(engine: &Engine, st: &mut GroupStorage, entries: &[Entry]) {
     engine.write(wb, true).expect("write append");
 }
 
-/// Marks `index` applied (persisted), so it may be compacted.
+/// Marks `index` applied and flushed, as the store's apply (unlogged)
+/// and its kv-flush thread do, so it may be compacted.
 fn apply_to(engine: &Engine, st: &mut GroupStorage, index: u64) {
     let term = st.term(index).expect("term of applied index");
     let mut wb = WriteBatch::default();
     st.stage_apply_state(&mut wb, index, term);
-    engine.write(wb, true).expect("write apply state");
+    engine.write_apply(wb).expect("write apply state");
     st.set_applied(index, term);
+    engine.flush_kv().expect("flush");
+    st.mark_durable(st.incarnation(), index);
 }
 
 fn compact(engine: &Engine, st: &mut GroupStorage, index: u64) {
@@ -281,6 +284,36 @@ fn conflicting_append_truncates_the_tail() {
         .get_raft(&keys::entry(GROUP, 5))
         .expect("read")
         .is_none());
+}
+
+/// Apply skips the WAL, so the log is the only copy of an entry until a
+/// flush made its apply durable: compaction stops at the durable index,
+/// and only flush reports of this very replica move it.
+#[test]
+fn compaction_never_passes_the_durable_apply() {
+    let (_dir, engine) = engine();
+    let mut st = open(&engine, GROUP);
+    append(&engine, &mut st, &ents(1..=10, 1));
+    apply_to(&engine, &mut st, 4);
+    // Applied to 8 but not flushed.
+    let mut wb = WriteBatch::default();
+    st.stage_apply_state(&mut wb, 8, 1);
+    engine.write_apply(wb).expect("write apply state");
+    st.set_applied(8, 1);
+    assert_eq!(st.durable_applied(), 4);
+    compact(&engine, &mut st, 4);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut wb = WriteBatch::default();
+        let _ = st.stage_compact(&mut wb, 6);
+    }));
+    assert!(r.is_err(), "compaction past the durable apply was staged");
+    // A report from another incarnation of the group is ignored; one
+    // naming an index past the applied one counts only up to it.
+    let st2 = open(&engine, GROUP + 1);
+    st.mark_durable(st2.incarnation(), 8);
+    assert_eq!(st.durable_applied(), 4);
+    st.mark_durable(st.incarnation(), 20);
+    assert_eq!(st.durable_applied(), 8);
 }
 
 #[test]

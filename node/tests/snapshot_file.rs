@@ -206,10 +206,14 @@ fn group_kv(engine: &Engine, group: u64) -> Pairs {
 }
 
 /// Everything outside group `g`'s state-machine range.
+/// The `kv` pairs of every other group: outside `g`'s range, and not
+/// `g`'s apply and conf states (kept outside it, see `keys`).
 fn outside_group(all: &Pairs, g: u64) -> Pairs {
     let (s, e) = keys::group_range(g);
+    let own = [keys::apply_state(g), keys::conf_state(g)];
     all.iter()
         .filter(|(k, _)| k.as_slice() < s.as_slice() || k.as_slice() >= e.as_slice())
+        .filter(|(k, _)| !own.contains(k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }

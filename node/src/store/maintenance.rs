@@ -118,6 +118,7 @@ impl Store {
         let retain = self.config.raft.log_retain_entries;
         let bytes_threshold = self.config.raft.log_compact_threshold_bytes;
         let mut wb = WriteBatch::default();
+        let mut want_flush = false;
         for g in self.groups.values_mut() {
             if g.installing.is_some() {
                 continue;
@@ -130,7 +131,12 @@ impl Store {
             }
             // Keep a tail for followers slightly behind, bounded in entries
             // and in bytes (a quarter of the byte threshold).
-            let to = st.compact_point(retain, bytes_threshold / 4);
+            let wanted = st.compact_point(retain, bytes_threshold / 4);
+            // Never past what a flush made durable (see `flush`).
+            let to = wanted.min(st.durable_applied());
+            if to < wanted {
+                want_flush = true;
+            }
             if to <= truncated {
                 continue;
             }
@@ -144,6 +150,9 @@ impl Store {
             if let Err(e) = self.engine.write(wb, false) {
                 fatal("log compaction", e);
             }
+        }
+        if want_flush {
+            self.request_flush(Instant::now());
         }
     }
 }

@@ -30,7 +30,9 @@
 //!
 //! The parts: `handle` (the async [`StoreHandle`] and published
 //! [`GroupView`]s), `ready` (the ready loop: messages, apply, group commit),
-//! `read` (ReadIndex batching and the leader lease), `snapshot` (snapshots
+//! `read` (ReadIndex batching and the leader lease), `flush` (the raft
+//! log as the only log: unlogged applies, and log compaction held to what a
+//! flush made durable), `snapshot` (snapshots
 //! made for peers and snapshots received), `install` (snapshot installs on
 //! their own thread, the held ready), `propose` (client requests and
 //! repairs), `dedup` (at-most-once client requests), `conf` (membership
@@ -39,6 +41,7 @@
 
 mod conf;
 mod dedup;
+mod flush;
 mod handle;
 mod hibernate;
 mod install;
@@ -171,6 +174,8 @@ pub struct Store {
     counters: Arc<Counters>,
     /// The snapshot install thread (see `install`).
     installer: install::Installer,
+    /// The state-machine flush thread (see `flush`).
+    flusher: flush::Flusher,
     /// Read-index contexts issued by this node (see `read::ReadCtx`).
     read_ctx: read::ReadCtx,
     /// DB snapshots made for peers, keyed by (group, peer, applied index
@@ -266,6 +271,7 @@ pub fn create(
         tx.downgrade(),
         groups.len(),
     )?;
+    let flusher = flush::spawn(engine.clone(), tx.downgrade())?;
     let views = Arc::new(RwLock::new(BTreeMap::new()));
     let renewals: Arc<HashMap<u64, AtomicBool>> =
         Arc::new(all_groups.map(|g| (g, AtomicBool::new(false))).collect());
@@ -304,6 +310,7 @@ pub fn create(
         started: Instant::now(),
         vote_quiet: Duration::from_millis(config_tick_ms * config_election_ticks as u64),
         installer,
+        flusher,
         liveness,
     };
     let ids: Vec<u64> = store.groups.keys().copied().collect();
@@ -410,6 +417,7 @@ impl Store {
             }
             StoreMsg::SnapshotStatus { group, to, ok } => self.on_snapshot_status(group, to, ok),
             StoreMsg::SnapshotFilled { group, result } => self.on_snapshot_filled(group, result),
+            StoreMsg::KvFlushed { applied, result } => self.on_kv_flushed(applied, result),
             StoreMsg::Unreachable { to } => {
                 for g in self.groups.values_mut() {
                     if g.is_leader() && g.members.contains(to) {

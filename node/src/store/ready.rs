@@ -1,9 +1,19 @@
 //! The ready loop of all groups: leader messages first, snapshots (handed
-//! to the install thread, their ready held until filled), committed
-//! entries applied and log appends and hard states of every
-//! group staged into ONE write batch with one fsync (group commit), then
-//! the persisted messages, `advance`, and the light ready's commits
-//! applied in a second, unsynced batch — raft-rs's documented ordering.
+//! to the install thread, their ready held until filled), then committed
+//! entries applied in one unsynced batch and answered at once, then the
+//! log appends and hard states of every group staged into ONE write batch
+//! with one fsync (group commit), then the persisted messages, `advance`,
+//! and the light ready's commits applied in a second, unsynced batch —
+//! raft-rs's documented ordering.
+//!
+//! Apply needs no fsync of its own: raft only hands out committed entries
+//! this replica has persisted (`min(committed, persisted)`), so the log
+//! holds every applied entry durably and a restart re-applies whatever an
+//! unsynced apply lost (log compaction waits for the applied index, which
+//! is written in the same batch as the data and reaches the WAL before
+//! any later compaction does). So a write is answered one fsync after it
+//! is proposed, not two: its apply does not wait for the group commit of
+//! the entries proposed behind it.
 
 use std::sync::atomic::Ordering;
 
@@ -147,6 +157,7 @@ impl Store {
         self.collect_snapshot_requests();
         let engine = self.engine.clone();
         let mut wb = WriteBatch::default();
+        let mut wb_apply = WriteBatch::default();
         let mut applier = Applier::new(&engine);
         let mut done = Completions::default();
         let mut need_sync = false;
@@ -203,8 +214,12 @@ impl Store {
                 need_sync = true;
             }
             let committed = rd.take_committed_entries();
+            // raft-rs hands out no committed entry past a snapshot that is
+            // not yet persisted: the apply batch never jumps ahead of an
+            // install in the synced batch.
+            debug_assert!(rd.snapshot().is_empty() || committed.is_empty());
             if let Some((i, t)) =
-                self.apply_entries(id, committed, &mut wb, &mut applier, &mut done)
+                self.apply_entries(id, committed, &mut wb_apply, &mut applier, &mut done)
             {
                 applied.push((id, i, t));
             }
@@ -256,6 +271,21 @@ impl Store {
             .fetch_add(applier.repaired, Ordering::Relaxed);
         drop(applier);
         self.collect_snapshot_requests();
+        // The committed entries first, unsynced, and their proposers are
+        // answered before this round's fsync (see the module header).
+        if !wb_apply.is_empty() {
+            if let Err(e) = engine.write_apply(wb_apply) {
+                fatal("apply write", e);
+            }
+        }
+        for (id, i, t) in applied.drain(..) {
+            if let Some(g) = self.groups.get_mut(&id) {
+                g.node.mut_store().set_applied(i, t);
+            }
+        }
+        for (cb, r) in done.proposals.drain(..) {
+            let _ = cb.send(r);
+        }
         if !wb.is_empty() || need_sync {
             if let Err(e) = engine.write(wb, need_sync) {
                 fatal("raft log write", e);
@@ -264,14 +294,10 @@ impl Store {
         for (id, file) in installed {
             self.finish_install(id, file);
         }
-        for (id, i, t) in applied.drain(..) {
-            if let Some(g) = self.groups.get_mut(&id) {
-                g.node.mut_store().set_applied(i, t);
-            }
-        }
 
         // Phase 2: everything of phase 1 is durable.
         let mut wb2 = WriteBatch::default();
+        let mut wb2_raft = WriteBatch::default();
         let mut applier2 = Applier::new(&engine);
         for (id, mut rd) in readies {
             let persisted = rd.take_persisted_messages();
@@ -283,7 +309,7 @@ impl Store {
             };
             let mut light = g.node.advance(rd);
             if let Some(commit) = light.commit_index() {
-                if let Err(e) = g.node.mut_store().stage_commit(&mut wb2, commit) {
+                if let Err(e) = g.node.mut_store().stage_commit(&mut wb2_raft, commit) {
                     fatal("stage commit", e);
                 }
             }
@@ -313,8 +339,15 @@ impl Store {
         drop(applier2);
         self.collect_snapshot_requests();
         if !wb2.is_empty() {
-            if let Err(e) = engine.write(wb2, false) {
+            if let Err(e) = engine.write_apply(wb2) {
                 fatal("apply write", e);
+            }
+        }
+        // The commit index needs no fsync (raft-rs recovers it from the
+        // quorum), but the raft family always goes through the WAL.
+        if !wb2_raft.is_empty() {
+            if let Err(e) = engine.write(wb2_raft, false) {
+                fatal("commit index write", e);
             }
         }
         for (id, i, t) in applied {
