@@ -347,7 +347,7 @@ fn local_seq_write(dir: &std::path::Path, seconds: u64) -> anyhow::Result<Stats>
         let t = Instant::now();
         f.write_all_at(&buf, (ops % FILE_BLOCKS) * BLOCK)?;
         ops += 1;
-        if ops % SYNC_EVERY_BLOCKS == 0 {
+        if ops.is_multiple_of(SYNC_EVERY_BLOCKS) {
             f.sync_data()?;
         }
         lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
@@ -443,7 +443,10 @@ pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
     let mut disk = tokio::task::spawn_blocking(move || local_seq_write(&d3, s)).await??;
     for w in &args.only {
         if !WORKLOADS.contains(&w.as_str()) {
-            anyhow::bail!("--only: unknown workload {w:?} (one of {})", WORKLOADS.join(", "));
+            anyhow::bail!(
+                "--only: unknown workload {w:?} (one of {})",
+                WORKLOADS.join(", ")
+            );
         }
     }
     let wanted = |w: &str| args.only.is_empty() || args.only.iter().any(|o| o == w);

@@ -83,8 +83,7 @@ impl Store {
     pub(super) fn request_flush(&mut self, now: Instant) {
         let f = &self.flusher;
         if f.in_flight
-            || f
-                .last_started
+            || f.last_started
                 .is_some_and(|t| now.duration_since(t) < FLUSH_INTERVAL_MIN)
         {
             return;
