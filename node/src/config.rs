@@ -211,7 +211,7 @@ impl Default for RaftConfig {
             heartbeat_ticks: 2,
             log_compact_threshold_entries: 4096,
             log_retain_entries: 512,
-            log_compact_threshold_bytes: 64 * 1024 * 1024,
+            log_compact_threshold_bytes: 8 * 1024 * 1024,
             snapshot_piece_bytes: 1024 * 1024,
             max_inflight_msgs: 256,
             max_size_per_msg_bytes: 1024 * 1024,

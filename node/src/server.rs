@@ -32,6 +32,7 @@ pub async fn serve(
             config.data_dir.display()
         )
     })?;
+    let engine_at_stop = engine.clone();
     let ident = crate::identity::load(&engine, config.node_id)
         .with_context(|| format!("data directory {}", config.data_dir.display()))?;
     let map = crate::join::prepare(&mut config, &engine, &ident).await?;
@@ -141,6 +142,11 @@ pub async fn serve(
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         } => Ok(()),
     };
+    // Applies skip the WAL (see `store::flush`): flush them, so a restart
+    // finds them on disk instead of re-applying them from the log.
+    if let Err(e) = engine_at_stop.flush_kv() {
+        tracing::warn!(node = config.node_id, error = %e, "flushing the state machines at stop failed");
+    }
     tracing::info!(node = config.node_id, "stopped");
     drop(handle);
     // The store thread exits once every handle (services, transport

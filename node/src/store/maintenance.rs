@@ -118,6 +118,13 @@ impl Store {
         let retain = self.config.raft.log_retain_entries;
         let bytes_threshold = self.config.raft.log_compact_threshold_bytes;
         let mut wb = WriteBatch::default();
+        // A kv flush lets compaction go on; it is asked for when a log is
+        // well past its threshold, or when the raft memtable is half full
+        // (entries compacted before it flushes never reach an SST file).
+        // Flushing on every tick instead would cut many small SST files,
+        // each rewriting the level below when compacted.
+        let raft_memtable_bytes = self.engine.raft_memtable_bytes();
+        let mut blocked = false;
         let mut want_flush = false;
         for g in self.groups.values_mut() {
             if g.installing.is_some() {
@@ -135,7 +142,9 @@ impl Store {
             // Never past what a flush made durable (see `flush`).
             let to = wanted.min(st.durable_applied());
             if to < wanted {
-                want_flush = true;
+                blocked = true;
+                want_flush |= applied.saturating_sub(truncated) >= threshold.saturating_mul(2)
+                    || st.log_bytes() >= bytes_threshold;
             }
             if to <= truncated {
                 continue;
@@ -151,7 +160,8 @@ impl Store {
                 fatal("log compaction", e);
             }
         }
-        if want_flush {
+        if want_flush || (blocked && raft_memtable_bytes >= crate::engine::RAFT_MEMTABLE_BYTES / 2)
+        {
             self.request_flush(Instant::now());
         }
     }
