@@ -44,6 +44,13 @@ pub struct GroupStorage {
     /// Tells this replica's flush reports from those of an earlier
     /// replica of the same group on this node.
     incarnation: u64,
+    /// The most recent entries, as appended (TiKV's entry cache): raft
+    /// reads them back to apply them and to send them to followers, and
+    /// serving those reads from here spares a RocksDB iterator and a
+    /// decode per read. Contiguous, ending at `last_index`; bounded by
+    /// [`ENTRY_CACHE_BYTES_MAX`] (but always the newest entry).
+    cache: VecDeque<Entry>,
+    cache_bytes: u64,
     /// Set by `snapshot()`: the peer and index a snapshot was made for; the
     /// store hands the DB view to the transport when the message goes out.
     snapshot_requests: std::cell::RefCell<Vec<(u64, u64, u64)>>,
@@ -76,6 +83,9 @@ fn encode_entry(e: &Entry) -> Result<Vec<u8>, EngineError> {
     v.extend_from_slice(&body);
     Ok(v)
 }
+
+/// Bytes of entries a group keeps cached (see `GroupStorage::cache`).
+pub const ENTRY_CACHE_BYTES_MAX: u64 = 512 << 10;
 
 /// Source of `GroupStorage::incarnation`.
 static NEXT_INCARNATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -313,6 +323,8 @@ impl GroupStorage {
             durable_applied: applied_index,
             incarnation: NEXT_INCARNATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             staged_conf: None,
+            cache: VecDeque::new(),
+            cache_bytes: 0,
             snapshot_requests: std::cell::RefCell::new(Vec::new()),
         })
     }
@@ -456,6 +468,25 @@ impl GroupStorage {
                 keys::entry(self.group, self.last_index + 1),
             );
         }
+        // The cache: drop a replaced suffix (or all of it, if the append
+        // does not continue it), then add the new entries.
+        while self.cache.back().is_some_and(|e| e.index >= first.index) {
+            self.cache_pop_back();
+        }
+        if self
+            .cache
+            .back()
+            .is_some_and(|e| e.index + 1 != first.index)
+        {
+            self.clear_cache();
+        }
+        for e in entries {
+            self.cache_bytes += u64::from(e.compute_size());
+            self.cache.push_back(e.clone());
+        }
+        while self.cache_bytes > ENTRY_CACHE_BYTES_MAX && self.cache.len() > 1 {
+            self.cache_pop_front();
+        }
         let keep = (first.index - self.truncated_index - 1) as usize;
         for (_, size) in self.terms.drain(keep.min(self.terms.len())..) {
             self.log_bytes -= u64::from(size);
@@ -470,6 +501,47 @@ impl GroupStorage {
             self.last_index - self.truncated_index
         );
         Ok(())
+    }
+
+    fn cache_pop_front(&mut self) {
+        if let Some(e) = self.cache.pop_front() {
+            self.cache_bytes -= u64::from(e.compute_size());
+        }
+    }
+
+    fn cache_pop_back(&mut self) {
+        if let Some(e) = self.cache.pop_back() {
+            self.cache_bytes -= u64::from(e.compute_size());
+        }
+    }
+
+    /// Empties the entry cache (e.g. when the group goes idle).
+    pub fn clear_cache(&mut self) {
+        self.cache.clear();
+        self.cache_bytes = 0;
+    }
+
+    /// Entries `[low, high)` from the cache, limited to `max_size` bytes
+    /// (at least one) as `entries` does; None if the cache does not hold
+    /// `low`.
+    fn cached_entries(&self, low: u64, high: u64, max_size: u64) -> Option<Vec<Entry>> {
+        let first = self.cache.front()?.index;
+        if low < first || high > self.last_index + 1 {
+            return None;
+        }
+        let mut out = Vec::with_capacity((high - low).min(1024) as usize);
+        let mut size = 0u64;
+        for e in self
+            .cache
+            .range((low - first) as usize..(high - first) as usize)
+        {
+            size += u64::from(e.compute_size());
+            if !out.is_empty() && size > max_size {
+                break;
+            }
+            out.push(e.clone());
+        }
+        Some(out)
     }
 
     /// Stages a new hard state.
@@ -544,6 +616,9 @@ impl GroupStorage {
         for (_, size) in self.terms.drain(..drop) {
             self.log_bytes -= u64::from(size);
         }
+        while self.cache.front().is_some_and(|e| e.index <= index) {
+            self.cache_pop_front();
+        }
         self.truncated_index = index;
         self.truncated_term = term;
         Ok(())
@@ -591,6 +666,7 @@ impl GroupStorage {
         self.last_index = meta.index;
         self.terms.clear();
         self.log_bytes = 0;
+        self.clear_cache();
         Ok(())
     }
 }
@@ -617,6 +693,9 @@ impl raft::Storage for GroupStorage {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         let max_size = max_size.into().unwrap_or(u64::MAX);
+        if let Some(out) = self.cached_entries(low, high, max_size) {
+            return Ok(out);
+        }
         let mut out = Vec::with_capacity((high - low).min(1024) as usize);
         let mut size = 0u64;
         let db = self.engine.db();

@@ -130,6 +130,8 @@ impl Store {
             return;
         }
         g.hibernating = true;
+        // An idle group keeps no entries cached.
+        g.node.mut_store().clear_cache();
         self.update_view(group);
     }
 
@@ -165,6 +167,7 @@ impl Store {
                 continue;
             }
             g.hibernating = true;
+            g.node.mut_store().clear_cache();
             g.lease_until = None;
             let term = g.node.raft.term;
             let commit = g.node.raft.raft_log.committed;
