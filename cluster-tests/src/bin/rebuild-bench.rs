@@ -9,7 +9,7 @@
 //! write probe's p50/p99/max latency before and during the rebuild.
 //!
 //!   cargo build --workspace --bins && \
-//!   target/debug/rebuild-bench [DATA_MIB] [PROBE_SECS]
+//!   target/release/rebuild-bench [DATA_MIB] [PROBE_SECS]
 
 use std::time::{Duration, Instant};
 

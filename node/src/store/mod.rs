@@ -4,9 +4,10 @@
 //! Each round: drain a bounded batch of inbox messages (proposals, reads,
 //! raft messages), tick on time, then for every group with a ready:
 //! send leader messages at once, hand a snapshot to the install thread (the
-//! group's ready is held until it is filled), apply committed
-//! entries and stage log appends and hard states — all groups into ONE
-//! write batch written with one fsync (group commit). Only then are the
+//! group's ready is held until it is filled), apply committed entries (one
+//! unsynced batch without the WAL, see `flush`, answered at once) and stage
+//! log appends and hard states — all groups into ONE write batch written
+//! with one fsync (group commit). Only then are the
 //! persisted messages sent and the ready advanced; the light ready's commit
 //! and entries are applied in a second, unsynced batch. This is raft-rs's
 //! documented ready ordering, batched across groups as TiKV's raftstore does.

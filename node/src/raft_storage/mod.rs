@@ -5,6 +5,12 @@
 //! Log entries are stored as `term (8 bytes BE) ++ protobuf(Entry)` so the
 //! term (and size) of every live entry can be kept in memory (`terms`)
 //! without parsing, so compaction can also be triggered by log bytes.
+//! The apply and conf states live in the `kv` family beside the data they
+//! describe (apply skips the WAL, see `store::flush`), the log and hard
+//! state in `raft`.
+//!
+//! The parts: `entry_cache` (the newest entries in memory, for raft's
+//! reads), `lifecycle` (bootstrap, existence, removal and tombstones).
 
 use std::collections::VecDeque;
 
@@ -15,6 +21,14 @@ use rocksdb::WriteBatch;
 
 use crate::engine::{Engine, EngineError};
 use crate::keys;
+
+mod entry_cache;
+mod lifecycle;
+pub use entry_cache::ENTRY_CACHE_BYTES_MAX;
+pub use lifecycle::{
+    bootstrap, is_initialized, read_conf_ver, stage_destroy, tombstone, RAFT_INIT_INDEX,
+    RAFT_INIT_TERM,
+};
 
 /// The raft-side state of one group replica.
 pub struct GroupStorage {
@@ -44,13 +58,8 @@ pub struct GroupStorage {
     /// Tells this replica's flush reports from those of an earlier
     /// replica of the same group on this node.
     incarnation: u64,
-    /// The most recent entries, as appended (TiKV's entry cache): raft
-    /// reads them back to apply them and to send them to followers, and
-    /// serving those reads from here spares a RocksDB iterator and a
-    /// decode per read. Contiguous, ending at `last_index`; bounded by
-    /// [`ENTRY_CACHE_BYTES_MAX`] (but always the newest entry).
-    cache: VecDeque<Entry>,
-    cache_bytes: u64,
+    /// The newest entries, for raft's reads (see `entry_cache`).
+    cache: entry_cache::EntryCache,
     /// Set by `snapshot()`: the peer and index a snapshot was made for; the
     /// store hands the DB view to the transport when the message goes out.
     snapshot_requests: std::cell::RefCell<Vec<(u64, u64, u64)>>,
@@ -84,133 +93,14 @@ fn encode_entry(e: &Entry) -> Result<Vec<u8>, EngineError> {
     Ok(v)
 }
 
-/// Bytes of entries a group keeps cached (see `GroupStorage::cache`).
-pub const ENTRY_CACHE_BYTES_MAX: u64 = 512 << 10;
-
 /// Source of `GroupStorage::incarnation`.
 static NEXT_INCARNATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// Index and term at which a bootstrapped group starts (TiKV's
-/// `RAFT_INIT_LOG_INDEX`): its log is "compacted" up to here, so a replica
-/// added later, which starts empty at index 0, can only be caught up by a
-/// snapshot, and a snapshot carries the configuration the log does not.
-pub const RAFT_INIT_INDEX: u64 = 5;
-pub const RAFT_INIT_TERM: u64 = 5;
-
-fn encode_conf_state(group: u64, cs: &ConfState) -> Result<Vec<u8>, EngineError> {
+pub(crate) fn encode_conf_state(group: u64, cs: &ConfState) -> Result<Vec<u8>, EngineError> {
     cs.write_to_bytes().map_err(|e| EngineError::Corrupt {
         key: keys::conf_state(group),
         what: e.to_string(),
     })
-}
-
-/// Reads a group's configuration version from its state machine.
-pub fn read_conf_ver(engine: &Engine, group: u64) -> Result<u64, EngineError> {
-    match engine.get_kv(&keys::conf_ver(group))? {
-        None => Ok(0),
-        Some(v) if v.len() == 8 => {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&v);
-            Ok(u64::from_be_bytes(b))
-        }
-        Some(_) => Err(EngineError::Corrupt {
-            key: keys::conf_ver(group),
-            what: "configuration version is not 8 bytes".into(),
-        }),
-    }
-}
-
-/// True if this node holds an initialized replica of `group` (one with a
-/// configuration: bootstrapped, or filled by a snapshot).
-pub fn is_initialized(engine: &Engine, group: u64) -> Result<bool, EngineError> {
-    Ok(engine.get_kv(&keys::conf_state(group))?.is_some())
-}
-
-/// Creates a group's first replica state on a node of its initial
-/// configuration: configuration `voters` at version 1, log compacted up to
-/// `RAFT_INIT_INDEX`, applied and committed there, its state machine
-/// holding `kvs` (the same on every initial replica). Does nothing if the
-/// group already has a configuration here. One synced write.
-pub fn bootstrap(
-    engine: &Engine,
-    group: u64,
-    voters: &[u64],
-    kvs: &[(Vec<u8>, Vec<u8>)],
-) -> Result<(), EngineError> {
-    assert!(!voters.is_empty(), "a group starts with at least one voter");
-    if is_initialized(engine, group)? {
-        return Ok(());
-    }
-    let cs = ConfState {
-        voters: voters.to_vec(),
-        ..Default::default()
-    };
-    let hs = HardState {
-        term: RAFT_INIT_TERM,
-        commit: RAFT_INIT_INDEX,
-        ..Default::default()
-    };
-    let cf = engine.raft_cf();
-    let mut wb = WriteBatch::default();
-    wb.put_cf(
-        engine.kv_cf(),
-        keys::conf_state(group),
-        encode_conf_state(group, &cs)?,
-    );
-    let init = keys::u64_pair(RAFT_INIT_INDEX, RAFT_INIT_TERM);
-    wb.put_cf(cf, keys::truncated_state(group), &init);
-    wb.put_cf(engine.kv_cf(), keys::apply_state(group), &init);
-    wb.put_cf(
-        cf,
-        keys::hard_state(group),
-        hs.write_to_bytes().map_err(|e| EngineError::Corrupt {
-            key: keys::hard_state(group),
-            what: e.to_string(),
-        })?,
-    );
-    wb.put_cf(engine.kv_cf(), keys::conf_ver(group), 1u64.to_be_bytes());
-    let (start, end) = keys::group_range(group);
-    for (k, v) in kvs {
-        assert!(
-            k.as_slice() >= start.as_slice() && k.as_slice() < end.as_slice(),
-            "bootstrap pair outside group {group}"
-        );
-        wb.put_cf(engine.kv_cf(), k, v);
-    }
-    engine.write(wb, true)
-}
-
-/// Stages the removal of this node's replica of `group`: its raft state,
-/// log and state machine are deleted, and a tombstone records the
-/// configuration version `conf_ver` at which it left (see `keys`).
-pub fn stage_destroy(engine: &Engine, wb: &mut WriteBatch, group: u64, conf_ver: u64) {
-    let (start, end) = keys::group_range(group);
-    wb.delete_range_cf(engine.raft_cf(), &start, &end);
-    wb.delete_range_cf(engine.kv_cf(), &start, &end);
-    wb.delete_cf(engine.kv_cf(), keys::apply_state(group));
-    wb.delete_cf(engine.kv_cf(), keys::conf_state(group));
-    wb.put_cf(
-        engine.raft_cf(),
-        keys::tombstone(group),
-        conf_ver.to_be_bytes(),
-    );
-}
-
-/// The configuration version at which this node's replica of `group` was
-/// removed, if it was.
-pub fn tombstone(engine: &Engine, group: u64) -> Result<Option<u64>, EngineError> {
-    match engine.get_raft(&keys::tombstone(group))? {
-        None => Ok(None),
-        Some(v) if v.len() == 8 => {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&v);
-            Ok(Some(u64::from_be_bytes(b)))
-        }
-        Some(_) => Err(EngineError::Corrupt {
-            key: keys::tombstone(group),
-            what: "tombstone is not 8 bytes".into(),
-        }),
-    }
 }
 
 impl GroupStorage {
@@ -323,8 +213,7 @@ impl GroupStorage {
             durable_applied: applied_index,
             incarnation: NEXT_INCARNATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             staged_conf: None,
-            cache: VecDeque::new(),
-            cache_bytes: 0,
+            cache: entry_cache::EntryCache::default(),
             snapshot_requests: std::cell::RefCell::new(Vec::new()),
         })
     }
@@ -468,25 +357,7 @@ impl GroupStorage {
                 keys::entry(self.group, self.last_index + 1),
             );
         }
-        // The cache: drop a replaced suffix (or all of it, if the append
-        // does not continue it), then add the new entries.
-        while self.cache.back().is_some_and(|e| e.index >= first.index) {
-            self.cache_pop_back();
-        }
-        if self
-            .cache
-            .back()
-            .is_some_and(|e| e.index + 1 != first.index)
-        {
-            self.clear_cache();
-        }
-        for e in entries {
-            self.cache_bytes += u64::from(e.compute_size());
-            self.cache.push_back(e.clone());
-        }
-        while self.cache_bytes > ENTRY_CACHE_BYTES_MAX && self.cache.len() > 1 {
-            self.cache_pop_front();
-        }
+        self.cache.append(entries);
         let keep = (first.index - self.truncated_index - 1) as usize;
         for (_, size) in self.terms.drain(keep.min(self.terms.len())..) {
             self.log_bytes -= u64::from(size);
@@ -503,45 +374,9 @@ impl GroupStorage {
         Ok(())
     }
 
-    fn cache_pop_front(&mut self) {
-        if let Some(e) = self.cache.pop_front() {
-            self.cache_bytes -= u64::from(e.compute_size());
-        }
-    }
-
-    fn cache_pop_back(&mut self) {
-        if let Some(e) = self.cache.pop_back() {
-            self.cache_bytes -= u64::from(e.compute_size());
-        }
-    }
-
     /// Empties the entry cache (e.g. when the group goes idle).
     pub fn clear_cache(&mut self) {
         self.cache.clear();
-        self.cache_bytes = 0;
-    }
-
-    /// Entries `[low, high)` from the cache, limited to `max_size` bytes
-    /// (at least one) as `entries` does; None if the cache does not hold
-    /// `low`.
-    fn cached_entries(&self, low: u64, high: u64, max_size: u64) -> Option<Vec<Entry>> {
-        let first = self.cache.front()?.index;
-        if low < first || high > self.last_index + 1 {
-            return None;
-        }
-        let mut out = Vec::with_capacity((high - low).min(1024) as usize);
-        let mut size = 0u64;
-        for e in self
-            .cache
-            .range((low - first) as usize..(high - first) as usize)
-        {
-            size += u64::from(e.compute_size());
-            if !out.is_empty() && size > max_size {
-                break;
-            }
-            out.push(e.clone());
-        }
-        Some(out)
     }
 
     /// Stages a new hard state.
@@ -616,9 +451,7 @@ impl GroupStorage {
         for (_, size) in self.terms.drain(..drop) {
             self.log_bytes -= u64::from(size);
         }
-        while self.cache.front().is_some_and(|e| e.index <= index) {
-            self.cache_pop_front();
-        }
+        self.cache.compact_to(index);
         self.truncated_index = index;
         self.truncated_term = term;
         Ok(())
@@ -693,7 +526,7 @@ impl raft::Storage for GroupStorage {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         let max_size = max_size.into().unwrap_or(u64::MAX);
-        if let Some(out) = self.cached_entries(low, high, max_size) {
+        if let Some(out) = self.cache.get(low, high, max_size) {
             return Ok(out);
         }
         let mut out = Vec::with_capacity((high - low).min(1024) as usize);
