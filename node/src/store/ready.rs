@@ -9,9 +9,8 @@
 //! Apply needs no fsync of its own: raft only hands out committed entries
 //! this replica has persisted (`min(committed, persisted)`), so the log
 //! holds every applied entry durably and a restart re-applies whatever an
-//! unsynced apply lost (log compaction waits for the applied index, which
-//! is written in the same batch as the data and reaches the WAL before
-//! any later compaction does). So a write is answered one fsync after it
+//! unlogged apply lost (log compaction waits for the applied index a flush
+//! made durable, see `flush`). So a write is answered one fsync after it
 //! is proposed, not two: its apply does not wait for the group commit of
 //! the entries proposed behind it.
 
