@@ -614,3 +614,41 @@ fn entry_cache_reads_equal_log_reads() {
     st.clear_cache();
     compare(&st);
 }
+
+/// A crash can keep an apply state (flushed without the WAL) whose commit
+/// index was lost with the round's raft batch: the storage reopens with
+/// the commit index raised to the applied one, and raft-rs starts a node
+/// on it (it panics when the applied index is past the commit index).
+#[test]
+fn apply_state_ahead_of_the_commit_index_raises_it_at_open() {
+    let (_dir, engine) = engine();
+    let mut st = open(&engine, GROUP);
+    append(&engine, &mut st, &ents(1..=10, 2));
+    let hs = HardState {
+        term: 2,
+        vote: 1,
+        commit: 3,
+        ..Default::default()
+    };
+    let mut wb = WriteBatch::default();
+    st.stage_hard_state(&mut wb, &hs).expect("stage hard state");
+    engine.write(wb, true).expect("write");
+    let mut wb = WriteBatch::default();
+    st.stage_apply_state(&mut wb, 8, 2);
+    engine.write_apply(wb).expect("write apply state");
+    engine.flush_kv().expect("flush");
+    drop(st);
+
+    let st = open(&engine, GROUP);
+    assert_eq!(st.applied_index(), 8);
+    assert_eq!(st.hard_state().commit, 8);
+    assert_eq!(st.initial_state().expect("state").hard_state.commit, 8);
+    let cfg = raft::Config {
+        id: 1,
+        applied: st.applied_index(),
+        ..Default::default()
+    };
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let node = raft::RawNode::new(&cfg, st, &logger).expect("raft starts");
+    assert_eq!(node.raft.raft_log.committed, 8);
+}

@@ -109,7 +109,7 @@ impl GroupStorage {
     /// with no voters, as an uninitialized replica (nothing written) that
     /// a snapshot from its leader will fill.
     pub fn open(engine: Engine, group: u64, voters: &[u64]) -> Result<GroupStorage, EngineError> {
-        let hard_state = match engine.get_raft(&keys::hard_state(group))? {
+        let mut hard_state = match engine.get_raft(&keys::hard_state(group))? {
             Some(v) => HardState::parse_from_bytes(&v).map_err(|e| EngineError::Corrupt {
                 key: keys::hard_state(group),
                 what: e.to_string(),
@@ -195,6 +195,24 @@ impl GroupStorage {
                 log_bytes += v.len() as u64;
                 last_index = index;
             }
+        }
+        // The apply batch is written before the round's raft batch, which
+        // carries the commit index that allowed it, and without the WAL:
+        // a flush can make the apply state durable while a crash loses
+        // that commit index. Applied entries are committed (and in this
+        // log), so the commit index is at least the applied one — TiKV
+        // repairs its hard state the same way. raft-rs refuses to start a
+        // node whose applied index is past its commit index.
+        if applied_index > hard_state.commit {
+            if applied_index > last_index {
+                return Err(EngineError::Corrupt {
+                    key: keys::apply_state(group),
+                    what: format!(
+                        "group {group}: applied index {applied_index} is past the log's end {last_index}"
+                    ),
+                });
+            }
+            hard_state.commit = applied_index;
         }
         Ok(GroupStorage {
             group,
