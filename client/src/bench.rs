@@ -283,8 +283,10 @@ fn raftblk_client_bench_payload(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// 4 KiB pwrite + fdatasync at QD1 on a scratch file in `dir`.
-fn local_fdatasync(dir: &std::path::Path, seconds: u64) -> anyhow::Result<Stats> {
-    let path = dir.join(format!(".raftblk-bench-{}.dat", std::process::id()));
+/// A fresh scratch file `.raftblk-bench-TAG-PID.dat` in `dir` (the
+/// caller removes it).
+fn scratch_file(dir: &std::path::Path, tag: &str) -> anyhow::Result<(PathBuf, std::fs::File)> {
+    let path = dir.join(format!(".raftblk-bench-{tag}-{}.dat", std::process::id()));
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -292,6 +294,11 @@ fn local_fdatasync(dir: &std::path::Path, seconds: u64) -> anyhow::Result<Stats>
         .write(true)
         .open(&path)
         .with_context(|| format!("cannot create {}", path.display()))?;
+    Ok((path, f))
+}
+
+fn local_fdatasync(dir: &std::path::Path, seconds: u64) -> anyhow::Result<Stats> {
+    let (path, f) = scratch_file(dir, "sync")?;
     let buf = raftblk_client_bench_payload(1, 4096);
     let slots = 16384u64; // 64 MiB file
     f.set_len(slots * 4096)?;
@@ -331,13 +338,7 @@ fn local_seq_write(dir: &std::path::Path, seconds: u64) -> anyhow::Result<Stats>
     const BLOCK: u64 = 1 << 20;
     const FILE_BLOCKS: u64 = 1024;
     const SYNC_EVERY_BLOCKS: u64 = 64;
-    let path = dir.join(format!(".raftblk-bench-seq-{}.dat", std::process::id()));
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
+    let (path, f) = scratch_file(dir, "seq")?;
     let buf = raftblk_client_bench_payload(2, BLOCK as usize);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();

@@ -107,7 +107,7 @@ pub enum StoreMsg {
     /// The kv-flush thread flushed the state machines: the applied
     /// indexes recorded before it began are durable (see `store::flush`).
     KvFlushed {
-        applied: Vec<(u64, u64, u64)>,
+        applied: crate::store::FlushedApplies,
         result: Result<(), EngineError>,
     },
     Unreachable {

@@ -46,6 +46,13 @@ fn append(engine: &Engine, st: &mut GroupStorage, entries: &[Entry]) {
     engine.write(wb, true).expect("write append");
 }
 
+/// Stages and writes (synced) a hard state, as the ready loop does.
+fn write_hard_state(engine: &Engine, st: &mut GroupStorage, hs: &HardState) {
+    let mut wb = WriteBatch::default();
+    st.stage_hard_state(&mut wb, hs).expect("stage hard state");
+    engine.write(wb, true).expect("write hard state");
+}
+
 /// Marks `index` applied and flushed, as the store's apply (unlogged)
 /// and its kv-flush thread do, so it may be compacted.
 fn apply_to(engine: &Engine, st: &mut GroupStorage, index: u64) {
@@ -492,9 +499,7 @@ fn initial_state_returns_the_staged_hard_state_and_survives_reopen() {
         commit: 4,
         ..Default::default()
     };
-    let mut wb = WriteBatch::default();
-    st.stage_hard_state(&mut wb, &hs).expect("stage hard state");
-    engine.write(wb, true).expect("write");
+    write_hard_state(&engine, &mut st, &hs);
     assert_eq!(st.initial_state().expect("state").hard_state, hs);
     assert_eq!(st.hard_state(), &hs);
 
@@ -630,9 +635,7 @@ fn apply_state_ahead_of_the_commit_index_raises_it_at_open() {
         commit: 3,
         ..Default::default()
     };
-    let mut wb = WriteBatch::default();
-    st.stage_hard_state(&mut wb, &hs).expect("stage hard state");
-    engine.write(wb, true).expect("write");
+    write_hard_state(&engine, &mut st, &hs);
     let mut wb = WriteBatch::default();
     st.stage_apply_state(&mut wb, 8, 2);
     engine.write_apply(wb).expect("write apply state");

@@ -64,6 +64,7 @@ use tokio::sync::mpsc;
 
 pub use crate::counters::{Counters, InstallGen, PeerLiveness, Suspects};
 pub use crate::msg::{StoreError, StoreMsg};
+pub use flush::FlushedApplies;
 pub use handle::{GroupView, StoreHandle};
 
 use crate::config::NodeConfig;
