@@ -57,11 +57,9 @@ pub(super) fn open_group(
         pre_vote: true,
         read_only_option: ReadOnlyOption::Safe,
         max_committed_size_per_ready: 16 << 20,
-        // (`skip_bcast_commit`, which saves one message per follower per
-        // commit, is left off: with it, replicas of a group that went
-        // through a membership change with its leader killed stayed at
-        // different applied indexes for 30 s in `elastic::kill_during_move`;
-        // the cause is not established yet.)
+        // Commits ride on the next append; a round that sends none tells
+        // the followers once at its end (see `commit_notice`).
+        skip_bcast_commit: true,
         // Appends queued for one peer in one ready go as one message.
         batch_append: true,
         ..Default::default()
@@ -96,6 +94,7 @@ pub(super) fn open_group(
         installing: None,
         hibernating: false,
         idle_ticks: 0,
+        commit_sent: Default::default(),
     })
 }
 

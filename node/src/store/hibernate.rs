@@ -51,7 +51,13 @@ impl Group {
         let last = raft.raft_log.last_index();
         raft.raft_log.committed == last
             && self.node.store().applied_index() == last
-            && raft.prs().iter().all(|(_, p)| p.matched == last)
+            // Every follower has said it knows the commit index: else a
+            // follower would refuse the hibernation notice and, with no
+            // heartbeats coming, campaign (see `commit_notice`).
+            && raft
+                .prs()
+                .iter()
+                .all(|(_, p)| p.matched == last && p.committed_index == last)
     }
 }
 

@@ -40,6 +40,7 @@
 //! changes, replicas created and destroyed with them), `maintenance` (ticks,
 //! proposal and read deadlines, log compaction).
 
+mod commit_notice;
 mod conf;
 mod dedup;
 mod flush;
@@ -130,6 +131,8 @@ struct Group {
     hibernating: bool,
     /// Consecutive ticks this leader's group has been idle.
     idle_ticks: u32,
+    /// The commit index each follower has been told (see `commit_notice`).
+    commit_sent: commit_notice::CommitSent,
 }
 
 impl Group {

@@ -35,7 +35,17 @@ pub(super) struct Completions {
 
 impl Store {
     pub(super) fn send_messages(&mut self, group: u64, msgs: Vec<Message>) {
-        let conf_ver = self.groups.get(&group).map_or(0, |g| g.members.conf_ver);
+        let conf_ver = match self.groups.get_mut(&group) {
+            Some(g) => {
+                if g.is_leader() {
+                    for m in &msgs {
+                        g.commit_sent.note(m);
+                    }
+                }
+                g.members.conf_ver
+            }
+            None => 0,
+        };
         for m in msgs {
             if m.get_msg_type() == MessageType::MsgSnapshot {
                 // The data must be the DB view taken for exactly this
@@ -357,6 +367,7 @@ impl Store {
         for (cb, r) in done.proposals {
             let _ = cb.send(r);
         }
+        self.send_commit_notices(&ids);
         for &id in &ids {
             if let Some(g) = self.groups.get_mut(&id) {
                 let applied_index = g.node.store().applied_index();
