@@ -50,7 +50,8 @@ pub struct ClusterSpec {
     /// Rebuild throttle (`placement.snapshot_bytes_per_sec`; None: the
     /// default).
     pub snapshot_bytes_per_sec: Option<u64>,
-    /// `placement.nearfull_ratio` and `full_ratio` (None: the defaults).
+    /// `placement.nearfull_ratio` and `full_ratio` (None: 0.99 and 1.0,
+    /// out of the way of the host disk's fill).
     pub full_ratios: Option<(f64, f64)>,
     /// Balance replicas and leaderships (off by default in tests, so
     /// leadership stays where a test puts it: the `norebalance` flag).
@@ -270,9 +271,12 @@ impl LocalCluster {
         if let Some(b) = p.snapshot_bytes_per_sec {
             t += &format!("snapshot_bytes_per_sec = {b}\n");
         }
-        if let Some((near, full)) = p.full_ratios {
-            t += &format!("nearfull_ratio = {near}\nfull_ratio = {full}\n");
-        }
+        // The test nodes share the host's file system, whose fill the test
+        // does not control (statvfs counts reserved blocks as used: a CI
+        // machine sat at 0.83): unless a test sets them, the ratios sit
+        // where only a truly full disk reaches them.
+        let (near, full) = p.full_ratios.unwrap_or((0.99, 1.0));
+        t += &format!("nearfull_ratio = {near}\nfull_ratio = {full}\n");
         t
     }
 
