@@ -191,7 +191,14 @@ pub struct LimitsConfig {
     /// for block I/O before re-reading it from the meta group: the bound
     /// on how long a deleted volume still accepts I/O.
     pub volume_cache_ttl_ms: u64,
+    /// Threads that serve gRPC (client I/O, lease reads, the raft
+    /// transport); 0: one per core. Nodes that share a host should split
+    /// its cores between them: every extra thread costs context switches.
+    pub worker_threads: usize,
 }
+
+/// Upper bound of `limits.worker_threads`.
+pub const WORKER_THREADS_MAX: usize = 256;
 
 /// Names of the cluster flags.
 pub const FLAGS: [&str; 3] = ["noout", "norecover", "norebalance"];
@@ -232,6 +239,7 @@ impl Default for LimitsConfig {
             scrub_blocks_per_sec: 2048,
             scrub_interval_secs: 3600,
             volume_cache_ttl_ms: 2000,
+            worker_threads: 0,
         }
     }
 }
@@ -515,6 +523,12 @@ impl NodeConfig {
             return Err(bad(
                 "limits.volume_cache_ttl_ms",
                 format!("{} is not in 10..=600000", l.volume_cache_ttl_ms),
+            ));
+        }
+        if l.worker_threads > WORKER_THREADS_MAX {
+            return Err(bad(
+                "limits.worker_threads",
+                format!("{} is not in 0..={WORKER_THREADS_MAX}", l.worker_threads),
             ));
         }
         if l.scrub_interval_secs == 0 {

@@ -63,6 +63,10 @@ fn bad_configs_name_the_key_and_leave_no_data() {
         ("id = 3", "id = 2"),
         ("data_groups = 4", "data_groups = 4\ncolour = \"blue\""),
         ("data_groups = 4", "data_groups = \"four\""),
+        (
+            "data_groups = 4",
+            "data_groups = 4\n[limits]\nworker_threads = 100000",
+        ),
     ];
     let keys = [
         "node_id",
@@ -73,6 +77,7 @@ fn bad_configs_name_the_key_and_leave_no_data() {
         "cluster.nodes[2].id",
         "colour",
         "data_groups",
+        "limits.worker_threads",
     ];
     for ((from, to), key) in cases.iter().zip(keys) {
         let (code, text, data, _d) = run(&GOOD.replace(from, to), &[]);
