@@ -168,7 +168,9 @@ impl Transport {
 
     /// Queues a raft message of `group` (at configuration version
     /// `conf_ver`); drops it if the peer's queue is full.
-    pub fn send(&self, group: u64, conf_ver: u64, msg: Message) {
+    /// Queues a raft message for its peer; false if it was dropped (no
+    /// link to that peer, or its queue is full: raft resends).
+    pub fn send(&self, group: u64, conf_ver: u64, msg: Message) -> bool {
         let to = msg.to;
         self.queue(
             to,
@@ -177,7 +179,7 @@ impl Transport {
                 conf_ver,
                 msg,
             },
-        );
+        )
     }
 
     /// Tells `to` that it is not a member of `group` at `conf_ver`.
@@ -197,18 +199,20 @@ impl Transport {
         );
     }
 
-    fn queue(&self, to: u64, out: Outgoing) {
+    fn queue(&self, to: u64, out: Outgoing) -> bool {
         let Some((_, tx)) = self.peers.get(&to) else {
             self.counters
                 .dropped_messages
                 .fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
         };
         if tx.try_send(out).is_err() {
             self.counters
                 .dropped_messages
                 .fetch_add(1, Ordering::Relaxed);
+            return false;
         }
+        true
     }
 
     /// Streams a snapshot to its receiver in the background and reports the

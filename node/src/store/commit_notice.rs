@@ -17,7 +17,6 @@
 //! none. raft-rs itself still broadcasts every commit while a membership
 //! change is pending.
 
-use raft::prelude::{Message, MessageType};
 use raft::ProgressState;
 
 use super::{Group, Store};
@@ -41,24 +40,19 @@ impl CommitSent {
             .map_or(0, |(_, c)| *c)
     }
 
-    /// Records what an outgoing leader message tells its follower.
-    pub(super) fn note(&mut self, m: &Message) {
-        if !matches!(
-            m.get_msg_type(),
-            MessageType::MsgAppend | MessageType::MsgHeartbeat
-        ) {
-            return;
-        }
-        if m.term != self.term {
-            if m.term < self.term {
+    /// Records what a queued append or heartbeat `(to, term, commit)`
+    /// told its follower.
+    pub(super) fn note(&mut self, (to, term, commit): (u64, u64, u64)) {
+        if term != self.term {
+            if term < self.term {
                 return;
             }
-            self.term = m.term;
+            self.term = term;
             self.by_peer.clear();
         }
-        match self.by_peer.iter_mut().find(|(p, _)| *p == m.to) {
-            Some((_, c)) => *c = (*c).max(m.commit),
-            None => self.by_peer.push((m.to, m.commit)),
+        match self.by_peer.iter_mut().find(|(p, _)| *p == to) {
+            Some((_, c)) => *c = (*c).max(commit),
+            None => self.by_peer.push((to, commit)),
         }
     }
 }
@@ -89,8 +83,8 @@ impl Group {
 }
 
 impl Store {
-    /// End of a store round: tell the followers of `ids` (those led here)
-    /// any commit index no message of this round carried.
+    /// End of a store round: for each group of `ids` led here, tell its
+    /// followers any commit index no message of this round carried.
     pub(super) fn send_commit_notices(&mut self, ids: &[u64]) {
         for &id in ids {
             let Some(g) = self.groups.get_mut(&id) else {
@@ -106,13 +100,12 @@ impl Store {
             for to in behind {
                 g.node.raft.send_append(to);
             }
-            // Only empty appends can be in there: the round's own messages
-            // were taken from the ready already, and every follower chosen
-            // has all entries and no snapshot pending.
+            // Leader messages raft-rs queued after this round's ready was
+            // taken go out with the notices: those of a membership change
+            // applied in the round's second phase (appends to a new peer, a
+            // snapshot whose DB view the round already took). Leader
+            // messages need nothing persisted first.
             let msgs = std::mem::take(&mut g.node.raft.msgs);
-            debug_assert!(msgs
-                .iter()
-                .all(|m| m.get_msg_type() == MessageType::MsgAppend && m.entries.is_empty()));
             self.send_messages(id, msgs);
         }
     }

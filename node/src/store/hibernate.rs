@@ -2,8 +2,9 @@
 //! does not spend its CPU on their heartbeats (TiKV's hibernate regions).
 //!
 //! - A leader whose group has been idle for two election timeouts (nothing
-//!   pending, every voter's log matching its own, everything committed and
-//!   applied, no membership change or transfer under way) drops its lease,
+//!   pending, every voter's log matching its own and every voter having
+//!   reported the commit index, everything committed and applied, no
+//!   membership change or transfer under way) drops its lease,
 //!   tells each follower, and stops ticking: no heartbeats. A hibernating
 //!   leader holds no read lease; a read wakes it and goes through a
 //!   ReadIndex round.

@@ -4,7 +4,8 @@
 //! log appends and hard states of every group staged into ONE write batch
 //! with one fsync (group commit), then the persisted messages, `advance`,
 //! and the light ready's commits applied in a second, unsynced batch —
-//! raft-rs's documented ordering.
+//! raft-rs's documented ordering. Last, followers that no append of the
+//! round told the new commit index get an empty append (`commit_notice`).
 //!
 //! Apply needs no fsync of its own: raft only hands out committed entries
 //! this replica has persisted (`min(committed, persisted)`), so the log
@@ -35,17 +36,7 @@ pub(super) struct Completions {
 
 impl Store {
     pub(super) fn send_messages(&mut self, group: u64, msgs: Vec<Message>) {
-        let conf_ver = match self.groups.get_mut(&group) {
-            Some(g) => {
-                if g.is_leader() {
-                    for m in &msgs {
-                        g.commit_sent.note(m);
-                    }
-                }
-                g.members.conf_ver
-            }
-            None => 0,
-        };
+        let conf_ver = self.groups.get(&group).map_or(0, |g| g.members.conf_ver);
         for m in msgs {
             if m.get_msg_type() == MessageType::MsgSnapshot {
                 // The data must be the DB view taken for exactly this
@@ -62,7 +53,16 @@ impl Store {
                     }
                 }
             } else {
-                self.transport.send(group, conf_ver, m);
+                // What each follower has been told of the commit index (see
+                // `commit_notice`): only what was queued counts.
+                let told = (m.get_msg_type() == MessageType::MsgAppend
+                    || m.get_msg_type() == MessageType::MsgHeartbeat)
+                    .then_some((m.to, m.term, m.commit));
+                if self.transport.send(group, conf_ver, m) {
+                    if let (Some(told), Some(g)) = (told, self.groups.get_mut(&group)) {
+                        g.commit_sent.note(told);
+                    }
+                }
             }
         }
     }
