@@ -167,9 +167,8 @@ impl Transport {
     }
 
     /// Queues a raft message of `group` (at configuration version
-    /// `conf_ver`); drops it if the peer's queue is full.
-    /// Queues a raft message for its peer; false if it was dropped (no
-    /// link to that peer, or its queue is full: raft resends).
+    /// `conf_ver`) for its peer; false if it was dropped (no link to that
+    /// peer, or its queue is full: raft resends).
     pub fn send(&self, group: u64, conf_ver: u64, msg: Message) -> bool {
         let to = msg.to;
         self.queue(

@@ -8,7 +8,7 @@
 //! its ratio to this disk's measured write bandwidth, and a 4 KiB QD1
 //! write probe's p50/p99/max latency before and during the rebuild.
 //!
-//!   cargo build --workspace --bins && \
+//!   cargo build --release --workspace --bins && \
 //!   target/release/rebuild-bench [DATA_MIB] [PROBE_SECS]
 
 use std::time::{Duration, Instant};

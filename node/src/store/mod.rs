@@ -32,9 +32,9 @@
 //! The parts: `handle` (the async [`StoreHandle`] and published
 //! [`GroupView`]s), `ready` (the ready loop: messages, apply, group commit),
 //! `commit_notice` (followers told the commit index once per round, not
-//! once per commit), `read` (ReadIndex batching and the leader lease), `flush` (the raft
-//! log as the only log: unlogged applies, and log compaction held to what a
-//! flush made durable), `snapshot` (snapshots
+//! once per commit), `read` (ReadIndex batching and the leader lease),
+//! `flush` (the raft log as the only log: unlogged applies, and log
+//! compaction held to what a flush made durable), `snapshot` (snapshots
 //! made for peers and snapshots received), `install` (snapshot installs on
 //! their own thread, the held ready), `propose` (client requests and
 //! repairs), `dedup` (at-most-once client requests), `conf` (membership

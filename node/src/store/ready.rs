@@ -36,7 +36,13 @@ pub(super) struct Completions {
 
 impl Store {
     pub(super) fn send_messages(&mut self, group: u64, msgs: Vec<Message>) {
-        let conf_ver = self.groups.get(&group).map_or(0, |g| g.members.conf_ver);
+        // What each follower has been told of the commit index (see
+        // `commit_notice`), kept aside for the batch: only what the
+        // transport queued counts.
+        let (conf_ver, mut told) = match self.groups.get_mut(&group) {
+            Some(g) => (g.members.conf_ver, std::mem::take(&mut g.commit_sent)),
+            None => (0, Default::default()),
+        };
         for m in msgs {
             if m.get_msg_type() == MessageType::MsgSnapshot {
                 // The data must be the DB view taken for exactly this
@@ -53,17 +59,18 @@ impl Store {
                     }
                 }
             } else {
-                // What each follower has been told of the commit index (see
-                // `commit_notice`): only what was queued counts.
-                let told = (m.get_msg_type() == MessageType::MsgAppend
-                    || m.get_msg_type() == MessageType::MsgHeartbeat)
-                    .then_some((m.to, m.term, m.commit));
-                if self.transport.send(group, conf_ver, m) {
-                    if let (Some(told), Some(g)) = (told, self.groups.get_mut(&group)) {
-                        g.commit_sent.note(told);
-                    }
+                let carries_commit = matches!(
+                    m.get_msg_type(),
+                    MessageType::MsgAppend | MessageType::MsgHeartbeat
+                );
+                let (to, term, commit) = (m.to, m.term, m.commit);
+                if self.transport.send(group, conf_ver, m) && carries_commit {
+                    told.note((to, term, commit));
                 }
             }
+        }
+        if let Some(g) = self.groups.get_mut(&group) {
+            g.commit_sent = told;
         }
     }
 
