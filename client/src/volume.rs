@@ -27,6 +27,30 @@ pub struct Piece {
     pub len: u64,
 }
 
+/// The `retry_age_ms` of one request's attempts: 0 on the first, then the
+/// milliseconds since the first (at least 1), so the group can tell a retry
+/// it may still check from one it can no longer.
+struct RetryAge {
+    first: std::time::Instant,
+    sent: std::sync::atomic::AtomicBool,
+}
+
+impl RetryAge {
+    fn new() -> Self {
+        RetryAge {
+            first: std::time::Instant::now(),
+            sent: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn next(&self) -> u64 {
+        if !self.sent.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return 0;
+        }
+        (self.first.elapsed().as_millis() as u64).max(1)
+    }
+}
+
 /// An open volume.
 #[derive(Clone)]
 pub struct Volume {
@@ -185,12 +209,14 @@ impl Volume {
                 async move {
                     let range = self.range(&p);
                     let request_id = self.client.next_request_id();
+                    let age = RetryAge::new();
                     self.client
                         .call_group(p.group, "write", |ch| {
                             let req = WriteRequest {
                                 range: Some(range),
                                 data: chunk.clone(),
                                 request_id: request_id.clone(),
+                                retry_age_ms: age.next(),
                             };
                             async move {
                                 let r = BlockIoClient::new(ch)
@@ -240,15 +266,18 @@ impl Volume {
             .map(|p| async move {
                 let range = self.range(&p);
                 let request_id = self.client.next_request_id();
+                let age = RetryAge::new();
                 self.client
                     .call_group(p.group, "discard", |ch| {
                         let request_id = request_id.clone();
+                        let retry_age_ms = age.next();
                         async move {
                             let r = BlockIoClient::new(ch)
                                 .discard(DiscardRequest {
                                     range: Some(range),
                                     zeroes,
                                     request_id,
+                                    retry_age_ms,
                                 })
                                 .await?
                                 .into_inner();

@@ -575,6 +575,43 @@ impl LocalCluster {
         }
     }
 
+    /// Moves `group`'s replica from node `from` to node `to` step by step,
+    /// each step bounded by `step`: add `to` as a learner, wait until it
+    /// caught up, enter the joint configuration that promotes it and
+    /// removes `from`, leave it.
+    pub async fn move_replica(
+        &self,
+        group: u64,
+        from: u64,
+        to: u64,
+        step: Duration,
+    ) -> anyhow::Result<()> {
+        use PeerChangeKind::{AddLearner, AddVoter, Remove};
+        let r = self.change_peers(group, &[(AddLearner, to)], step).await?;
+        anyhow::ensure!(r.error.is_none(), "add learner: {:?}", r.error);
+        anyhow::ensure!(r.learners.contains(&to), "learner missing: {r:?}");
+        self.wait_caught_up(group, to, step).await?;
+        let r = self
+            .change_peers(group, &[(AddVoter, to), (Remove, from)], step)
+            .await?;
+        anyhow::ensure!(r.error.is_none(), "enter joint: {:?}", r.error);
+        anyhow::ensure!(
+            r.voters.contains(&to) && r.voters_outgoing.contains(&from),
+            "joint configuration expected: {r:?}"
+        );
+        let r = self.change_peers(group, &[], step).await?;
+        anyhow::ensure!(r.error.is_none(), "leave joint: {:?}", r.error);
+        anyhow::ensure!(
+            r.voters_outgoing.is_empty() && r.voters.contains(&to) && !r.voters.contains(&from),
+            "final configuration: {r:?}"
+        );
+        println!(
+            "group {group}: moved from node {from} to node {to}, now {:?} at version {}",
+            r.voters, r.conf_ver
+        );
+        Ok(())
+    }
+
     /// Waits until the leader of `group` reports `node` caught up
     /// (replicating, matched within a few entries of the commit index).
     pub async fn wait_caught_up(

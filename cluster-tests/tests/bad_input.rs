@@ -138,6 +138,7 @@ async fn malformed_rpcs_get_clear_errors_and_change_nothing() -> anyhow::Result<
         range: Some(r),
         data: vec![0xAB; len].into(),
         request_id: Default::default(),
+        retry_age_ms: 0,
     };
     let cases: Vec<(WriteRequest, ErrorCode, &str)> = vec![
         (
@@ -195,6 +196,7 @@ async fn malformed_rpcs_get_clear_errors_and_change_nothing() -> anyhow::Result<
                 range: None,
                 data: Default::default(),
                 request_id: Default::default(),
+                retry_age_ms: 0,
             },
             ErrorCode::InvalidArgument,
             "no range",

@@ -200,17 +200,19 @@ async fn retried_writes_apply_at_most_once() -> anyhow::Result<()> {
         offset_bytes: 8192,
         length_bytes: 4096,
     });
-    let write = |data: Vec<u8>, id: u8| WriteRequest {
+    // A retry says how long ago its first attempt was sent.
+    let write = |data: Vec<u8>, id: u8, retry_age_ms: u64| WriteRequest {
         range,
         data: data.into(),
         request_id: vec![id; 16].into(),
+        retry_age_ms,
     };
     let read = || ReadRequest { range };
     let (w1, w2) = (payload(1, 4096), payload(2, 4096));
     for (req, what) in [
-        (write(w1.clone(), 1), "first write"),
-        (write(w2.clone(), 2), "second write"),
-        (write(w1.clone(), 1), "retry of the first write"),
+        (write(w1.clone(), 1, 0), "first write"),
+        (write(w2.clone(), 2, 0), "second write"),
+        (write(w1.clone(), 1, 50), "retry of the first write"),
     ] {
         let r = bio.write(req).await?.into_inner();
         anyhow::ensure!(r.error.is_none(), "{what}: {:?}", r.error);
@@ -236,7 +238,7 @@ async fn retried_writes_apply_at_most_once() -> anyhow::Result<()> {
         .connect()
         .await?;
     let mut bio = BlockIoClient::new(ch);
-    let r = bio.write(write(w1.clone(), 1)).await?.into_inner();
+    let r = bio.write(write(w1.clone(), 1, 5000)).await?.into_inner();
     anyhow::ensure!(r.error.is_none(), "retry after restart: {:?}", r.error);
     let got = bio.read(read()).await?.into_inner();
     anyhow::ensure!(got.error.is_none(), "{:?}", got.error);
@@ -245,7 +247,7 @@ async fn retried_writes_apply_at_most_once() -> anyhow::Result<()> {
         "after a restart, the retried first write was applied again"
     );
     // A different id is a new request: it applies.
-    let r = bio.write(write(w1.clone(), 3)).await?.into_inner();
+    let r = bio.write(write(w1.clone(), 3, 0)).await?.into_inner();
     anyhow::ensure!(r.error.is_none(), "{:?}", r.error);
     let got = bio.read(read()).await?.into_inner();
     assert!(got.data[..] == w1[..], "a new request id must apply");

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use raftblk_client::Volume;
 use raftblk_cluster_tests::workload::{Workload, WorkloadSpec};
 use raftblk_cluster_tests::{ClusterSpec, LocalCluster};
-use raftblk_proto::PeerChangeKind::{AddLearner, AddVoter, Remove};
 
 const HEALTHY: Duration = Duration::from_secs(30);
 const STEP: Duration = Duration::from_secs(20);
@@ -99,33 +98,6 @@ async fn wait_gone(
     }
 }
 
-/// Moves `group`'s replica from node `from` to node `to`, step by step.
-async fn move_replica(c: &LocalCluster, group: u64, from: u64, to: u64) -> anyhow::Result<()> {
-    let r = c.change_peers(group, &[(AddLearner, to)], STEP).await?;
-    anyhow::ensure!(r.error.is_none(), "add learner: {:?}", r.error);
-    anyhow::ensure!(r.learners.contains(&to), "learner missing: {r:?}");
-    c.wait_caught_up(group, to, STEP).await?;
-    let r = c
-        .change_peers(group, &[(AddVoter, to), (Remove, from)], STEP)
-        .await?;
-    anyhow::ensure!(r.error.is_none(), "enter joint: {:?}", r.error);
-    anyhow::ensure!(
-        r.voters.contains(&to) && r.voters_outgoing.contains(&from),
-        "joint configuration expected: {r:?}"
-    );
-    let r = c.change_peers(group, &[], STEP).await?;
-    anyhow::ensure!(r.error.is_none(), "leave joint: {:?}", r.error);
-    anyhow::ensure!(
-        r.voters_outgoing.is_empty() && r.voters.contains(&to) && !r.voters.contains(&from),
-        "final configuration: {r:?}"
-    );
-    println!(
-        "group {group}: moved from node {from} to node {to}, now {:?} at version {}",
-        r.voters, r.conf_ver
-    );
-    Ok(())
-}
-
 /// A voter of `group` that does not lead it.
 async fn follower_of(c: &LocalCluster, group: u64) -> anyhow::Result<u64> {
     let (leader, st) = c
@@ -168,7 +140,7 @@ async fn move_a_replica_under_load() -> anyhow::Result<()> {
     let to = (1..=4u64)
         .find(|n| !members.contains(n))
         .ok_or_else(|| anyhow::anyhow!("every node hosts group {GROUP}"))?;
-    move_replica(&c, GROUP, from, to).await?;
+    c.move_replica(GROUP, from, to, STEP).await?;
     wait_gone(&c, from as usize, GROUP, STEP).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let summary = wl.stop_and_check(&vols, blocks).await?;
@@ -208,7 +180,7 @@ async fn replica_removed_while_its_node_was_down_deletes_itself() -> anyhow::Res
         .ok_or_else(|| anyhow::anyhow!("every node hosts group {GROUP}"))?;
     c.kill(from as usize);
     // Two of three voters are up: the move goes on without the dead one.
-    move_replica(&c, GROUP, from, to).await?;
+    c.move_replica(GROUP, from, to, STEP).await?;
     vols[0]
         .write(0, &raftblk_cluster_tests::payload(8, 4 << 20))
         .await?;

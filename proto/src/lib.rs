@@ -17,6 +17,12 @@ pub const BLOCK_BYTES: u64 = 4096;
 pub const META_GROUP_ID: u64 = 0;
 /// Largest message any raftblk endpoint accepts (decoding) or sends.
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Oldest retry of a write or discard a group still checks against the
+/// request ids it applied (`retry_age_ms`); an older one gets
+/// `REQUEST_EXPIRED`. Well past any client's retry deadline (30 s by
+/// default), and well short of how long a node keeps the ids, which leaves
+/// room for clock differences between replicas.
+pub const RETRY_AGE_MAX_MS: u64 = 90_000;
 
 impl Error {
     /// A new domain error with a message.
