@@ -80,17 +80,15 @@ async fn read(bio: &mut BlockIoClient<Channel>, r: BlockRange) -> anyhow::Result
 async fn volume(c: &LocalCluster) -> anyhow::Result<(u64, u64)> {
     let client = c.client().await?;
     let info = client.create_volume("once", 1 << 20).await?;
-    Ok((info.id, placement::chunk_group(info.id, 0, c.spec.data_groups)))
+    Ok((
+        info.id,
+        placement::chunk_group(info.id, 0, c.spec.data_groups),
+    ))
 }
 
 /// Writes other blocks of the group (fresh ids) until every replica's log
 /// starts past `index`: the entry at `index` is gone from every log.
-async fn compact_past(
-    c: &LocalCluster,
-    group: u64,
-    volume: u64,
-    index: u64,
-) -> anyhow::Result<()> {
+async fn compact_past(c: &LocalCluster, group: u64, volume: u64, index: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + STEP;
     let mut n = 0u64;
     loop {
@@ -98,7 +96,12 @@ async fn compact_past(
         for _ in 0..64 {
             n += 1;
             let r = bio
-                .write(write(range(group, volume, 1 + n % 200), 1000 + n, 1000 + n, 0))
+                .write(write(
+                    range(group, volume, 1 + n % 200),
+                    1000 + n,
+                    1000 + n,
+                    0,
+                ))
                 .await?
                 .into_inner();
             anyhow::ensure!(r.error.is_none(), "filler write: {:?}", r.error);
@@ -227,7 +230,11 @@ async fn retry_older_than_the_window_is_refused() -> anyhow::Result<()> {
         .error
         .ok_or_else(|| anyhow::anyhow!("a retry older than the window was accepted"))?;
     assert_eq!(e.kind(), ErrorCode::RequestExpired, "{e:?}");
-    assert!(e.message.contains("retry"), "unclear message: {}", e.message);
+    assert!(
+        e.message.contains("retry"),
+        "unclear message: {}",
+        e.message
+    );
     assert!(read(&mut bio, x).await? == payload(2, BLOCK as usize));
     // A retry the group can still check is answered from its first copy
     // even when it is old.

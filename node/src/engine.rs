@@ -160,6 +160,16 @@ impl Engine {
         Ok(self.db.get_cf(self.kv_cf(), key)?)
     }
 
+    /// Several `kv` keys in one call, in order.
+    pub fn multi_get_kv(&self, keys: &[Vec<u8>]) -> Vec<Result<Option<Vec<u8>>, EngineError>> {
+        let cf = self.kv_cf();
+        self.db
+            .multi_get_cf(keys.iter().map(|k| (cf, k.as_slice())))
+            .into_iter()
+            .map(|r| r.map_err(EngineError::from))
+            .collect()
+    }
+
     /// A point-in-time view of the whole DB that can be sent to another
     /// thread and kept as long as needed.
     pub fn snapshot(&self) -> OwnedSnapshot {

@@ -13,7 +13,8 @@
 //!   the prefix `G`: blocks
 //!   `G|b|volume|block`, catalog volumes `G|v|name`, id index `G|i|id`,
 //!   next volume id `G|n`, configuration version `G|r` (in the state
-//!   machine so a snapshot carries it); in the meta group also the cluster
+//!   machine so a snapshot carries it), applied client request ids
+//!   `G|q|generation|id` (see `store::dedup`); in the meta group also the cluster
 //!   map: nodes `G|N|id`, groups `G|P|group`, flags `G|F`, epoch `G|E`,
 //!   parameters `G|K`, full nodes `G|U`.
 //!
@@ -96,6 +97,33 @@ pub fn block(group: u64, volume: u64, block: u64) -> Vec<u8> {
     k
 }
 
+/// First key after every block of `group`.
+pub fn blocks_end(group: u64) -> Vec<u8> {
+    with_group(group, b'c', 0)
+}
+
+/// A client request id `group` applied, filed under generation `gen`
+/// (see `store::dedup`).
+pub fn applied_request(group: u64, gen: u64, id: &[u8]) -> Vec<u8> {
+    let mut k = with_group(group, b'q', 8 + id.len());
+    k.extend_from_slice(&gen.to_be_bytes());
+    k.extend_from_slice(id);
+    k
+}
+
+/// The applied request ids of `group` filed before generation `gen`.
+pub fn applied_requests_before(group: u64, gen: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut end = with_group(group, b'q', 8);
+    end.extend_from_slice(&gen.to_be_bytes());
+    (with_group(group, b'q', 0), end)
+}
+
+/// Whether `key` is an applied request id of `group`: bookkeeping that
+/// replicas may drop at different times, left out of digests.
+pub fn is_applied_request(group: u64, key: &[u8]) -> bool {
+    key.len() > 9 && key[..8] == group.to_be_bytes() && key[8] == b'q'
+}
+
 /// First key of `volume`'s blocks in `group`.
 pub fn volume_blocks_start(group: u64, volume: u64) -> Vec<u8> {
     block(group, volume, 0)
@@ -105,7 +133,7 @@ pub fn volume_blocks_start(group: u64, volume: u64) -> Vec<u8> {
 pub fn volume_blocks_end(group: u64, volume: u64) -> Vec<u8> {
     match volume.checked_add(1) {
         Some(next) => block(group, next, 0),
-        None => with_group(group, b'c', 0),
+        None => blocks_end(group),
     }
 }
 
@@ -215,9 +243,19 @@ mod tests {
             volume(5, "x"),
             next_volume_id(5),
             conf_ver(5),
+            applied_request(5, 7, &[1; 16]),
         ] {
             assert!(k >= s && k < e);
         }
+        assert!(is_applied_request(5, &applied_request(5, 7, &[1; 16])));
+        assert!(!is_applied_request(5, &block(5, 1, 1)));
+        assert!(!is_applied_request(6, &applied_request(5, 7, &[1; 16])));
+        let (qs, qe) = applied_requests_before(5, 8);
+        assert!(
+            applied_request(5, 7, &[0xff; 16]) >= qs && applied_request(5, 7, &[0xff; 16]) < qe
+        );
+        assert!(applied_request(5, 8, &[0; 16]) >= qe);
+        assert!(block(5, u64::MAX, u64::MAX) < blocks_end(5));
         assert!(block(6, 0, 0) >= e);
         assert!(volume_blocks_end(5, 1) > block(5, 1, u64::MAX));
         assert_eq!(parse_u64_pair(&u64_pair(4, 5)), Some((4, 5)));

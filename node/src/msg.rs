@@ -56,6 +56,8 @@ pub enum StoreMsg {
         data: Vec<u8>,
         /// A client's request id (16 bytes) or empty: see `store::dedup`.
         request_id: Vec<u8>,
+        /// 0, or how long ago the client first sent this request.
+        retry_age_ms: u64,
         cb: ProposeCb,
     },
     ReadIndex {

@@ -23,7 +23,9 @@ pub fn run(store: StoreHandle) {
         let mut bad = 0u64;
         let groups: Vec<u64> = store.views().into_iter().map(|v| v.group).collect();
         for g in groups {
-            let (start, end) = keys::group_range(g);
+            // Blocks only (applied request records follow them).
+            let (start, _) = keys::group_range(g);
+            let end = keys::blocks_end(g);
             let mut cursor = start;
             loop {
                 let batch_started = Instant::now();

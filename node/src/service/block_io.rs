@@ -87,9 +87,19 @@ impl BlockIoService {
         self.volumes.volume_for_io(id, end).await
     }
 
-    async fn propose(&self, group: u64, cmd: Cmd, request_id: &[u8]) -> WriteResponse {
+    async fn propose(
+        &self,
+        group: u64,
+        cmd: Cmd,
+        request_id: &[u8],
+        retry_age_ms: u64,
+    ) -> WriteResponse {
         let cmd = Command { cmd: Some(cmd) };
-        match self.store.propose_request(group, &cmd, request_id).await {
+        match self
+            .store
+            .propose_request(group, &cmd, request_id, retry_age_ms)
+            .await
+        {
             Ok(Ok(_)) => WriteResponse { error: None },
             Ok(Err(e)) => WriteResponse { error: Some(e) },
             Err(e) => WriteResponse {
@@ -299,7 +309,8 @@ impl BlockIo for BlockIoService {
             data: r.data,
         });
         Ok(Response::new(
-            self.propose(range.group_id, cmd, &r.request_id).await,
+            self.propose(range.group_id, cmd, &r.request_id, r.retry_age_ms)
+                .await,
         ))
     }
 
@@ -339,7 +350,8 @@ impl BlockIo for BlockIoService {
             length_bytes: range.length_bytes,
         });
         Ok(Response::new(
-            self.propose(range.group_id, cmd, &r.request_id).await,
+            self.propose(range.group_id, cmd, &r.request_id, r.retry_age_ms)
+                .await,
         ))
     }
 }

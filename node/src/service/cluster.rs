@@ -229,6 +229,9 @@ impl Cluster for ClusterService {
             let mut n = 0u64;
             let mut blocks = 0u64;
             snap.scan_kv(&engine, &start, &end, |k, v| {
+                if keys::is_applied_request(group, k) {
+                    return true;
+                }
                 if keys::parse_block(group, k).is_some() {
                     blocks += 1;
                 }

@@ -45,7 +45,7 @@ pub(super) fn open_group(
     let storage = GroupStorage::open(engine.clone(), group, &[])?;
     let applied = storage.applied_index();
     let members = Arc::new(Membership::new(storage.conf_state(), storage.conf_ver()));
-    let (applied_requests, inflight_requests) = propose::recent_requests(&storage);
+    let inflight_requests = propose::unapplied_requests(&storage);
     let raft_cfg = raft::Config {
         id: config.node_id,
         election_tick: config.raft.election_ticks,
@@ -79,7 +79,7 @@ pub(super) fn open_group(
         members,
         pending: BTreeMap::new(),
         dup_waiters: Vec::new(),
-        applied_requests,
+        evict_due: Default::default(),
         inflight_requests,
         reads_unsent: Vec::new(),
         reads_inflight: HashMap::new(),

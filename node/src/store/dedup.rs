@@ -5,32 +5,59 @@
 //! time: between the two copies another write to the same block could have
 //! completed, and the second copy would silently undo it.
 //!
-//! So, before proposing a request with an id, the leader looks for it (1)
-//! among the requests its group applied recently ([`AppliedRequests`], on
-//! every replica, since any replica may lead next) and answers with that
-//! result, and (2) among the entries in its log past the applied index
-//! ([`InflightRequests`], filled as entries are proposed or appended, so a
-//! lookup costs a hash probe, not a log scan), and then waits for that
-//! entry instead of proposing again. Leader completeness makes this
-//! enough: if the first copy committed, the current leader's log holds it.
+//! Applying an entry that carries an id records the id and its result in
+//! the group's own state-machine range (`keys::applied_request`), in the
+//! same write batch as the data it changed. So the record is exactly as
+//! durable as the write (an apply a crash lost is replayed from the log,
+//! and records itself again), it survives restarts and log compaction, and
+//! it travels in snapshots with the data.
 //!
-//! The window is bounded: ids are kept for [`KEEP`] (longer than any
-//! client's retry deadline) and at most [`IDS_MAX`] per group; a node
-//! rebuilds it at startup from the applied part of its raft log still on
-//! disk. A snapshot install does not carry it (the rare case of a retry
-//! that spans a snapshot install and a leader change is not covered).
+//! Before proposing a retry (`retry_age_ms > 0`), the leader looks for its
+//! id (1) among the entries in its log past the applied index
+//! ([`InflightRequests`], filled as entries are proposed or appended, and
+//! rebuilt at startup from the unapplied log), and waits for that entry
+//! instead of proposing again; then (2) among the recorded ids, and answers
+//! with the first copy's result. Leader completeness makes this enough: if
+//! the first copy committed, the current leader's log or state machine
+//! holds it. Both checks run on the store thread, so an apply cannot slip
+//! between them. First attempts skip the lookup: their id is new.
+//!
+//! Records are kept by age, not count: they are filed under the minute
+//! (a generation, `GEN_SECS`) the replica applied them in, by its wall
+//! clock, and whole generations older than [`KEEP_SECS`] are dropped with
+//! one range delete. A retry sent more than `RETRY_AGE_MAX_MS` after its
+//! first attempt, whose id is not found, gets `REQUEST_EXPIRED` and is not
+//! applied: it may have been applied and forgotten. `KEEP_SECS` exceeds
+//! that age by minutes, which covers clock differences between the replica
+//! that applied a request (or sent the snapshot that carried it) and the
+//! one that leads when the retry comes. The records are bookkeeping, not
+//! volume data: replicas may drop them at different times, so group
+//! digests leave them out.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, HashMap};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::apply::ApplyResult;
+use prost::Message as _;
+use raftblk_proto::{Error as PbError, ErrorCode, RETRY_AGE_MAX_MS};
+use rocksdb::WriteBatch;
 
-/// How long an applied request id is remembered.
-pub(crate) const KEEP: Duration = Duration::from_secs(120);
-/// Request ids remembered per group at most.
-pub(crate) const IDS_MAX: usize = 65_536;
+use crate::apply::{Applier, ApplyOutput, ApplyResult};
+use crate::engine::{Engine, EngineError};
+use crate::keys;
+
+/// How long an applied request id is kept (by the applying replica's
+/// clock): the oldest retry checked, plus minutes of clock difference.
+pub(crate) const KEEP_SECS: u64 = RETRY_AGE_MAX_MS / 1000 + 150;
+/// Length of one generation of records: they are dropped a whole
+/// generation at a time.
+const GEN_SECS: u64 = 60;
+/// Generations ahead of the local clock a lookup also checks (records
+/// made by a replica whose clock runs ahead).
+const GENS_AHEAD: u64 = 2;
 /// Bytes of a request id.
 pub(crate) const ID_BYTES: usize = 16;
+
+const _: () = assert!(KEEP_SECS * 1000 >= RETRY_AGE_MAX_MS + 120_000);
 
 pub(crate) type RequestId = [u8; ID_BYTES];
 
@@ -39,34 +66,127 @@ pub(crate) fn request_id(context: &[u8]) -> Option<RequestId> {
     context.try_into().ok()
 }
 
-/// Requests a group applied recently, with their results.
-#[derive(Default)]
-pub(crate) struct AppliedRequests {
-    results: HashMap<RequestId, ApplyResult>,
-    order: VecDeque<(Instant, RequestId)>,
+/// The generation records made now are filed under.
+pub(crate) fn current_gen() -> u64 {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    secs / GEN_SECS
 }
 
-impl AppliedRequests {
-    pub(crate) fn record(&mut self, id: RequestId, result: ApplyResult, now: Instant) {
-        while let Some((at, old)) = self.order.front() {
-            if now.duration_since(*at) < KEEP && self.order.len() < IDS_MAX {
-                break;
-            }
-            self.results.remove(old);
-            self.order.pop_front();
+/// Generations still kept when `now` is current: records filed under an
+/// older one may be dropped.
+fn oldest_kept_gen(now: u64) -> u64 {
+    now.saturating_sub(KEEP_SECS.div_ceil(GEN_SECS))
+}
+
+/// Records that applying `id` (in generation `gen`) gave `result`, in the
+/// round's apply batch.
+pub(crate) fn record(
+    applier: &mut Applier<'_>,
+    wb: &mut WriteBatch,
+    group: u64,
+    gen: u64,
+    id: &RequestId,
+    result: &ApplyResult,
+) {
+    // Writes and discards apply as `Done` or a domain error.
+    let value = match result {
+        Ok(_) => Vec::new(),
+        Err(e) => e.encode_to_vec(),
+    };
+    applier.put(wb, keys::applied_request(group, gen, id), value);
+}
+
+/// The recorded result of applying `id` in `group`, if it is kept.
+pub(crate) fn lookup(
+    engine: &Engine,
+    group: u64,
+    id: &RequestId,
+) -> Result<Option<ApplyResult>, EngineError> {
+    let now = current_gen();
+    let keys: Vec<Vec<u8>> = (oldest_kept_gen(now)..=now + GENS_AHEAD)
+        .rev()
+        .map(|gen| keys::applied_request(group, gen, id))
+        .collect();
+    for (key, got) in keys.iter().zip(engine.multi_get_kv(&keys)) {
+        let Some(v) = got? else { continue };
+        if v.is_empty() {
+            return Ok(Some(Ok(ApplyOutput::Done)));
         }
-        if self.results.insert(id, result).is_none() {
-            self.order.push_back((now, id));
-        }
+        let e = PbError::decode(v.as_slice()).map_err(|e| EngineError::Corrupt {
+            key: key.clone(),
+            what: format!("applied request record: {e}"),
+        })?;
+        return Ok(Some(Err(e)));
+    }
+    Ok(None)
+}
+
+/// The answer to a retry `retry_age_ms` old whose id is neither in the log
+/// nor recorded: `None` to propose it, or the refusal of one too old to
+/// tell whether it was applied.
+pub(crate) fn expired(id: &RequestId, retry_age_ms: u64) -> Option<PbError> {
+    (retry_age_ms > RETRY_AGE_MAX_MS).then(|| {
+        PbError::new(
+            ErrorCode::RequestExpired,
+            format!(
+                "retry of request {} sent {retry_age_ms} ms after its first attempt: the group \
+                 checks retries for {RETRY_AGE_MAX_MS} ms, so this one may have been applied \
+                 already and is not applied again; issue it as a new request",
+                hex(id)
+            ),
+        )
+    })
+}
+
+fn hex(id: &RequestId) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Stages the removal of `group`'s records older than what is kept when
+/// `now` is the current generation.
+pub(crate) fn stage_evict(engine: &Engine, wb: &mut WriteBatch, group: u64, now: u64) {
+    let (start, end) = keys::applied_requests_before(group, oldest_kept_gen(now));
+    wb.delete_range_cf(engine.kv_cf(), start, end);
+}
+
+/// When a group's old records are due to go: the span of generations it
+/// may hold records of (unknown after a restart or a snapshot install:
+/// then at once).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct EvictDue {
+    span: Option<(u64, u64)>,
+    known: bool,
+}
+
+impl EvictDue {
+    /// A record was filed under `gen`.
+    pub(crate) fn recorded(&mut self, gen: u64) {
+        self.span = Some(
+            self.span
+                .map_or((gen, gen), |(lo, hi)| (lo.min(gen), hi.max(gen))),
+        );
     }
 
-    pub(crate) fn get(&self, id: &RequestId) -> Option<&ApplyResult> {
-        self.results.get(id)
+    /// Whether records older than what `now` keeps may exist.
+    pub(crate) fn due(&self, now: u64) -> bool {
+        !self.known || self.span.is_some_and(|(lo, _)| lo < oldest_kept_gen(now))
     }
 
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.results.len()
+    /// Old records were removed as of `now`.
+    pub(crate) fn evicted(&mut self, now: u64) {
+        let keep = oldest_kept_gen(now);
+        self.known = true;
+        self.span = self
+            .span
+            .and_then(|(lo, hi)| (hi >= keep).then_some((lo.max(keep), hi)));
+    }
+
+    /// The group's state was replaced (snapshot install): what it holds is
+    /// unknown again.
+    pub(crate) fn forget(&mut self) {
+        *self = EvictDue::default();
     }
 }
 
@@ -113,35 +233,97 @@ impl InflightRequests {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apply::ApplyOutput;
+
+    fn id(n: u8) -> RequestId {
+        [n; ID_BYTES]
+    }
+
+    fn record_at(engine: &Engine, group: u64, gen: u64, id: &RequestId, result: ApplyResult) {
+        let mut wb = WriteBatch::default();
+        let mut a = Applier::new(engine);
+        record(&mut a, &mut wb, group, gen, id, &result);
+        engine
+            .write_apply(wb)
+            .unwrap_or_else(|e| panic!("write: {e}"));
+    }
 
     #[test]
-    fn ids_are_remembered_within_bounds() {
-        let mut a = AppliedRequests::default();
-        let t0 = Instant::now();
-        let id = |n: u8| [n; ID_BYTES];
-        a.record(id(1), Ok(ApplyOutput::Done), t0);
-        a.record(id(1), Ok(ApplyOutput::Done), t0);
-        assert_eq!(a.len(), 1);
-        assert!(a.get(&id(1)).is_some());
-        assert!(a.get(&id(2)).is_none());
-        // Past KEEP the old id goes when a new one arrives.
-        a.record(
-            id(2),
+    fn records_are_found_within_the_window_and_dropped_after_it() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let engine = Engine::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let now = current_gen();
+        let refusal = PbError::new(ErrorCode::InvalidArgument, "unaligned");
+        record_at(&engine, 3, now, &id(1), Ok(ApplyOutput::Done));
+        record_at(&engine, 3, now + 1, &id(2), Err(refusal.clone()));
+        record_at(
+            &engine,
+            3,
+            oldest_kept_gen(now),
+            &id(3),
             Ok(ApplyOutput::Done),
-            t0 + KEEP + Duration::from_secs(1),
         );
-        assert!(a.get(&id(1)).is_none());
-        assert!(a.get(&id(2)).is_some());
+        record_at(
+            &engine,
+            3,
+            oldest_kept_gen(now) - 1,
+            &id(4),
+            Ok(ApplyOutput::Done),
+        );
+        let get = |group, n| lookup(&engine, group, &id(n)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(get(3, 1), Some(Ok(ApplyOutput::Done)));
+        // A record made by a replica whose clock runs ahead, with its error.
+        assert_eq!(get(3, 2), Some(Err(refusal)));
+        assert_eq!(get(3, 3), Some(Ok(ApplyOutput::Done)));
+        // Older than the window: not trusted, and dropped.
+        assert_eq!(get(3, 4), None);
+        // Another group's records are its own.
+        assert_eq!(get(4, 1), None);
+        let mut wb = WriteBatch::default();
+        stage_evict(&engine, &mut wb, 3, now);
+        engine.write_apply(wb).unwrap_or_else(|e| panic!("{e}"));
+        let key = keys::applied_request(3, oldest_kept_gen(now) - 1, &id(4));
+        assert_eq!(engine.get_kv(&key).unwrap_or_else(|e| panic!("{e}")), None);
+        assert_eq!(get(3, 3), Some(Ok(ApplyOutput::Done)));
+        assert_eq!(get(3, 1), Some(Ok(ApplyOutput::Done)));
+    }
+
+    #[test]
+    fn retries_older_than_checked_are_refused() {
+        assert!(expired(&id(1), 0).is_none());
+        assert!(expired(&id(1), RETRY_AGE_MAX_MS).is_none());
+        let e = expired(&id(1), RETRY_AGE_MAX_MS + 1);
+        assert_eq!(e.map(|e| e.kind()), Some(ErrorCode::RequestExpired));
         assert_eq!(request_id(&[7u8; 16]), Some([7u8; 16]));
         assert_eq!(request_id(&[7u8; 8]), None);
         assert_eq!(request_id(&[]), None);
     }
 
     #[test]
+    fn eviction_is_due_only_for_old_records() {
+        let now = 1000;
+        let mut d = EvictDue::default();
+        assert!(d.due(now), "unknown after a start: evict once");
+        d.evicted(now);
+        assert!(!d.due(now));
+        let span = KEEP_SECS.div_ceil(GEN_SECS);
+        d.recorded(now);
+        d.recorded(now + 3);
+        assert!(!d.due(now));
+        assert!(!d.due(now + span));
+        // The first record is old, the second not yet.
+        assert!(d.due(now + span + 1));
+        d.evicted(now + span + 1);
+        assert!(!d.due(now + span + 1));
+        assert!(d.due(now + span + 4), "the second record ages too");
+        d.evicted(now + span + 4);
+        assert!(!d.due(now + 10_000), "nothing left");
+        d.forget();
+        assert!(d.due(now));
+    }
+
+    #[test]
     fn inflight_requests_follow_the_log() {
         let mut f = InflightRequests::default();
-        let id = |n: u8| [n; ID_BYTES];
         f.appended(5, 2, id(1));
         f.appended(6, 2, id(2));
         assert_eq!(f.get(&id(1)), Some((5, 2)));
@@ -155,17 +337,5 @@ mod tests {
         f.applied_up_to(100);
         assert_eq!(f.get(&id(3)), None);
         assert!(f.by_index.is_empty() && f.by_id.is_empty());
-    }
-
-    #[test]
-    fn the_count_is_bounded() {
-        let mut a = AppliedRequests::default();
-        let t0 = Instant::now();
-        for n in 0..(IDS_MAX as u64 + 10) {
-            let mut id = [0u8; ID_BYTES];
-            id[..8].copy_from_slice(&n.to_be_bytes());
-            a.record(id, Ok(ApplyOutput::Done), t0);
-        }
-        assert!(a.len() <= IDS_MAX);
     }
 }

@@ -97,16 +97,18 @@ impl StoreHandle {
 
     /// Proposes `cmd` to `group`; resolves once it is committed and applied.
     pub async fn propose(&self, group: u64, cmd: &Command) -> Result<ApplyResult, StoreError> {
-        self.propose_request(group, cmd, &[]).await
+        self.propose_request(group, cmd, &[], 0).await
     }
 
     /// Like `propose`, for a client request named by `request_id` (16
-    /// bytes, or empty): applied at most once however often it is retried.
+    /// bytes, or empty): applied at most once however often it is retried
+    /// (`retry_age_ms`: 0 on the first attempt, see `dedup`).
     pub async fn propose_request(
         &self,
         group: u64,
         cmd: &Command,
         request_id: &[u8],
+        retry_age_ms: u64,
     ) -> Result<ApplyResult, StoreError> {
         match self.view(group) {
             None => return Err(StoreError::NoSuchGroup(group)),
@@ -123,6 +125,7 @@ impl StoreHandle {
             group,
             data: cmd.encode_to_vec(),
             request_id: request_id.to_vec(),
+            retry_age_ms,
             cb,
         };
         self.call(group, msg, rx).await?

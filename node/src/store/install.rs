@@ -216,6 +216,8 @@ impl Store {
                 st.conf_state(),
                 st.conf_ver(),
             ));
+            // Its request records came with the snapshot.
+            g.evict_due.forget();
         }
         let _ = std::fs::remove_file(&file.path);
         self.counters

@@ -1,12 +1,13 @@
 //! Housekeeping on the store thread's clock: raft ticks, deadlines of
-//! proposals and reads, and log compaction. (Purging deleted volumes runs
+//! proposals and reads, log compaction, and dropping old applied request
+//! records (`dedup`). (Purging deleted volumes runs
 //! off this thread, in `gc`.)
 
 use std::time::{Duration, Instant};
 
 use rocksdb::WriteBatch;
 
-use super::{fatal, Store};
+use super::{dedup, fatal, Store};
 use crate::msg::StoreError;
 
 impl Store {
@@ -101,6 +102,7 @@ impl Store {
         self.outgoing_snapshots
             .retain(|_, (_, made)| now.duration_since(*made) < Duration::from_secs(600));
         self.maybe_compact();
+        self.evict_request_records();
         // Hibernating groups do not change: their views stay as published.
         let ids: Vec<u64> = self
             .groups
@@ -110,6 +112,27 @@ impl Store {
             .collect();
         for id in ids {
             self.publish_view(id, true);
+        }
+    }
+
+    /// Drops applied request records older than what is kept (see
+    /// `dedup`): one range delete per group and generation, unlogged like
+    /// the apply that wrote them (a crash brings them back until the next
+    /// pass).
+    fn evict_request_records(&mut self) {
+        let now = dedup::current_gen();
+        let mut wb = WriteBatch::default();
+        for g in self.groups.values_mut() {
+            if g.installing.is_some() || !g.evict_due.due(now) {
+                continue;
+            }
+            dedup::stage_evict(&self.engine, &mut wb, g.id, now);
+            g.evict_due.evicted(now);
+        }
+        if !wb.is_empty() {
+            if let Err(e) = self.engine.write_apply(wb) {
+                fatal("drop old request records", e);
+            }
         }
     }
 

@@ -100,8 +100,9 @@ struct Group {
     /// Retries of requests already in the log: (index, term, caller,
     /// deadline); answered when that entry applies (see `dedup`).
     dup_waiters: Vec<(u64, u64, ProposeCb, Instant)>,
-    /// Client requests this replica applied recently (see `dedup`).
-    applied_requests: dedup::AppliedRequests,
+    /// When its applied request records are due to be dropped (see
+    /// `dedup`).
+    evict_due: dedup::EvictDue,
     /// Client requests in its log past the applied index (see `dedup`).
     inflight_requests: dedup::InflightRequests,
     reads_unsent: Vec<(ReadCb, Instant)>,
@@ -389,8 +390,9 @@ impl Store {
                 group,
                 data,
                 request_id,
+                retry_age_ms,
                 cb,
-            } => self.propose(group, data, request_id, cb),
+            } => self.propose(group, data, request_id, retry_age_ms, cb),
             StoreMsg::ReadIndex {
                 group,
                 allow_follower,

@@ -15,6 +15,7 @@ impl Store {
         group: u64,
         data: Vec<u8>,
         request_id: Vec<u8>,
+        retry_age_ms: u64,
         cb: ProposeCb,
     ) {
         let g = match leader_group(&mut self.groups, group) {
@@ -28,15 +29,31 @@ impl Store {
             Instant::now() + Duration::from_millis(self.config.limits.request_timeout_ms);
         let id = dedup::request_id(&request_id);
         if let Some(id) = id {
-            // A retry: answer from the first copy if there is one.
-            if let Some(r) = g.applied_requests.get(&id) {
-                let _ = cb.send(Ok(r.clone()));
-                return;
-            }
+            // A copy in the log, not applied yet: wait for it.
             if let Some((index, term)) = g.inflight_requests.get(&id) {
                 if g.node.raft.raft_log.term(index).is_ok_and(|t| t == term) {
                     g.dup_waiters.push((index, term, cb, deadline));
                     return;
+                }
+            }
+            // A retry: answer from the applied copy if there is one (a
+            // first attempt's id is new, see `dedup`).
+            if retry_age_ms > 0 {
+                match dedup::lookup(&self.engine, group, &id) {
+                    Ok(Some(r)) => {
+                        let _ = cb.send(Ok(r));
+                        return;
+                    }
+                    Ok(None) => {
+                        if let Some(e) = dedup::expired(&id, retry_age_ms) {
+                            let _ = cb.send(Ok(Err(e)));
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = cb.send(Err(StoreError::Engine(e)));
+                        return;
+                    }
                 }
             }
         } else if !request_id.is_empty() {
@@ -137,7 +154,13 @@ impl Store {
         let data = raftblk_proto::Command {
             cmd: Some(raftblk_proto::command::Cmd::RepairBlock(cmd)),
         };
-        self.propose(group, prost::Message::encode_to_vec(&data), Vec::new(), cb);
+        self.propose(
+            group,
+            prost::Message::encode_to_vec(&data),
+            Vec::new(),
+            0,
+            cb,
+        );
     }
 }
 
@@ -158,39 +181,24 @@ pub(super) fn leader_group(
 
 /// Bytes of unapplied log a repair looks through at most.
 const REPAIR_SCAN_BYTES_MAX: u64 = 64 << 20;
-/// Applied entries whose request ids are reloaded at startup.
-const DEDUP_RELOAD_ENTRIES_MAX: u64 = 4096;
-
-/// Request ids in the log still on disk (the applied ones bounded to the
-/// last `DEDUP_RELOAD_ENTRIES_MAX`, all the unapplied ones): after a
-/// restart a retry still finds its first copy, applied or not.
-pub(super) fn recent_requests(
-    storage: &GroupStorage,
-) -> (dedup::AppliedRequests, dedup::InflightRequests) {
+/// Request ids in the log past the applied index: after a restart a retry
+/// still finds its first copy if it is not applied yet (applied ones are
+/// recorded in the state machine, see `dedup`).
+pub(super) fn unapplied_requests(storage: &GroupStorage) -> dedup::InflightRequests {
     use raft::Storage as _;
-    let mut applied_ids = dedup::AppliedRequests::default();
     let mut inflight = dedup::InflightRequests::default();
-    let applied = storage.applied_index();
     let last = storage.last_index_now();
-    let lo = (storage.truncated_index() + 1).max(applied.saturating_sub(DEDUP_RELOAD_ENTRIES_MAX));
+    let lo = (storage.truncated_index() + 1).max(storage.applied_index() + 1);
     if lo > last {
-        return (applied_ids, inflight);
+        return inflight;
     }
-    let now = Instant::now();
     if let Ok(entries) = storage.entries(lo, last + 1, None, raft::GetEntriesContext::empty(false))
     {
         for e in entries {
-            let Some(id) = dedup::request_id(&e.context) else {
-                continue;
-            };
-            if e.index <= applied {
-                // Its result is not kept on disk; every write and discard
-                // that reaches the log applies as Done.
-                applied_ids.record(id, Ok(crate::apply::ApplyOutput::Done), now);
-            } else {
+            if let Some(id) = dedup::request_id(&e.context) {
                 inflight.appended(e.index, e.term, id);
             }
         }
     }
-    (applied_ids, inflight)
+    inflight
 }

@@ -84,7 +84,7 @@ impl Store {
     ) -> Option<(u64, u64)> {
         let last = entries.last().map(|e| (e.index, e.term))?;
         self.groups.get(&group)?;
-        let now = std::time::Instant::now();
+        let gen = dedup::current_gen();
         for e in entries {
             let is_conf = e.get_entry_type() != EntryType::EntryNormal;
             let result = if is_conf {
@@ -102,8 +102,10 @@ impl Store {
             let Some(g) = self.groups.get_mut(&group) else {
                 break;
             };
-            if let Some(id) = dedup::request_id(&e.context) {
-                g.applied_requests.record(id, result.clone(), now);
+            if let Some(id) = dedup::request_id(&e.context).filter(|_| !is_conf) {
+                // In the same batch as the data it changed.
+                dedup::record(applier, wb, group, gen, &id, &result);
+                g.evict_due.recorded(gen);
             }
             g.inflight_requests.applied_up_to(e.index);
             if !g.dup_waiters.is_empty() {
