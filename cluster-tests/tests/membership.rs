@@ -44,13 +44,16 @@ async fn manual_cluster() -> anyhow::Result<LocalCluster> {
     Ok(c)
 }
 
+/// A tombstone: the configuration version a replica left at, its peer id.
+type Tombstone = (u64, u64);
+
 /// Keys of `group` left in node `i`'s data directory (node stopped):
 /// `(state machine keys, raft keys other than the tombstone, tombstone)`.
 fn leftovers(
     c: &LocalCluster,
     i: usize,
     group: u64,
-) -> anyhow::Result<(usize, usize, Option<u64>)> {
+) -> anyhow::Result<(usize, usize, Option<Tombstone>)> {
     let engine = raftblk_node::engine::Engine::open(&c.data_dir(i))?;
     let (start, end) = raftblk_node::keys::group_range(group);
     let count = |cf| -> anyhow::Result<usize> {
@@ -72,7 +75,7 @@ fn leftovers(
     };
     let kv = count(engine.kv_cf())?;
     let raft = count(engine.raft_cf())?;
-    let tomb = raftblk_node::raft_storage::tombstone(&engine, group)?;
+    let tomb = raftblk_node::raft_storage::tombstone(&engine, group, i as u64)?;
     Ok((kv, raft, tomb))
 }
 

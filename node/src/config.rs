@@ -270,8 +270,15 @@ impl NodeConfig {
             key: key.to_owned(),
             message,
         };
-        if self.node_id == 0 {
-            return Err(bad("node_id", "must be at least 1".into()));
+        if self.node_id == 0 || self.node_id > crate::membership::NODE_ID_MAX {
+            return Err(bad(
+                "node_id",
+                format!(
+                    "{} is not in 1..={} (a replica's raft id is its node id and incarnation)",
+                    self.node_id,
+                    crate::membership::NODE_ID_MAX
+                ),
+            ));
         }
         self.listen_addr
             .parse::<SocketAddr>()
@@ -315,10 +322,10 @@ impl NodeConfig {
         let mut ids = HashSet::new();
         let mut addrs = HashSet::new();
         for (i, n) in c.nodes.iter().enumerate() {
-            if n.id == 0 {
+            if n.id == 0 || n.id > crate::membership::NODE_ID_MAX {
                 return Err(bad(
                     &format!("cluster.nodes[{i}].id"),
-                    "must be at least 1".into(),
+                    format!("{} is not in 1..={}", n.id, crate::membership::NODE_ID_MAX),
                 ));
             }
             if !ids.insert(n.id) {

@@ -3,8 +3,9 @@
 //! Two column families:
 //! - `raft` (always written through the WAL): per group, log entries
 //!   `G|e|index`, hard state `G|h`, truncated state `G|t`, snapshot-apply
-//!   marker `G|s`, and the tombstone `G|x` (configuration version) of a
-//!   replica removed from the group.
+//!   marker `G|s`, the replica's own raft peer id `G|p` (see
+//!   `membership`), and the tombstone `G|x` (configuration version and
+//!   peer id) of a replica removed from the group.
 //! - `kv` (the state machines; apply writes it without the WAL, see
 //!   `store::flush`): the apply state `MAX|a|G` and conf state `MAX|c|G` of
 //!   each group, outside every group's range so snapshots and digests
@@ -84,6 +85,11 @@ pub fn store_map() -> Vec<u8> {
 }
 pub fn tombstone(group: u64) -> Vec<u8> {
     with_group(group, b'x', 0)
+}
+/// The raft peer id of this node's replica of the group (`raft` family;
+/// absent for a bootstrap replica, whose peer id is the node id).
+pub fn own_peer(group: u64) -> Vec<u8> {
+    with_group(group, b'p', 0)
 }
 /// The group's configuration version (`kv` family).
 pub fn conf_ver(group: u64) -> Vec<u8> {

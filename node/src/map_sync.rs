@@ -272,6 +272,7 @@ pub async fn run(store: StoreHandle) {
                         from: 0,
                         group,
                         conf_ver,
+                        peer: 0,
                     };
                     let _ = store.sender().try_send(gc);
                 }

@@ -5,6 +5,18 @@
 //! learners are added before they vote, a learner is promoted only once it
 //! has caught up, a leader never removes itself, a joint configuration is
 //! left before anything else changes.
+//!
+//! Replica incarnations (TiKV's peer ids): a replica's raft id is its node
+//! id plus, in the high 32 bits, the configuration version that added it
+//! (0 for the replicas a group was bootstrapped with, so theirs equal their
+//! node ids). A replica removed from a node and added back is a new raft
+//! peer: raft-rs keeps no progress, vote or acknowledgement of the old one
+//! for it, and the old one, should it come back, is a stranger to the group
+//! (see `store::conf`). Everything outside the raft layer (the cluster map,
+//! the placement driver, the RPCs) speaks node ids; [`Membership`] keeps
+//! node ids and the peer id of each.
+
+use std::collections::BTreeMap;
 
 use raft::prelude::{
     ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState,
@@ -13,6 +25,27 @@ use raft::prelude::{
 /// A learner may be promoted once its log matches the leader's up to at
 /// most this many entries short of the commit index.
 pub const PROMOTE_LAG_ENTRIES_MAX: u64 = 64;
+
+/// Node ids fit in 32 bits (the rest of a peer id is the incarnation).
+pub const NODE_ID_MAX: u64 = u32::MAX as u64;
+
+/// The node a raft peer id lives on.
+pub fn node_of(peer: u64) -> u64 {
+    peer & NODE_ID_MAX
+}
+
+/// The incarnation of a raft peer id: the configuration version that added
+/// it (0: a bootstrap replica).
+pub fn incarnation_of(peer: u64) -> u64 {
+    peer >> 32
+}
+
+/// The raft peer id of `node`'s replica added at configuration version
+/// `incarnation`.
+pub fn peer_id(node: u64, incarnation: u64) -> u64 {
+    debug_assert!(node <= NODE_ID_MAX && incarnation <= NODE_ID_MAX);
+    (incarnation << 32) | (node & NODE_ID_MAX)
+}
 
 /// The members of one group at one configuration version.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -26,6 +59,8 @@ pub struct Membership {
     /// Rises by one with every applied membership change; 0 while the
     /// replica is uninitialized (waiting for its first snapshot).
     pub conf_ver: u64,
+    /// The raft peer id of each member node's replica.
+    pub peers: BTreeMap<u64, u64>,
 }
 
 fn sorted(v: &[u64]) -> Vec<u64> {
@@ -39,12 +74,31 @@ impl Membership {
     pub fn new(cs: &ConfState, conf_ver: u64) -> Membership {
         let mut learners = cs.learners.clone();
         learners.extend_from_slice(&cs.learners_next);
+        let nodes = |peers: &[u64]| sorted(&peers.iter().map(|p| node_of(*p)).collect::<Vec<_>>());
+        let peers = cs
+            .voters
+            .iter()
+            .chain(&learners)
+            .chain(&cs.voters_outgoing)
+            .map(|p| (node_of(*p), *p))
+            .collect();
         Membership {
-            voters: sorted(&cs.voters),
-            learners: sorted(&learners),
-            voters_outgoing: sorted(&cs.voters_outgoing),
+            voters: nodes(&cs.voters),
+            learners: nodes(&learners),
+            voters_outgoing: nodes(&cs.voters_outgoing),
             conf_ver,
+            peers,
         }
+    }
+
+    /// The raft peer id of `node`'s replica, if it has one.
+    pub fn peer_of(&self, node: u64) -> Option<u64> {
+        self.peers.get(&node).copied()
+    }
+
+    /// True if raft peer `peer` (this very incarnation) is a member.
+    pub fn has_peer(&self, peer: u64) -> bool {
+        self.peer_of(node_of(peer)) == Some(peer)
     }
 
     /// True if `node` has any part in the configuration.
@@ -90,9 +144,10 @@ impl PeerChange {
 }
 
 /// Checks `changes` against the group's membership and turns them into the
-/// raft change to propose. `leader` is the proposing leader; `matched`
-/// gives a replica's matched log index on the leader (None: unknown) and
-/// `commit` the leader's commit index. An empty `changes` leaves a joint
+/// raft change to propose. `leader` is the proposing leader's node;
+/// `matched` gives a raft peer's matched log index on the leader (None:
+/// unknown) and `commit` the leader's commit index. A learner added now is
+/// a new incarnation: its peer id carries the version this change makes. An empty `changes` leaves a joint
 /// configuration. One change is a simple change; several enter a joint
 /// configuration that a later empty change leaves.
 pub fn plan(
@@ -147,12 +202,12 @@ pub fn plan(
                         "node {n} is not a learner: add it as a learner and let it catch up first"
                     ));
                 }
-                let lag_ok = matched(n)
+                let got = m.peer_of(n).and_then(&matched);
+                let lag_ok = got
                     .is_some_and(|i| i > 0 && i.saturating_add(PROMOTE_LAG_ENTRIES_MAX) >= commit);
                 if !lag_ok {
                     return Err(format!(
-                        "learner {n} has not caught up (matched {:?}, commit {commit})",
-                        matched(n)
+                        "learner {n} has not caught up (matched {got:?}, commit {commit})"
                     ));
                 }
                 voters_after.push(n);
@@ -171,9 +226,21 @@ pub fn plan(
                 ConfChangeType::RemoveNode
             }
         };
+        let peer = match *c {
+            PeerChange::AddLearner(_) => {
+                if n > NODE_ID_MAX || m.conf_ver >= NODE_ID_MAX {
+                    return Err(format!(
+                        "node {n} at configuration version {} does not fit a peer id",
+                        m.conf_ver
+                    ));
+                }
+                peer_id(n, m.conf_ver + 1)
+            }
+            _ => m.peer_of(n).unwrap_or(n),
+        };
         let mut s = ConfChangeSingle::default();
         s.set_change_type(single);
-        s.node_id = n;
+        s.node_id = peer;
         cc.mut_changes().push(s);
     }
     if voters_after.is_empty() {
@@ -211,7 +278,69 @@ mod tests {
             learners: learners.to_vec(),
             voters_outgoing: outgoing.to_vec(),
             conf_ver: 3,
+            peers: voters
+                .iter()
+                .chain(learners)
+                .chain(outgoing)
+                .map(|n| (*n, *n))
+                .collect(),
         }
+    }
+
+    #[test]
+    fn a_learner_added_again_is_a_new_peer() {
+        let caught_up = |_| Some(100);
+        // Node 4's replica added at version 4 (this change makes 3 + 1).
+        let cc = plan(
+            &m(&[1, 2, 3], &[], &[]),
+            1,
+            &[PeerChange::AddLearner(4)],
+            caught_up,
+            100,
+        )
+        .expect("add learner");
+        let p4 = cc.changes[0].node_id;
+        assert_eq!((node_of(p4), incarnation_of(p4)), (4, 4));
+        assert_ne!(p4, 4, "not the bootstrap peer id");
+        let cs = ConfState {
+            voters: vec![1, 2, 3],
+            learners: vec![p4],
+            ..Default::default()
+        };
+        let mm = Membership::new(&cs, 4);
+        assert_eq!(mm.learners, vec![4]);
+        assert!(mm.contains(4) && mm.has_peer(p4) && !mm.has_peer(4));
+        assert_eq!(mm.peer_of(4), Some(p4));
+        // Promotion and removal name the existing peer; promotion asks for
+        // that peer's progress.
+        let cc = plan(
+            &mm,
+            1,
+            &[PeerChange::AddVoter(4), PeerChange::Remove(3)],
+            |p| (p == p4).then_some(100),
+            100,
+        )
+        .expect("promote");
+        assert_eq!(cc.changes[0].node_id, p4);
+        assert_eq!(cc.changes[1].node_id, 3);
+        let cc = plan(&mm, 1, &[PeerChange::Remove(4)], caught_up, 100).expect("remove");
+        assert_eq!(cc.changes[0].node_id, p4);
+        // Added back later: another peer again.
+        let back = plan(
+            &Membership::new(
+                &ConfState {
+                    voters: vec![1, 2, 3],
+                    ..Default::default()
+                },
+                9,
+            ),
+            1,
+            &[PeerChange::AddLearner(4)],
+            caught_up,
+            100,
+        )
+        .expect("add back");
+        assert_eq!(incarnation_of(back.changes[0].node_id), 10);
     }
 
     #[test]

@@ -74,6 +74,8 @@ pub enum StoreMsg {
         from: u64,
         group: u64,
         conf_ver: u64,
+        /// The raft peer id the notice is about (0: any older replica).
+        peer: u64,
     },
     /// The leader of `group` hibernates (see `store::hibernate`).
     Hibernate {

@@ -52,6 +52,7 @@ enum Outgoing {
     Gc {
         group: u64,
         conf_ver: u64,
+        peer: u64,
     },
     Hibernate {
         group: u64,
@@ -170,7 +171,7 @@ impl Transport {
     /// `conf_ver`) for its peer; false if it was dropped (no link to that
     /// peer, or its queue is full: raft resends).
     pub fn send(&self, group: u64, conf_ver: u64, msg: Message) -> bool {
-        let to = msg.to;
+        let to = crate::membership::node_of(msg.to);
         self.queue(
             to,
             Outgoing::Raft {
@@ -181,9 +182,17 @@ impl Transport {
         )
     }
 
-    /// Tells `to` that it is not a member of `group` at `conf_ver`.
-    pub fn send_gc(&self, to: u64, group: u64, conf_ver: u64) {
-        self.queue(to, Outgoing::Gc { group, conf_ver });
+    /// Tells node `to` that its replica `peer` (a raft peer id) is not a
+    /// member of `group` at `conf_ver`.
+    pub fn send_gc(&self, to: u64, group: u64, conf_ver: u64, peer: u64) {
+        self.queue(
+            to,
+            Outgoing::Gc {
+                group,
+                conf_ver,
+                peer,
+            },
+        );
     }
 
     /// Tells follower `to` that this leader's `group` hibernates.
@@ -217,8 +226,14 @@ impl Transport {
     /// Streams a snapshot to its receiver in the background and reports the
     /// outcome to the store.
     pub fn send_snapshot(&self, group: u64, msg: Message, snap: OwnedSnapshot) {
+        // `to` is the raft peer (raft is told about it), its node the
+        // receiver.
         let to = msg.to;
-        let Some(addr) = self.peers.get(&to).map(|(a, _)| a.clone()) else {
+        let Some(addr) = self
+            .peers
+            .get(&crate::membership::node_of(to))
+            .map(|(a, _)| a.clone())
+        else {
             return;
         };
         let from = self.node_id;
@@ -280,7 +295,7 @@ async fn send_snapshot(
         counters,
         throttle,
     } = source;
-    let to = msg.to;
+    let to = crate::membership::node_of(msg.to);
     let header = RaftEnvelope {
         group_id: group,
         message: msg.write_to_bytes()?.into(),
@@ -475,10 +490,15 @@ impl PeerLink {
                     }
                     Err(e) => tracing::warn!(group, error = %e, "cannot encode raft message"),
                 },
-                Outgoing::Gc { group, conf_ver } => envelopes.push(RaftEnvelope {
+                Outgoing::Gc {
+                    group,
+                    conf_ver,
+                    peer,
+                } => envelopes.push(RaftEnvelope {
                     group_id: group,
                     conf_ver,
                     gc: true,
+                    gc_peer: peer,
                     ..Default::default()
                 }),
                 Outgoing::Hibernate {

@@ -1,7 +1,9 @@
 //! A group replica's life on this node outside the log: bootstrapping the
 //! first replicas of a group, telling whether a replica exists here, and
 //! removing one (its raft state, log and state machine, leaving a
-//! tombstone with the configuration version it left at).
+//! tombstone with the configuration version it left at and the raft peer
+//! id it had), and the replica's own raft peer id (see
+//! `membership`: a replica's incarnation).
 
 use protobuf::Message as _;
 use raft::prelude::{ConfState, HardState};
@@ -96,8 +98,9 @@ pub fn bootstrap(
 
 /// Stages the removal of this node's replica of `group`: its raft state,
 /// log and state machine are deleted, and a tombstone records the
-/// configuration version `conf_ver` at which it left (see `keys`).
-pub fn stage_destroy(engine: &Engine, wb: &mut WriteBatch, group: u64, conf_ver: u64) {
+/// configuration version `conf_ver` at which it left and its raft peer id
+/// (see `keys`): that incarnation never comes back here.
+pub fn stage_destroy(engine: &Engine, wb: &mut WriteBatch, group: u64, conf_ver: u64, peer: u64) {
     let (start, end) = keys::group_range(group);
     wb.delete_range_cf(engine.raft_cf(), &start, &end);
     wb.delete_range_cf(engine.kv_cf(), &start, &end);
@@ -106,23 +109,54 @@ pub fn stage_destroy(engine: &Engine, wb: &mut WriteBatch, group: u64, conf_ver:
     wb.put_cf(
         engine.raft_cf(),
         keys::tombstone(group),
-        conf_ver.to_be_bytes(),
+        keys::u64_pair(conf_ver, peer),
     );
 }
 
-/// The configuration version at which this node's replica of `group` was
-/// removed, if it was.
-pub fn tombstone(engine: &Engine, group: u64) -> Result<Option<u64>, EngineError> {
+/// What the tombstone of this node's replica of `group` records, if it
+/// was removed: the configuration version it left at and its raft peer id
+/// (tombstones written before incarnations hold only the version: their
+/// replica's peer id was the node id, `node`).
+pub fn tombstone(
+    engine: &Engine,
+    group: u64,
+    node: u64,
+) -> Result<Option<(u64, u64)>, EngineError> {
     match engine.get_raft(&keys::tombstone(group))? {
         None => Ok(None),
         Some(v) if v.len() == 8 => {
             let mut b = [0u8; 8];
             b.copy_from_slice(&v);
-            Ok(Some(u64::from_be_bytes(b)))
+            Ok(Some((u64::from_be_bytes(b), node)))
         }
-        Some(_) => Err(EngineError::Corrupt {
-            key: keys::tombstone(group),
-            what: "tombstone is not 8 bytes".into(),
+        Some(v) => keys::parse_u64_pair(&v)
+            .map(Some)
+            .ok_or_else(|| EngineError::Corrupt {
+                key: keys::tombstone(group),
+                what: format!("tombstone is {} bytes, not 8 or 16", v.len()),
+            }),
+    }
+}
+
+/// Stages the raft peer id of this node's replica of `group`, for a
+/// replica created for a leader's message (bootstrap replicas have none
+/// stored: theirs is the node id).
+pub fn stage_own_peer(engine: &Engine, wb: &mut WriteBatch, group: u64, peer: u64) {
+    wb.put_cf(engine.raft_cf(), keys::own_peer(group), peer.to_be_bytes());
+}
+
+/// The raft peer id of this node's replica of `group` (node `node`).
+pub fn own_peer(engine: &Engine, group: u64, node: u64) -> Result<u64, EngineError> {
+    match engine.get_raft(&keys::own_peer(group))? {
+        None => Ok(node),
+        Some(v) if v.len() == 8 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v);
+            Ok(u64::from_be_bytes(b))
+        }
+        Some(v) => Err(EngineError::Corrupt {
+            key: keys::own_peer(group),
+            what: format!("own peer id is {} bytes, not 8", v.len()),
         }),
     }
 }

@@ -28,8 +28,8 @@ mod lifecycle;
 mod reads;
 pub use entry_cache::ENTRY_CACHE_BYTES_MAX;
 pub use lifecycle::{
-    bootstrap, is_initialized, read_conf_ver, stage_destroy, tombstone, RAFT_INIT_INDEX,
-    RAFT_INIT_TERM,
+    bootstrap, is_initialized, own_peer, read_conf_ver, stage_destroy, stage_own_peer, tombstone,
+    RAFT_INIT_INDEX, RAFT_INIT_TERM,
 };
 
 /// The raft-side state of one group replica.

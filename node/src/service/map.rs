@@ -276,6 +276,12 @@ async fn handle_join(
     } else {
         req.node_id
     };
+    if id > crate::membership::NODE_ID_MAX {
+        return Err(invalid(format!(
+            "node id {id} is above {}",
+            crate::membership::NODE_ID_MAX
+        )));
+    }
     if let Some(clash) = map
         .nodes
         .iter()

@@ -80,6 +80,7 @@ impl RaftTransport for RaftService {
                         from: batch.from_node,
                         group: env.group_id,
                         conf_ver: env.conf_ver,
+                        peer: env.gc_peer,
                     };
                     if self.store_tx.send(gc).await.is_err() {
                         return Err(Status::unavailable("store stopped"));
@@ -87,11 +88,13 @@ impl RaftTransport for RaftService {
                     continue;
                 }
                 match Message::parse_from_bytes(&env.message) {
-                    Ok(m) if m.from != batch.from_node => tracing::warn!(
-                        from = batch.from_node,
-                        claimed = m.from,
-                        "raft message from another node than its stream's"
-                    ),
+                    Ok(m) if crate::membership::node_of(m.from) != batch.from_node => {
+                        tracing::warn!(
+                            from = batch.from_node,
+                            claimed = m.from,
+                            "raft message from another node than its stream's"
+                        )
+                    }
                     Ok(m) if m.get_msg_type() != MessageType::MsgSnapshot => {
                         msgs.push((env.group_id, env.conf_ver, m))
                     }
@@ -128,7 +131,10 @@ impl RaftTransport for RaftService {
             .ok_or_else(|| Status::invalid_argument("first snapshot piece lacks the header"))?;
         let msg = Message::parse_from_bytes(&header.message)
             .map_err(|e| Status::invalid_argument(format!("undecodable snapshot header: {e}")))?;
-        if msg.get_msg_type() != MessageType::MsgSnapshot || msg.to != me || first.to_node != me {
+        if msg.get_msg_type() != MessageType::MsgSnapshot
+            || crate::membership::node_of(msg.to) != me
+            || first.to_node != me
+        {
             return Err(Status::invalid_argument(
                 "snapshot header is not a MsgSnapshot for this node",
             ));

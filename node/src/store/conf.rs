@@ -4,16 +4,27 @@
 //! version with the apply state; a replica the change removes destroys
 //! itself (a tombstone records the version it left at).
 //!
-//! Replicas come and go with the configuration, never with a config file:
-//! - a node that receives a leader's message for a group it does not host
-//!   creates an empty (uninitialized) replica, unless its tombstone for the
-//!   group is as new as the message's configuration version; the leader
-//!   then catches it up with a snapshot, which carries the configuration;
-//! - a message from a node outside the configuration, sent under an older
-//!   version, is dropped and answered with a GC notice; a replica that
-//!   receives a notice for a newer version than its own was removed while
+//! Replicas come and go with the configuration, never with a config file.
+//! Each replica is one incarnation with its own raft peer id (see
+//! `membership`): a node removed from a group and added back gets a new
+//! peer, which starts empty.
+//! - a node that receives a leader's message for a replica it does not
+//!   host creates an empty (uninitialized) one under the message's peer
+//!   id, unless its tombstone for the group names that incarnation or a
+//!   newer one; the leader then catches it up with a snapshot, which
+//!   carries the configuration;
+//! - a message for a newer incarnation than the replica here means this
+//!   one was removed meanwhile (a node is never added twice): it is
+//!   destroyed and the new one created; messages for older incarnations
+//!   are dropped;
+//! - a message from a peer outside the configuration (a node that left, or
+//!   an older incarnation), sent under an older version, is dropped and
+//!   answered with a GC notice naming that peer; a replica that receives a
+//!   notice for itself at a newer version than its own was removed while
 //!   it was away, and destroys itself. So a node that returns after its
-//!   replicas moved never serves them, and deletes their data.
+//!   replicas moved never serves them, and deletes their data; and an old
+//!   incarnation never passes for the new one (its acknowledgements,
+//!   votes and progress are another peer's).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -35,19 +46,20 @@ use crate::membership::{self, Membership, PeerChange};
 use crate::msg::{ProposeCb, StoreError};
 use crate::raft_storage::{self, GroupStorage};
 
-/// Opens this node's replica of `group` from what is on disk (nothing, for
-/// a new uninitialized replica).
+/// Opens this node's replica of `group`, raft peer `peer`, from what is on
+/// disk (nothing, for a new uninitialized replica).
 pub(super) fn open_group(
     config: &NodeConfig,
     engine: &Engine,
     group: u64,
+    peer: u64,
 ) -> Result<Group, StoreError> {
     let storage = GroupStorage::open(engine.clone(), group, &[])?;
     let applied = storage.applied_index();
     let members = Arc::new(Membership::new(storage.conf_state(), storage.conf_ver()));
     let inflight_requests = propose::unapplied_requests(&storage);
     let raft_cfg = raft::Config {
-        id: config.node_id,
+        id: peer,
         election_tick: config.raft.election_ticks,
         heartbeat_tick: config.raft.heartbeat_ticks,
         applied,
@@ -117,7 +129,7 @@ impl Store {
     /// One raft message from a peer, under the sender's configuration
     /// version of the group.
     pub(super) fn on_raft_message(&mut self, group: u64, conf_ver: u64, m: Message) {
-        if m.to != self.node_id {
+        if membership::node_of(m.to) != self.node_id || !self.replace_older_incarnation(group, &m) {
             self.counters
                 .dropped_messages
                 .fetch_add(1, Ordering::Relaxed);
@@ -132,10 +144,15 @@ impl Store {
         let Some(g) = self.groups.get_mut(&group) else {
             return;
         };
-        if !g.members.contains(m.from) && g.members.conf_ver > 0 {
+        if !g.members.has_peer(m.from) && g.members.conf_ver > 0 {
             if conf_ver < g.members.conf_ver {
                 // A replica removed while it was away: tell it.
-                self.transport.send_gc(m.from, group, g.members.conf_ver);
+                self.transport.send_gc(
+                    membership::node_of(m.from),
+                    group,
+                    g.members.conf_ver,
+                    m.from,
+                );
             }
             if conf_ver <= g.members.conf_ver {
                 self.counters
@@ -183,9 +200,40 @@ impl Store {
         }
     }
 
-    /// Creates an empty replica of `group` for a leader's message, if this
-    /// node may host one: the group exists, and no tombstone here is as
-    /// new as the sender's configuration.
+    /// For a message to raft peer `m.to` of this node: false if it is for
+    /// an older incarnation than the replica of `group` here (drop it);
+    /// if for a newer one, the replica here was removed from the group
+    /// before that one was added, and is destroyed (the message then
+    /// creates the new one).
+    fn replace_older_incarnation(&mut self, group: u64, m: &Message) -> bool {
+        let Some(g) = self.groups.get(&group) else {
+            return true;
+        };
+        let own = g.peer_id();
+        if m.to == own {
+            return true;
+        }
+        if membership::incarnation_of(m.to) < membership::incarnation_of(own)
+            || g.installing.is_some()
+        {
+            return false;
+        }
+        let conf_ver = g.members.conf_ver;
+        tracing::info!(
+            group,
+            node = self.node_id,
+            old_peer = own,
+            new_peer = m.to,
+            conf_ver,
+            "replica added again as a new incarnation: the old one goes"
+        );
+        self.destroy(group, conf_ver);
+        true
+    }
+
+    /// Creates an empty replica (raft peer `m.to`) of `group` for a
+    /// leader's message, if this node may host one: the group exists, and
+    /// no tombstone here names that incarnation or a newer one.
     fn maybe_create(&mut self, group: u64, conf_ver: u64, m: &Message) -> bool {
         if group > self.config.cluster.data_groups || m.term == 0 {
             return false;
@@ -196,22 +244,33 @@ impl Store {
         ) {
             return false;
         }
-        match raft_storage::tombstone(&self.engine, group) {
-            Ok(Some(t)) if conf_ver <= t => return false,
+        match raft_storage::tombstone(&self.engine, group, self.node_id) {
+            Ok(Some((_, gone)))
+                if membership::incarnation_of(m.to) <= membership::incarnation_of(gone) =>
+            {
+                return false
+            }
             Ok(_) => {}
             Err(e) => fatal("read tombstone", e),
         }
-        let g = match open_group(&self.config, &self.engine, group) {
+        let g = match open_group(&self.config, &self.engine, group, m.to) {
             Ok(g) => g,
             Err(e) => {
                 tracing::error!(group, error = %e, "cannot create a replica");
                 return false;
             }
         };
+        // Its peer id, for restarts (an install syncs after this write).
+        let mut wb = WriteBatch::default();
+        raft_storage::stage_own_peer(&self.engine, &mut wb, group, m.to);
+        if let Err(e) = self.engine.write(wb, false) {
+            fatal("create replica", e);
+        }
         tracing::info!(
             group,
             node = self.node_id,
-            leader = m.from,
+            leader = membership::node_of(m.from),
+            peer = m.to,
             conf_ver,
             "new replica, waiting for a snapshot"
         );
@@ -220,12 +279,16 @@ impl Store {
         true
     }
 
-    /// A peer says this node is not in `group` at `conf_ver`.
-    pub(super) fn on_gc_notice(&mut self, from: u64, group: u64, conf_ver: u64) {
+    /// A peer says this node's replica `peer` (0: any) is not in `group`
+    /// at `conf_ver`.
+    pub(super) fn on_gc_notice(&mut self, from: u64, group: u64, conf_ver: u64, peer: u64) {
         let Some(g) = self.groups.get(&group) else {
             return;
         };
-        if g.members.conf_ver >= conf_ver || g.installing.is_some() {
+        if g.members.conf_ver >= conf_ver
+            || g.installing.is_some()
+            || (peer != 0 && peer != g.peer_id())
+        {
             return;
         }
         tracing::info!(
@@ -255,7 +318,7 @@ impl Store {
             let _ = std::fs::remove_file(path);
         }
         let mut wb = WriteBatch::default();
-        raft_storage::stage_destroy(&self.engine, &mut wb, group, conf_ver);
+        raft_storage::stage_destroy(&self.engine, &mut wb, group, conf_ver, g.peer_id());
         if let Err(e) = self.engine.write(wb, true) {
             fatal("destroy replica", e);
         }
@@ -267,6 +330,7 @@ impl Store {
         tracing::info!(
             group,
             node = self.node_id,
+            peer = g.peer_id(),
             conf_ver,
             "replica removed; its data is deleted"
         );
@@ -413,7 +477,9 @@ impl Store {
             "membership changed"
         );
         g.members = members.clone();
-        let removed = !members.contains(me);
+        // This very incarnation: the node may be in the new configuration
+        // as another one (removed and added back in one batch).
+        let removed = !members.has_peer(g.peer_id());
         (Ok(ApplyOutput::Membership(members)), removed)
     }
 }

@@ -111,8 +111,12 @@ impl Store {
         // Its leader asking for a vote restarted (it lost its leadership
         // with its process): its lease is gone as well.
         let quiet = leader != 0
-            && leader != self.node_id
-            && (m.from == leader || self.liveness.silent_for(leader).is_none_or(|d| d >= half));
+            && leader != g.peer_id()
+            && (m.from == leader
+                || self
+                    .liveness
+                    .silent_for(crate::membership::node_of(leader))
+                    .is_none_or(|d| d >= half));
         wake_group(g);
         if vote && quiet {
             let et = g.node.raft.election_timeout();
@@ -129,7 +133,7 @@ impl Store {
         let raft = &g.node.raft;
         if g.is_leader()
             || g.installing.is_some()
-            || raft.leader_id != from
+            || crate::membership::node_of(raft.leader_id) != from
             || raft.term != term
             || raft.raft_log.committed != commit
             || raft.raft_log.last_index() != commit
@@ -154,7 +158,7 @@ impl Store {
                 if g.is_leader() {
                     continue;
                 }
-                let leader = g.node.raft.leader_id;
+                let leader = g.leader_hint().unwrap_or(0);
                 let dead = leader == 0 || self.liveness.silent_for(leader).is_none_or(|d| d >= et);
                 if dead {
                     tracing::info!(group = g.id, leader, "leader's node silent: waking up");
@@ -178,9 +182,10 @@ impl Store {
             g.lease_until = None;
             let term = g.node.raft.term;
             let commit = g.node.raft.raft_log.committed;
+            let me = g.peer_id();
             for (id, _) in g.node.raft.prs().iter() {
-                if *id != self.node_id {
-                    notices.push((*id, g.id, term, commit));
+                if *id != me {
+                    notices.push((crate::membership::node_of(*id), g.id, term, commit));
                 }
             }
             changed.push(g.id);

@@ -71,7 +71,7 @@ pub use handle::{GroupView, StoreHandle};
 
 use crate::config::NodeConfig;
 use crate::engine::{Engine, EngineError, OwnedSnapshot};
-use crate::membership::Membership;
+use crate::membership::{self, Membership};
 use crate::msg::{ProposeCb, ReadCb};
 use crate::raft_storage::{self, GroupStorage};
 use crate::snapshot_file;
@@ -138,9 +138,15 @@ struct Group {
 }
 
 impl Group {
+    /// The node of the leader this replica knows, if any.
     pub(super) fn leader_hint(&self) -> Option<u64> {
         let l = self.node.raft.leader_id;
-        (l != 0).then_some(l)
+        (l != 0).then_some(membership::node_of(l))
+    }
+
+    /// This replica's raft peer id (see `membership`).
+    pub(super) fn peer_id(&self) -> u64 {
+        self.node.raft.id
     }
 
     pub(super) fn is_leader(&self) -> bool {
@@ -262,7 +268,8 @@ pub fn create(
         if !raft_storage::is_initialized(&engine, g)? {
             continue;
         }
-        groups.insert(g, conf::open_group(&config, &engine, g)?);
+        let peer = raft_storage::own_peer(&engine, g, node_id)?;
+        groups.insert(g, conf::open_group(&config, &engine, g, peer)?);
     }
     if fresh {
         crate::identity::persist(&engine, &ident)?;
@@ -407,7 +414,8 @@ impl Store {
                 from,
                 group,
                 conf_ver,
-            } => self.on_gc_notice(from, group, conf_ver),
+                peer,
+            } => self.on_gc_notice(from, group, conf_ver, peer),
             StoreMsg::Hibernate {
                 from,
                 group,
@@ -428,8 +436,11 @@ impl Store {
             StoreMsg::KvFlushed { applied, result } => self.on_kv_flushed(applied, result),
             StoreMsg::Unreachable { to } => {
                 for g in self.groups.values_mut() {
-                    if g.is_leader() && g.members.contains(to) {
-                        g.node.report_unreachable(to);
+                    if !g.is_leader() {
+                        continue;
+                    }
+                    if let Some(peer) = g.members.peer_of(to) {
+                        g.node.report_unreachable(peer);
                     }
                 }
             }
@@ -470,7 +481,7 @@ impl Store {
         let progress = if !progress {
             None
         } else if g.is_leader() {
-            let me = self.node_id;
+            let me = g.peer_id();
             let mut p: Vec<(u64, u64, &'static str)> = g
                 .node
                 .raft
@@ -483,7 +494,7 @@ impl Store {
                         raft::ProgressState::Replicate => "replicate",
                         raft::ProgressState::Snapshot => "snapshot",
                     };
-                    (*id, pr.matched, state)
+                    (membership::node_of(*id), pr.matched, state)
                 })
                 .collect();
             p.sort_unstable();
@@ -507,7 +518,7 @@ impl Store {
             members: g.members.clone(),
             progress,
             progress_commit,
-            leader_id: g.node.raft.leader_id,
+            leader_id: g.leader_hint().unwrap_or(0),
             term: g.node.raft.term,
             role: role_name(g.node.raft.state),
             commit_index: g.node.raft.raft_log.committed,

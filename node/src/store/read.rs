@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use raft::prelude::{Message, MessageType};
 
 use super::{Group, InflightRead, Store};
+use crate::membership;
 use crate::msg::{ReadCb, StoreError};
 
 /// Issues read-index contexts: 16 bytes, this node's id then a sequence
@@ -191,24 +192,36 @@ impl Store {
         }
     }
 
+    /// Hands leadership of `group` to node `to` (a voter), or to the voter
+    /// with the most of the log.
     pub(super) fn on_transfer_leader(&mut self, group: u64, to: Option<u64>) {
-        let me = self.node_id;
         if let Some(g) = self.groups.get_mut(&group) {
             if g.is_leader() {
+                let me = g.peer_id();
+                let voter = |peer: u64| {
+                    peer != me
+                        && g.members.has_peer(peer)
+                        && g.members.voters.contains(&membership::node_of(peer))
+                };
                 let best = to
-                    .filter(|t| *t != me && g.members.voters.contains(t))
+                    .and_then(|t| g.members.peer_of(t))
+                    .filter(|p| voter(*p))
                     .or_else(|| {
                         g.node
                             .raft
                             .prs()
                             .iter()
-                            .filter(|(id, _)| **id != me && g.members.voters.contains(id))
+                            .filter(|(id, _)| voter(**id))
                             .max_by_key(|(_, p)| p.matched)
                             .map(|(id, _)| *id)
                     });
                 if let Some(to) = best {
                     fence_transfer(g, to);
-                    tracing::warn!(group, to, "transferring leadership");
+                    tracing::warn!(
+                        group,
+                        to = membership::node_of(to),
+                        "transferring leadership"
+                    );
                     g.node.transfer_leader(to);
                 }
                 // Publish the dropped lease before anything else runs.

@@ -200,12 +200,13 @@ impl Store {
                     if let Some(v) = views.get_mut(&id) {
                         v.lease_until = None;
                         v.role = role_name(ss.raft_state);
-                        v.leader_id = ss.leader_id;
+                        v.leader_id = crate::membership::node_of(ss.leader_id);
                     }
                 }
                 let leader_now = ss.raft_state == StateRole::Leader;
                 if g.was_leader && !leader_now {
-                    let leader = (ss.leader_id != 0).then_some(ss.leader_id);
+                    let leader =
+                        (ss.leader_id != 0).then(|| crate::membership::node_of(ss.leader_id));
                     g.fail_all(|| StoreError::NotLeader { group: id, leader });
                 }
                 g.was_leader = leader_now;

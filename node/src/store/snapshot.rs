@@ -36,9 +36,10 @@ impl Store {
             msg.get_snapshot().get_metadata().get_conf_state(),
             0,
         );
-        if !snap_members.contains(self.node_id) {
-            // Its configuration does not include this node: installing it
-            // would make a replica of a group it is not in.
+        if msg.to != g.peer_id() || !snap_members.has_peer(msg.to) {
+            // For another incarnation, or its configuration does not
+            // include this replica: installing it would make a replica of
+            // a group it is not in.
             tracing::warn!(
                 group,
                 index,
