@@ -39,6 +39,12 @@ pub struct ClusterSpec {
     /// Put this node's data directory on a tmpfs of this many MiB (needs
     /// root): a small disk that fills up.
     pub tmpfs_node: Option<(usize, u64)>,
+    /// Put every node's data directory (joining nodes' too) on a tmpfs of
+    /// this many MiB (needs root): disks whose fill the test controls.
+    pub tmpfs_mib_all: Option<u64>,
+    /// Failure domain of node `i` at index `i - 1` (missing or empty:
+    /// none); set an entry before `add_joining_node` for a joining node.
+    pub domains: Vec<String>,
     /// Run every node in its own network namespace (needs root).
     pub netns: bool,
     /// With `netns`: put a delay proxy in front of this node.
@@ -72,6 +78,8 @@ impl Default for ClusterSpec {
             scrub_blocks_per_sec: 20_000,
             scrub_interval_secs: 2,
             tmpfs_node: None,
+            tmpfs_mib_all: None,
+            domains: Vec::new(),
             netns: false,
             delay_proxy_node: None,
             heartbeat_interval_ms: 200,
@@ -169,18 +177,12 @@ impl LocalCluster {
             c.net = Some(net);
         }
         if let Some((node, mib)) = c.spec.tmpfs_node {
-            let d = c.data_dir(node);
-            std::fs::create_dir_all(&d)?;
-            let st = Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-                .arg(&d)
-                .status()?;
-            anyhow::ensure!(
-                st.success(),
-                "mount tmpfs on {} failed (needs root)",
-                d.display()
-            );
-            c.mounted.push(d);
+            c.mount_tmpfs(node, mib)?;
+        }
+        if let Some(mib) = c.spec.tmpfs_mib_all {
+            for i in 1..=c.spec.nodes {
+                c.mount_tmpfs(i, mib)?;
+            }
         }
         for i in 1..=c.spec.nodes {
             std::fs::write(c.config_path(i), c.config_text(i))?;
@@ -203,9 +205,37 @@ impl LocalCluster {
         self.next_env.push(Vec::new());
         self.spec.nodes = i;
         self.joined.push(i);
+        if let Some(mib) = self.spec.tmpfs_mib_all {
+            self.mount_tmpfs(i, mib)?;
+        }
         std::fs::write(self.config_path(i), self.config_text(i))?;
         self.start_node(i)?;
         Ok(i)
+    }
+
+    /// Mounts a tmpfs of `mib` MiB on node `i`'s data directory (root).
+    fn mount_tmpfs(&mut self, i: usize, mib: u64) -> anyhow::Result<()> {
+        let d = self.data_dir(i);
+        std::fs::create_dir_all(&d)?;
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&d)
+            .status()?;
+        anyhow::ensure!(
+            st.success(),
+            "mount tmpfs on {} failed (needs root)",
+            d.display()
+        );
+        self.mounted.push(d);
+        Ok(())
+    }
+
+    /// Node `i`'s failure domain line for its config ("" if none).
+    fn domain_text(&self, i: usize, key: &str) -> String {
+        match self.spec.domains.get(i - 1).filter(|d| !d.is_empty()) {
+            Some(d) => format!("{key} = \"{d}\"\n"),
+            None => String::new(),
+        }
     }
 
     /// Removes node `i`'s data directory (the node must be stopped).
@@ -222,10 +252,11 @@ impl LocalCluster {
         let s = &self.spec;
         if self.joined.contains(&i) {
             return format!(
-                "node_id = {i}\nlisten_addr = \"{}\"\ndata_dir = \"{}\"\nseeds = [\"{}\"]\n\n[raft]\ntick_interval_ms = {}\nelection_ticks = {}\nheartbeat_ticks = 2\nlog_compact_threshold_entries = {}\nlog_retain_entries = {}\n\n[limits]\nscrub_blocks_per_sec = {}\nscrub_interval_secs = {}\n",
+                "node_id = {i}\nlisten_addr = \"{}\"\ndata_dir = \"{}\"\nseeds = [\"{}\"]\n{}\n[raft]\ntick_interval_ms = {}\nelection_ticks = {}\nheartbeat_ticks = 2\nlog_compact_threshold_entries = {}\nlog_retain_entries = {}\n\n[limits]\nscrub_blocks_per_sec = {}\nscrub_interval_secs = {}\n",
                 self.addr(i),
                 self.data_dir(i).display(),
                 self.addr(1),
+                self.domain_text(i, "failure_domain"),
                 s.tick_interval_ms,
                 s.election_ticks,
                 s.log_compact_threshold_entries,
@@ -235,9 +266,10 @@ impl LocalCluster {
             ) + &self.placement_text();
         }
         let mut t = format!(
-            "node_id = {i}\nlisten_addr = \"{}\"\ndata_dir = \"{}\"\n\n[cluster]\ndata_groups = {}\nreplicas = {}\nchunk_size_bytes = {}\n",
+            "node_id = {i}\nlisten_addr = \"{}\"\ndata_dir = \"{}\"\n{}\n[cluster]\ndata_groups = {}\nreplicas = {}\nchunk_size_bytes = {}\n",
             self.addr(i),
             self.data_dir(i).display(),
+            self.domain_text(i, "failure_domain"),
             s.data_groups,
             s.replicas,
             s.chunk_size_bytes
@@ -247,8 +279,9 @@ impl LocalCluster {
         }
         for j in 1..=s.nodes {
             t += &format!(
-                "\n[[cluster.nodes]]\nid = {j}\naddr = \"{}\"\n",
-                self.addr(j)
+                "\n[[cluster.nodes]]\nid = {j}\naddr = \"{}\"\n{}",
+                self.addr(j),
+                self.domain_text(j, "failure_domain")
             );
         }
         t += &format!(
