@@ -3,13 +3,16 @@
 //! - failure domains: every group's voters stay in distinct domains (the
 //!   meta group's in as many as it can), through bootstrap (which ignores
 //!   domains) and after a node joins a rack that already has one;
+//!   the meta group has as many voters as there are racks (3 here), and
+//!   `raftblk cluster wait-healthy --balanced` ends;
 //! - a node past the full ratio gives its replicas away once another node
-//!   can take them, so writes stop failing with NO_SPACE.
+//!   can take them, so writes stop failing with NO_SPACE;
+//! - a node an operator marked out stays out while it runs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use raftblk_cluster_tests::{payload, ClusterSpec, LocalCluster};
+use raftblk_cluster_tests::{bin, payload, ClusterSpec, LocalCluster};
 
 const HEALTHY: Duration = Duration::from_secs(30);
 
@@ -81,11 +84,12 @@ async fn failure_domains_stay_distinct_as_nodes_join() -> anyhow::Result<()> {
             .map(|n| (n, c.spec.domains[n as usize - 1].clone()))
             .collect()
     };
+    // Each group's voters in distinct racks; the meta group's one per rack.
     let distinct = |rack: &BTreeMap<u64, String>, p: &BTreeMap<u64, Vec<u64>>| {
         let all: BTreeSet<&String> = rack.values().collect();
-        p.values().all(|voters| {
+        p.iter().all(|(g, voters)| {
             let used: BTreeSet<&String> = voters.iter().filter_map(|v| rack.get(v)).collect();
-            used.len() == voters.len().min(all.len())
+            used.len() == voters.len() && (*g != 0 || voters.len() == all.len())
         })
     };
     let rack4 = racks(&c);
@@ -105,6 +109,16 @@ async fn failure_domains_stay_distinct_as_nodes_join() -> anyhow::Result<()> {
     })
     .await?;
     println!("5 nodes in racks {rack5:?}: {p:?}");
+    let out = std::process::Command::new(bin("raftblk"))
+        .args(["--cluster", &c.cluster_arg(), "--timeout-secs", "10"])
+        .args(["cluster", "wait-healthy", "--balanced", "--wait-secs", "60"])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "wait-healthy: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     anyhow::ensure!(vol.read(0, 8 << 20).await? == data, "data changed");
     Ok(())
 }
@@ -163,5 +177,42 @@ async fn a_full_node_gives_its_replicas_to_a_new_one() -> anyhow::Result<()> {
     );
     vol.write(0, &payload(3, 4 << 20)).await?;
     anyhow::ensure!(vol.read(0, 4 << 20).await? == payload(3, 4 << 20));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_out_stays_out_while_the_node_runs() -> anyhow::Result<()> {
+    use raftblk_proto::NodeState;
+    let groups = 4;
+    let c = LocalCluster::start(ClusterSpec {
+        nodes: 4,
+        data_groups: groups,
+        ..ClusterSpec::default()
+    })?;
+    c.wait_healthy(HEALTHY).await?;
+    let client = c.client().await?;
+    client.set_node(4, Some(NodeState::Out), None).await?;
+    // Its heartbeats go on; it stays out, and gives its replicas away.
+    let p = wait_settled(&c, groups, Duration::from_secs(60), "node 4 out", |p| {
+        p.values().all(|v| !v.contains(&4))
+    })
+    .await?;
+    let state = |m: &raftblk_proto::ClusterMap| {
+        m.nodes
+            .iter()
+            .find(|n| n.id == 4)
+            .map(|n| NodeState::try_from(n.state).unwrap_or(NodeState::Unspecified))
+    };
+    let m = client.cluster_map().await?;
+    anyhow::ensure!(
+        state(&m) == Some(NodeState::Out),
+        "node 4 is {:?} while it runs, after an operator marked it out; groups {p:?}",
+        state(&m)
+    );
+    anyhow::ensure!(c.is_running(4), "node 4 stopped");
+    // `node in` brings it back.
+    client.set_node(4, Some(NodeState::Up), None).await?;
+    let m = client.cluster_map().await?;
+    anyhow::ensure!(state(&m) == Some(NodeState::Up), "{:?}", state(&m));
     Ok(())
 }

@@ -63,6 +63,7 @@ pub fn initial_kvs(config: &NodeConfig) -> Vec<(Vec<u8>, Vec<u8>)> {
             failure_domain: n.failure_domain.clone().unwrap_or_default(),
             store_uuid: Default::default(),
             state_since_unix_ms: 0,
+            out_by_admin: false,
         };
         kvs.push((keys::map_node(g, n.id), rec.encode_to_vec()));
     }

@@ -43,6 +43,28 @@ pub fn meta_size(fit_nodes: usize) -> usize {
     }
 }
 
+/// The meta group's size for fit nodes in these failure domains: sized by
+/// the domains when any is labelled (a node without a label counting as a
+/// domain of its own), so its voters can sit in distinct domains and the
+/// driver does not wait for a voter no free domain can hold.
+pub fn meta_want<'a>(domains: impl Iterator<Item = &'a str>) -> usize {
+    let mut labels = std::collections::BTreeSet::new();
+    let (mut nodes, mut unlabelled) = (0, 0);
+    for d in domains {
+        nodes += 1;
+        if d.is_empty() {
+            unlabelled += 1;
+        } else {
+            labels.insert(d);
+        }
+    }
+    meta_size(if labels.is_empty() {
+        nodes
+    } else {
+        labels.len() + unlabelled
+    })
+}
+
 fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -315,6 +337,26 @@ async fn mark_nodes(
     Ok(())
 }
 
+/// Heartbeat intervals within which a node's last report counts as heard
+/// now.
+const HEARD_INTERVALS: u64 = 3;
+
+/// `(live, heard)` of a node last reported at `at` (None: not since this
+/// driver started at `since`): live if reported within `down_after`, a
+/// node not heard yet counting from `since` (a new meta leader has not
+/// had every report yet: its nodes and their learners are not judged dead
+/// for it); heard only if really reported within `heard_within`.
+fn liveness(
+    at: Option<Instant>,
+    since: Instant,
+    down_after: Duration,
+    heard_within: Duration,
+) -> (bool, bool) {
+    let live = at.map_or(since, |a| a.max(since)).elapsed() <= down_after;
+    let heard = at.is_some_and(|a| a.elapsed() <= heard_within);
+    (live, heard)
+}
+
 /// The planner's inputs: nodes from the map and their reports, groups from
 /// their leaders' recent reports.
 fn views(
@@ -325,6 +367,7 @@ fn views(
 ) -> (Vec<NodeInfo>, Vec<GroupInfo>) {
     let cfg = &store.config.placement;
     let down_after = Duration::from_millis(cfg.node_down_after_ms);
+    let heard_within = Duration::from_millis(cfg.heartbeat_interval_ms * HEARD_INTERVALS);
     let node_reports = reports.nodes();
     let nodes: Vec<NodeInfo> = map
         .nodes
@@ -332,7 +375,7 @@ fn views(
         .filter(|n| n.state != NodeState::Removed as i32)
         .map(|n| {
             let r = node_reports.get(&n.id);
-            let live = r.is_some_and(|r| r.at.max(since).elapsed() <= down_after);
+            let (live, heard) = liveness(r.map(|r| r.at), since, down_after, heard_within);
             let nearfull = r.is_some_and(|r| {
                 r.capacity_bytes > 0
                     && (r.capacity_bytes - r.available_bytes.min(r.capacity_bytes)) as f64
@@ -344,14 +387,18 @@ fn views(
                 weight: n.weight,
                 domain: n.failure_domain.clone(),
                 live,
+                heard,
                 nearfull,
             }
         })
         .collect();
-    let fit = nodes
-        .iter()
-        .filter(|n| matches!(n.state, NodeState::Up | NodeState::Down))
-        .count();
+    let fit_nodes = || {
+        nodes
+            .iter()
+            .filter(|n| matches!(n.state, NodeState::Up | NodeState::Down))
+    };
+    let fit = fit_nodes().count();
+    let meta_voters = meta_want(fit_nodes().map(|n| n.domain.as_str()));
     let norebalance = map.flags.as_ref().is_some_and(|f| f.norebalance);
     let fresh = 3 * Duration::from_millis(cfg.heartbeat_interval_ms);
     let groups = reports
@@ -363,7 +410,7 @@ fn views(
             let want = if s.group_id != META_GROUP_ID {
                 (map.replicas as usize).min(fit.max(1))
             } else if !norebalance {
-                meta_size(fit)
+                meta_voters
             } else {
                 // Repairs only: keep the meta group's size.
                 s.replicas.len()
@@ -478,5 +525,59 @@ async fn execute(store: &StoreHandle, action: Action) {
             tracing::info!(leader, error = %e, "placement: step not made (planned again)")
         }
         Err(_) => tracing::info!(leader, "placement: step timed out (planned again)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_driver_gives_unreported_nodes_time_but_counts_only_heard_ones() {
+        let down_after = Duration::from_secs(10);
+        let heard_within = Duration::from_millis(600);
+        let now = Instant::now();
+        let since = now - Duration::from_secs(1);
+        // Not reported yet to a driver that started a second ago: live
+        // (not judged dead yet), not heard.
+        assert_eq!(
+            liveness(None, since, down_after, heard_within),
+            (true, false)
+        );
+        // Reported just now: both.
+        assert_eq!(
+            liveness(Some(now), since, down_after, heard_within),
+            (true, true)
+        );
+        // Silent for 5 s of a 10 s down interval: not down yet, but not
+        // to be counted on for a quorum after a removal.
+        let quiet = now - Duration::from_secs(5);
+        assert_eq!(
+            liveness(
+                Some(quiet),
+                now - Duration::from_secs(60),
+                down_after,
+                heard_within
+            ),
+            (true, false)
+        );
+        // Never reported to a driver running for a minute: dead.
+        let old = now - Duration::from_secs(60);
+        assert_eq!(
+            liveness(None, old, down_after, heard_within),
+            (false, false)
+        );
+    }
+
+    #[test]
+    fn the_meta_group_is_sized_by_failure_domains_when_labelled() {
+        assert_eq!(meta_want(["", "", "", "", ""].into_iter()), 5);
+        assert_eq!(meta_want(["", "", "", ""].into_iter()), 3);
+        // Five nodes in three racks: three voters, one per rack.
+        assert_eq!(meta_want(["a", "b", "c", "a", "b"].into_iter()), 3);
+        assert_eq!(meta_want(["a", "b", "c", "d", "e", "a"].into_iter()), 5);
+        assert_eq!(meta_want(["a", "a", "a"].into_iter()), 1);
+        // An unlabelled node is a domain of its own.
+        assert_eq!(meta_want(["a", "b", "", "", "c"].into_iter()), 5);
     }
 }

@@ -173,8 +173,10 @@ async fn handle_heartbeat(
         )));
     }
     reports.record(&hb, Instant::now(), store.config.cluster.data_groups);
-    // The node's own facts, and its return from down/out.
-    let back = rec.state == NodeState::Down as i32 || rec.state == NodeState::Out as i32;
+    // The node's own facts, and its return from down, or from out when
+    // the driver (not an operator) marked it out.
+    let back = rec.state == NodeState::Down as i32
+        || (rec.state == NodeState::Out as i32 && !rec.out_by_admin);
     if rec.store_uuid.is_empty() || rec.addr != hb.addr || back {
         if hb.addr.parse::<SocketAddr>().is_err() {
             return Err(invalid(format!("address `{}` is not host:port", hb.addr)));
@@ -373,6 +375,7 @@ pub async fn set_node(store: &StoreHandle, req: SetNodeRequest) -> MapChangeResp
                 rec.state = state as i32;
                 rec.state_since_unix_ms = now_unix_ms();
             }
+            rec.out_by_admin = state == NodeState::Out;
         }
         if req.set_weight {
             if req.weight > 1_000_000 {

@@ -62,6 +62,10 @@ impl<'a> Ctx<'a> {
         self.nodes.get(&n).is_some_and(|x| x.live)
     }
 
+    fn heard(&self, n: u64) -> bool {
+        self.nodes.get(&n).is_some_and(|x| x.heard)
+    }
+
     pub(super) fn sheds(&self, n: u64) -> bool {
         self.nodes.get(&n).is_some_and(|x| x.sheds())
     }
@@ -96,11 +100,12 @@ impl<'a> Ctx<'a> {
             .then(a.cmp(&b))
     }
 
-    /// More than half of `voters` are on live, fit nodes.
+    /// More than half of `voters` are on fit nodes heard from now (a
+    /// voter silent for less than the down interval may be dead already).
     pub(super) fn live_majority(&self, voters: &[u64]) -> bool {
         let live = voters
             .iter()
-            .filter(|v| self.fit(**v) && self.live(**v))
+            .filter(|v| self.fit(**v) && self.heard(**v))
             .count();
         live * 2 > voters.len()
     }

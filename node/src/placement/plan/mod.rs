@@ -42,8 +42,13 @@ pub struct NodeInfo {
     pub state: NodeState,
     pub weight: u64,
     pub domain: String,
-    /// Reported within the down interval.
+    /// Reported within the down interval (a node a new driver has not
+    /// heard from yet gets the interval from the driver's start).
     pub live: bool,
+    /// Reported within the last few heartbeat intervals: a removal is
+    /// planned only if the voters left have a majority heard now, not
+    /// merely not yet marked down.
+    pub heard: bool,
     /// Disk fuller than the nearfull ratio.
     pub nearfull: bool,
 }

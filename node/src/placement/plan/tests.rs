@@ -9,6 +9,7 @@ fn node(id: u64, state: NodeState) -> NodeInfo {
         weight: 100,
         domain: String::new(),
         live: state != NodeState::Down && state != NodeState::Out,
+        heard: state != NodeState::Down && state != NodeState::Out,
         nearfull: false,
     }
 }
@@ -359,5 +360,34 @@ fn weight_zero_and_nearfull_nodes_give_their_replicas_away() {
             .all(|x| !matches!(x, Action::ChangePeers { .. })),
         "{:?}",
         plan(&nodes, &four, LIMITS)
+    );
+}
+
+#[test]
+fn removals_need_a_majority_heard_now_not_merely_not_down() {
+    // A meta group of 5 shrinking to 3 after node 5 drained: nodes 3 and
+    // 4 died a moment ago (not down yet, so still "live"), but silent.
+    let mut nodes: Vec<NodeInfo> = (1..=5).map(|i| node(i, NodeState::Up)).collect();
+    nodes[4].state = NodeState::Draining;
+    for n in &mut nodes[2..4] {
+        n.heard = false;
+    }
+    let mut meta = group(0, &[1, 2, 3, 4, 5], 1);
+    meta.want = 3;
+    // Removing node 5 would leave {1, 2, 3, 4} with two heard voters.
+    assert!(
+        plan(&nodes, std::slice::from_ref(&meta), LIMITS).is_empty(),
+        "{:?}",
+        plan(&nodes, std::slice::from_ref(&meta), LIMITS)
+    );
+    // Heard again: the drained voter goes.
+    for n in &mut nodes[2..4] {
+        n.heard = true;
+    }
+    let a = plan(&nodes, &[meta], LIMITS);
+    assert!(
+        matches!(&a[0], Action::ChangePeers { changes, .. }
+            if changes == &vec![PeerChange::Remove(5)]),
+        "{a:?}"
     );
 }
