@@ -192,12 +192,14 @@ pub(super) fn unapplied_requests(storage: &GroupStorage) -> dedup::InflightReque
     if lo > last {
         return inflight;
     }
-    if let Ok(entries) = storage.entries(lo, last + 1, None, raft::GetEntriesContext::empty(false))
-    {
-        for e in entries {
-            if let Some(id) = dedup::request_id(&e.context) {
-                inflight.appended(e.index, e.term, id);
-            }
+    // A table missing an unapplied entry would let its retry be proposed
+    // again: a log that cannot be read stops the node.
+    let entries = storage
+        .entries(lo, last + 1, None, raft::GetEntriesContext::empty(false))
+        .unwrap_or_else(|e| super::fatal("read the unapplied log", e));
+    for e in entries {
+        if let Some(id) = dedup::request_id(&e.context) {
+            inflight.appended(e.index, e.term, id);
         }
     }
     inflight
