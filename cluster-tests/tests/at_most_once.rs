@@ -161,6 +161,16 @@ async fn newer_write_then_retry(c: &LocalCluster, group: u64, x: BlockRange) -> 
         got == payload(2, BLOCK as usize),
         "the retried first write was applied again and undid the newer write"
     );
+    // The same retry unmarked, as a client that does not send
+    // `retry_age_ms` (an older one) sends it, or a first attempt held up
+    // past its own retry: answered from the first copy too.
+    let r = bio.write(write(x, 1, 1, 0)).await?.into_inner();
+    anyhow::ensure!(r.error.is_none(), "unmarked retry: {:?}", r.error);
+    let got = read(&mut bio, x).await?;
+    assert!(
+        got == payload(2, BLOCK as usize),
+        "an unmarked retry of the first write was applied again and undid the newer write"
+    );
     Ok(())
 }
 

@@ -69,13 +69,23 @@ pub fn take_map(store: &StoreHandle, map: &ClusterMap) {
 
 /// Replicas here that the map shows were removed: the map records a newer
 /// committed configuration of their group that leaves this node out.
-/// Uninitialized replicas (version 0, waiting for their first snapshot)
-/// are left alone: the map may not show their addition yet.
-pub fn stale_replicas(store: &StoreHandle, map: &ClusterMap) -> Vec<(u64, u64)> {
+/// An uninitialized replica (version 0, waiting for its first snapshot)
+/// is judged by its incarnation (the version that added it), so a learner
+/// whose move was rolled back before it got a snapshot goes too. Each is
+/// `(group, conf_ver, peer)`: the notice names the incarnation seen here,
+/// so a newer one created meanwhile is not destroyed by it.
+pub fn stale_replicas(store: &StoreHandle, map: &ClusterMap) -> Vec<(u64, u64, u64)> {
     let me = store.config.node_id;
     let mut out = Vec::new();
     for v in store.views() {
-        let local = v.members.conf_ver;
+        // An uninitialized replica's own version is 0; its incarnation is
+        // the version that added it, so a newer map without this node saw
+        // it removed.
+        let local = if v.members.conf_ver == 0 {
+            crate::membership::incarnation_of(v.peer)
+        } else {
+            v.members.conf_ver
+        };
         if local == 0 {
             continue;
         }
@@ -86,7 +96,7 @@ pub fn stale_replicas(store: &StoreHandle, map: &ClusterMap) -> Vec<(u64, u64)> 
             || rec.learners.contains(&me)
             || rec.voters_outgoing.contains(&me);
         if rec.conf_ver > local && !member {
-            out.push((v.group, rec.conf_ver));
+            out.push((v.group, rec.conf_ver, v.peer));
         }
     }
     out
@@ -266,13 +276,18 @@ pub async fn run(store: StoreHandle) {
             if let Some(m) = map {
                 take_map(&store, &m);
                 since_fetch = 0;
-                for (group, conf_ver) in stale_replicas(&store, &m) {
-                    tracing::info!(group, conf_ver, "the map shows this replica was removed");
+                for (group, conf_ver, peer) in stale_replicas(&store, &m) {
+                    tracing::info!(
+                        group,
+                        conf_ver,
+                        peer,
+                        "the map shows this replica was removed"
+                    );
                     let gc = crate::msg::StoreMsg::RaftGc {
                         from: 0,
                         group,
                         conf_ver,
-                        peer: 0,
+                        peer,
                     };
                     let _ = store.sender().try_send(gc);
                 }

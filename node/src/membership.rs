@@ -81,7 +81,17 @@ impl Membership {
             .chain(&learners)
             .chain(&cs.voters_outgoing)
             .map(|p| (node_of(*p), *p))
-            .collect();
+            .collect::<BTreeMap<u64, u64>>();
+        // A node holds one incarnation at a time: `plan` never adds a node
+        // that is still in the configuration.
+        debug_assert!(
+            cs.voters
+                .iter()
+                .chain(&learners)
+                .chain(&cs.voters_outgoing)
+                .all(|p| peers.get(&node_of(*p)) == Some(p)),
+            "two incarnations of one node in {cs:?}"
+        );
         Membership {
             voters: nodes(&cs.voters),
             learners: nodes(&learners),

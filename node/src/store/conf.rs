@@ -110,6 +110,27 @@ pub(super) fn open_group(
     })
 }
 
+/// True if a GC notice (`notice_conf_ver`, about raft peer `notice_peer`,
+/// 0 from nodes that do not name it) removes the replica here (peer
+/// `own_peer`, at configuration version `own_conf_ver`). The notice must be
+/// newer than the replica's configuration and about this very incarnation:
+/// one created after the notice was sent (a newer incarnation, or one not
+/// initialized yet, version 0) is not the replica the notice saw.
+fn gc_notice_applies(
+    own_conf_ver: u64,
+    own_peer: u64,
+    notice_conf_ver: u64,
+    notice_peer: u64,
+) -> bool {
+    if own_conf_ver >= notice_conf_ver {
+        return false;
+    }
+    if notice_peer == 0 {
+        return own_conf_ver > 0;
+    }
+    notice_peer == own_peer
+}
+
 /// Decodes a committed membership change (either raft encoding).
 fn decode_change(e: &Entry) -> Result<ConfChangeV2, String> {
     if e.get_entry_type() == EntryType::EntryConfChange {
@@ -205,7 +226,7 @@ impl Store {
     /// if for a newer one, the replica here was removed from the group
     /// before that one was added, and is destroyed (the message then
     /// creates the new one).
-    fn replace_older_incarnation(&mut self, group: u64, m: &Message) -> bool {
+    pub(super) fn replace_older_incarnation(&mut self, group: u64, m: &Message) -> bool {
         let Some(g) = self.groups.get(&group) else {
             return true;
         };
@@ -234,13 +255,13 @@ impl Store {
     /// Creates an empty replica (raft peer `m.to`) of `group` for a
     /// leader's message, if this node may host one: the group exists, and
     /// no tombstone here names that incarnation or a newer one.
-    fn maybe_create(&mut self, group: u64, conf_ver: u64, m: &Message) -> bool {
+    pub(super) fn maybe_create(&mut self, group: u64, conf_ver: u64, m: &Message) -> bool {
         if group > self.config.cluster.data_groups || m.term == 0 {
             return false;
         }
         if !matches!(
             m.get_msg_type(),
-            MessageType::MsgAppend | MessageType::MsgHeartbeat
+            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
         ) {
             return false;
         }
@@ -285,9 +306,8 @@ impl Store {
         let Some(g) = self.groups.get(&group) else {
             return;
         };
-        if g.members.conf_ver >= conf_ver
-            || g.installing.is_some()
-            || (peer != 0 && peer != g.peer_id())
+        if g.installing.is_some()
+            || !gc_notice_applies(g.members.conf_ver, g.peer_id(), conf_ver, peer)
         {
             return;
         }
@@ -481,5 +501,30 @@ impl Store {
         // as another one (removed and added back in one batch).
         let removed = !members.has_peer(g.peer_id());
         (Ok(ApplyOutput::Membership(members)), removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gc_notice_applies;
+    use crate::membership::peer_id;
+
+    #[test]
+    fn a_gc_notice_removes_only_the_incarnation_it_names() {
+        let old = peer_id(3, 0);
+        let new = peer_id(3, 7);
+        // The replica the notice saw, behind the notice's version.
+        assert!(gc_notice_applies(2, old, 6, old));
+        // Not behind it: the notice is stale.
+        assert!(!gc_notice_applies(6, old, 6, old));
+        assert!(!gc_notice_applies(9, old, 6, old));
+        // A newer incarnation created after the notice was sent (still
+        // uninitialized, or already caught up) is not the one it saw.
+        assert!(!gc_notice_applies(0, new, 6, old));
+        assert!(!gc_notice_applies(5, new, 6, old));
+        // Notices that name no peer (older nodes) never remove a replica
+        // that has not received its first snapshot yet.
+        assert!(!gc_notice_applies(0, new, 6, 0));
+        assert!(gc_notice_applies(2, old, 6, 0));
     }
 }

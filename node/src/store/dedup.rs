@@ -12,15 +12,16 @@
 //! and records itself again), it survives restarts and log compaction, and
 //! it travels in snapshots with the data.
 //!
-//! Before proposing a retry (`retry_age_ms > 0`), the leader looks for its
-//! id (1) among the entries in its log past the applied index
+//! Before proposing a request, the leader looks for its id (1) among the entries in its log past the applied index
 //! ([`InflightRequests`], filled as entries are proposed or appended, and
 //! rebuilt at startup from the unapplied log), and waits for that entry
 //! instead of proposing again; then (2) among the recorded ids, and answers
 //! with the first copy's result. Leader completeness makes this enough: if
 //! the first copy committed, the current leader's log or state machine
 //! holds it. Both checks run on the store thread, so an apply cannot slip
-//! between them. First attempts skip the lookup: their id is new.
+//! between them. First attempts are looked up as well (a few bloom-filtered
+//! point reads): an older client does not mark its retries, and an
+//! attempt held up in a queue may arrive after its own retry applied.
 //!
 //! Records are kept by age, not count: they are filed under the minute
 //! (a generation, `GEN_SECS`) the replica applied them in, by its wall

@@ -24,6 +24,8 @@ use crate::msg::{StoreError, StoreMsg};
 #[derive(Debug, Clone, Default)]
 pub struct GroupView {
     pub group: u64,
+    /// This replica's raft peer id (its incarnation, see `membership`).
+    pub peer: u64,
     /// The applied configuration; shared with the store: cloning a view
     /// does not allocate.
     pub members: Arc<crate::membership::Membership>,

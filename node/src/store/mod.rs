@@ -515,6 +515,7 @@ impl Store {
         };
         let v = GroupView {
             group: id,
+            peer: g.peer_id(),
             members: g.members.clone(),
             progress,
             progress_commit,

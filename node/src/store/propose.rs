@@ -36,24 +36,24 @@ impl Store {
                     return;
                 }
             }
-            // A retry: answer from the applied copy if there is one (a
-            // first attempt's id is new, see `dedup`).
-            if retry_age_ms > 0 {
-                match dedup::lookup(&self.engine, group, &id) {
-                    Ok(Some(r)) => {
-                        let _ = cb.send(Ok(r));
+            // An applied copy: answer with its result. First attempts are
+            // looked up too: a client that does not say it retries (an
+            // older one), or an attempt delayed past its own retry, must
+            // not be applied a second time either.
+            match dedup::lookup(&self.engine, group, &id) {
+                Ok(Some(r)) => {
+                    let _ = cb.send(Ok(r));
+                    return;
+                }
+                Ok(None) => {
+                    if let Some(e) = dedup::expired(&id, retry_age_ms) {
+                        let _ = cb.send(Ok(Err(e)));
                         return;
                     }
-                    Ok(None) => {
-                        if let Some(e) = dedup::expired(&id, retry_age_ms) {
-                            let _ = cb.send(Ok(Err(e)));
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = cb.send(Err(StoreError::Engine(e)));
-                        return;
-                    }
+                }
+                Err(e) => {
+                    let _ = cb.send(Err(StoreError::Engine(e)));
+                    return;
                 }
             }
         } else if !request_id.is_empty() {

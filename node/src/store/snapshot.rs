@@ -17,7 +17,13 @@ impl Store {
     /// that arrives while the group installs another, and one replaced by a
     /// newer snapshot are deleted.
     pub(super) fn on_snapshot_received(&mut self, group: u64, msg: Message, path: PathBuf) {
-        let Some(g) = self.groups.get_mut(&group) else {
+        // A snapshot for a newer incarnation than the replica here (the
+        // messages that would have replaced it were lost) replaces it, as
+        // any message does; one for a replica not here creates it.
+        let ours = crate::membership::node_of(msg.to) == self.node_id
+            && self.replace_older_incarnation(group, &msg)
+            && (self.groups.contains_key(&group) || self.maybe_create(group, 0, &msg));
+        let Some(g) = self.groups.get_mut(&group).filter(|_| ours) else {
             let _ = std::fs::remove_file(&path);
             return;
         };
