@@ -56,6 +56,8 @@ pub struct ClusterSpec {
     /// Rebuild throttle (`placement.snapshot_bytes_per_sec`; None: the
     /// default).
     pub snapshot_bytes_per_sec: Option<u64>,
+    /// `placement.snapshot_stall_secs` (None: the default).
+    pub snapshot_stall_secs: Option<u64>,
     /// `placement.nearfull_ratio` and `full_ratio` (None: 0.99 and 1.0,
     /// out of the way of the host disk's fill).
     pub full_ratios: Option<(f64, f64)>,
@@ -86,6 +88,7 @@ impl Default for ClusterSpec {
             node_down_after_ms: 2000,
             down_out_secs: 600,
             snapshot_bytes_per_sec: None,
+            snapshot_stall_secs: None,
             full_ratios: None,
             rebalance: false,
         }
@@ -303,6 +306,12 @@ impl LocalCluster {
         );
         if let Some(b) = p.snapshot_bytes_per_sec {
             t += &format!("snapshot_bytes_per_sec = {b}\n");
+        }
+        if let Some(s) = p.snapshot_stall_secs {
+            t += &format!(
+                "snapshot_stall_secs = {s}\nlearner_stall_secs = {}\n",
+                2 * s
+            );
         }
         // The test nodes share the host's file system, whose fill the test
         // does not control (statvfs counts reserved blocks as used: a CI

@@ -124,6 +124,14 @@ pub struct PlacementConfig {
     /// Snapshot bytes per second each node sends (0: unlimited): the
     /// rebuild throttle that keeps guests' latency.
     pub snapshot_bytes_per_sec: u64,
+    /// A snapshot transfer that moves no bytes for this long is abandoned
+    /// (raft sends it again); there is no bound on its total time, so a
+    /// group of any size rebuilds at any throttle.
+    pub snapshot_stall_secs: u64,
+    /// A learner whose matched log index has not moved for this long (its
+    /// snapshot is not going through, or the log it needs is gone) is
+    /// removed with a log line, and the move is planned afresh.
+    pub learner_stall_secs: u64,
     /// No new replicas go to a node whose disk is fuller than this.
     pub nearfull_ratio: f64,
     /// Writes to groups with a replica on a node whose disk is fuller than
@@ -141,6 +149,8 @@ impl Default for PlacementConfig {
             moves_per_node_max: 2,
             moves_max: 16,
             snapshot_bytes_per_sec: 64 * 1024 * 1024,
+            snapshot_stall_secs: 60,
+            learner_stall_secs: 1800,
             nearfull_ratio: 0.85,
             full_ratio: 0.95,
         }
@@ -406,6 +416,21 @@ impl NodeConfig {
                 format!(
                     "{} must be at least twice placement.heartbeat_interval_ms ({})",
                     p.node_down_after_ms, p.heartbeat_interval_ms
+                ),
+            ));
+        }
+        if !(1..=3600).contains(&p.snapshot_stall_secs) {
+            return Err(bad(
+                "placement.snapshot_stall_secs",
+                format!("{} is not in 1..=3600", p.snapshot_stall_secs),
+            ));
+        }
+        if p.learner_stall_secs < 2 * p.snapshot_stall_secs || p.learner_stall_secs > 86_400 {
+            return Err(bad(
+                "placement.learner_stall_secs",
+                format!(
+                    "{} must be in 2 x placement.snapshot_stall_secs ({})..=86400",
+                    p.learner_stall_secs, p.snapshot_stall_secs
                 ),
             ));
         }

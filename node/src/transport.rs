@@ -26,8 +26,8 @@ use crate::msg::StoreMsg;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// A whole snapshot transfer must finish within this time.
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often a snapshot transfer's progress is checked.
+const STALL_CHECK: Duration = Duration::from_millis(500);
 
 /// Opens a channel to a peer with the keepalives and timeouts every
 /// internal connection uses.
@@ -76,6 +76,8 @@ pub struct Transport {
     suspects: Arc<Suspects>,
     engine: Engine,
     piece_bytes: usize,
+    /// A snapshot transfer that moves nothing for this long is abandoned.
+    snapshot_stall: Duration,
     /// Shared by every snapshot sent (the rebuild throttle).
     throttle: Arc<crate::throttle::Throttle>,
     queue_capacity: usize,
@@ -111,6 +113,7 @@ impl Transport {
             suspects,
             engine,
             piece_bytes: config.raft.snapshot_piece_bytes as usize,
+            snapshot_stall: Duration::from_secs(config.placement.snapshot_stall_secs),
             throttle: Arc::new(crate::throttle::Throttle::new(
                 config.placement.snapshot_bytes_per_sec,
             )),
@@ -240,6 +243,7 @@ impl Transport {
         let store_tx = self.store_tx.clone();
         let engine = self.engine.clone();
         let piece_bytes = self.piece_bytes;
+        let stall = self.snapshot_stall;
         let suspects = self.suspects.clone();
         let counters = self.counters.clone();
         let throttle = self.throttle.clone();
@@ -251,7 +255,7 @@ impl Transport {
                 counters,
                 throttle,
             };
-            let r = send_snapshot(from, addr, group, msg, source, piece_bytes).await;
+            let r = send_snapshot(from, addr, group, msg, source, piece_bytes, stall).await;
             if let Err(e) = &r {
                 tracing::warn!(group, to, error = %e, "snapshot transfer failed");
             } else {
@@ -280,6 +284,11 @@ struct SnapshotSource {
 /// Streams one snapshot. Every block is verified on the way out: a corrupt
 /// one aborts the transfer (raft retries later) and is queued for repair,
 /// so corruption never spreads to a new replica.
+///
+/// A transfer is bounded by progress, not by its total time: it is
+/// abandoned only when no piece has gone out for `stall` (the receiver
+/// stopped reading, the link is gone), so a group of any size finishes at
+/// any throttle.
 async fn send_snapshot(
     from: u64,
     addr: String,
@@ -287,6 +296,7 @@ async fn send_snapshot(
     msg: Message,
     source: SnapshotSource,
     piece_bytes: usize,
+    stall: Duration,
 ) -> anyhow::Result<()> {
     let SnapshotSource {
         snap,
@@ -302,6 +312,10 @@ async fn send_snapshot(
         ..Default::default()
     };
     let (ptx, prx) = mpsc::channel::<SnapshotPiece>(2);
+    // Bytes handed to the stream so far (the channel holds two pieces: a
+    // receiver that stops reading stops this count).
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sent_by_producer = sent.clone();
     let producer = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let first = SnapshotPiece {
             from_node: from,
@@ -340,11 +354,12 @@ async fn send_snapshot(
                     ..Default::default()
                 };
                 throttle.wait_blocking(bytes as u64);
-                bytes = 0;
                 if ptx.blocking_send(piece).is_err() {
                     closed = true;
                     return false;
                 }
+                sent_by_producer.fetch_add(bytes as u64, Ordering::Relaxed);
+                bytes = 0;
             }
             true
         })?;
@@ -376,9 +391,30 @@ async fn send_snapshot(
         client.snapshot(ReceiverStream::new(prx)).await?;
         anyhow::Ok(())
     };
-    tokio::time::timeout(SNAPSHOT_TIMEOUT, transfer)
-        .await
-        .map_err(|_| anyhow::anyhow!("snapshot transfer timed out"))??;
+    let watchdog = async {
+        let mut seen = 0u64;
+        let mut moved = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(STALL_CHECK).await;
+            let now = sent.load(Ordering::Relaxed);
+            if now != seen {
+                seen = now;
+                moved = tokio::time::Instant::now();
+            } else if moved.elapsed() >= stall {
+                return seen;
+            }
+        }
+    };
+    tokio::select! {
+        r = transfer => r?,
+        bytes = watchdog => {
+            // Dropping the stream ends the producer at its next piece.
+            anyhow::bail!(
+                "snapshot transfer stalled: nothing sent for {} s after {bytes} bytes",
+                stall.as_secs()
+            );
+        }
+    }
     producer.await??;
     Ok(())
 }

@@ -14,6 +14,9 @@
 //! The map's flags switch parts off: `noout` (never mark out),
 //! `norecover` (no membership change at all), `norebalance` (repairs only).
 //!
+//! A learner that makes no catch-up progress for `learner_stall_secs` is
+//! removed (see `learner_watch`).
+//!
 //! A new meta leader waits two heartbeat intervals before acting, so every
 //! live node has reported; a node that never reports counts from then.
 
@@ -28,6 +31,7 @@ use raftblk_proto::{
     PlacementStatus, SetNodeCmd, TransferLeaderRequest, META_GROUP_ID,
 };
 
+use super::learner_watch::LearnerWatch;
 use super::plan::{self, Action, GroupInfo, Limits, NodeInfo};
 use super::reports::Reports;
 use crate::membership::PeerChange;
@@ -175,6 +179,8 @@ pub async fn run(store: StoreHandle, reports: Arc<Reports>, status: Arc<DriverSt
     // Groups asked to change recently: skipped until their report moves
     // past that configuration or a few intervals pass.
     let mut asked: HashMap<u64, (u64, Instant)> = HashMap::new();
+    let mut learners = LearnerWatch::default();
+    let learner_stall = Duration::from_secs(cfg.learner_stall_secs);
     loop {
         tick.tick().await;
         let leader = store
@@ -184,6 +190,7 @@ pub async fn run(store: StoreHandle, reports: Arc<Reports>, status: Arc<DriverSt
             if leading_since.take().is_some() {
                 reports.clear();
                 asked.clear();
+                learners = LearnerWatch::default();
                 status.inactive();
             }
             continue;
@@ -203,7 +210,8 @@ pub async fn run(store: StoreHandle, reports: Arc<Reports>, status: Arc<DriverSt
             continue;
         }
         let flags = map.flags.unwrap_or_default();
-        let (nodes, groups) = views(&store, &reports, &map, since);
+        let (nodes, mut groups) = views(&store, &reports, &map, since);
+        learners.observe(&mut groups, learner_stall, Instant::now());
         status.update(&nodes, &groups, since);
         if flags.norecover {
             continue;
@@ -429,6 +437,7 @@ fn views(
                     .collect(),
                 commit: s.commit_index,
                 want,
+                stalled: Vec::new(),
             }
         })
         .collect();

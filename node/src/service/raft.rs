@@ -123,7 +123,11 @@ impl RaftTransport for RaftService {
     ) -> Result<Response<Empty>, Status> {
         let me = self.store.config.node_id;
         let mut stream = req.into_inner();
-        let Some(first) = stream.message().await? else {
+        let stall = std::time::Duration::from_secs(self.store.config.placement.snapshot_stall_secs);
+        let first = tokio::time::timeout(stall, stream.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("snapshot stream sent no header"))??;
+        let Some(first) = first else {
             return Err(Status::invalid_argument("empty snapshot stream"));
         };
         let header = first
@@ -151,7 +155,7 @@ impl RaftTransport for RaftService {
         let mut writer = SnapshotWriter::create(&dir, group, meta.index, meta.term, nonce)
             .map_err(|e| Status::internal(e.to_string()))?;
         // Every way out but success removes the partial file.
-        let total = match receive_pieces(&mut stream, &mut writer).await {
+        let total = match receive_pieces(&mut stream, &mut writer, stall).await {
             Ok(total) => total,
             Err(e) => {
                 writer.abandon();
@@ -225,9 +229,20 @@ fn check_sender(store: &StoreHandle, from: u64, uuid: &[u8]) -> Result<(), Statu
 async fn receive_pieces(
     stream: &mut Streaming<SnapshotPiece>,
     writer: &mut SnapshotWriter,
+    stall: std::time::Duration,
 ) -> Result<u64, Status> {
     let mut total = None;
-    while let Some(piece) = stream.message().await? {
+    loop {
+        // Bounded by progress: each piece within `stall` of the last.
+        let next = tokio::time::timeout(stall, stream.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "snapshot stream stalled: no piece for {} s",
+                    stall.as_secs()
+                ))
+            })??;
+        let Some(piece) = next else { break };
         if total.is_some() {
             return Err(Status::invalid_argument(
                 "snapshot pieces after the last one",

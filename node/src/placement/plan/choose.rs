@@ -114,9 +114,12 @@ impl<'a> Ctx<'a> {
         self.busy.get(&n).copied().unwrap_or(0) < self.limits.moves_per_node_max
     }
 
-    pub(super) fn note_move(&mut self, nodes: &[u64]) {
+    /// Counts a move of `g` touching `nodes` against each of them and
+    /// against the group's leader, which sends the snapshot.
+    pub(super) fn note_move(&mut self, g: &GroupInfo, nodes: &[u64]) {
         self.moves += 1;
-        for n in nodes {
+        let sender = (g.leader != 0 && !nodes.contains(&g.leader)).then_some(g.leader);
+        for n in nodes.iter().chain(sender.as_ref()) {
             *self.busy.entry(*n).or_insert(0) += 1;
         }
     }

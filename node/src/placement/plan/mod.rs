@@ -4,8 +4,8 @@
 //!
 //! - a joint configuration is left (after moving leadership to an incoming
 //!   voter if need be);
-//! - a learner on a node that is no longer fit is removed (the move rolls
-//!   back), a learner that caught up is promoted, replacing a voter on an
+//! - a learner on a node that is no longer fit, or past its catch-up
+//!   deadline, is removed (the move rolls back), a learner that caught up is promoted, replacing a voter on an
 //!   unfit or dead node, else one whose failure domain another shares,
 //!   else the one on the node that sheds replicas or is the fullest;
 //! - a group short of healthy voters gets a learner on the best node: up
@@ -16,8 +16,8 @@
 //!   domain could take one gets a learner there (bootstrap placement
 //!   ignores domains, and labels may change).
 //!
-//! Most degraded groups go first; moves are bounded per node and in the
-//! cluster. When nothing is degraded, one rebalancing move at a time gives
+//! Most degraded groups go first; moves are bounded per node (counting the
+//! group's leader, which sends the snapshot) and in the cluster. When nothing is degraded, one rebalancing move at a time gives
 //! away the replicas of nodes that shed them (weight 0, nearfull disk) or
 //! evens out replica counts (within one, by weight), then leaderships.
 //!
@@ -67,6 +67,8 @@ pub struct GroupInfo {
     pub commit: u64,
     /// Voters the group should have.
     pub want: usize,
+    /// Learners past their catch-up deadline (see `learner_watch`).
+    pub stalled: Vec<u64>,
 }
 
 /// Bounds on concurrent moves.
@@ -122,7 +124,7 @@ pub fn plan(nodes: &[NodeInfo], groups: &[GroupInfo], limits: Limits) -> Vec<Act
         if !g.learners.is_empty() || !g.voters_outgoing.is_empty() {
             let mut touched = g.learners.clone();
             touched.extend(g.voters_outgoing.iter().filter(|v| !g.voters.contains(v)));
-            ctx.note_move(&touched);
+            ctx.note_move(g, &touched);
         }
     }
     let mut order: Vec<&GroupInfo> = groups.iter().collect();
@@ -176,6 +178,13 @@ fn step(g: &GroupInfo, ctx: &mut Ctx<'_>) -> Option<Action> {
             g,
             vec![PeerChange::Remove(l)],
             "learner on an unfit node",
+        ));
+    }
+    if let Some(&l) = g.stalled.iter().find(|l| g.learners.contains(l)) {
+        return Some(change(
+            g,
+            vec![PeerChange::Remove(l)],
+            "learner made no catch-up progress",
         ));
     }
     if let Some(l) = g.learners.iter().copied().find(|l| caught_up(g, *l)) {
@@ -241,6 +250,9 @@ fn step(g: &GroupInfo, ctx: &mut Ctx<'_>) -> Option<Action> {
         if ctx.moves >= ctx.limits.moves_max {
             return None;
         }
+        if !ctx.has_room(g.leader) {
+            return None; // its leader sends enough snapshots already
+        }
         if let Some(v) = unfit_any {
             if !ctx.has_room(v) && ctx.live(v) {
                 // A draining node sends a snapshot per move; a dead one
@@ -252,7 +264,7 @@ fn step(g: &GroupInfo, ctx: &mut Ctx<'_>) -> Option<Action> {
         *ctx.load.entry(t).or_insert(0) += 1;
         let mut touched = vec![t];
         touched.extend(unfit_any);
-        ctx.note_move(&touched);
+        ctx.note_move(g, &touched);
         return Some(change(
             g,
             vec![PeerChange::AddLearner(t)],
@@ -272,12 +284,12 @@ fn step(g: &GroupInfo, ctx: &mut Ctx<'_>) -> Option<Action> {
         .copied()
         .filter(|v| ctx.domain_clash(&g.voters, *v))
         .max_by(|a, b| ctx.excess_cmp(*a, *b))?;
-    if ctx.moves >= ctx.limits.moves_max || !ctx.has_room(clashing) {
+    if ctx.moves >= ctx.limits.moves_max || !ctx.has_room(clashing) || !ctx.has_room(g.leader) {
         return None;
     }
     let t = ctx.target(g, Some(clashing))?;
     *ctx.load.entry(t).or_insert(0) += 1;
-    ctx.note_move(&[t, clashing]);
+    ctx.note_move(g, &[t, clashing]);
     Some(change(
         g,
         vec![PeerChange::AddLearner(t)],
@@ -323,7 +335,7 @@ fn rebalance(order: &[&GroupInfo], ctx: &mut Ctx<'_>) -> Option<Action> {
             (Some(e), "rebalance replica counts")
         };
         for g in order {
-            if !g.voters.contains(&source) {
+            if !g.voters.contains(&source) || !ctx.has_room(g.leader) {
                 continue;
             }
             let Some(t) = ctx.target(g, Some(source)) else {
@@ -332,7 +344,7 @@ fn rebalance(order: &[&GroupInfo], ctx: &mut Ctx<'_>) -> Option<Action> {
             if to.is_some_and(|e| e != t) {
                 continue;
             }
-            ctx.note_move(&[source, t]);
+            ctx.note_move(g, &[source, t]);
             return Some(change(g, vec![PeerChange::AddLearner(t)], why));
         }
     }

@@ -29,6 +29,7 @@ fn group(id: u64, voters: &[u64], leader: u64) -> GroupInfo {
             .collect(),
         commit: 100,
         want: 3,
+        stalled: vec![],
     }
 }
 
@@ -390,4 +391,31 @@ fn removals_need_a_majority_heard_now_not_merely_not_down() {
             if changes == &vec![PeerChange::Remove(5)]),
         "{a:?}"
     );
+}
+
+#[test]
+fn a_leader_sending_snapshots_counts_against_the_moves_per_node() {
+    // Nodes 1-3 hold four groups, all led by node 1; node 3 is out and
+    // nodes 4-7 could each take a replacement: only two start, because
+    // node 1 sends every snapshot.
+    let mut nodes: Vec<NodeInfo> = (1..=7).map(|i| node(i, NodeState::Up)).collect();
+    nodes[2].state = NodeState::Out;
+    nodes[2].live = false;
+    nodes[2].heard = false;
+    let groups: Vec<GroupInfo> = (1..=4).map(|i| group(i, &[1, 2, 3], 1)).collect();
+    let a = plan(&nodes, &groups, LIMITS);
+    assert_eq!(a.len(), 2, "{a:?}");
+    // Led by different nodes, they all start.
+    let groups: Vec<GroupInfo> = (1..=4)
+        .map(|i| group(i, &[1, 2, 3], [1, 2, 1, 2][i as usize - 1]))
+        .collect();
+    let a = plan(&nodes, &groups, LIMITS);
+    assert_eq!(a.len(), 4, "{a:?}");
+    // A move under way (a learner catching up) occupies its leader too.
+    let mut busy = group(5, &[1, 2, 3], 1);
+    busy.learners = vec![4];
+    let mut groups: Vec<GroupInfo> = (1..=2).map(|i| group(i, &[1, 2, 3], 1)).collect();
+    groups.push(busy);
+    let a = plan(&nodes, &groups, LIMITS);
+    assert_eq!(a.len(), 1, "{a:?}");
 }
