@@ -77,6 +77,12 @@ impl<'a> Applier<'a> {
         self.overlay.insert(key, None);
     }
 
+    /// The ranges this round deleted (purged volumes), for reclamation
+    /// once the round's batch is written.
+    pub fn take_deleted_ranges(&mut self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        std::mem::take(&mut self.deleted_ranges)
+    }
+
     fn delete_range(&mut self, wb: &mut WriteBatch, start: Vec<u8>, end: Vec<u8>) {
         wb.delete_range_cf(self.engine.kv_cf(), &start, &end);
         self.overlay

@@ -26,6 +26,11 @@ pub const RAFT_MEMTABLE_BYTES: u64 = 256 << 20;
 /// in blob files; smaller ones (catalog, map, apply states) in the tree.
 const BLOB_SIZE_MIN_BYTES: u64 = 1024;
 
+/// Share of the oldest blob files whose live blobs compaction moves (blob
+/// garbage collection); `store::reclaim` raises it to all of them for one
+/// pass when deleted data left much garbage.
+pub const BLOB_GC_AGE_CUTOFF: f64 = 0.25;
+
 /// Shared handle to the node's RocksDB.
 #[derive(Clone)]
 pub struct Engine {
@@ -74,7 +79,7 @@ impl Engine {
         kv_opts.set_blob_file_size(256 << 20);
         kv_opts.set_blob_compression_type(rocksdb::DBCompressionType::None);
         kv_opts.set_enable_blob_gc(true);
-        kv_opts.set_blob_gc_age_cutoff(0.25);
+        kv_opts.set_blob_gc_age_cutoff(BLOB_GC_AGE_CUTOFF);
         kv_opts.set_blob_gc_force_threshold(0.5);
         // Reads are point lookups (multi-get of blocks): a bloom filter per
         // file lets a lookup skip the files that do not hold the block.

@@ -342,6 +342,8 @@ impl Store {
         if let Err(e) = self.engine.write(wb, true) {
             fatal("destroy replica", e);
         }
+        let (start, end) = crate::keys::group_range(group);
+        self.reclaimer.deleted(start, end);
         self.outgoing_snapshots
             .retain(|(gid, _, _), _| *gid != group);
         if let Ok(mut views) = self.views.write() {

@@ -52,6 +52,7 @@ mod maintenance;
 mod propose;
 mod read;
 mod ready;
+mod reclaim;
 mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
@@ -189,6 +190,7 @@ pub struct Store {
     installer: install::Installer,
     /// The state-machine flush thread (see `flush`).
     flusher: flush::Flusher,
+    reclaimer: reclaim::Reclaimer,
     /// Read-index contexts issued by this node (see `read::ReadCtx`).
     read_ctx: read::ReadCtx,
     /// DB snapshots made for peers, keyed by (group, peer, applied index
@@ -286,6 +288,7 @@ pub fn create(
         groups.len(),
     )?;
     let flusher = flush::spawn(engine.clone(), tx.downgrade())?;
+    let reclaimer = reclaim::spawn(engine.clone())?;
     let views = Arc::new(RwLock::new(BTreeMap::new()));
     let renewals: Arc<HashMap<u64, AtomicBool>> =
         Arc::new(all_groups.map(|g| (g, AtomicBool::new(false))).collect());
@@ -325,6 +328,7 @@ pub fn create(
         vote_quiet: Duration::from_millis(config_tick_ms * config_election_ticks as u64),
         installer,
         flusher,
+        reclaimer,
         liveness,
     };
     let ids: Vec<u64> = store.groups.keys().copied().collect();

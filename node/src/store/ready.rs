@@ -288,6 +288,7 @@ impl Store {
         self.counters
             .blocks_repaired
             .fetch_add(applier.repaired, Ordering::Relaxed);
+        let purged = applier.take_deleted_ranges();
         drop(applier);
         self.collect_snapshot_requests();
         // The committed entries first, unsynced, and their proposers are
@@ -296,6 +297,9 @@ impl Store {
             if let Err(e) = engine.write_apply(wb_apply) {
                 fatal("apply write", e);
             }
+        }
+        for (start, end) in purged {
+            self.reclaimer.deleted(start, end);
         }
         for (id, i, t) in applied.drain(..) {
             if let Some(g) = self.groups.get_mut(&id) {
@@ -355,12 +359,16 @@ impl Store {
         self.counters
             .blocks_repaired
             .fetch_add(applier2.repaired, Ordering::Relaxed);
+        let purged = applier2.take_deleted_ranges();
         drop(applier2);
         self.collect_snapshot_requests();
         if !wb2.is_empty() {
             if let Err(e) = engine.write_apply(wb2) {
                 fatal("apply write", e);
             }
+        }
+        for (start, end) in purged {
+            self.reclaimer.deleted(start, end);
         }
         // The commit index needs no fsync (raft-rs recovers it from the
         // quorum), but the raft family always goes through the WAL.
