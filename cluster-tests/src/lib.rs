@@ -64,6 +64,8 @@ pub struct ClusterSpec {
     /// Balance replicas and leaderships (off by default in tests, so
     /// leadership stays where a test puts it: the `norebalance` flag).
     pub rebalance: bool,
+    /// `limits.memory_budget_bytes` (None: the default).
+    pub memory_budget_bytes: Option<u64>,
 }
 
 impl Default for ClusterSpec {
@@ -91,6 +93,7 @@ impl Default for ClusterSpec {
             snapshot_stall_secs: None,
             full_ratios: None,
             rebalance: false,
+            memory_budget_bytes: None,
         }
     }
 }
@@ -255,7 +258,7 @@ impl LocalCluster {
         let s = &self.spec;
         if self.joined.contains(&i) {
             return format!(
-                "node_id = {i}\nlisten_addr = \"{}\"\ndata_dir = \"{}\"\nseeds = [\"{}\"]\n{}\n[raft]\ntick_interval_ms = {}\nelection_ticks = {}\nheartbeat_ticks = 2\nlog_compact_threshold_entries = {}\nlog_retain_entries = {}\n\n[limits]\nscrub_blocks_per_sec = {}\nscrub_interval_secs = {}\n",
+                "node_id = {i}\nlisten_addr = \"{}\"\ndata_dir = \"{}\"\nseeds = [\"{}\"]\n{}\n[raft]\ntick_interval_ms = {}\nelection_ticks = {}\nheartbeat_ticks = 2\nlog_compact_threshold_entries = {}\nlog_retain_entries = {}\n",
                 self.addr(i),
                 self.data_dir(i).display(),
                 self.addr(1),
@@ -264,9 +267,8 @@ impl LocalCluster {
                 s.election_ticks,
                 s.log_compact_threshold_entries,
                 s.log_retain_entries,
-                s.scrub_blocks_per_sec,
-                s.scrub_interval_secs
-            ) + &self.placement_text();
+            ) + &self.limits_text()
+                + &self.placement_text();
         }
         let mut t = format!(
             "node_id = {i}\nlisten_addr = \"{}\"\ndata_dir = \"{}\"\n{}\n[cluster]\ndata_groups = {}\nreplicas = {}\nchunk_size_bytes = {}\n",
@@ -291,11 +293,19 @@ impl LocalCluster {
             "\n[raft]\ntick_interval_ms = {}\nelection_ticks = {}\nheartbeat_ticks = 2\nlog_compact_threshold_entries = {}\nlog_retain_entries = {}\n",
             s.tick_interval_ms, s.election_ticks, s.log_compact_threshold_entries, s.log_retain_entries
         );
-        t += &format!(
+        t + &self.limits_text() + &self.placement_text()
+    }
+
+    fn limits_text(&self) -> String {
+        let s = &self.spec;
+        let mut t = format!(
             "\n[limits]\nscrub_blocks_per_sec = {}\nscrub_interval_secs = {}\n",
             s.scrub_blocks_per_sec, s.scrub_interval_secs
         );
-        t + &self.placement_text()
+        if let Some(b) = s.memory_budget_bytes {
+            t += &format!("memory_budget_bytes = {b}\n");
+        }
+        t
     }
 
     fn placement_text(&self) -> String {

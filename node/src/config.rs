@@ -205,7 +205,14 @@ pub struct LimitsConfig {
     /// transport); 0: one per core. Nodes that share a host should split
     /// its cores between them: every extra thread costs context switches.
     pub worker_threads: usize,
+    /// Memory the node's memtables, entry caches and block cache share
+    /// (see `engine::MemoryShares`); requests in flight come on top.
+    pub memory_budget_bytes: u64,
 }
+
+/// Bounds of `limits.memory_budget_bytes`.
+pub const MEMORY_BUDGET_BYTES_MIN: u64 = 128 << 20;
+pub const MEMORY_BUDGET_BYTES_MAX: u64 = 1 << 40;
 
 /// Upper bound of `limits.worker_threads`.
 pub const WORKER_THREADS_MAX: usize = 256;
@@ -250,6 +257,7 @@ impl Default for LimitsConfig {
             scrub_interval_secs: 3600,
             volume_cache_ttl_ms: 2000,
             worker_threads: 0,
+            memory_budget_bytes: crate::engine::MEMORY_BUDGET_BYTES_DEFAULT,
         }
     }
 }
@@ -563,6 +571,15 @@ impl NodeConfig {
                 format!("{} is not in 0..={WORKER_THREADS_MAX}", l.worker_threads),
             ));
         }
+        if !(MEMORY_BUDGET_BYTES_MIN..=MEMORY_BUDGET_BYTES_MAX).contains(&l.memory_budget_bytes) {
+            return Err(bad(
+                "limits.memory_budget_bytes",
+                format!(
+                    "{} is not in {MEMORY_BUDGET_BYTES_MIN}..={MEMORY_BUDGET_BYTES_MAX} (128 MiB to 1 TiB)",
+                    l.memory_budget_bytes
+                ),
+            ));
+        }
         if l.scrub_interval_secs == 0 {
             return Err(bad(
                 "limits.scrub_interval_secs",
@@ -669,6 +686,8 @@ addr = "127.0.0.1:7103"
         assert!(NodeConfig::parse(&seven, Path::new("t.toml")).is_ok());
         let typed = err(&GOOD.replace("data_groups = 8", "data_groups = \"eight\""));
         assert!(typed.contains("data_groups"), "{typed}");
+        let m = err(&format!("{GOOD}\n[limits]\nmemory_budget_bytes = 1000\n"));
+        assert!(m.contains("limits.memory_budget_bytes"), "{m}");
         let p = err(&format!("{GOOD}\n[placement]\nnearfull_ratio = 1.5\n"));
         assert!(p.contains("placement.nearfull_ratio"), "{p}");
     }

@@ -1,7 +1,9 @@
-//! The node's one RocksDB: opening it with its column families, synced and
-//! unsynced writes, and snapshots that outlive the borrow of the DB handle.
+//! The node's one RocksDB: opening it with its column families sized from
+//! the node's memory budget, synced and unsynced writes, and snapshots
+//! that outlive the borrow of the DB handle.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
@@ -19,8 +21,73 @@ pub enum EngineError {
     Io(#[from] std::io::Error),
 }
 
-/// Size of the `raft` family's memtable.
-pub const RAFT_MEMTABLE_BYTES: u64 = 256 << 20;
+/// Default of `limits.memory_budget_bytes`.
+pub const MEMORY_BUDGET_BYTES_DEFAULT: u64 = 2 << 30;
+
+/// How a node's memory budget (`limits.memory_budget_bytes`) is shared.
+/// Half goes to the memtables: each family may have two at once (one
+/// filling, one being flushed), so the `raft` family's is 5/16 of that
+/// half and the `kv` family's 3/16, and a RocksDB write buffer manager
+/// holds them to the half together. A quarter goes to the groups' entry
+/// caches together (each still at most `ENTRY_CACHE_BYTES_MAX`), an
+/// eighth to the block cache (data, index and filter blocks). The last
+/// eighth is left for what has no budget: requests and raft messages in
+/// flight, bounded by their own limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryShares {
+    pub memtables_bytes: u64,
+    pub raft_memtable_bytes: u64,
+    pub kv_memtable_bytes: u64,
+    pub entry_caches_bytes: u64,
+    pub block_cache_bytes: u64,
+}
+
+impl MemoryShares {
+    pub fn of(budget_bytes: u64) -> MemoryShares {
+        let memtables_bytes = budget_bytes / 2;
+        MemoryShares {
+            memtables_bytes,
+            raft_memtable_bytes: memtables_bytes / 16 * 5,
+            kv_memtable_bytes: memtables_bytes / 16 * 3,
+            entry_caches_bytes: budget_bytes / 4,
+            block_cache_bytes: budget_bytes / 8,
+        }
+    }
+}
+
+/// The bytes the groups' entry caches hold together, and their limit.
+#[derive(Debug)]
+pub struct CacheBudget {
+    bytes_max: u64,
+    bytes: AtomicU64,
+}
+
+impl CacheBudget {
+    pub fn new(bytes_max: u64) -> CacheBudget {
+        CacheBudget {
+            bytes_max,
+            bytes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn add(&self, bytes: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn sub(&self, bytes: u64) {
+        let prev = self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        debug_assert!(prev >= bytes, "entry cache budget went below zero");
+    }
+
+    /// True while the caches together hold more than their share.
+    pub fn over(&self) -> bool {
+        self.bytes.load(Ordering::Relaxed) > self.bytes_max
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
 
 /// Values of the `kv` family at least this big (block payloads) are kept
 /// in blob files; smaller ones (catalog, map, apply states) in the tree.
@@ -35,11 +102,21 @@ pub const BLOB_GC_AGE_CUTOFF: f64 = 0.25;
 #[derive(Clone)]
 pub struct Engine {
     db: Arc<DB>,
+    shares: MemoryShares,
+    caches: Arc<CacheBudget>,
 }
 
 impl Engine {
-    /// Opens (creating if needed) the DB under `dir`.
+    /// Opens (creating if needed) the DB under `dir` with the default
+    /// memory budget.
     pub fn open(dir: &Path) -> Result<Engine, EngineError> {
+        Engine::open_with_budget(dir, MEMORY_BUDGET_BYTES_DEFAULT)
+    }
+
+    /// Opens (creating if needed) the DB under `dir`, sized to
+    /// `budget_bytes` (see [`MemoryShares`]).
+    pub fn open_with_budget(dir: &Path, budget_bytes: u64) -> Result<Engine, EngineError> {
+        let shares = MemoryShares::of(budget_bytes);
         std::fs::create_dir_all(dir)?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
@@ -47,6 +124,22 @@ impl Engine {
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
         opts.set_keep_log_file_num(4);
+        let wbm = rocksdb::WriteBufferManager::new_write_buffer_manager(
+            shares.memtables_bytes as usize,
+            false,
+        );
+        opts.set_write_buffer_manager(&wbm);
+        let block_cache = rocksdb::Cache::new_lru_cache(shares.block_cache_bytes as usize);
+        let table = |bloom: bool| {
+            let mut t = rocksdb::BlockBasedOptions::default();
+            t.set_block_cache(&block_cache);
+            t.set_cache_index_and_filter_blocks(true);
+            t.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            if bloom {
+                t.set_bloom_filter(10.0, false);
+            }
+            t
+        };
         // Raft entries are short-lived (compacted once applied and flushed,
         // see `store::flush`): a memtable big enough that most die there
         // instead of being flushed and compacted. No compression anywhere:
@@ -54,8 +147,10 @@ impl Engine {
         // data, and LZ4 on every flush and compaction was CPU for nothing
         // (Ceph's BlueStore and Vitastor do not compress by default).
         let mut raft_opts = Options::default();
-        raft_opts.set_write_buffer_size(RAFT_MEMTABLE_BYTES as usize);
+        raft_opts.set_write_buffer_size(shares.raft_memtable_bytes as usize);
+        raft_opts.set_max_write_buffer_number(2);
         raft_opts.set_compression_type(rocksdb::DBCompressionType::None);
+        raft_opts.set_block_based_table_factory(&table(false));
         // Block writes land all over the key space (every group's range),
         // so each L0 file overlaps the whole level below and a compaction
         // of random overwrites rewrote every block stored (a 4 KiB write
@@ -69,7 +164,8 @@ impl Engine {
         // compaction keep the remaining rewrite down (the bloom filters
         // below keep the extra L0 files off the read path).
         let mut kv_opts = Options::default();
-        kv_opts.set_write_buffer_size(128 << 20);
+        kv_opts.set_write_buffer_size(shares.kv_memtable_bytes as usize);
+        kv_opts.set_max_write_buffer_number(2);
         kv_opts.set_level_zero_file_num_compaction_trigger(8);
         kv_opts.set_max_bytes_for_level_base(1 << 30);
         kv_opts.set_target_file_size_base(64 << 20);
@@ -83,15 +179,27 @@ impl Engine {
         kv_opts.set_blob_gc_force_threshold(0.5);
         // Reads are point lookups (multi-get of blocks): a bloom filter per
         // file lets a lookup skip the files that do not hold the block.
-        let mut kv_table = rocksdb::BlockBasedOptions::default();
-        kv_table.set_bloom_filter(10.0, false);
-        kv_opts.set_block_based_table_factory(&kv_table);
+        kv_opts.set_block_based_table_factory(&table(true));
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_RAFT, raft_opts),
             ColumnFamilyDescriptor::new(CF_KV, kv_opts),
         ];
         let db = DB::open_cf_descriptors(&opts, dir.join("db"), cfs)?;
-        Ok(Engine { db: Arc::new(db) })
+        Ok(Engine {
+            db: Arc::new(db),
+            shares,
+            caches: Arc::new(CacheBudget::new(shares.entry_caches_bytes)),
+        })
+    }
+
+    /// How this node's memory budget is shared.
+    pub fn shares(&self) -> MemoryShares {
+        self.shares
+    }
+
+    /// What the groups' entry caches hold together.
+    pub fn cache_budget(&self) -> Arc<CacheBudget> {
+        self.caches.clone()
     }
 
     pub fn db(&self) -> &DB {

@@ -26,12 +26,13 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let mut config = config;
-    let engine = Engine::open(&config.data_dir).with_context(|| {
-        format!(
-            "cannot open the data directory {}",
-            config.data_dir.display()
-        )
-    })?;
+    let engine = Engine::open_with_budget(&config.data_dir, config.limits.memory_budget_bytes)
+        .with_context(|| {
+            format!(
+                "cannot open the data directory {}",
+                config.data_dir.display()
+            )
+        })?;
     let engine_at_stop = engine.clone();
     let ident = crate::identity::load(&engine, config.node_id)
         .with_context(|| format!("data directory {}", config.data_dir.display()))?;

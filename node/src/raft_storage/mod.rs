@@ -216,6 +216,7 @@ impl GroupStorage {
             }
             hard_state.commit = applied_index;
         }
+        let cache = entry_cache::EntryCache::new(engine.cache_budget());
         Ok(GroupStorage {
             group,
             engine,
@@ -233,7 +234,7 @@ impl GroupStorage {
             durable_applied: applied_index,
             incarnation: NEXT_INCARNATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             staged_conf: None,
-            cache: entry_cache::EntryCache::default(),
+            cache,
             snapshot_requests: std::cell::RefCell::new(Vec::new()),
         })
     }

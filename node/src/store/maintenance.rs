@@ -184,7 +184,8 @@ impl Store {
                 fatal("log compaction", e);
             }
         }
-        if want_flush || (blocked && raft_memtable_bytes >= crate::engine::RAFT_MEMTABLE_BYTES / 2)
+        if want_flush
+            || (blocked && raft_memtable_bytes >= self.engine.shares().raft_memtable_bytes / 2)
         {
             self.request_flush(Instant::now());
         }
