@@ -146,6 +146,8 @@ pub struct GuestRun {
     pub output: String,
     /// `RAFTBLK-EXIT` status of `/test.sh`, if the guest got that far.
     pub exit: Option<i32>,
+    /// The run was cut short by `on_line` asking for a power cut.
+    pub cut: bool,
 }
 
 impl GuestRun {
@@ -170,6 +172,94 @@ pub fn run_guest(
     timeout: Duration,
     mut on_line: impl FnMut(&str),
 ) -> anyhow::Result<GuestRun> {
+    let devices = vec![
+        "-chardev".to_owned(),
+        format!("socket,id=c0,path={}", socket.display()),
+        "-device".to_owned(),
+        format!("vhost-user-blk-pci,chardev=c0,num-queues={queues}"),
+    ];
+    run_qemu(script, &[], &devices, 512, timeout, |l| {
+        on_line(l);
+        false
+    })
+}
+
+/// Boots the guest with `disk` (a raw file) as its virtio-blk disk
+/// `/dev/vda` (QEMU's default writeback cache: what the guest wrote to the
+/// disk survives QEMU, what sat in the guest's page cache does not), the
+/// host files `files` copied in at the guest paths given (binaries
+/// stripped, with the libraries they load), and `mem_mib` of RAM; runs
+/// `script` as `/test.sh`. When `on_line` returns true for a console line
+/// the guest loses power at once: QEMU is killed with SIGKILL.
+pub fn run_guest_with_disk(
+    disk: &Path,
+    files: &[(&str, &Path)],
+    script: &str,
+    mem_mib: u64,
+    timeout: Duration,
+    on_line: impl FnMut(&str) -> bool,
+) -> anyhow::Result<GuestRun> {
+    let devices = vec![
+        // The node binaries use SSE4.2 and PCLMUL (RocksDB's CRC32C):
+        // TCG's default CPU model has neither.
+        "-cpu".to_owned(),
+        "max".to_owned(),
+        "-drive".to_owned(),
+        format!(
+            "file={},if=virtio,format=raw,cache=writeback",
+            disk.display()
+        ),
+    ];
+    run_qemu(script, files, &devices, mem_mib, timeout, on_line)
+}
+
+/// Copies host binary `src` into `root` at guest path `dest`, stripped,
+/// with the shared libraries `ldd` lists at their own paths.
+fn copy_binary(root: &Path, dest: &str, src: &Path) -> anyhow::Result<()> {
+    let to = root.join(dest.trim_start_matches('/'));
+    if let Some(d) = to.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let st = Command::new("strip")
+        .arg("-o")
+        .arg(&to)
+        .arg(src)
+        .status()
+        .context("run strip (binutils)")?;
+    anyhow::ensure!(st.success(), "strip {} failed", src.display());
+    let out = Command::new("ldd").arg(src).output().context("run ldd")?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let lib = match line.split("=>").nth(1) {
+            Some(rest) => rest.split_whitespace().next(),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|l| l.starts_with('/')),
+        };
+        let Some(lib) = lib.filter(|l| l.starts_with('/')) else {
+            continue;
+        };
+        let lto = root.join(lib.trim_start_matches('/'));
+        if let Some(d) = lto.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::copy(lib, &lto).with_context(|| format!("copy {lib}"))?;
+    }
+    Ok(())
+}
+
+/// Boots the test guest with `devices` (QEMU arguments), `files` and
+/// `script` as `/test.sh` in a second initramfs archive, and collects
+/// its console until it powers off, `on_line` asks for a power cut
+/// (SIGKILL of QEMU) or `timeout` passes (an error).
+fn run_qemu(
+    script: &str,
+    files: &[(&str, &Path)],
+    devices: &[String],
+    mem_mib: u64,
+    timeout: Duration,
+    mut on_line: impl FnMut(&str) -> bool,
+) -> anyhow::Result<GuestRun> {
     let dir = guest_dir()?;
     let work = tempfile::tempdir()?;
     let tdir = work.path().join("t");
@@ -178,10 +268,13 @@ pub fn run_guest(
     std::fs::write(&test_sh, script)?;
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(&test_sh, std::fs::Permissions::from_mode(0o755))?;
+    for (dest, src) in files {
+        copy_binary(&tdir, dest, src)?;
+    }
     // A second, gzipped archive: Linux unpacks concatenated archives.
     let out = Command::new("sh")
         .arg("-c")
-        .arg("echo test.sh | cpio -o -H newc --quiet | gzip -1")
+        .arg("find . -mindepth 1 | cpio -o -H newc --quiet | gzip -1")
         .current_dir(&tdir)
         .output()
         .context("run cpio")?;
@@ -199,8 +292,11 @@ pub fn run_guest(
             "-accel",
             "tcg,thread=multi",
         ])
-        .args(["-smp", "2,maxcpus=2", "-m", "512M"])
-        .args(["-object", "memory-backend-memfd,id=mem0,size=512M,share=on"])
+        .args(["-smp", "2,maxcpus=2", "-m", &format!("{mem_mib}M")])
+        .args([
+            "-object",
+            &format!("memory-backend-memfd,id=mem0,size={mem_mib}M,share=on"),
+        ])
         .arg("-kernel")
         .arg(dir.join("vmlinuz"))
         .arg("-initrd")
@@ -215,12 +311,7 @@ pub fn run_guest(
             "stdio",
             "-no-reboot",
         ])
-        .arg("-chardev")
-        .arg(format!("socket,id=c0,path={}", socket.display()))
-        .args([
-            "-device",
-            &format!("vhost-user-blk-pci,chardev=c0,num-queues={queues}"),
-        ])
+        .args(devices)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -246,12 +337,19 @@ pub fn run_guest(
     });
     let deadline = Instant::now() + timeout;
     let mut output = String::new();
+    let mut cut = false;
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(line) => {
-                on_line(&line);
+                let power_off = on_line(&line);
                 output.push_str(&line);
                 output.push('\n');
+                if power_off {
+                    // Power loss: SIGKILL, nothing in the guest runs on.
+                    let _ = child.kill();
+                    cut = true;
+                    break;
+                }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -268,7 +366,7 @@ pub fn run_guest(
         .rev()
         .find_map(|l| l.trim().strip_prefix("RAFTBLK-EXIT "))
         .and_then(|r| r.split_whitespace().next()?.parse().ok());
-    Ok(GuestRun { output, exit })
+    Ok(GuestRun { output, exit, cut })
 }
 
 /// sha256 of a file, via `sha256sum`.

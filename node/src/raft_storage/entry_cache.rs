@@ -143,7 +143,11 @@ mod tests {
         for i in 1..=8 {
             a.append(&[entry(i, 32 << 10)]);
         }
-        assert!(budget.bytes() <= (256 << 10) + (33 << 10), "{}", budget.bytes());
+        assert!(
+            budget.bytes() <= (256 << 10) + (33 << 10),
+            "{}",
+            budget.bytes()
+        );
         // b appends while a holds the whole budget: b keeps its newest
         // entry only, and the total stays bounded by one entry over.
         for i in 1..=8 {

@@ -56,6 +56,17 @@ pub(super) fn open_group(
 ) -> Result<Group, StoreError> {
     let storage = GroupStorage::open(engine.clone(), group, &[])?;
     let applied = storage.applied_index();
+    // Entries past the applied index are applied again from the log (the
+    // state machine is written without a WAL: after a crash or power cut
+    // it may lag the log by what its last flush had not made durable).
+    tracing::info!(
+        group,
+        node = config.node_id,
+        peer,
+        applied,
+        last_index = storage.last_index_now(),
+        "replica opened"
+    );
     let members = Arc::new(Membership::new(storage.conf_state(), storage.conf_ver()));
     let inflight_requests = propose::unapplied_requests(&storage);
     let raft_cfg = raft::Config {
