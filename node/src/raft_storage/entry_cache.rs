@@ -128,11 +128,12 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, bytes: usize) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = 1;
-        e.data = vec![0u8; bytes].into();
-        e
+        Entry {
+            index,
+            term: 1,
+            data: vec![0u8; bytes].into(),
+            ..Default::default()
+        }
     }
 
     #[test]
