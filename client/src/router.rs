@@ -25,7 +25,8 @@ use crate::topology::Topology;
 pub struct ClientOptions {
     /// One RPC attempt.
     pub attempt_timeout: Duration,
-    /// A whole operation, retries included.
+    /// A whole operation, retries included (at most
+    /// `raftblk_proto::RETRY_AGE_MAX_MS`, 90 s: a longer one is cut there).
     pub deadline: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -279,7 +280,13 @@ impl Client {
         Fut: Future<Output = Attempt<T>>,
     {
         let opts = &self.inner.opts;
-        let deadline = Instant::now() + opts.deadline;
+        // Retries of a write stop within the window in which the group
+        // still recognises them (`RETRY_AGE_MAX_MS`): past it, a retry
+        // would only get REQUEST_EXPIRED.
+        let deadline = Instant::now()
+            + opts
+                .deadline
+                .min(Duration::from_millis(raftblk_proto::RETRY_AGE_MAX_MS));
         // Replicas move between nodes: try the group's replicas per the
         // map first, then every other member, and follow leader hints to
         // any member; refresh the map when a node says it has no replica.

@@ -26,13 +26,17 @@ pub const MEMORY_BUDGET_BYTES_DEFAULT: u64 = 2 << 30;
 
 /// How a node's memory budget (`limits.memory_budget_bytes`) is shared.
 /// Half goes to the memtables: each family may have two at once (one
-/// filling, one being flushed), so the `raft` family's is 5/16 of that
-/// half and the `kv` family's 3/16, and a RocksDB write buffer manager
-/// holds them to the half together. A quarter goes to the groups' entry
-/// caches together (each still at most `ENTRY_CACHE_BYTES_MAX`), an
-/// eighth to the block cache (data, index and filter blocks). The last
-/// eighth is left for what has no budget: requests and raft messages in
-/// flight, bounded by their own limits.
+/// filling, one being flushed), so the `raft` family's is a quarter of
+/// that half and the `kv` family's an eighth (256 and 128 MiB at the
+/// default budget; each at most [`MEMTABLE_BYTES_MAX`]:
+/// a bigger one only makes the WAL and its replay longer), and a RocksDB
+/// write buffer manager counts them together. A quarter goes to the
+/// groups' entry caches together (each still at most
+/// `ENTRY_CACHE_BYTES_MAX`), an eighth to the block cache (data blocks).
+/// The last eighth is left for what has no budget: requests and raft
+/// messages in flight, bounded by their own limits, and the SST files'
+/// index and filter blocks (kept in memory while a file is open, about
+/// 0.05% of the data stored).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryShares {
     pub memtables_bytes: u64,
@@ -42,13 +46,16 @@ pub struct MemoryShares {
     pub block_cache_bytes: u64,
 }
 
+/// Largest memtable of one family, whatever the budget.
+pub const MEMTABLE_BYTES_MAX: u64 = 1 << 30;
+
 impl MemoryShares {
     pub fn of(budget_bytes: u64) -> MemoryShares {
         let memtables_bytes = budget_bytes / 2;
         MemoryShares {
             memtables_bytes,
-            raft_memtable_bytes: memtables_bytes / 16 * 5,
-            kv_memtable_bytes: memtables_bytes / 16 * 3,
+            raft_memtable_bytes: (memtables_bytes / 4).min(MEMTABLE_BYTES_MAX),
+            kv_memtable_bytes: (memtables_bytes / 8).min(MEMTABLE_BYTES_MAX),
             entry_caches_bytes: budget_bytes / 4,
             block_cache_bytes: budget_bytes / 8,
         }
@@ -75,7 +82,12 @@ impl CacheBudget {
     }
 
     pub fn sub(&self, bytes: u64) {
-        let prev = self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let prev = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(bytes))
+            })
+            .unwrap_or(0);
         debug_assert!(prev >= bytes, "entry cache budget went below zero");
     }
 
@@ -133,8 +145,6 @@ impl Engine {
         let table = |bloom: bool| {
             let mut t = rocksdb::BlockBasedOptions::default();
             t.set_block_cache(&block_cache);
-            t.set_cache_index_and_filter_blocks(true);
-            t.set_pin_l0_filter_and_index_blocks_in_cache(true);
             if bloom {
                 t.set_bloom_filter(10.0, false);
             }

@@ -63,11 +63,14 @@ async fn write(blocks: u64, tasks: u64, ops_max: u64) -> anyhow::Result<()> {
         if let Ok(v) = client.open_volume(VOLUME).await {
             break v;
         }
+        anyhow::ensure!(
+            started.elapsed() < RUN_MAX,
+            "volume {VOLUME} not ready in time"
+        );
         if let Err(e) = client.create_volume(VOLUME, size).await {
-            anyhow::ensure!(started.elapsed() < RUN_MAX, "create volume: {e}");
             eprintln!("create volume: {e}; retrying");
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     };
     println!("WRITING");
     let mut handles = Vec::new();

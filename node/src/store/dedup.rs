@@ -91,7 +91,12 @@ pub(crate) fn record(
     id: &RequestId,
     result: &ApplyResult,
 ) {
-    // Writes and discards apply as `Done` or a domain error.
+    // Writes and discards apply as `Done` or a domain error: an empty
+    // record reads back as `Done`, so no other output may be recorded.
+    debug_assert!(
+        matches!(result, Ok(ApplyOutput::Done) | Err(_)),
+        "only Done or an error is recorded for a request id, not {result:?}"
+    );
     let value = match result {
         Ok(_) => Vec::new(),
         Err(e) => e.encode_to_vec(),

@@ -288,7 +288,7 @@ pub fn create(
         groups.len(),
     )?;
     let flusher = flush::spawn(engine.clone(), tx.downgrade())?;
-    let reclaimer = reclaim::spawn(engine.clone())?;
+    let reclaimer = reclaim::spawn(engine.clone(), config.cluster.data_groups)?;
     let views = Arc::new(RwLock::new(BTreeMap::new()));
     let renewals: Arc<HashMap<u64, AtomicBool>> =
         Arc::new(all_groups.map(|g| (g, AtomicBool::new(false))).collect());

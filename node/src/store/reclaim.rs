@@ -8,27 +8,35 @@
 //! "kv-reclaim" thread, told of each deleted range after its write:
 //! 1. compacts that range, which drops its keys and counts their blobs
 //!    as garbage (a blob file holding only them is deleted at once);
-//! 2. if the family's blob files then hold more than
-//!    [`GARBAGE_RATIO_MAX`] garbage (and at least [`GARBAGE_BYTES_MIN`]),
-//!    compacts the whole family with blob garbage collection of every
-//!    file, not only the oldest quarter the options name: the live blobs
-//!    of partly dead files move to new files and the old ones go. That
-//!    rewrites the live blocks once (the price of freeing the rest now,
-//!    paid only when garbage is at least a quarter of the live bytes).
+//! 2. if that step added at least [`GARBAGE_BYTES_MIN`] of garbage and
+//!    the family's blob files now hold more than [`GARBAGE_RATIO_MAX`]
+//!    garbage, runs blob garbage collection over every file, not only the
+//!    oldest quarter the options name, one group's key range at a time:
+//!    the live blobs of partly dead files move to new files and the old
+//!    ones go. That rewrites the live blocks once (the price of freeing
+//!    the rest now, paid only when a deletion made garbage at least a
+//!    quarter of the live bytes; garbage from overwrites alone is left to
+//!    RocksDB's own collection).
 //!
-//! It also checks once at startup (a stop between a destroy and its
-//! reclamation). Writes go on meanwhile: the manual compaction is not
-//! exclusive, so RocksDB's own compactions keep L0 from stalling writers.
+//! Writes go on meanwhile: the manual compactions are not exclusive, and
+//! the wider cutoff is set back between two group ranges, so RocksDB's
+//! own compactions run between slices and keep L0 from stalling writers.
+//! When more deletions are queued than [`QUEUE_MAX`], the thread compacts
+//! every group's range once instead. A stop between a deletion and its
+//! reclamation leaves the space to RocksDB's own compactions.
 
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Instant;
 
 use rocksdb::{BottommostLevelCompaction, CompactOptions};
 
 use crate::engine::{Engine, EngineError, BLOB_GC_AGE_CUTOFF};
+use crate::keys;
 
-/// Ranges waiting for the thread; past this the thread is behind and one
-/// compaction of the whole family (step 2 alone) covers what was dropped.
+/// Ranges waiting for the thread; past this the thread is behind and
+/// compacts every group's range once instead.
 const QUEUE_MAX: usize = 64;
 
 /// Blob garbage, as a share of all blob bytes, that triggers step 2.
@@ -36,9 +44,6 @@ pub const GARBAGE_RATIO_MAX: f64 = 0.2;
 
 /// Less garbage than this is left to RocksDB's own blob GC.
 pub const GARBAGE_BYTES_MIN: u64 = 32 << 20;
-
-/// Delay of the startup check (the store opens its groups meanwhile).
-const STARTUP_CHECK_AFTER: Duration = Duration::from_secs(10);
 
 enum Job {
     /// A deleted `kv` range `[start, end)`.
@@ -48,8 +53,9 @@ enum Job {
 /// The store's end of the reclaim thread.
 pub(super) struct Reclaimer {
     jobs: SyncSender<Job>,
-    /// A range was dropped because the queue was full.
-    overflowed: bool,
+    /// A range was dropped because the queue was full: the thread's next
+    /// pass covers every group.
+    overflowed: Arc<AtomicBool>,
 }
 
 impl Reclaimer {
@@ -58,58 +64,49 @@ impl Reclaimer {
         match self.jobs.try_send(Job::Range(start, end)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                if !self.overflowed {
+                if !self.overflowed.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         queued = QUEUE_MAX,
-                        "space reclamation is behind; the next whole-family pass covers the rest"
+                        "space reclamation is behind; its next pass covers every group"
                     );
                 }
-                self.overflowed = true;
             }
             Err(TrySendError::Disconnected(_)) => {
-                super::fatal("reclaim space", "the kv-reclaim thread is gone")
+                // Space only: the node goes on without it.
+                if !self.overflowed.swap(true, Ordering::Relaxed) {
+                    tracing::error!("the kv-reclaim thread is gone; deleted data keeps its space");
+                }
             }
         }
     }
 }
 
 /// Starts the reclaim thread; it ends when the store drops its end.
-pub(super) fn spawn(engine: Engine) -> Result<Reclaimer, EngineError> {
+/// Starts the reclaim thread for a node whose groups are `0..=groups_max`;
+/// it ends when the store drops its end.
+pub(super) fn spawn(engine: Engine, groups_max: u64) -> Result<Reclaimer, EngineError> {
     let (jobs, rx) = sync_channel::<Job>(QUEUE_MAX);
+    let overflowed = Arc::new(AtomicBool::new(false));
+    let flag = overflowed.clone();
     std::thread::Builder::new()
         .name("kv-reclaim".into())
-        .spawn(move || run(&engine, &rx))?;
-    Ok(Reclaimer {
-        jobs,
-        overflowed: false,
-    })
+        .spawn(move || run(&engine, &rx, &flag, groups_max))?;
+    Ok(Reclaimer { jobs, overflowed })
 }
 
-fn run(engine: &Engine, rx: &Receiver<Job>) {
-    let started = Instant::now();
-    let mut checked_at_start = false;
-    loop {
-        let wait = if checked_at_start {
-            Duration::from_secs(3600)
-        } else {
-            STARTUP_CHECK_AFTER.saturating_sub(started.elapsed())
-        };
-        let mut ranges = Vec::new();
-        match rx.recv_timeout(wait) {
-            Ok(Job::Range(s, e)) => ranges.push((s, e)),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
-        }
+fn run(engine: &Engine, rx: &Receiver<Job>, overflowed: &AtomicBool, groups_max: u64) {
+    while let Ok(Job::Range(s, e)) = rx.recv() {
+        let mut ranges = vec![(s, e)];
         // Whatever else is queued goes in the same pass (bounded by the
         // queue's size).
         while let Ok(Job::Range(s, e)) = rx.try_recv() {
             ranges.push((s, e));
         }
-        if !ranges.is_empty() || !checked_at_start {
-            checked_at_start = true;
-            if let Err(e) = reclaim(engine, &ranges) {
-                tracing::warn!(error = %e, "space reclamation failed; retried at the next deletion");
-            }
+        if overflowed.swap(false, Ordering::Relaxed) {
+            ranges = (0..=groups_max).map(keys::group_range).collect();
+        }
+        if let Err(e) = reclaim(engine, &ranges, groups_max) {
+            tracing::warn!(error = %e, "space reclamation failed; retried at the next deletion");
         }
     }
 }
@@ -127,9 +124,10 @@ fn blob_bytes(engine: &Engine) -> Result<(u64, u64), EngineError> {
     Ok((total, garbage))
 }
 
-/// Whether `garbage` of `total` blob bytes calls for a whole-family pass.
-pub fn worth_collecting(total: u64, garbage: u64) -> bool {
-    garbage >= GARBAGE_BYTES_MIN && (garbage as f64) >= GARBAGE_RATIO_MAX * (total as f64)
+/// Whether `garbage` of `total` blob bytes, `added` of it by the
+/// deletions just compacted, calls for a collection over every file.
+pub fn worth_collecting(total: u64, garbage: u64, added: u64) -> bool {
+    added >= GARBAGE_BYTES_MIN && (garbage as f64) >= GARBAGE_RATIO_MAX * (total as f64)
 }
 
 fn compact_options() -> CompactOptions {
@@ -139,10 +137,25 @@ fn compact_options() -> CompactOptions {
     o
 }
 
-fn reclaim(engine: &Engine, ranges: &[(Vec<u8>, Vec<u8>)]) -> Result<(), EngineError> {
+/// Sets the blob GC age cutoff of the `kv` family.
+fn set_cutoff(engine: &Engine, cutoff: f64) -> Result<(), EngineError> {
+    let v = cutoff.to_string();
+    engine.db().set_options_cf(
+        engine.kv_cf(),
+        &[("blob_garbage_collection_age_cutoff", &v)],
+    )?;
+    Ok(())
+}
+
+fn reclaim(
+    engine: &Engine,
+    ranges: &[(Vec<u8>, Vec<u8>)],
+    groups_max: u64,
+) -> Result<(), EngineError> {
     let db = engine.db();
     let cf = engine.kv_cf();
     let t0 = Instant::now();
+    let (_, garbage_before) = blob_bytes(engine)?;
     for (start, end) in ranges {
         db.compact_range_cf_opt(cf, Some(start), Some(end), &compact_options());
     }
@@ -154,15 +167,28 @@ fn reclaim(engine: &Engine, ranges: &[(Vec<u8>, Vec<u8>)]) -> Result<(), EngineE
         garbage_bytes = garbage,
         "deleted ranges compacted"
     );
-    if !worth_collecting(total, garbage) {
+    if !worth_collecting(total, garbage, garbage.saturating_sub(garbage_before)) {
         return Ok(());
     }
+    // One group's range at a time, the usual cutoff back in between, so
+    // RocksDB's own compactions are not held up (and do not relocate
+    // every blob they touch meanwhile).
     let t1 = Instant::now();
-    let cutoff_all = "1.0".to_string();
-    db.set_options_cf(cf, &[("blob_garbage_collection_age_cutoff", &cutoff_all)])?;
-    db.compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &compact_options());
-    let restored = BLOB_GC_AGE_CUTOFF.to_string();
-    db.set_options_cf(cf, &[("blob_garbage_collection_age_cutoff", &restored)])?;
+    let mut result = Ok(());
+    for g in 0..=groups_max {
+        let (start, end) = keys::group_range(g);
+        if let Err(e) = set_cutoff(engine, 1.0) {
+            result = Err(e);
+            break;
+        }
+        db.compact_range_cf_opt(cf, Some(&start), Some(&end), &compact_options());
+        if let Err(e) = set_cutoff(engine, BLOB_GC_AGE_CUTOFF) {
+            // Left at 1.0, every compaction would move every blob.
+            tracing::error!(error = %e, "cannot set the blob GC cutoff back; retrying");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            set_cutoff(engine, BLOB_GC_AGE_CUTOFF)?;
+        }
+    }
     let (total_after, garbage_after) = blob_bytes(engine)?;
     tracing::info!(
         freed_bytes = total.saturating_sub(total_after),
@@ -171,7 +197,7 @@ fn reclaim(engine: &Engine, ranges: &[(Vec<u8>, Vec<u8>)]) -> Result<(), EngineE
         ms = t1.elapsed().as_millis() as u64,
         "blob space of deleted data reclaimed"
     );
-    Ok(())
+    result
 }
 
 #[cfg(test)]
@@ -180,10 +206,20 @@ mod tests {
 
     #[test]
     fn small_or_sparse_garbage_is_left_to_rocksdb() {
-        assert!(!worth_collecting(1 << 30, GARBAGE_BYTES_MIN - 1));
-        assert!(!worth_collecting(1 << 40, 1 << 30));
-        assert!(worth_collecting(1 << 30, 256 << 20));
-        assert!(worth_collecting(GARBAGE_BYTES_MIN, GARBAGE_BYTES_MIN));
+        assert!(!worth_collecting(
+            1 << 30,
+            GARBAGE_BYTES_MIN - 1,
+            GARBAGE_BYTES_MIN - 1
+        ));
+        assert!(!worth_collecting(1 << 40, 1 << 30, 1 << 30));
+        assert!(worth_collecting(1 << 30, 256 << 20, 256 << 20));
+        assert!(worth_collecting(
+            GARBAGE_BYTES_MIN,
+            GARBAGE_BYTES_MIN,
+            GARBAGE_BYTES_MIN
+        ));
+        // Garbage overwrites left is not a deletion's to collect.
+        assert!(!worth_collecting(1 << 30, 512 << 20, 1 << 20));
     }
 
     #[test]
@@ -191,14 +227,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let engine = Engine::open(dir.path()).expect("open");
         let kv = engine.kv_cf();
-        // Two "groups" interleaved in every flush, 48 MiB and 16 MiB.
+        let key = |group: u64, i: u32| {
+            let mut k = keys::group_range(group).0;
+            k.extend_from_slice(&i.to_be_bytes());
+            k
+        };
+        // Two groups interleaved in every flush, 48 MiB and 16 MiB.
         let value = vec![7u8; 64 << 10];
         for i in 0..1024u32 {
             let mut wb = rocksdb::WriteBatch::default();
-            let prefix = if i % 4 == 3 { b'b' } else { b'a' };
-            let mut key = vec![prefix];
-            key.extend_from_slice(&i.to_be_bytes());
-            wb.put_cf(kv, &key, &value);
+            let group = if i % 4 == 3 { 2 } else { 1 };
+            wb.put_cf(kv, key(group, i), &value);
             engine.write(wb, false).expect("write");
             if i % 256 == 255 {
                 engine.flush_kv().expect("flush");
@@ -206,17 +245,16 @@ mod tests {
         }
         let (total, _) = blob_bytes(&engine).expect("props");
         assert!(total >= 60 << 20, "blob bytes {total}");
+        let (start, end) = keys::group_range(1);
         let mut wb = rocksdb::WriteBatch::default();
-        wb.delete_range_cf(kv, b"a".as_slice(), b"b".as_slice());
+        wb.delete_range_cf(kv, &start, &end);
         engine.write(wb, true).expect("delete");
-        reclaim(&engine, &[(b"a".to_vec(), b"b".to_vec())]).expect("reclaim");
+        reclaim(&engine, &[(start, end)], 2).expect("reclaim");
         let (after, garbage) = blob_bytes(&engine).expect("props");
         assert!(
             after <= 17 << 20 && garbage < GARBAGE_BYTES_MIN,
             "blob bytes {after} (garbage {garbage}) after deleting 48 of 64 MiB"
         );
-        let mut key = vec![b'b'];
-        key.extend_from_slice(&3u32.to_be_bytes());
-        assert_eq!(engine.get_kv(&key).expect("get"), Some(value));
+        assert_eq!(engine.get_kv(&key(2, 3)).expect("get"), Some(value));
     }
 }
