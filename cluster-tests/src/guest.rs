@@ -42,6 +42,7 @@ pub struct VhostDaemon {
     child: Option<Child>,
     pub socket: PathBuf,
     pub log: PathBuf,
+    args: Vec<String>,
 }
 
 impl VhostDaemon {
@@ -54,44 +55,78 @@ impl VhostDaemon {
     ) -> anyhow::Result<VhostDaemon> {
         let socket = dir.join(format!("{volume}.sock"));
         let log = dir.join(format!("vhost-{volume}.log"));
-        let _ = std::fs::remove_file(&socket);
-        let logf = std::fs::File::create(&log)?;
+        std::fs::File::create(&log)?;
+        let args = vec![
+            "--socket".to_owned(),
+            socket.display().to_string(),
+            "--volume".to_owned(),
+            volume.to_owned(),
+            "--cluster".to_owned(),
+            cluster.to_owned(),
+            "--queues".to_owned(),
+            queues.to_string(),
+            "--io-timeout-secs".to_owned(),
+            "60".to_owned(),
+        ];
+        let mut d = VhostDaemon {
+            child: None,
+            socket,
+            log,
+            args,
+        };
+        d.spawn()?;
+        Ok(d)
+    }
+
+    /// Starts the daemon again with the same arguments (as systemd's
+    /// `Restart=always` would), its log appended to the same file.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let _ = std::fs::remove_file(&self.socket);
+        let logf = std::fs::OpenOptions::new().append(true).open(&self.log)?;
         let child = Command::new(bin("raftblk-vhost"))
-            .args(["--socket"])
-            .arg(&socket)
-            .args([
-                "--volume",
-                volume,
-                "--cluster",
-                cluster,
-                "--queues",
-                &queues.to_string(),
-            ])
-            .args(["--io-timeout-secs", "60"])
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf)
             .spawn()
             .context("spawn raftblk-vhost")?;
-        let mut d = VhostDaemon {
-            child: Some(child),
-            socket,
-            log,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !d.socket.exists() {
-            if let Some(c) = d.child.as_mut() {
+        while !self.socket.exists() {
+            if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
-                    bail!("raftblk-vhost exited ({st}): {}", d.log_text());
+                    bail!("raftblk-vhost exited ({st}): {}", self.log_text());
                 }
             }
             if Instant::now() >= deadline {
-                bail!("raftblk-vhost did not create its socket: {}", d.log_text());
+                bail!(
+                    "raftblk-vhost did not create its socket: {}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(d)
+        Ok(())
+    }
+
+    /// Sum of the integer field `name=` over the log lines containing
+    /// `message`.
+    pub fn log_field_sum(&self, message: &str, name: &str) -> u64 {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(message))
+            .filter_map(|l| {
+                let at = l.find(&format!("{name}="))? + name.len() + 1;
+                let digits: String = l[at..].chars().take_while(|c| c.is_ascii_digit()).collect();
+                digits.parse::<u64>().ok()
+            })
+            .sum()
     }
 
     pub fn log_text(&self) -> String {
@@ -170,11 +205,25 @@ pub fn run_guest(
     queues: u16,
     script: &str,
     timeout: Duration,
+    on_line: impl FnMut(&str),
+) -> anyhow::Result<GuestRun> {
+    run_guest_vhost(socket, queues, None, script, timeout, on_line)
+}
+
+/// `run_guest`, with QEMU reconnecting to the socket every
+/// `reconnect_ms` when the daemon goes away (`reconnect-ms`), if set.
+pub fn run_guest_vhost(
+    socket: &Path,
+    queues: u16,
+    reconnect_ms: Option<u64>,
+    script: &str,
+    timeout: Duration,
     mut on_line: impl FnMut(&str),
 ) -> anyhow::Result<GuestRun> {
+    let reconnect = reconnect_ms.map_or(String::new(), |ms| format!(",reconnect-ms={ms}"));
     let devices = vec![
         "-chardev".to_owned(),
-        format!("socket,id=c0,path={}", socket.display()),
+        format!("socket,id=c0,path={}{reconnect}", socket.display()),
         "-device".to_owned(),
         format!("vhost-user-blk-pci,chardev=c0,num-queues={queues}"),
     ];
@@ -380,4 +429,41 @@ pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
         .next()
         .unwrap_or_default()
         .to_owned())
+}
+
+/// Guest shell lines running an fio job with crc32c verification on both
+/// queues of /dev/vda (one job pinned to each vCPU; blk-mq maps each CPU
+/// to its own hardware queue): job q0 at `offset_mb`, q1 right after it,
+/// `size_mb` each, `extra` fio options in [global]. Prints
+/// `RAFTBLK-FIO rc=… secs=… errors=…`.
+pub fn fio_verify(offset_mb: u64, size_mb: u64, extra: &str) -> String {
+    format!(
+        r#"cat > /tmp/verify.fio <<'JOB'
+[global]
+filename=/dev/vda
+direct=1
+ioengine=libaio
+bs=4k
+iodepth=16
+rw=randwrite
+verify=crc32c
+verify_backlog=128
+verify_fatal=1
+size={size_mb}m
+{extra}
+[q0]
+offset={offset_mb}m
+cpus_allowed=0
+[q1]
+offset={o2}m
+cpus_allowed=1
+JOB
+start=$(date +%s)
+rc=0
+fio --output-format=terse --terse-version=3 /tmp/verify.fio > /tmp/fio.out 2>&1 || rc=$?
+echo "RAFTBLK-FIO rc=$rc secs=$(( $(date +%s) - start )) errors=$(cut -d';' -f5 /tmp/fio.out | tr '\n' ' ')"
+[ $rc -eq 0 ] || {{ cat /tmp/fio.out; exit 1; }}
+"#,
+        o2 = offset_mb + size_mb
+    )
 }

@@ -1,8 +1,8 @@
 //! The vhost-user-blk device: feature negotiation, config space, and the
 //! per-queue data path.
 //!
-//! One worker thread per virtqueue (vhost-user-backend's model). A worker
-//! never waits on the network: on a kick it pops every available chain,
+//! One worker thread per virtqueue (`worker`). A worker never waits on the
+//! network: on a kick it pops every available chain,
 //! validates it (`request`), answers malformed ones at once, copies write
 //! payloads out of guest memory and hands each I/O to the tokio runtime.
 //! Completions come back through a per-queue eventfd that the same worker
@@ -16,20 +16,20 @@ use std::time::{Duration, Instant};
 
 use raftblk_client::Volume;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::ratelimit::LogLimiter;
 use crate::request::{parse, walk_chain, Desc, DeviceInfo, Kind, Request};
 use crate::virtio_blk::*;
+use crate::vring::{Vring, VringState};
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// Guest memory as the device maps it: every write into it is logged
+/// while live migration has logging on (`dirty_log`).
+pub type GuestMem = GuestMemoryMmap<crate::dirty_log::LogBitmap>;
+/// The mapping, replaced as the frontend adds and removes regions.
+pub type Mem = GuestMemoryAtomic<GuestMem>;
 
 /// Descriptors read from one chain before it is declared malformed.
 const CHAIN_DESCS_MAX: usize = 4096;
@@ -60,6 +60,8 @@ struct QueueCtx {
     inflight: AtomicUsize,
     /// Requests answered on this queue (any status).
     answered: AtomicU64,
+    /// Requests served again from the inflight region.
+    resubmitted: AtomicU64,
 }
 
 struct Inner {
@@ -71,7 +73,6 @@ struct Inner {
     event_idx: AtomicBool,
     mem: RwLock<Option<Mem>>,
     queues: Vec<QueueCtx>,
-    exit: Vec<(EventConsumer, EventNotifier)>,
     bad_chain_log: LogLimiter,
     io_error_log: LogLimiter,
 }
@@ -99,15 +100,14 @@ impl BlkBackend {
             limits,
         };
         let mut queues = Vec::new();
-        let mut exit = Vec::new();
         for _ in 0..opts.num_queues {
             queues.push(QueueCtx {
                 completion: EventFd::new(EFD_NONBLOCK)?,
                 done: Mutex::new(Vec::new()),
                 inflight: AtomicUsize::new(0),
                 answered: AtomicU64::new(0),
+                resubmitted: AtomicU64::new(0),
             });
-            exit.push(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?);
         }
         Ok(BlkBackend {
             inner: Arc::new(Inner {
@@ -119,7 +119,6 @@ impl BlkBackend {
                 event_idx: AtomicBool::new(false),
                 mem: RwLock::new(None),
                 queues,
-                exit,
                 bad_chain_log: LogLimiter::new(10),
                 io_error_log: LogLimiter::new(10),
             }),
@@ -132,16 +131,8 @@ impl BlkBackend {
         self.inner.queues.get(q).map(|c| c.completion.as_raw_fd())
     }
 
-    /// Event id under which completion fds are registered.
-    pub fn completion_event_id(&self) -> u64 {
-        u64::from(self.inner.opts.num_queues) + 1
-    }
-
-    /// Tells every worker thread to exit.
-    pub fn signal_exit(&self) {
-        for (_, n) in &self.inner.exit {
-            let _ = n.notify();
-        }
+    pub fn opts(&self) -> &DeviceOptions {
+        &self.inner.opts
     }
 
     /// Requests answered per queue since the connection started.
@@ -151,6 +142,15 @@ impl BlkBackend {
             .iter()
             .map(|q| q.answered.load(Ordering::Relaxed))
             .collect()
+    }
+
+    /// Requests served again from the inflight region, over all queues.
+    pub fn resubmitted(&self) -> u64 {
+        self.inner
+            .queues
+            .iter()
+            .map(|q| q.resubmitted.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Requests not yet completed, over all queues.
@@ -166,35 +166,58 @@ impl BlkBackend {
         self.inner.mem.read().ok()?.clone()
     }
 
-    fn process_queue(&self, q: usize, vring: &VringRwLock) -> io::Result<()> {
+    /// Takes every available request of queue `q` (requests found in the
+    /// inflight region at start first) and starts or answers each.
+    pub fn process_queue(&self, q: usize, vring: &Vring) -> io::Result<()> {
         let Some(mem) = self.mem() else { return Ok(()) };
+        let guest = mem.memory();
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
         let mut passes = 0;
         loop {
             passes += 1;
-            if event_idx {
-                vring.disable_notification().map_err(qerr)?;
-            }
             // Only the heads are taken from virtio-queue; the chains are
             // walked by `walk_chain`, which rejects loops and `next` fields
             // outside their table instead of serving a cut-off prefix.
-            let (table, size, heads) = {
-                let mut state = vring.get_mut();
-                let queue = state.get_queue_mut();
-                let table = GuestAddress(queue.desc_table());
-                let size = queue.size();
+            let (table, size, heads, resubmits) = {
+                let mut st = vring.lock();
+                if !st.serving() {
+                    return Ok(());
+                }
+                if event_idx {
+                    st.queue.disable_notification(&*guest).map_err(qerr)?;
+                }
+                let table = GuestAddress(st.queue.desc_table());
+                let size = st.queue.size();
+                let limit = usize::from(self.inner.opts.queue_size);
                 let mut v = Vec::new();
-                while v.len() < usize::from(self.inner.opts.queue_size) {
-                    match queue.pop_descriptor_chain(mem.memory()) {
-                        Some(c) => v.push(c.head_index()),
+                while v.len() < limit {
+                    match st.resubmit.pop_front() {
+                        Some(h) => v.push(h),
                         None => break,
                     }
                 }
-                (table, size, v)
+                let resubmits = v.len();
+                while v.len() < limit {
+                    match st.queue.pop_descriptor_chain(mem.memory()) {
+                        Some(c) => {
+                            let head = c.head_index();
+                            if let Some(inf) = &mut st.inflight {
+                                inf.get(head);
+                            }
+                            v.push(head);
+                        }
+                        None => break,
+                    }
+                }
+                (table, size, v, resubmits)
             };
+            if resubmits > 0 {
+                self.inner.queues[q]
+                    .resubmitted
+                    .fetch_add(resubmits as u64, Ordering::Relaxed);
+            }
             let mut answered = false;
             for head in heads {
-                let guest = mem.memory();
                 let parsed = walk_chain(&*guest, table, size, head, CHAIN_DESCS_MAX)
                     .and_then(|descs| parse(head, &descs, &*guest, &self.inner.dev));
                 match parsed {
@@ -204,8 +227,7 @@ impl BlkBackend {
                         }
                         if head >= size {
                             // Not a descriptor: the used ring cannot name
-                            // it (add_used would fail and end this queue's
-                            // worker), so it is dropped.
+                            // it, so it is dropped.
                             continue;
                         }
                         let len = match rej.status {
@@ -215,7 +237,7 @@ impl BlkBackend {
                             }
                             None => 0,
                         };
-                        vring.add_used(head, len).map_err(qerr)?;
+                        vring.lock().add_used(&*guest, head, len)?;
                         self.inner.queues[q]
                             .answered
                             .fetch_add(1, Ordering::Relaxed);
@@ -224,10 +246,15 @@ impl BlkBackend {
                     Ok(req) => answered |= self.submit(q, req, &guest, vring)?,
                 }
             }
-            if answered && vring.needs_notification().map_err(qerr)? {
-                vring.signal_used_queue()?;
+            let mut st = vring.lock();
+            if answered {
+                st.notify_if_needed(&*guest)?;
             }
-            if !event_idx || passes > 64 || !vring.enable_notification().map_err(qerr)? {
+            if !event_idx
+                || passes > 64
+                || !st.serving()
+                || !st.queue.enable_notification(&*guest).map_err(qerr)?
+            {
                 break;
             }
         }
@@ -235,13 +262,7 @@ impl BlkBackend {
     }
 
     /// Starts one request; true when it was answered at once.
-    fn submit(
-        &self,
-        q: usize,
-        req: Request,
-        guest: &GuestMemoryMmap<()>,
-        vring: &VringRwLock,
-    ) -> io::Result<bool> {
+    fn submit(&self, q: usize, req: Request, guest: &GuestMem, vring: &Vring) -> io::Result<bool> {
         let status_addr = req.status;
         if req.kind == Kind::GetId {
             let mut left = &self.inner.serial[..];
@@ -259,7 +280,7 @@ impl BlkBackend {
             }
             let status = if left.is_empty() { S_OK } else { S_IOERR };
             let _ = guest.write_slice(&[status], status_addr);
-            vring.add_used(req.head, written + 1).map_err(qerr)?;
+            vring.lock().add_used(guest, req.head, written + 1)?;
             self.inner.queues[q]
                 .answered
                 .fetch_add(1, Ordering::Relaxed);
@@ -272,7 +293,7 @@ impl BlkBackend {
                 let end = at + s.len as usize;
                 if guest.read_slice(&mut buf[at..end], s.addr).is_err() {
                     let _ = guest.write_slice(&[S_IOERR], status_addr);
-                    vring.add_used(req.head, 1).map_err(qerr)?;
+                    vring.lock().add_used(guest, req.head, 1)?;
                     self.inner.queues[q]
                         .answered
                         .fetch_add(1, Ordering::Relaxed);
@@ -353,59 +374,36 @@ impl BlkBackend {
         Ok(false)
     }
 
-    fn complete(&self, q: usize, vring: &VringRwLock) -> io::Result<()> {
+    /// Answers the requests of queue `q` whose I/O finished: read data and
+    /// status into guest memory, the used ring, one interrupt per batch.
+    /// Every finished request leaves the in-flight count, even when guest
+    /// memory or the ring is gone, so draining always ends.
+    pub fn complete(&self, q: usize, vring: &Vring) -> io::Result<()> {
         let ctx = &self.inner.queues[q];
         let _ = ctx.completion.read();
         let done = std::mem::take(&mut *ctx.done.lock().unwrap_or_else(|p| p.into_inner()));
         if done.is_empty() {
             return Ok(());
         }
-        let mem = self.mem();
-        for c in done {
-            let mut status = c.status;
-            let mut len = 1u32;
-            if let Some(mem) = &mem {
+        let count = done.len();
+        let result = match self.mem() {
+            Some(mem) => {
                 let guest = mem.memory();
-                if let (Some(data), S_OK) = (&c.data, status) {
-                    let mut at = 0usize;
-                    for s in &c.segments {
-                        let end = (at + s.len as usize).min(data.len());
-                        if guest.write_slice(&data[at..end], s.addr).is_err() {
-                            status = S_IOERR;
-                            break;
-                        }
-                        at = end;
-                    }
-                    if status == S_OK {
-                        len += data.len() as u32;
-                    }
-                }
-                let _ = guest.write_slice(&[status], c.status_addr);
-                vring.add_used(c.head, len).map_err(qerr)?;
+                let mut st = vring.lock();
+                let r = done
+                    .into_iter()
+                    .try_for_each(|c| answer(&guest, &mut st, c));
+                r.and_then(|()| st.notify_if_needed(&*guest))
             }
-            ctx.answered.fetch_add(1, Ordering::Relaxed);
-            ctx.inflight.fetch_sub(1, Ordering::AcqRel);
-        }
-        if vring.needs_notification().map_err(qerr)? {
-            vring.signal_used_queue()?;
-        }
-        Ok(())
-    }
-}
-
-impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
-
-    fn num_queues(&self) -> usize {
-        usize::from(self.inner.opts.num_queues)
+            None => Ok(()),
+        };
+        ctx.answered.fetch_add(count as u64, Ordering::Relaxed);
+        ctx.inflight.fetch_sub(count, Ordering::AcqRel);
+        result
     }
 
-    fn max_queue_size(&self) -> usize {
-        usize::from(self.inner.opts.queue_size)
-    }
-
-    fn features(&self) -> u64 {
+    /// Device features offered to the driver.
+    pub fn features(&self) -> u64 {
         let mut f = F_VERSION_1
             | F_SIZE_MAX
             | F_SEG_MAX
@@ -417,6 +415,7 @@ impl VhostUserBackend for BlkBackend {
             | F_WRITE_ZEROES
             | F_RING_EVENT_IDX
             | F_RING_INDIRECT_DESC
+            | F_LOG_ALL
             | F_PROTOCOL_FEATURES;
         if self.inner.opts.read_only {
             f |= F_RO;
@@ -424,18 +423,23 @@ impl VhostUserBackend for BlkBackend {
         f
     }
 
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+    /// vhost-user protocol features offered to the frontend.
+    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
-    fn set_event_idx(&self, enabled: bool) {
+    pub fn set_event_idx(&self, enabled: bool) {
         self.inner.event_idx.store(enabled, Ordering::Release);
     }
 
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+    /// Bytes `offset..offset+size` of the virtio-blk config space (zeros
+    /// past its end).
+    pub fn config(&self, offset: u32, size: u32) -> Vec<u8> {
         let space = config_space(
             self.inner.dev.capacity_sectors,
             self.inner.opts.num_queues,
@@ -451,37 +455,23 @@ impl VhostUserBackend for BlkBackend {
         out
     }
 
-    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
-        Err(io::Error::other("the virtio-blk config space is read-only"))
-    }
-
-    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+    pub fn update_memory(&self, mem: Mem) {
         if let Ok(mut m) = self.inner.mem.write() {
             *m = Some(mem);
         }
-        Ok(())
     }
 
-    fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.inner.opts.num_queues).map(|q| 1u64 << q).collect()
-    }
-
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (c, n) = self.inner.exit.get(thread_index)?;
-        Some((c.try_clone().ok()?, n.try_clone().ok()?))
-    }
-
-    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // Answer every accepted request before the frontend reads the ring
-        // base, or they would be lost across a reconnect.
-        let Some(ctx) = self.inner.queues.get(queue_index as usize) else {
+    /// Waits until queue `q` has no request in flight (before the frontend
+    /// reads its ring base), bounded by the I/O timeout.
+    pub fn drain_queue(&self, q: usize) -> io::Result<()> {
+        let Some(ctx) = self.inner.queues.get(q) else {
             return Ok(());
         };
         let deadline = Instant::now() + self.inner.opts.io_timeout + Duration::from_secs(5);
         while ctx.inflight.load(Ordering::Acquire) > 0 {
             if Instant::now() >= deadline {
                 return Err(io::Error::other(format!(
-                    "queue {queue_index}: {} requests still in flight",
+                    "queue {q}: {} requests still in flight",
                     ctx.inflight.load(Ordering::Acquire)
                 )));
             }
@@ -489,26 +479,27 @@ impl VhostUserBackend for BlkBackend {
         }
         Ok(())
     }
+}
 
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[VringRwLock],
-        thread_id: usize,
-    ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+/// Writes one finished request back to the guest and puts it on the used
+/// ring.
+fn answer(guest: &GuestMem, st: &mut VringState, c: Completion) -> io::Result<()> {
+    let mut status = c.status;
+    let mut len = 1u32;
+    if let (Some(data), S_OK) = (&c.data, status) {
+        let mut at = 0usize;
+        for s in &c.segments {
+            let end = (at + s.len as usize).min(data.len());
+            if guest.write_slice(&data[at..end], s.addr).is_err() {
+                status = S_IOERR;
+                break;
+            }
+            at = end;
         }
-        let Some(vring) = vrings.first() else {
-            return Ok(());
-        };
-        if u64::from(device_event) == self.completion_event_id() {
-            self.complete(thread_id, vring)
-        } else if device_event == 0 {
-            self.process_queue(thread_id, vring)
-        } else {
-            Ok(())
+        if status == S_OK {
+            len += data.len() as u32;
         }
     }
+    let _ = guest.write_slice(&[status], c.status_addr);
+    st.add_used(guest, c.head, len)
 }

@@ -1,18 +1,21 @@
-//! Serving one volume on one unix socket: accept a VMM connection, run the
-//! vhost-user protocol until it disconnects, then accept the next one on
-//! the same socket (the daemon outlives any guest).
+//! Serving one volume on one unix socket: accept a VMM connection, answer
+//! its vhost-user requests (`handler`) until it disconnects, then accept
+//! the next one on the same socket (the daemon outlives any guest, and a
+//! restarted daemon is found again by a frontend that reconnects).
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use raftblk_client::Volume;
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
+use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
 
 use crate::backend::{BlkBackend, DeviceOptions};
+use crate::handler::Handler;
+
+/// Requests the handler refused (answered with an error) in a row before
+/// the connection is dropped as hopeless.
+const REFUSED_IN_A_ROW_MAX: u32 = 64;
 
 /// Serves `volume` on `socket` until `connections_max` connections have
 /// ended (None: forever).
@@ -23,7 +26,7 @@ pub fn serve_volume(
     opts: DeviceOptions,
     connections_max: Option<u64>,
 ) -> anyhow::Result<()> {
-    let mut listener = Listener::new(socket, true)
+    let listener = Listener::new(socket, true)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", socket.display()))?;
     tracing::info!(
         socket = %socket.display(),
@@ -35,45 +38,62 @@ pub fn serve_volume(
     );
     let mut served = 0u64;
     loop {
+        let stream = match listener.accept() {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => anyhow::bail!("accept on {}: {e}", socket.display()),
+        };
+        tracing::info!(socket = %socket.display(), "frontend connected");
         let backend =
             BlkBackend::new(volume.clone(), rt.clone(), opts.clone()).context("create backend")?;
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new(
-            format!("vhost-{}", volume.info().name),
-            backend.clone(),
-            mem,
-        )
-        .map_err(|e| anyhow::anyhow!("create vhost-user daemon: {e}"))?;
-        for (q, h) in daemon.get_epoll_handlers().iter().enumerate() {
-            let fd = backend.completion_fd(q).context("completion fd")?;
-            h.register_listener(fd, EventSet::IN, backend.completion_event_id())
-                .map_err(|e| anyhow::anyhow!("register completion fd: {e}"))?;
-        }
-        daemon
-            .start(&mut listener)
-            .map_err(|e| anyhow::anyhow!("accept on {}: {e}", socket.display()))?;
-        tracing::info!(socket = %socket.display(), "frontend connected");
-        let result = daemon.wait();
-        match &result {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => tracing::info!(socket = %socket.display(), "frontend disconnected"),
-            Err(e) => {
-                tracing::warn!(socket = %socket.display(), error = %e, "connection ended with an error")
+        let handler = Arc::new(Mutex::new(
+            Handler::new(backend.clone()).context("create the protocol handler")?,
+        ));
+        let mut conn = BackendReqHandler::from_stream(stream, handler.clone());
+        let mut refused = 0u32;
+        loop {
+            match conn.handle_request() {
+                Ok(()) => refused = 0,
+                Err(VuError::Disconnected | VuError::PartialMessage) => {
+                    tracing::info!(socket = %socket.display(), "frontend disconnected");
+                    break;
+                }
+                // The request was answered with an error; the frontend
+                // decides whether to go on.
+                Err(
+                    e @ (VuError::ReqHandlerError(_)
+                    | VuError::InvalidOperation(_)
+                    | VuError::InvalidParam),
+                ) => {
+                    tracing::warn!(socket = %socket.display(), error = %e, "request refused");
+                    refused += 1;
+                    if refused >= REFUSED_IN_A_ROW_MAX {
+                        tracing::warn!(socket = %socket.display(), "too many refused requests; dropping the connection");
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(socket = %socket.display(), error = %e, "connection ended with an error");
+                    break;
+                }
             }
         }
-        // Let requests still in flight finish (bounded) before the worker
-        // threads go away.
-        let deadline = Instant::now() + opts.io_timeout;
-        while backend.inflight() > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+        drop(conn);
+        // Answer what was accepted (bounded), then stop the workers.
+        match Arc::try_unwrap(handler) {
+            Ok(h) => drop(h.into_inner().unwrap_or_else(|p| p.into_inner())),
+            Err(h) => h.lock().unwrap_or_else(|p| p.into_inner()).stop_all(),
         }
         for (queue, requests) in backend.answered_per_queue().into_iter().enumerate() {
             tracing::info!(queue, requests, "queue statistics for the connection");
         }
-        backend.signal_exit();
-        drop(daemon);
+        let resubmitted = backend.resubmitted();
+        if resubmitted > 0 {
+            tracing::info!(
+                resubmitted,
+                "requests served again from the inflight region"
+            );
+        }
         served += 1;
         if connections_max.is_some_and(|m| served >= m) {
             return Ok(());

@@ -24,6 +24,8 @@ pub const F_TOPOLOGY: u64 = 1 << 10;
 pub const F_MQ: u64 = 1 << 12;
 pub const F_DISCARD: u64 = 1 << 13;
 pub const F_WRITE_ZEROES: u64 = 1 << 14;
+/// vhost: the frontend may ask for dirty-page logging (live migration).
+pub const F_LOG_ALL: u64 = 1 << 26;
 pub const F_RING_INDIRECT_DESC: u64 = 1 << 28;
 pub const F_RING_EVENT_IDX: u64 = 1 << 29;
 pub const F_VERSION_1: u64 = 1 << 32;

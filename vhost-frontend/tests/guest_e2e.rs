@@ -4,44 +4,10 @@
 
 use std::time::Duration;
 
-use raftblk_cluster_tests::guest::{run_guest, sha256_file, VhostDaemon};
+use raftblk_cluster_tests::guest::{fio_verify, run_guest, sha256_file, VhostDaemon};
 use raftblk_cluster_tests::{bin, ClusterSpec, LocalCluster};
 
 const GUEST_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// fio job with crc32c verification on both queues (one job pinned to
-/// each vCPU; blk-mq maps each CPU to its own hardware queue).
-fn fio_verify(offset_mb: u64, size_mb: u64, extra: &str) -> String {
-    format!(
-        r#"cat > /tmp/verify.fio <<'JOB'
-[global]
-filename=/dev/vda
-direct=1
-ioengine=libaio
-bs=4k
-iodepth=16
-rw=randwrite
-verify=crc32c
-verify_backlog=128
-verify_fatal=1
-size={size_mb}m
-{extra}
-[q0]
-offset={offset_mb}m
-cpus_allowed=0
-[q1]
-offset={o2}m
-cpus_allowed=1
-JOB
-start=$(date +%s)
-rc=0
-fio --output-format=terse --terse-version=3 /tmp/verify.fio > /tmp/fio.out 2>&1 || rc=$?
-echo "RAFTBLK-FIO rc=$rc secs=$(( $(date +%s) - start )) errors=$(cut -d';' -f5 /tmp/fio.out | tr '\n' ' ')"
-[ $rc -eq 0 ] || {{ cat /tmp/fio.out; exit 1; }}
-"#,
-        o2 = offset_mb + size_mb
-    )
-}
 
 const PHASE1: &str = r#"#!/bin/sh
 set -e

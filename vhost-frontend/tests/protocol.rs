@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use raftblk_cluster_tests::guest::VhostDaemon;
 use raftblk_cluster_tests::{payload, ClusterSpec, LocalCluster};
 use raftblk_vhost::virtio_blk::*;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{
@@ -40,6 +42,27 @@ struct Vq {
     _call: EventFd,
 }
 
+type BeforeKick = Box<dyn Fn(&GuestMemoryMmap<()>, usize) -> anyhow::Result<()>>;
+
+/// What a test adds to the usual negotiation.
+struct Extra {
+    protocol: VhostUserProtocolFeatures,
+    /// An inflight region to hand back (SET_INFLIGHT_FD) before the rings.
+    inflight: Option<(VhostUserInflight, std::fs::File)>,
+    /// Runs on each queue after its ring is set up, before its kick fd.
+    before_kick: Option<BeforeKick>,
+}
+
+impl Default for Extra {
+    fn default() -> Self {
+        Extra {
+            protocol: VhostUserProtocolFeatures::empty(),
+            inflight: None,
+            before_kick: None,
+        }
+    }
+}
+
 struct Driver {
     mem: GuestMemoryMmap<()>,
     fe: Frontend,
@@ -61,6 +84,14 @@ impl Driver {
     fn connect(
         socket: &std::path::Path,
         queues: usize,
+    ) -> anyhow::Result<(Driver, u64, VhostUserProtocolFeatures, Vec<u8>)> {
+        Self::connect_with(socket, queues, &Extra::default())
+    }
+
+    fn connect_with(
+        socket: &std::path::Path,
+        queues: usize,
+        extra: &Extra,
     ) -> anyhow::Result<(Driver, u64, VhostUserProtocolFeatures, Vec<u8>)> {
         // SAFETY: memfd_create with a valid NUL-terminated name; the fd is
         // checked and then owned by the File.
@@ -95,8 +126,13 @@ impl Driver {
             pf & (VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS),
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+                | extra.protocol),
         )?;
+        if let Some((msg, file)) = &extra.inflight {
+            use std::os::fd::AsRawFd as _;
+            fe.set_inflight_fd(msg, file.as_raw_fd())?;
+        }
         let (_, config) = fe.get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])?;
         let region = mem
             .iter()
@@ -132,6 +168,9 @@ impl Driver {
                 },
             )?;
             fe.set_vring_base(q, 0)?;
+            if let Some(f) = &extra.before_kick {
+                f(&mem, q)?;
+            }
             fe.set_vring_call(q, &vq._call)?;
             fe.set_vring_kick(q, &vq.kick)?;
             fe.set_vring_enable(q, true)?;
@@ -680,5 +719,220 @@ fn malformed_chains_get_errors_and_the_daemon_keeps_serving() -> anyhow::Result<
     let (s, got) = drv.read(0, 0, 4096)?;
     assert_eq!(s, S_OK);
     assert!(got == good);
+    Ok(())
+}
+
+fn memfd(name: &std::ffi::CStr, size: u64, flags: libc::c_uint) -> anyhow::Result<std::fs::File> {
+    // SAFETY: memfd_create with a valid NUL-terminated name; the fd is
+    // checked and then owned by the File.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    anyhow::ensure!(fd >= 0, "memfd_create failed");
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
+}
+
+fn log_bit(log: &vm_memory::MmapRegion<()>, gpa: u64) -> anyhow::Result<bool> {
+    use vm_memory::VolatileMemory as _;
+    let page = gpa / 4096;
+    let byte: u8 = log
+        .as_volatile_slice()
+        .load((page / 8) as usize, std::sync::atomic::Ordering::SeqCst)?;
+    Ok(byte & (1 << (page % 8)) != 0)
+}
+
+/// Live migration's dirty log: with LOG_ALL on, every guest-memory write of
+/// the daemon (read payload, status byte, used ring) sets its page's bit
+/// in the shared log, and no other page's; with LOG_ALL off again, nothing
+/// is logged. Then the inflight region: one is handed out, handed back on
+/// a new connection with a request marked in flight, and that request is
+/// served without ever being made available again; regions that are not
+/// ours (unsealed, wrong size) are refused and the daemon keeps serving.
+#[test]
+fn dirty_log_and_inflight_region() -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    use vhost::VhostUserDirtyLogRegion;
+    let size: u64 = 16 << 20;
+    let (_cluster, _dir, mut vhost, _) = setup("proto-log", size)?;
+    let extra = Extra {
+        protocol: VhostUserProtocolFeatures::LOG_SHMFD | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        ..Extra::default()
+    };
+    let (mut drv, features, pf, _) = Driver::connect_with(&vhost.socket, 2, &extra)?;
+    assert!(features & F_LOG_ALL != 0, "LOG_ALL offered");
+    assert!(pf.contains(VhostUserProtocolFeatures::LOG_SHMFD));
+    assert!(pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+    // QEMU asks for the region before it sets up the rings; asking again
+    // later (after a reset) gets a fresh one.
+    let (inflight, region) = drv.fe.get_inflight_fd(&VhostUserInflight {
+        mmap_size: 0,
+        mmap_offset: 0,
+        num_queues: 2,
+        queue_size: QSIZE,
+    })?;
+    assert!(inflight.mmap_size > 0 && inflight.num_queues == 2);
+    let data = payload(7, 8192);
+    assert_eq!(drv.write(0, 8, &data)?, S_OK);
+
+    // Logging on.
+    let logf = memfd(c"raftblk-test-log", 4096, 0)?;
+    drv.fe.set_log_base(
+        0,
+        Some(VhostUserDirtyLogRegion {
+            mmap_size: 4096,
+            mmap_offset: 0,
+            mmap_handle: logf.as_raw_fd(),
+        }),
+    )?;
+    let want = features & !F_LOG_ALL;
+    drv.fe.set_features(want | F_LOG_ALL)?;
+    // SET_FEATURES has no reply: a request that has one orders it before
+    // the kicks that follow (they bypass the socket).
+    drv.fe.get_features()?;
+    let log = vm_memory::MmapRegion::<()>::from_file(FileOffset::new(logf.try_clone()?, 0), 4096)?;
+    let (st, got) = drv.read(0, 8, 8192)?;
+    assert_eq!((st, got == data), (S_OK, true));
+    for (what, gpa) in [
+        ("read payload, first page", DATA),
+        ("read payload, second page", DATA + 4096),
+        ("status byte", STATUS),
+        ("used ring of queue 0", 0x10000 + 0x2000),
+    ] {
+        assert!(log_bit(&log, gpa)?, "{what} at {gpa:#x} not logged");
+    }
+    for (what, gpa) in [
+        ("request header (device-readable)", HDR),
+        ("used ring of queue 1 (untouched)", 0x20000 + 0x2000),
+        ("past the payload", DATA + 8192),
+    ] {
+        assert!(!log_bit(&log, gpa)?, "{what} at {gpa:#x} logged");
+    }
+    // Queue 1's used ring is logged once queue 1 answers.
+    assert_eq!(drv.read(1, 8, 4096)?.0, S_OK);
+    assert!(log_bit(&log, 0x20000 + 0x2000)?, "used ring of queue 1");
+    // Logging off: clear the log, serve a read, nothing is set.
+    drv.fe.set_features(want)?;
+    drv.fe.get_features()?;
+    logf.set_len(0)?;
+    logf.set_len(4096)?;
+    assert_eq!(drv.read(0, 8, 4096)?.0, S_OK);
+    for gpa in [DATA, STATUS, 0x12000] {
+        assert!(!log_bit(&log, gpa)?, "{gpa:#x} logged with LOG_ALL off");
+    }
+    drop(drv);
+
+    // Hand the region back on a new connection, with a read of sector 8
+    // at head 0 of queue 0 marked in flight (as a daemon killed mid-I/O
+    // leaves it): the daemon serves it from the region alone.
+    let region_map = vm_memory::MmapRegion::<()>::from_file(
+        FileOffset::new(region.try_clone()?, 0),
+        inflight.mmap_size as usize,
+    )?;
+    let mark = {
+        use vm_memory::VolatileMemory as _;
+        let vs = region_map.as_volatile_slice();
+        // Queue 0: version 1, desc_num QSIZE, used_idx 0, head 0 in flight.
+        vs.store(1u16, 8, std::sync::atomic::Ordering::SeqCst)?;
+        vs.store(QSIZE, 10, std::sync::atomic::Ordering::SeqCst)?;
+        vs.store(0u16, 14, std::sync::atomic::Ordering::SeqCst)?;
+        vs.store(1u8, 16, std::sync::atomic::Ordering::SeqCst)?;
+        vs.store(5u64, 24, std::sync::atomic::Ordering::SeqCst)?;
+        Ok::<(), anyhow::Error>(())
+    };
+    mark?;
+    let extra = Extra {
+        protocol: VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        inflight: Some((inflight, region.try_clone()?)),
+        before_kick: Some(Box::new(|mem: &GuestMemoryMmap<()>, q: usize| {
+            if q != 0 {
+                return Ok(());
+            }
+            // The chain of head 0: header, 4 KiB read buffer, status.
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&T_IN.to_le_bytes());
+            h[8..16].copy_from_slice(&8u64.to_le_bytes());
+            mem.write_slice(&h, GuestAddress(HDR))?;
+            mem.write_slice(&[0x55u8; 4096], GuestAddress(DATA))?;
+            mem.write_obj(0xAAu8, GuestAddress(STATUS))?;
+            let desc = 0x10000u64;
+            for (i, (addr, len, flags, next)) in [
+                (HDR, 16u32, F_NEXT, 1u16),
+                (DATA, 4096, F_NEXT | F_WRITE, 2),
+                (STATUS, 1, F_WRITE, 0),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let at = GuestAddress(desc + i as u64 * 16);
+                mem.write_obj(addr, at)?;
+                mem.write_obj(len, at.unchecked_add(8))?;
+                mem.write_obj(flags, at.unchecked_add(12))?;
+                mem.write_obj(next, at.unchecked_add(14))?;
+            }
+            // The guest had made head 0 available (avail idx 1).
+            mem.write_obj(0u16, GuestAddress(desc + 0x1000 + 4))?;
+            mem.write_obj(1u16, GuestAddress(desc + 0x1000 + 2))?;
+            Ok(())
+        })),
+    };
+    let (mut drv, _, _, _) = Driver::connect_with(&vhost.socket, 2, &extra)?;
+    drv.queues[0].avail_idx = 1;
+    assert_eq!(drv.wait_used(0, 0)?, 4097, "resubmitted read's used length");
+    let mut buf = vec![0u8; 4096];
+    drv.mem.read_slice(&mut buf, GuestAddress(DATA))?;
+    assert_eq!(drv.mem.read_obj::<u8>(GuestAddress(STATUS))?, S_OK);
+    assert_eq!(buf, data[..4096], "resubmitted read's data");
+    // The avail ring continues after it.
+    let (st, got) = drv.read(0, 8, 8192)?;
+    assert_eq!((st, got == data), (S_OK, true));
+    drop(drv);
+
+    // Hostile regions: an unsealed file and a wrong size are refused, and
+    // the daemon serves on.
+    let plain = memfd(c"raftblk-test-plain", inflight.mmap_size, 0)?;
+    let bad_size = VhostUserInflight {
+        mmap_size: inflight.mmap_size + 4096,
+        ..inflight
+    };
+    for (what, msg, file) in [
+        ("unsealed", inflight, plain),
+        ("wrong size", bad_size, region.try_clone()?),
+    ] {
+        let extra = Extra {
+            protocol: VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+            inflight: Some((msg, file)),
+            before_kick: None,
+        };
+        let refusals = || vhost.log_text().matches("inflight region refused").count();
+        let before = refusals();
+        // Whether the frontend sees the refusal depends on REPLY_ACK; the
+        // daemon logs it and serves the connection without a region.
+        if let Ok((mut d, _, _, _)) = Driver::connect_with(&vhost.socket, 2, &extra) {
+            assert_eq!(
+                d.read(0, 8, 4096)?.0,
+                S_OK,
+                "serving with a {what} region refused"
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while refusals() == before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(refusals(), before + 1, "{what} inflight region accepted");
+        let (mut drv, _, _, _) = Driver::connect(&vhost.socket, 2)?;
+        assert_eq!(
+            drv.read(1, 8, 4096)?.0,
+            S_OK,
+            "serving after a {what} region"
+        );
+    }
+    assert!(vhost.is_running(), "daemon died: {}", vhost.log_text());
+    let log_text = vhost.log_text();
+    assert!(log_text.contains("inflight region refused"), "{log_text}");
+    assert!(
+        log_text.contains("resubmitting requests from the inflight region"),
+        "{log_text}"
+    );
     Ok(())
 }
