@@ -297,18 +297,13 @@ fn copy_binary(root: &Path, dest: &str, src: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Boots the test guest with `devices` (QEMU arguments), `files` and
-/// `script` as `/test.sh` in a second initramfs archive, and collects
-/// its console until it powers off, `on_line` asks for a power cut
-/// (SIGKILL of QEMU) or `timeout` passes (an error).
-fn run_qemu(
+/// The initramfs of a test guest: the base archive, then a second one
+/// holding `script` as `/test.sh` and `files` at their guest paths.
+/// Returns the directory it lives in (deleted on drop) and its path.
+pub fn guest_initrd(
     script: &str,
     files: &[(&str, &Path)],
-    devices: &[String],
-    mem_mib: u64,
-    timeout: Duration,
-    mut on_line: impl FnMut(&str) -> bool,
-) -> anyhow::Result<GuestRun> {
+) -> anyhow::Result<(tempfile::TempDir, PathBuf)> {
     let dir = guest_dir()?;
     let work = tempfile::tempdir()?;
     let tdir = work.path().join("t");
@@ -334,38 +329,48 @@ fn run_qemu(
     initrd.extend_from_slice(&out.stdout);
     let initrd_path = work.path().join("initrd");
     std::fs::write(&initrd_path, &initrd)?;
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "q35,memory-backend=mem0",
-            "-accel",
-            "tcg,thread=multi",
-        ])
-        .args(["-smp", "2,maxcpus=2", "-m", &format!("{mem_mib}M")])
-        .args([
-            "-object",
-            &format!("memory-backend-memfd,id=mem0,size={mem_mib}M,share=on"),
-        ])
-        .arg("-kernel")
-        .arg(dir.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(&initrd_path)
-        .args(["-append", "console=ttyS0 rdinit=/init panic=-1 quiet"])
-        .args([
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .args(devices)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawn qemu-system-x86_64 (install qemu-system-x86)")?;
+    Ok((work, initrd_path))
+}
+
+/// The QEMU command line of a test guest (2 vCPUs under TCG, `mem_mib`
+/// of shared memfd RAM, console on stdio) with `devices` appended.
+pub fn qemu_command(initrd: &Path, devices: &[String], mem_mib: u64) -> anyhow::Result<Command> {
+    let dir = guest_dir()?;
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-machine",
+        "q35,memory-backend=mem0",
+        "-accel",
+        "tcg,thread=multi",
+    ])
+    .args(["-smp", "2,maxcpus=2", "-m", &format!("{mem_mib}M")])
+    .args([
+        "-object",
+        &format!("memory-backend-memfd,id=mem0,size={mem_mib}M,share=on"),
+    ])
+    .arg("-kernel")
+    .arg(dir.join("vmlinuz"))
+    .arg("-initrd")
+    .arg(initrd)
+    .args(["-append", "console=ttyS0 rdinit=/init panic=-1 quiet"])
+    .args([
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ])
+    .args(devices)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    Ok(cmd)
+}
+
+/// Lines of a child's stdout and stderr (prefixed `qemu: `), as they come.
+pub fn console_lines(child: &mut Child) -> anyhow::Result<mpsc::Receiver<String>> {
     let stdout = child.stdout.take().context("qemu stdout")?;
     let stderr = child.stderr.take().context("qemu stderr")?;
     let (tx, rx) = mpsc::channel::<String>();
@@ -384,6 +389,35 @@ fn run_qemu(
             }
         }
     });
+    Ok(rx)
+}
+
+/// `RAFTBLK-EXIT` status of `/test.sh` in a console transcript.
+pub fn exit_status(output: &str) -> Option<i32> {
+    output
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("RAFTBLK-EXIT "))
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+}
+
+/// Boots the test guest with `devices` (QEMU arguments), `files` and
+/// `script` as `/test.sh` in a second initramfs archive, and collects
+/// its console until it powers off, `on_line` asks for a power cut
+/// (SIGKILL of QEMU) or `timeout` passes (an error).
+fn run_qemu(
+    script: &str,
+    files: &[(&str, &Path)],
+    devices: &[String],
+    mem_mib: u64,
+    timeout: Duration,
+    mut on_line: impl FnMut(&str) -> bool,
+) -> anyhow::Result<GuestRun> {
+    let (_work, initrd_path) = guest_initrd(script, files)?;
+    let mut child = qemu_command(&initrd_path, devices, mem_mib)?
+        .spawn()
+        .context("spawn qemu-system-x86_64 (install qemu-system-x86)")?;
+    let rx = console_lines(&mut child)?;
     let deadline = Instant::now() + timeout;
     let mut output = String::new();
     let mut cut = false;
@@ -410,11 +444,7 @@ fn run_qemu(
         }
     }
     let _ = child.wait();
-    let exit = output
-        .lines()
-        .rev()
-        .find_map(|l| l.trim().strip_prefix("RAFTBLK-EXIT "))
-        .and_then(|r| r.split_whitespace().next()?.parse().ok());
+    let exit = exit_status(&output);
     Ok(GuestRun { output, exit, cut })
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 pub mod guest;
 pub mod history;
 pub mod netns;
+pub mod vm;
 pub mod workload;
 
 use anyhow::{bail, Context as _};

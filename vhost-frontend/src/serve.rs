@@ -79,6 +79,13 @@ pub fn serve_volume(
             }
         }
         drop(conn);
+        let pages_logged = handler.lock().map(|h| h.pages_logged()).unwrap_or_default();
+        if pages_logged > 0 {
+            tracing::info!(
+                pages_logged,
+                "dirty pages logged for migration on the connection"
+            );
+        }
         // Answer what was accepted (bounded), then stop the workers.
         match Arc::try_unwrap(handler) {
             Ok(h) => drop(h.into_inner().unwrap_or_else(|p| p.into_inner())),
