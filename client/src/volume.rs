@@ -3,6 +3,7 @@
 //! sends the pieces to their groups' leaders concurrently.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -56,6 +57,9 @@ impl RetryAge {
 pub struct Volume {
     client: Client,
     info: VolumeInfo,
+    /// The size now: grows when `refresh_size` finds the catalog's larger
+    /// (shared by every clone).
+    size_bytes: Arc<AtomicU64>,
     data_groups: u64,
     written_groups: Arc<Mutex<HashSet<u64>>>,
 }
@@ -90,18 +94,37 @@ impl Volume {
         let data_groups = client.topology().data_groups;
         Volume {
             client,
+            size_bytes: Arc::new(AtomicU64::new(info.size_bytes)),
             info,
             data_groups,
             written_groups: Arc::new(Mutex::new(HashSet::new())),
         }
     }
 
+    /// The catalog entry as opened (its size may be older than
+    /// `size_bytes`).
     pub fn info(&self) -> &VolumeInfo {
         &self.info
     }
 
     pub fn size_bytes(&self) -> u64 {
-        self.info.size_bytes
+        self.size_bytes.load(Ordering::Acquire)
+    }
+
+    /// Reads the catalog again: when the volume grew, every clone of this
+    /// handle accepts I/O up to the new end from now on; returns the new
+    /// size then. A volume of the same name but another id (deleted and
+    /// created again) is an error: this handle stays on the old one.
+    pub async fn refresh_size(&self) -> Result<Option<u64>, ClientError> {
+        let now = self.client.volume_info(&self.info.name).await?;
+        if now.id != self.info.id {
+            return Err(ClientError::NoSuchVolume(format!(
+                "{} (id {} was replaced by id {})",
+                self.info.name, self.info.id, now.id
+            )));
+        }
+        let old = self.size_bytes.fetch_max(now.size_bytes, Ordering::AcqRel);
+        Ok((now.size_bytes > old).then_some(now.size_bytes))
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), ClientError> {
@@ -110,11 +133,12 @@ impl Volume {
                 "offset {offset} and length {len} must be multiples of 512"
             )));
         }
+        let size = self.size_bytes();
         match offset.checked_add(len) {
-            Some(end) if end <= self.info.size_bytes => Ok(()),
+            Some(end) if end <= size => Ok(()),
             _ => Err(ClientError::OutOfRange(format!(
-                "range at {offset} of {len} bytes ends past volume {:?} ({} bytes)",
-                self.info.name, self.info.size_bytes
+                "range at {offset} of {len} bytes ends past volume {:?} ({size} bytes)",
+                self.info.name
             ))),
         }
     }

@@ -131,6 +131,15 @@ impl BlkBackend {
         self.inner.queues.get(q).map(|c| c.completion.as_raw_fd())
     }
 
+    /// What requests are checked against: the capacity follows the
+    /// volume when it grows.
+    fn device_info(&self) -> DeviceInfo {
+        DeviceInfo {
+            capacity_sectors: self.inner.volume.size_bytes() / SECTOR_BYTES,
+            ..self.inner.dev
+        }
+    }
+
     pub fn opts(&self) -> &DeviceOptions {
         &self.inner.opts
     }
@@ -219,7 +228,7 @@ impl BlkBackend {
             let mut answered = false;
             for head in heads {
                 let parsed = walk_chain(&*guest, table, size, head, CHAIN_DESCS_MAX)
-                    .and_then(|descs| parse(head, &descs, &*guest, &self.inner.dev));
+                    .and_then(|descs| parse(head, &descs, &*guest, &self.device_info()));
                 match parsed {
                     Err(rej) => {
                         if let Some(suppressed) = self.inner.bad_chain_log.allow() {
@@ -431,6 +440,7 @@ impl BlkBackend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     pub fn set_event_idx(&self, enabled: bool) {
@@ -441,7 +451,7 @@ impl BlkBackend {
     /// past its end).
     pub fn config(&self, offset: u32, size: u32) -> Vec<u8> {
         let space = config_space(
-            self.inner.dev.capacity_sectors,
+            self.device_info().capacity_sectors,
             self.inner.opts.num_queues,
             &self.inner.dev.limits,
         );

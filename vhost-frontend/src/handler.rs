@@ -34,6 +34,7 @@ use vm_memory::{
 use crate::backend::{BlkBackend, GuestMem, Mem};
 use crate::dirty_log::{DirtyLog, LogBitmap};
 use crate::inflight::InflightRegion;
+use crate::resize::ConfigNotifier;
 use crate::virtio_blk::{F_LOG_ALL, F_PROTOCOL_FEATURES, F_RING_EVENT_IDX};
 use crate::vring::Vring;
 use crate::worker::Worker;
@@ -61,7 +62,9 @@ pub struct Handler {
     acked_features: u64,
     acked_protocol_features: u64,
     inflight: Option<InflightRegion>,
-    backend_req: Option<Backend>,
+    /// Where the backend-request channel goes when the frontend sets one
+    /// up: the size watcher sends config changes through it.
+    notifier: ConfigNotifier,
     log: Arc<DirtyLog>,
 }
 
@@ -82,7 +85,7 @@ fn set_nonblocking(f: &File) {
 }
 
 impl Handler {
-    pub fn new(backend: BlkBackend) -> io::Result<Handler> {
+    pub fn new(backend: BlkBackend, notifier: ConfigNotifier) -> io::Result<Handler> {
         let opts = backend.opts().clone();
         let mut vrings = Vec::new();
         let mut workers = Vec::new();
@@ -103,7 +106,7 @@ impl Handler {
             acked_features: 0,
             acked_protocol_features: 0,
             inflight: None,
-            backend_req: None,
+            notifier,
             log: Arc::new(DirtyLog::default()),
         })
     }
@@ -229,11 +232,6 @@ impl Handler {
                 tracing::warn!(queue = q, error = %e, "requests left in flight");
             }
         }
-    }
-
-    /// The backend-request channel, when the frontend set one up.
-    pub fn backend_req(&self) -> Option<&Backend> {
-        self.backend_req.as_ref()
     }
 }
 
@@ -497,7 +495,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         if self.protocol_acked(VhostUserProtocolFeatures::REPLY_ACK) {
             backend.set_reply_ack_flag(true);
         }
-        self.backend_req = Some(backend);
+        *self.notifier.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend);
     }
 
     fn set_gpu_socket(&mut self, _gpu: GpuBackend) -> VuResult<()> {

@@ -7,6 +7,8 @@
 //! `backend` pops descriptor chains → `request` validates them against the
 //! `virtio_blk` rules → the I/O runs on tokio through the raftblk client
 //! library → completions return through an eventfd to the queue's worker.
+//! Beside them, `resize` follows the volume's size and tells the frontend
+//! when it grew.
 
 pub mod backend;
 pub mod config;
@@ -15,6 +17,7 @@ pub mod handler;
 pub mod inflight;
 pub mod ratelimit;
 pub mod request;
+pub mod resize;
 pub mod serve;
 pub mod virtio_blk;
 pub mod vring;

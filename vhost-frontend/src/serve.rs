@@ -4,7 +4,9 @@
 //! restarted daemon is found again by a frontend that reconnects).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use raftblk_client::Volume;
@@ -12,6 +14,10 @@ use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
 
 use crate::backend::{BlkBackend, DeviceOptions};
 use crate::handler::Handler;
+use crate::resize::{spawn_size_watch, ConfigNotifier};
+
+/// How often the volume's size is read from the catalog (online resize).
+const SIZE_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Requests the handler refused (answered with an error) in a row before
 /// the connection is dropped as hopeless.
@@ -36,6 +42,39 @@ pub fn serve_volume(
         read_only = opts.read_only,
         "serving volume"
     );
+    let notifier: ConfigNotifier = Arc::new(Mutex::new(None));
+    let stop = Arc::new(AtomicBool::new(false));
+    let watch = spawn_size_watch(
+        volume.clone(),
+        rt.clone(),
+        notifier.clone(),
+        SIZE_POLL_INTERVAL,
+        stop.clone(),
+    )
+    .context("start the size watcher")?;
+    let result = accept_loop(
+        &listener,
+        socket,
+        &volume,
+        &rt,
+        &opts,
+        connections_max,
+        &notifier,
+    );
+    stop.store(true, Ordering::Release);
+    let _ = watch.join();
+    result
+}
+
+fn accept_loop(
+    listener: &Listener,
+    socket: &Path,
+    volume: &Volume,
+    rt: &tokio::runtime::Handle,
+    opts: &DeviceOptions,
+    connections_max: Option<u64>,
+    notifier: &ConfigNotifier,
+) -> anyhow::Result<()> {
     let mut served = 0u64;
     loop {
         let stream = match listener.accept() {
@@ -47,7 +86,8 @@ pub fn serve_volume(
         let backend =
             BlkBackend::new(volume.clone(), rt.clone(), opts.clone()).context("create backend")?;
         let handler = Arc::new(Mutex::new(
-            Handler::new(backend.clone()).context("create the protocol handler")?,
+            Handler::new(backend.clone(), notifier.clone())
+                .context("create the protocol handler")?,
         ));
         let mut conn = BackendReqHandler::from_stream(stream, handler.clone());
         let mut refused = 0u32;
@@ -79,6 +119,7 @@ pub fn serve_volume(
             }
         }
         drop(conn);
+        *notifier.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let pages_logged = handler.lock().map(|h| h.pages_logged()).unwrap_or_default();
         if pages_logged > 0 {
             tracing::info!(

@@ -1,12 +1,13 @@
 //! The guest lifecycle with a real Linux guest under QEMU: what happens to
-//! a running VM when its raftblk-vhost daemon dies and comes back.
+//! a running VM when its raftblk-vhost daemon dies and comes back, and
+//! when its disk grows.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use raftblk_cluster_tests::guest::{fio_verify, run_guest_vhost, VhostDaemon};
-use raftblk_cluster_tests::{ClusterSpec, LocalCluster};
+use raftblk_cluster_tests::guest::{fio_verify, run_guest, run_guest_vhost, VhostDaemon};
+use raftblk_cluster_tests::{bin, ClusterSpec, LocalCluster};
 
 const GUEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Daemon kills the test makes while fio runs.
@@ -111,5 +112,92 @@ fn daemon_kill() -> anyhow::Result<()> {
         !log.contains("I/O failed"),
         "the daemon reported I/O errors:\n{log}"
     );
+    Ok(())
+}
+
+const GROW_SCRIPT: &str = r#"#!/bin/sh
+set -e
+old=$(cat /sys/block/vda/size)
+echo "RAFTBLK-READY $old"
+i=0
+while [ "$(cat /sys/block/vda/size)" = "$old" ]; do
+  i=$((i + 1))
+  [ $i -lt 2400 ] || { echo "RAFTBLK-NOGROW"; exit 1; }
+  sleep 0.05
+done
+new=$(cat /sys/block/vda/size)
+echo "RAFTBLK-GROWN $old $new"
+# 1 MiB right past the old end, written and read back around the cache.
+dd if=/dev/urandom of=/tmp/pat bs=1M count=1 2>/dev/null
+dd if=/tmp/pat of=/dev/vda bs=1M seek=$((old / 2048)) oflag=direct conv=notrunc 2>/dev/null
+got=$(dd if=/dev/vda bs=1M skip=$((old / 2048)) count=1 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$(sha256sum /tmp/pat | cut -d' ' -f1)
+if [ "$got" = "$want" ]; then echo "RAFTBLK-PASTEND ok"; else echo "RAFTBLK-PASTEND bad"; exit 1; fi
+"#;
+
+/// `raftblk volume grow` on a volume a running guest has attached: the
+/// guest kernel sees the new capacity without a reboot (the daemon reads
+/// the new size and sends QEMU a config-change message) and writes past
+/// the old end.
+#[test]
+fn online_grow() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let cluster = LocalCluster::start(ClusterSpec::default())?;
+    rt.block_on(cluster.wait_healthy(Duration::from_secs(30)))?;
+    let client = rt.block_on(cluster.client())?;
+    let old_bytes: u64 = 256 << 20;
+    let new_bytes: u64 = 384 << 20;
+    rt.block_on(client.create_volume("vmg", old_bytes))?;
+    let dir = tempfile::tempdir()?;
+    let daemon = VhostDaemon::start(dir.path(), &cluster.cluster_arg(), "vmg", 2)?;
+    let mut grown_at: Option<Instant> = None;
+    let mut seen_after: Option<Duration> = None;
+    let mut grow_error: Option<String> = None;
+    let run = run_guest(&daemon.socket, 2, GROW_SCRIPT, GUEST_TIMEOUT, |line| {
+        if line.starts_with("RAFTBLK-READY") && grown_at.is_none() {
+            let out = std::process::Command::new(bin("raftblk"))
+                .args(["--cluster", &cluster.cluster_arg()])
+                .args(["volume", "grow", "vmg", "--size", "384M"])
+                .output();
+            match out {
+                Ok(o) if o.status.success() => grown_at = Some(Instant::now()),
+                Ok(o) => grow_error = Some(String::from_utf8_lossy(&o.stderr).into_owned()),
+                Err(e) => grow_error = Some(e.to_string()),
+            }
+        }
+        if line.starts_with("RAFTBLK-GROWN") {
+            seen_after = grown_at.map(|t| t.elapsed());
+        }
+    })?;
+    let log = daemon.log_text();
+    assert_eq!(grow_error, None, "raftblk volume grow failed");
+    assert_eq!(
+        run.exit,
+        Some(0),
+        "the guest did not see the new size or could not write past the old end:\n{}\n--- daemon log ---\n{log}",
+        run.output
+    );
+    let grown = run.values("RAFTBLK-GROWN");
+    assert_eq!(
+        grown.first().map(|v| v.as_slice()),
+        Some([(old_bytes / 512).to_string(), (new_bytes / 512).to_string()].as_slice()),
+        "{}",
+        run.output
+    );
+    assert_eq!(
+        run.values("RAFTBLK-PASTEND").first().map(|v| v.join(" ")),
+        Some("ok".to_owned())
+    );
+    let seen_after = seen_after.ok_or_else(|| anyhow::anyhow!("no grow time"))?;
+    println!(
+        "online_grow: the guest saw {} MiB {} ms after `raftblk volume grow` returned",
+        new_bytes >> 20,
+        seen_after.as_millis()
+    );
+    assert!(
+        seen_after <= Duration::from_secs(2),
+        "the guest saw the new size only after {seen_after:?}:\n{log}"
+    );
+    assert!(log.contains("config change sent to the frontend"), "{log}");
     Ok(())
 }

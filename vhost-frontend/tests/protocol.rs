@@ -936,3 +936,54 @@ fn dirty_log_and_inflight_region() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Online resize at the protocol level: with BACKEND_REQ negotiated and a
+/// backend channel set, growing the volume makes the daemon send
+/// CONFIG_CHANGE_MSG on that channel; the config space then holds the new
+/// capacity and I/O past the old end succeeds.
+#[test]
+fn config_change_message_after_grow() -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let old: u64 = 16 << 20;
+    let new: u64 = 32 << 20;
+    let (cluster, _dir, vhost, _) = setup("proto-grow", old)?;
+    let extra = Extra {
+        protocol: VhostUserProtocolFeatures::BACKEND_REQ,
+        ..Extra::default()
+    };
+    let (mut drv, _, pf, config) = Driver::connect_with(&vhost.socket, 2, &extra)?;
+    assert!(pf.contains(VhostUserProtocolFeatures::BACKEND_REQ));
+    assert_eq!(u64::from_le_bytes(config[0..8].try_into()?), old / 512);
+    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    drv.fe.set_backend_request_fd(&theirs)?;
+    ours.set_read_timeout(Some(Duration::from_secs(20)))?;
+    // Past the old end: refused before the grow.
+    assert_eq!(drv.write(0, old / 512, &payload(3, 4096))?, S_IOERR);
+    let rt = tokio::runtime::Runtime::new()?;
+    let client = rt.block_on(cluster.client())?;
+    rt.block_on(client.grow_volume("proto-grow", new))?;
+    let mut hdr = [0u8; 12];
+    ours.read_exact(&mut hdr)?;
+    let code = u32::from_le_bytes(hdr[0..4].try_into()?);
+    let flags = u32::from_le_bytes(hdr[4..8].try_into()?);
+    let size = u32::from_le_bytes(hdr[8..12].try_into()?);
+    assert_eq!((code, size), (2, 0), "CONFIG_CHANGE_MSG with no payload");
+    if flags & 0x8 != 0 {
+        // NEED_REPLY (REPLY_ACK is negotiated): ack with 0.
+        let mut reply = Vec::new();
+        reply.extend_from_slice(&2u32.to_le_bytes());
+        reply.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
+        reply.extend_from_slice(&8u32.to_le_bytes());
+        reply.extend_from_slice(&0u64.to_le_bytes());
+        ours.write_all(&reply)?;
+    }
+    let (_, config) = drv
+        .fe
+        .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])?;
+    assert_eq!(u64::from_le_bytes(config[0..8].try_into()?), new / 512);
+    let data = payload(4, 4096);
+    assert_eq!(drv.write(0, old / 512, &data)?, S_OK);
+    let (st, got) = drv.read(1, old / 512, 4096)?;
+    assert_eq!((st, got == data), (S_OK, true));
+    Ok(())
+}
