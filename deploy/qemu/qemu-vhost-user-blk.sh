@@ -9,16 +9,17 @@
 #    (deploy/raftblk-vhost@.service).
 # 2. Start QEMU. vhost-user needs the guest RAM in shared memory (a memfd
 #    with share=on), and num-queues must not exceed the daemon's --queues.
-#    `reconnect=1` makes QEMU reconnect to the socket if raftblk-vhost
-#    restarts; the guest's in-flight requests are resubmitted once the
-#    daemon is back (the guest sees a stall, not an error, if it is short).
+#    `reconnect-ms=1000` (QEMU before 9.2: `reconnect=1`) makes QEMU
+#    reconnect to the socket if raftblk-vhost restarts; the guest's
+#    in-flight requests are resubmitted from the inflight region once the
+#    daemon is back (the guest sees a stall, never an error).
 set -euo pipefail
 SOCK="${1:-/run/raftblk/vm1.sock}"
 exec qemu-system-x86_64 \
   -machine q35,accel=kvm,memory-backend=mem0 \
   -cpu host -smp 4 -m 4G \
   -object memory-backend-memfd,id=mem0,size=4G,share=on \
-  -chardev socket,id=disk0,path="$SOCK",reconnect=1 \
+  -chardev socket,id=disk0,path="$SOCK",reconnect-ms=1000 \
   -device vhost-user-blk-pci,chardev=disk0,num-queues=4,bootindex=1 \
   -nic user,model=virtio-net-pci \
   -drive file=seed.iso,media=cdrom,if=ide \
