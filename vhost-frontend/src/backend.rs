@@ -33,6 +33,22 @@ pub type Mem = GuestMemoryAtomic<GuestMem>;
 
 /// Descriptors read from one chain before it is declared malformed.
 const CHAIN_DESCS_MAX: usize = 4096;
+/// Rounds of popping in one call of `process_queue`.
+const PASSES_MAX: u32 = 64;
+
+/// Heads taken from a ring and counted in flight, not yet handed to the
+/// runtime: whatever is left (answered at once, dropped, or abandoned on
+/// an error) leaves the count when the batch ends.
+struct Claimed<'a> {
+    ctx: &'a QueueCtx,
+    left: usize,
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        self.ctx.inflight.fetch_sub(self.left, Ordering::AcqRel);
+    }
+}
 
 /// Device settings fixed for the life of a daemon.
 #[derive(Debug, Clone)]
@@ -176,9 +192,13 @@ impl BlkBackend {
     }
 
     /// Takes every available request of queue `q` (requests found in the
-    /// inflight region at start first) and starts or answers each.
-    pub fn process_queue(&self, q: usize, vring: &Vring) -> io::Result<()> {
-        let Some(mem) = self.mem() else { return Ok(()) };
+    /// inflight region at start first) and starts or answers each. True
+    /// when it stopped at its pass limit with requests maybe left: call
+    /// again.
+    pub fn process_queue(&self, q: usize, vring: &Vring) -> io::Result<bool> {
+        let Some(mem) = self.mem() else {
+            return Ok(false);
+        };
         let guest = mem.memory();
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
         let mut passes = 0;
@@ -190,7 +210,7 @@ impl BlkBackend {
             let (table, size, heads, resubmits) = {
                 let mut st = vring.lock();
                 if !st.serving() {
-                    return Ok(());
+                    return Ok(false);
                 }
                 if event_idx {
                     st.queue.disable_notification(&*guest).map_err(qerr)?;
@@ -218,7 +238,16 @@ impl BlkBackend {
                         None => break,
                     }
                 }
+                // Claimed under the ring lock: GET_VRING_BASE's drain sees
+                // these heads from the moment they leave the ring.
+                self.inner.queues[q]
+                    .inflight
+                    .fetch_add(v.len(), Ordering::AcqRel);
                 (table, size, v, resubmits)
+            };
+            let mut claimed = Claimed {
+                ctx: &self.inner.queues[q],
+                left: heads.len(),
             };
             if resubmits > 0 {
                 self.inner.queues[q]
@@ -252,22 +281,34 @@ impl BlkBackend {
                             .fetch_add(1, Ordering::Relaxed);
                         answered = true;
                     }
-                    Ok(req) => answered |= self.submit(q, req, &guest, vring)?,
+                    Ok(req) => {
+                        if self.submit(q, req, &guest, vring)? {
+                            answered = true;
+                        } else {
+                            // Its completion settles it.
+                            claimed.left -= 1;
+                        }
+                    }
                 }
             }
+            drop(claimed);
             let mut st = vring.lock();
             if answered {
                 st.notify_if_needed(&*guest)?;
             }
+            if passes > PASSES_MAX {
+                // Fairness to the other work of this thread: the worker
+                // calls again at once.
+                return Ok(true);
+            }
             if !event_idx
-                || passes > 64
                 || !st.serving()
                 || !st.queue.enable_notification(&*guest).map_err(qerr)?
             {
                 break;
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Starts one request; true when it was answered at once.
@@ -315,9 +356,6 @@ impl BlkBackend {
             None
         };
         let ctx_index = q;
-        self.inner.queues[ctx_index]
-            .inflight
-            .fetch_add(1, Ordering::AcqRel);
         let inner = self.inner.clone();
         let Request {
             head,

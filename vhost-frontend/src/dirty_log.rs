@@ -50,8 +50,8 @@ impl DirtyLog {
     }
 
     /// Maps the log the frontend shares (SET_LOG_BASE), replacing any
-    /// earlier one. The file must hold the whole range, so the mapping
-    /// never reaches past its end.
+    /// earlier one. The file must hold the whole range and be sealed
+    /// against shrinking, so the mapping never reaches past its end.
     pub fn set_base(&self, file: File, size_bytes: u64, offset_bytes: u64) -> Result<(), String> {
         if size_bytes == 0 || size_bytes > LOG_BYTES_MAX {
             return Err(format!(
@@ -61,6 +61,14 @@ impl DirtyLog {
         let end = offset_bytes
             .checked_add(size_bytes)
             .ok_or("dirty log range overflows")?;
+        // QEMU's log is a memfd sealed against shrinking; an unsealed file
+        // could shrink under the mapping and SIGBUS the daemon.
+        // SAFETY: F_GET_SEALS only reads the file's seal set.
+        let seals =
+            unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err("dirty log file is not sealed against shrinking".into());
+        }
         let len = file.metadata().map_err(|e| e.to_string())?.len();
         if len < end {
             return Err(format!(
@@ -187,6 +195,27 @@ mod tests {
         Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap, GuestMemoryRegion,
     };
 
+    /// A memfd sealed against shrinking, as QEMU makes its log.
+    fn sealed(size: u64) -> File {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: memfd_create with a NUL-terminated literal name.
+        let fd = unsafe { libc::memfd_create(c"log".as_ptr(), libc::MFD_ALLOW_SEALING) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd nobody else owns.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(size).expect("size");
+        // SAFETY: F_ADD_SEALS on our memfd with valid flags.
+        let rc = unsafe {
+            libc::fcntl(
+                f.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+            )
+        };
+        assert_eq!(rc, 0);
+        f
+    }
+
     #[test]
     fn writes_mark_their_pages_only_while_logging_is_on() {
         let log = Arc::new(DirtyLog::default());
@@ -195,9 +224,7 @@ mod tests {
         for r in mem.iter() {
             r.bitmap().bind(r.start_addr().0, log.clone());
         }
-        let file = tempfile::tempfile().expect("log file");
-        file.set_len(4096).expect("size");
-        log.set_base(file, 4096, 0).expect("log base");
+        log.set_base(sealed(4096), 4096, 0).expect("log base");
         // Off: nothing marked.
         mem.write_slice(&[1u8; 10], GuestAddress(0x10_0000))
             .expect("write");
@@ -219,10 +246,12 @@ mod tests {
     }
 
     #[test]
-    fn a_log_file_shorter_than_the_log_is_refused() {
+    fn a_log_file_shorter_than_the_log_or_unsealed_is_refused() {
         let log = DirtyLog::default();
-        let file = tempfile::tempfile().expect("log file");
-        file.set_len(4096).expect("size");
+        let plain = tempfile::tempfile().expect("log file");
+        plain.set_len(4096).expect("size");
+        assert!(log.set_base(plain, 4096, 0).is_err());
+        let file = sealed(4096);
         assert!(log
             .set_base(file.try_clone().expect("dup"), 8192, 0)
             .is_err());

@@ -66,6 +66,10 @@ pub struct Handler {
     /// up: the size watcher sends config changes through it.
     notifier: ConfigNotifier,
     log: Arc<DirtyLog>,
+    /// A request failed in a way the frontend cannot be told about (a
+    /// ring that would not drain): the connection must end, so the
+    /// frontend reconnects and the inflight region serves what is left.
+    fatal: bool,
 }
 
 fn invalid(what: impl Into<String>) -> VuError {
@@ -108,6 +112,7 @@ impl Handler {
             inflight: None,
             notifier,
             log: Arc::new(DirtyLog::default()),
+            fatal: false,
         })
     }
 
@@ -147,6 +152,11 @@ impl Handler {
         Ok(r)
     }
 
+    /// Whether the connection must end (see `fatal`).
+    pub fn fatal(&self) -> bool {
+        self.fatal
+    }
+
     /// Page bits set in the dirty log on this connection.
     pub fn pages_logged(&self) -> u64 {
         self.log.pages_marked()
@@ -171,6 +181,14 @@ impl Handler {
         let mem = self.mem.memory();
         let inflight = self.inflight.as_ref().and_then(|r| r.queue(index as u16));
         let mut st = self.vrings[index].lock();
+        if st.started {
+            // A new kick fd for a running ring: follow it, nothing else
+            // (recovery again would serve requests in flight twice).
+            st.generation += 1;
+            drop(st);
+            self.poke(index);
+            return;
+        }
         // `is_valid` checks a ready queue's sizes and ring addresses.
         st.queue.set_ready(true);
         if !st.queue.is_valid(&*mem) {
@@ -389,9 +407,10 @@ impl VhostUserBackendReqHandlerMut for Handler {
             st.generation += 1;
         }
         self.poke(index as usize);
-        self.backend
-            .drain_queue(index as usize)
-            .map_err(VuError::ReqHandlerError)?;
+        if let Err(e) = self.backend.drain_queue(index as usize) {
+            self.fatal = true;
+            return Err(VuError::ReqHandlerError(e));
+        }
         let mut st = vring.lock();
         st.queue.set_ready(false);
         let next_avail = st.queue.next_avail();
@@ -495,7 +514,9 @@ impl VhostUserBackendReqHandlerMut for Handler {
         if self.protocol_acked(VhostUserProtocolFeatures::REPLY_ACK) {
             backend.set_reply_ack_flag(true);
         }
-        *self.notifier.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend);
+        static CHANNELS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = CHANNELS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self.notifier.lock().unwrap_or_else(|p| p.into_inner()) = Some((id, backend));
     }
 
     fn set_gpu_socket(&mut self, _gpu: GpuBackend) -> VuResult<()> {

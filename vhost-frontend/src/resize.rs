@@ -17,8 +17,12 @@ use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use crate::ratelimit::LogLimiter;
 
 /// The backend-request channel of the connection being served, if its
-/// frontend set one up.
-pub type ConfigNotifier = Arc<Mutex<Option<Backend>>>;
+/// frontend set one up, with a number that changes with every channel.
+pub type ConfigNotifier = Arc<Mutex<Option<(u64, Backend)>>>;
+
+/// Polls a new channel must have lived through before it gets its
+/// unconditional config change (its rings have started by then).
+const NEW_CHANNEL_POLLS: u32 = 2;
 
 /// Longest wait for one catalog read.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,6 +40,11 @@ pub fn spawn_size_watch(
         .name(format!("size-{name}"))
         .spawn(move || {
             let errors = LogLimiter::new(1);
+            // A growth not yet told to any frontend.
+            let mut pending = false;
+            // The channel last told, and how long the current one lived.
+            let mut told: Option<u64> = None;
+            let mut current: Option<(u64, u32)> = None;
             while !stop.load(Ordering::Acquire) {
                 std::thread::sleep(interval);
                 // The timer must be made inside the runtime.
@@ -45,7 +54,7 @@ pub fn spawn_size_watch(
                 match r {
                     Ok(Ok(Some(size_bytes))) => {
                         tracing::info!(volume = %name, size_bytes, "volume grew");
-                        notify(&name, &notifier);
+                        pending = true;
                     }
                     Ok(Ok(None)) => {}
                     Ok(Err(e)) => {
@@ -59,25 +68,34 @@ pub fn spawn_size_watch(
                         }
                     }
                 }
+                let channel = notifier.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let Some((id, backend)) = channel else {
+                    current = None;
+                    continue;
+                };
+                // A frontend that connected after a growth (say, to a
+                // restarted daemon) may hold an older size: every channel
+                // gets one config change; QEMU ignores it when the
+                // capacity is unchanged.
+                current = match current {
+                    Some((c, n)) if c == id => Some((c, n.saturating_add(1))),
+                    _ => Some((id, 1)),
+                };
+                let settled = current.is_some_and(|(_, n)| n >= NEW_CHANNEL_POLLS);
+                if pending || (told != Some(id) && settled) {
+                    match backend.handle_config_change() {
+                        Ok(_) => {
+                            tracing::info!(volume = %name, size_bytes = volume.size_bytes(), "config change sent to the frontend");
+                            pending = false;
+                            told = Some(id);
+                        }
+                        Err(e) => {
+                            if let Some(suppressed) = errors.allow() {
+                                tracing::warn!(volume = %name, suppressed, error = %e, "the frontend did not take the config change (retried; QMP device-sync-config makes the guest see the new size)");
+                            }
+                        }
+                    }
+                }
             }
         })
-}
-
-/// Sends the config change to the connected frontend, if any.
-fn notify(name: &str, notifier: &ConfigNotifier) {
-    let channel = notifier.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    match channel {
-        Some(b) => match b.handle_config_change() {
-            Ok(_) => tracing::info!(volume = %name, "config change sent to the frontend"),
-            Err(e) => tracing::warn!(
-                volume = %name,
-                error = %e,
-                "the frontend did not take the config change; QMP device-sync-config makes the guest see the new size"
-            ),
-        },
-        None => tracing::info!(
-            volume = %name,
-            "no frontend with a backend channel; the next one reads the new size"
-        ),
-    }
 }

@@ -83,12 +83,21 @@ fn accept_loop(
             Err(e) => anyhow::bail!("accept on {}: {e}", socket.display()),
         };
         tracing::info!(socket = %socket.display(), "frontend connected");
-        let backend =
-            BlkBackend::new(volume.clone(), rt.clone(), opts.clone()).context("create backend")?;
-        let handler = Arc::new(Mutex::new(
-            Handler::new(backend.clone(), notifier.clone())
-                .context("create the protocol handler")?,
-        ));
+        // Out of fds or threads: this connection is dropped (the frontend
+        // may try again), the daemon serves on.
+        let made = BlkBackend::new(volume.clone(), rt.clone(), opts.clone()).and_then(|b| {
+            let h = Handler::new(b.clone(), notifier.clone())?;
+            Ok((b, h))
+        });
+        let (backend, handler) = match made {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(socket = %socket.display(), error = %e, "cannot set up the connection; dropped");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let handler = Arc::new(Mutex::new(handler));
         let mut conn = BackendReqHandler::from_stream(stream, handler.clone());
         let mut refused = 0u32;
         loop {
@@ -100,6 +109,10 @@ fn accept_loop(
                 }
                 // The request was answered with an error; the frontend
                 // decides whether to go on.
+                Err(e) if handler.lock().map(|h| h.fatal()).unwrap_or(true) => {
+                    tracing::error!(socket = %socket.display(), error = %e, "dropping the connection: the frontend reconnects and the inflight region serves what is left");
+                    break;
+                }
                 Err(
                     e @ (VuError::ReqHandlerError(_)
                     | VuError::InvalidOperation(_)

@@ -104,8 +104,10 @@ fn run(
     let mut kick: Option<File> = None;
     let mut seen_generation = u64::MAX;
     let mut events = vec![EpollEvent::default(); 4];
+    let mut again = false;
     loop {
-        let n = match epoll.wait(WAIT_MS_MAX, &mut events) {
+        let wait_ms = if again { 0 } else { WAIT_MS_MAX };
+        let n = match epoll.wait(wait_ms, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
@@ -113,7 +115,7 @@ fn run(
         if exit.load(Ordering::Acquire) {
             return Ok(());
         }
-        let mut process = false;
+        let mut process = std::mem::take(&mut again);
         for ev in &events[..n] {
             match ev.data() {
                 TOKEN_KICK => {
@@ -139,7 +141,13 @@ fn run(
         let (generation, new_kick) = {
             let st = vring.lock();
             let k = if st.generation != seen_generation {
-                st.kick.as_ref().map(File::try_clone).transpose()?
+                match st.kick.as_ref().map(File::try_clone).transpose() {
+                    Ok(k) => k,
+                    Err(e) => {
+                        tracing::error!(queue, error = %e, "cannot follow the kick fd; the queue waits for the frontend to set it again");
+                        None
+                    }
+                }
             } else {
                 None
             };
@@ -154,20 +162,27 @@ fn run(
                 );
             }
             if let Some(k) = new_kick {
-                epoll.ctl(
+                match epoll.ctl(
                     ControlOperation::Add,
                     k.as_raw_fd(),
                     EpollEvent::new(EventSet::IN, TOKEN_KICK),
-                )?;
-                kick = Some(k);
+                ) {
+                    Ok(()) => kick = Some(k),
+                    Err(e) => {
+                        tracing::error!(queue, error = %e, "the kick fd cannot be polled; the queue waits for the frontend to set it again")
+                    }
+                }
             }
             seen_generation = generation;
             process = true;
         }
         if process {
-            if let Err(e) = backend.process_queue(queue, vring) {
-                if let Some(suppressed) = errors.allow() {
-                    tracing::error!(queue, suppressed, error = %e, "serving the queue");
+            match backend.process_queue(queue, vring) {
+                Ok(more) => again = more,
+                Err(e) => {
+                    if let Some(suppressed) = errors.allow() {
+                        tracing::error!(queue, suppressed, error = %e, "serving the queue");
+                    }
                 }
             }
         }
