@@ -392,6 +392,19 @@ pub fn console_lines(child: &mut Child) -> anyhow::Result<mpsc::Receiver<String>
     Ok(rx)
 }
 
+/// What `fio_verify` printed (`rc=… secs=… errors=…`), if fio ended.
+pub fn fio_result(output: &str) -> Option<String> {
+    output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("RAFTBLK-FIO "))
+        .map(str::to_owned)
+}
+
+/// Whether `fio_verify` ended with status 0 in a console transcript.
+pub fn fio_passed(output: &str) -> bool {
+    fio_result(output).is_some_and(|f| f.starts_with("rc=0 "))
+}
+
 /// `RAFTBLK-EXIT` status of `/test.sh` in a console transcript.
 pub fn exit_status(output: &str) -> Option<i32> {
     output

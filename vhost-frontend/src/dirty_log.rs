@@ -124,59 +124,96 @@ impl DirtyLog {
 /// region is mapped.
 type Binding = (u64, Arc<DirtyLog>);
 
-/// The vm-memory bitmap of one guest region (and of every slice of it:
-/// the same binding with the slice's offset).
-#[derive(Clone, Default)]
+/// The vm-memory bitmap of one guest region.
+#[derive(Default)]
 pub struct LogBitmap {
-    binding: Arc<OnceLock<Binding>>,
-    offset: usize,
+    binding: OnceLock<Binding>,
 }
 
 impl fmt::Debug for LogBitmap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LogBitmap")
             .field("gpa_base", &self.binding.get().map(|b| b.0))
+            .finish()
+    }
+}
+
+/// A slice of a region's bitmap: a borrow of its binding and the slice's
+/// offset in the region, so taking one (vm-memory does on every guest
+/// memory access) costs no reference count.
+#[derive(Clone, Copy)]
+pub struct LogSlice<'a> {
+    binding: &'a OnceLock<Binding>,
+    offset: usize,
+}
+
+impl fmt::Debug for LogSlice<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogSlice")
+            .field("gpa_base", &self.binding.get().map(|b| b.0))
             .field("offset", &self.offset)
             .finish()
     }
 }
 
-impl LogBitmap {
+impl LogSlice<'_> {
     /// Binds the region this bitmap belongs to (guest-physical base
     /// `gpa_base`) to the connection's log. Binding twice keeps the first.
     pub fn bind(&self, gpa_base: u64, log: Arc<DirtyLog>) {
         let _ = self.binding.set((gpa_base, log));
     }
-}
 
-impl WithBitmapSlice<'_> for LogBitmap {
-    type S = LogBitmap;
-}
-
-impl BitmapSlice for LogBitmap {}
-
-impl Bitmap for LogBitmap {
-    fn mark_dirty(&self, offset: usize, len: usize) {
-        if let Some((base, log)) = self.binding.get() {
+    fn gpa(&self, offset: usize) -> Option<(u64, &DirtyLog)> {
+        self.binding.get().map(|(base, log)| {
             let at = base
                 .saturating_add(self.offset as u64)
                 .saturating_add(offset as u64);
+            (at, &**log)
+        })
+    }
+}
+
+impl<'a> WithBitmapSlice<'a> for LogBitmap {
+    type S = LogSlice<'a>;
+}
+
+impl Bitmap for LogBitmap {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        self.slice_at(0).mark_dirty(offset, len);
+    }
+
+    fn dirty_at(&self, offset: usize) -> bool {
+        self.slice_at(0).dirty_at(offset)
+    }
+
+    fn slice_at(&self, offset: usize) -> LogSlice<'_> {
+        LogSlice {
+            binding: &self.binding,
+            offset,
+        }
+    }
+}
+
+impl<'a> WithBitmapSlice<'_> for LogSlice<'a> {
+    type S = LogSlice<'a>;
+}
+
+impl BitmapSlice for LogSlice<'_> {}
+
+impl<'a> Bitmap for LogSlice<'a> {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        if let Some((at, log)) = self.gpa(offset) {
             log.mark(at, len);
         }
     }
 
     fn dirty_at(&self, offset: usize) -> bool {
-        self.binding.get().is_some_and(|(base, log)| {
-            log.is_marked(
-                base.saturating_add(self.offset as u64)
-                    .saturating_add(offset as u64),
-            )
-        })
+        self.gpa(offset).is_some_and(|(at, log)| log.is_marked(at))
     }
 
-    fn slice_at(&self, offset: usize) -> LogBitmap {
-        LogBitmap {
-            binding: self.binding.clone(),
+    fn slice_at(&self, offset: usize) -> LogSlice<'a> {
+        LogSlice {
+            binding: self.binding,
             offset: self.offset.saturating_add(offset),
         }
     }

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use raftblk_cluster_tests::guest::{fio_verify, run_guest, sha256_file, VhostDaemon};
+use raftblk_cluster_tests::guest::{
+    fio_passed, fio_result, fio_verify, run_guest, sha256_file, VhostDaemon,
+};
 use raftblk_cluster_tests::{bin, ClusterSpec, LocalCluster};
 
 const GUEST_TIMEOUT: Duration = Duration::from_secs(600);
@@ -177,13 +179,7 @@ fn guest_survives_kill_of_a_group_leader_during_fio_verify() -> anyhow::Result<(
         "fio verify failed after the leader was killed:\n{}",
         run.output
     );
-    let fio = run.values("RAFTBLK-FIO");
-    assert_eq!(
-        fio.first().and_then(|v| v.first()).map(String::as_str),
-        Some("rc=0"),
-        "{}",
-        run.output
-    );
+    assert!(fio_passed(&run.output), "{}", run.output);
     // The kill happened while fio was still running.
     assert!(
         killed_before_fio_ended,
@@ -290,13 +286,7 @@ fn guest_fio_verify_while_a_node_is_lost_for_good_and_the_cluster_heals() -> any
         "fio verify failed while the cluster healed:\n{}",
         run.output
     );
-    let fio = run.values("RAFTBLK-FIO");
-    assert_eq!(
-        fio.first().and_then(|v| v.first()).map(String::as_str),
-        Some("rc=0"),
-        "{}",
-        run.output
-    );
+    assert!(fio_passed(&run.output), "{}", run.output);
     let healed_at = rt
         .block_on(watcher)?
         .ok_or_else(|| anyhow::anyhow!("the cluster did not heal within 180 s"))?;
@@ -305,7 +295,7 @@ fn guest_fio_verify_while_a_node_is_lost_for_good_and_the_cluster_heals() -> any
         "node {gone} killed 2 s into fio; cluster healed {:?} after the start, fio ended {:?} after it: {}",
         healed_at.duration_since(started),
         fio_ended.duration_since(started),
-        fio[0].join(" ")
+        fio_result(&run.output).unwrap_or_default()
     );
     assert!(
         healed_at < fio_ended,

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use raftblk_cluster_tests::guest::{fio_verify, run_guest, run_guest_vhost, VhostDaemon};
+use raftblk_cluster_tests::guest::{
+    fio_passed, fio_result, fio_verify, run_guest, run_guest_vhost, VhostDaemon,
+};
 use raftblk_cluster_tests::{bin, ClusterSpec, LocalCluster};
 
 const GUEST_TIMEOUT: Duration = Duration::from_secs(600);
@@ -85,13 +87,7 @@ fn daemon_kill() -> anyhow::Result<()> {
         "fio verify failed across daemon kills:\n{}\n--- daemon log ---\n{log}",
         run.output
     );
-    let fio = run.values("RAFTBLK-FIO");
-    assert_eq!(
-        fio.first().and_then(|v| v.first()).map(String::as_str),
-        Some("rc=0"),
-        "{}",
-        run.output
-    );
+    assert!(fio_passed(&run.output), "{}", run.output);
     assert!(
         kills_before_fio_ended >= 3,
         "only {kills_before_fio_ended} daemon kills happened while fio ran:\n{}",
@@ -102,7 +98,7 @@ fn daemon_kill() -> anyhow::Result<()> {
     println!(
         "daemon_kill: {kills_before_fio_ended} kills during fio, {resubmitted} requests resubmitted \
          from the inflight region, fio {:?}",
-        fio.first()
+        fio_result(&run.output)
     );
     assert!(
         resubmitted > 0,
@@ -138,7 +134,8 @@ if [ "$got" = "$want" ]; then echo "RAFTBLK-PASTEND ok"; else echo "RAFTBLK-PAST
 /// `raftblk volume grow` on a volume a running guest has attached: the
 /// guest kernel sees the new capacity without a reboot (the daemon reads
 /// the new size and sends QEMU a config-change message) and writes past
-/// the old end.
+/// the old end. How long the guest took is printed (a benchmark figure,
+/// see BENCHMARKS.md), not asserted.
 #[test]
 fn online_grow() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
@@ -193,10 +190,6 @@ fn online_grow() -> anyhow::Result<()> {
         "online_grow: the guest saw {} MiB {} ms after `raftblk volume grow` returned",
         new_bytes >> 20,
         seen_after.as_millis()
-    );
-    assert!(
-        seen_after <= Duration::from_secs(2),
-        "the guest saw the new size only after {seen_after:?}:\n{log}"
     );
     assert!(log.contains("config change sent to the frontend"), "{log}");
     Ok(())

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use raftblk_cluster_tests::guest::{fio_verify, guest_initrd, VhostDaemon};
+use raftblk_cluster_tests::guest::{fio_passed, fio_result, fio_verify, guest_initrd, VhostDaemon};
 use raftblk_cluster_tests::vm::Vm;
 use raftblk_cluster_tests::{ClusterSpec, LocalCluster};
 
@@ -26,13 +26,6 @@ fn vhost_blk(socket: &Path) -> Vec<String> {
         "-device".to_owned(),
         "vhost-user-blk-pci,chardev=c0,num-queues=2".to_owned(),
     ]
-}
-
-fn fio_result(output: &str) -> Option<String> {
-    output
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("RAFTBLK-FIO "))
-        .map(str::to_owned)
 }
 
 struct Sides {
@@ -129,7 +122,7 @@ fn live_migration() -> anyhow::Result<()> {
         );
         let fio = fio_result(&s.dst.output);
         assert!(
-            fio.as_deref().is_some_and(|f| f.starts_with("rc=0 ")),
+            fio_passed(&s.dst.output),
             "round {round}: fio on the destination: {fio:?}\n{}",
             s.dst.output
         );
@@ -189,7 +182,7 @@ fn migrate_cancel() -> anyhow::Result<()> {
     );
     let fio = fio_result(&s.src.output);
     assert!(
-        fio.as_deref().is_some_and(|f| f.starts_with("rc=0 ")),
+        fio_passed(&s.src.output),
         "fio on the source: {fio:?}\n{}",
         s.src.output
     );
