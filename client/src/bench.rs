@@ -462,6 +462,9 @@ pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
     let name = format!("bench-{}", std::process::id());
     client.create_volume(&name, size).await?;
     let vol = client.open_volume(&name).await?;
+    // The run holds the scratch volume's attach lease (before the clock
+    // starts: the first write would take it otherwise).
+    vol.attach().await?;
     let result = async {
         eprintln!("running cluster workloads on volume {name} ({s} s each)...");
         let spec = |name, op, qd, block, sequential| Spec {
@@ -555,6 +558,11 @@ pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
         anyhow::Ok(out)
     }
     .await;
+    if let Some(a) = vol.attachment() {
+        if let Err(e) = a.detach().await {
+            eprintln!("warning: could not release the attach lease of {name}: {e}");
+        }
+    }
     if !args.keep {
         if let Err(e) = client.delete_volume(&name).await {
             eprintln!("warning: could not delete scratch volume {name}: {e}");

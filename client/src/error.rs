@@ -16,6 +16,13 @@ pub enum ClientError {
     OutOfRange(String),
     #[error("{what} did not complete before its deadline; last error: {last}")]
     Timeout { what: String, last: String },
+    /// The volume was attached by another holder since this one: it may
+    /// not write any more.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// Another holder's attach lease is live.
+    #[error("{0}")]
+    Attached(String),
     #[error("server error: {0}")]
     Server(PbError),
     #[error("i/o: {0}")]
@@ -34,6 +41,8 @@ impl ClientError {
             }
             ErrorCode::InvalidArgument => ClientError::InvalidArgument(e.message),
             ErrorCode::OutOfRange => ClientError::OutOfRange(e.message),
+            ErrorCode::Fenced => ClientError::Fenced(e.message),
+            ErrorCode::Attached => ClientError::Attached(e.message),
             _ => ClientError::Server(e),
         }
     }

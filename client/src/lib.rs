@@ -5,16 +5,19 @@
 //! - `router`: group → leader cache, per-attempt timeouts, retries of
 //!   NotLeader / unavailable / timeouts with backoff under a deadline.
 //! - `admin`: the cluster map and node administration (meta leader).
+//! - `attach`: attach leases: one writer per volume, fenced by epoch.
 //! - `volume`: a volume handle that validates I/O, splits it at chunk
 //!   boundaries and sends the pieces concurrently.
 
 pub mod admin;
+pub mod attach;
 pub mod error;
 pub mod router;
 pub mod size;
 pub mod topology;
 pub mod volume;
 
+pub use attach::{AttachOptions, Attachment};
 pub use error::ClientError;
 pub use router::{Client, ClientOptions};
 pub use volume::Volume;

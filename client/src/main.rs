@@ -105,6 +105,14 @@ enum VolumeCmd {
     Import { name: String, file: PathBuf },
     /// Copy a volume into a raw image file.
     Export { name: String, file: PathBuf },
+    /// Break a volume's attach lease (its holder is fenced by the next
+    /// attach). For a holder that is gone; a live one loses the volume.
+    Detach {
+        name: String,
+        /// Required: the lease belongs to another process.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// Bytes per import/export step.
@@ -366,7 +374,7 @@ async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
             }
         }
         VolumeCmd::Info { name } => {
-            let v = client.volume_info(name).await?;
+            let (v, lease) = client.volume_status(name).await?;
             println!("name:       {}", v.name);
             println!("id:         {}", v.id);
             println!(
@@ -377,6 +385,14 @@ async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
             println!("chunk size: {}", format_size(v.chunk_size_bytes));
             println!("chunks:     {}", v.size_bytes.div_ceil(v.chunk_size_bytes));
             println!("created:    {} (unix ms)", v.created_unix_ms);
+            println!("attached:   {}", describe_lease(lease.as_ref()));
+        }
+        VolumeCmd::Detach { name, force } => {
+            if !force {
+                bail!("detach breaks the attach lease of another process: pass --force if its holder is gone");
+            }
+            let l = client.detach_volume(name, "", 0, true).await?;
+            println!("volume {name} is detached (last epoch {})", l.epoch);
         }
         VolumeCmd::Delete { name } => {
             let v = client.delete_volume(name).await?;
@@ -405,8 +421,65 @@ fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
     pb
 }
 
-async fn import(client: &Client, name: &str, file: &std::path::Path) -> anyhow::Result<()> {
+/// `holder (epoch N, ...)` or `no`.
+fn describe_lease(lease: Option<&raftblk_proto::AttachLease>) -> String {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    match lease {
+        Some(l) if !l.holder.is_empty() => {
+            let left = l.expires_unix_ms.saturating_sub(now_ms);
+            if left == 0 {
+                format!(
+                    "{} (epoch {}, lease expired: another holder may attach)",
+                    l.holder, l.epoch
+                )
+            } else {
+                format!(
+                    "{} (epoch {}, lease renewed until {} s from now)",
+                    l.holder,
+                    l.epoch,
+                    left.div_ceil(1000)
+                )
+            }
+        }
+        Some(l) => format!("no (last epoch {})", l.epoch),
+        None => "no".to_owned(),
+    }
+}
+
+/// Opens `name` holding its attach lease (refused, naming the holder, if
+/// another process holds it).
+async fn open_attached(client: &Client, name: &str) -> anyhow::Result<raftblk_client::Volume> {
     let vol = client.open_volume(name).await?;
+    vol.attach()
+        .await
+        .with_context(|| format!("cannot attach volume {name}"))?;
+    Ok(vol)
+}
+
+/// Gives the lease of `vol` back.
+async fn detach(vol: &raftblk_client::Volume) {
+    if let Some(a) = vol.attachment() {
+        if let Err(e) = a.detach().await {
+            eprintln!("warning: could not release the attach lease (it expires by itself): {e}");
+        }
+    }
+}
+
+async fn import(client: &Client, name: &str, file: &std::path::Path) -> anyhow::Result<()> {
+    let vol = open_attached(client, name).await?;
+    let r = import_into(&vol, name, file).await;
+    detach(&vol).await;
+    r
+}
+
+async fn import_into(
+    vol: &raftblk_client::Volume,
+    name: &str,
+    file: &std::path::Path,
+) -> anyhow::Result<()> {
     let file_len = std::fs::metadata(file)?.len();
     if file_len > vol.size_bytes() {
         bail!(
@@ -457,7 +530,18 @@ async fn import(client: &Client, name: &str, file: &std::path::Path) -> anyhow::
 }
 
 async fn export(client: &Client, name: &str, file: &std::path::Path) -> anyhow::Result<()> {
-    let vol = client.open_volume(name).await?;
+    // The lease keeps writers away while the image is read.
+    let vol = open_attached(client, name).await?;
+    let r = export_from(&vol, name, file).await;
+    detach(&vol).await;
+    r
+}
+
+async fn export_from(
+    vol: &raftblk_client::Volume,
+    name: &str,
+    file: &std::path::Path,
+) -> anyhow::Result<()> {
     let size = vol.size_bytes();
     let mut out = tokio::fs::File::create(file)
         .await

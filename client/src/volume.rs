@@ -1,6 +1,8 @@
 //! A volume handle: validates guest-style I/O (512-byte aligned, inside the
 //! volume), splits it at chunk boundaries and at the per-RPC size limit, and
-//! sends the pieces to their groups' leaders concurrently.
+//! sends the pieces to their groups' leaders concurrently. Writes and
+//! discards carry the epoch of the handle's attach lease, taken at the
+//! first of them (`attach`) unless the owner attached explicitly.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +16,7 @@ use raftblk_proto::{
     SECTOR_BYTES,
 };
 
+use crate::attach::{AttachOptions, Attachment};
 use crate::error::ClientError;
 use crate::router::Client;
 
@@ -62,6 +65,9 @@ pub struct Volume {
     size_bytes: Arc<AtomicU64>,
     data_groups: u64,
     written_groups: Arc<Mutex<HashSet<u64>>>,
+    /// The attach lease writes carry the epoch of (shared by every clone).
+    attachment: Arc<tokio::sync::OnceCell<Arc<Attachment>>>,
+    attach_options: Arc<AttachOptions>,
 }
 
 /// Splits `[offset, offset+len)` at chunk boundaries and every `piece_max`.
@@ -98,7 +104,60 @@ impl Volume {
             info,
             data_groups,
             written_groups: Arc::new(Mutex::new(HashSet::new())),
+            attachment: Arc::new(tokio::sync::OnceCell::new()),
+            attach_options: Arc::new(AttachOptions::default()),
         }
+    }
+
+    /// How the first write attaches (default: the process's shared
+    /// lease, no takeover). Only before the handle attached.
+    pub fn with_attach_options(mut self, opts: AttachOptions) -> Volume {
+        self.attach_options = Arc::new(opts);
+        self
+    }
+
+    /// Takes the attach lease now if the handle has none yet; returns it.
+    pub async fn attach(&self) -> Result<Arc<Attachment>, ClientError> {
+        let a = self
+            .attachment
+            .get_or_try_init(|| async {
+                let a = self
+                    .client
+                    .attach(&self.info.name, &self.attach_options)
+                    .await?;
+                if a.volume().id != self.info.id {
+                    let _ = a.detach().await;
+                    return Err(ClientError::NoSuchVolume(format!(
+                        "{} (id {} was replaced by id {})",
+                        self.info.name,
+                        self.info.id,
+                        a.volume().id
+                    )));
+                }
+                Ok(a)
+            })
+            .await?;
+        Ok(a.clone())
+    }
+
+    /// The handle's attach lease, if it took one.
+    pub fn attachment(&self) -> Option<Arc<Attachment>> {
+        self.attachment.get().cloned()
+    }
+
+    /// The epoch writes carry: attaches on first use, `Fenced` once the
+    /// lease is lost.
+    async fn epoch(&self) -> Result<u64, ClientError> {
+        self.attach().await?.check()
+    }
+
+    /// A write's or discard's final error: FENCED means the lease is lost.
+    fn write_err(&self, e: ClientError) -> ClientError {
+        let e = self.map_err(e);
+        if let (ClientError::Fenced(why), Some(a)) = (&e, self.attachment.get()) {
+            a.mark_lost(why);
+        }
+        e
     }
 
     /// The catalog entry as opened (its size may be older than
@@ -225,6 +284,7 @@ impl Volume {
         let len = all.len() as u64;
         self.check(offset, len)?;
         let pieces = self.pieces(offset, len);
+        let epoch = self.epoch().await?;
         self.note_written(&pieces);
         stream::iter(pieces)
             .map(|p| {
@@ -241,6 +301,7 @@ impl Volume {
                                 data: chunk.clone(),
                                 request_id: request_id.clone(),
                                 retry_age_ms: age.next(),
+                                epoch,
                             };
                             async move {
                                 let r = BlockIoClient::new(ch)
@@ -252,7 +313,7 @@ impl Volume {
                             }
                         })
                         .await
-                        .map_err(|e| self.map_err(e))
+                        .map_err(|e| self.write_err(e))
                 }
             })
             .buffer_unordered(self.client.options().pieces_in_flight_max)
@@ -285,6 +346,7 @@ impl Volume {
                 .min(self.client.options().piece_bytes_max),
             self.data_groups,
         );
+        let epoch = self.epoch().await?;
         self.note_written(&pieces);
         stream::iter(pieces)
             .map(|p| async move {
@@ -302,6 +364,7 @@ impl Volume {
                                     zeroes,
                                     request_id,
                                     retry_age_ms,
+                                    epoch,
                                 })
                                 .await?
                                 .into_inner();
@@ -309,7 +372,7 @@ impl Volume {
                         }
                     })
                     .await
-                    .map_err(|e| self.map_err(e))
+                    .map_err(|e| self.write_err(e))
             })
             .buffer_unordered(self.client.options().pieces_in_flight_max)
             .try_collect::<Vec<()>>()

@@ -53,10 +53,21 @@ impl VhostDaemon {
         volume: &str,
         queues: u16,
     ) -> anyhow::Result<VhostDaemon> {
+        Self::start_with(dir, cluster, volume, queues, &[])
+    }
+
+    /// Like `start`, with more arguments (`--takeover`, `--incoming`).
+    pub fn start_with(
+        dir: &Path,
+        cluster: &str,
+        volume: &str,
+        queues: u16,
+        extra: &[&str],
+    ) -> anyhow::Result<VhostDaemon> {
         let socket = dir.join(format!("{volume}.sock"));
         let log = dir.join(format!("vhost-{volume}.log"));
         std::fs::File::create(&log)?;
-        let args = vec![
+        let mut args = vec![
             "--socket".to_owned(),
             socket.display().to_string(),
             "--volume".to_owned(),
@@ -68,6 +79,7 @@ impl VhostDaemon {
             "--io-timeout-secs".to_owned(),
             "60".to_owned(),
         ];
+        args.extend(extra.iter().map(|s| s.to_string()));
         let mut d = VhostDaemon {
             child: None,
             socket,
@@ -76,6 +88,32 @@ impl VhostDaemon {
         };
         d.spawn()?;
         Ok(d)
+    }
+
+    /// The attach-lease holder name this daemon uses.
+    pub fn holder(&self) -> String {
+        format!(
+            "raftblk-vhost@{}:{}",
+            raftblk_client::attach::host_name(),
+            self.socket.display()
+        )
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGSTOP`) to the running daemon.
+    pub fn signal(&self, signal: i32) -> anyhow::Result<()> {
+        let Some(c) = self.child.as_ref() else {
+            bail!("raftblk-vhost is not running");
+        };
+        let pid = i32::try_from(c.id())?;
+        // SAFETY: kill(2) on the pid of our own child process, which has
+        // not been reaped (we hold its Child), so the pid is still ours.
+        let rc = unsafe { libc::kill(pid, signal) };
+        anyhow::ensure!(
+            rc == 0,
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(())
     }
 
     /// Starts the daemon again with the same arguments (as systemd's

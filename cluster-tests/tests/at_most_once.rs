@@ -67,6 +67,8 @@ fn write(r: BlockRange, seed: u64, id: u64, retry_age_ms: u64) -> WriteRequest {
         data: payload(seed, BLOCK as usize).into(),
         request_id: request_id.into(),
         retry_age_ms,
+        // Never attached: any epoch from 1 up passes the fence.
+        epoch: 1,
     }
 }
 

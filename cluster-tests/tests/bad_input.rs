@@ -139,6 +139,7 @@ async fn malformed_rpcs_get_clear_errors_and_change_nothing() -> anyhow::Result<
         data: vec![0xAB; len].into(),
         request_id: Default::default(),
         retry_age_ms: 0,
+        epoch: 1,
     };
     let cases: Vec<(WriteRequest, ErrorCode, &str)> = vec![
         (
@@ -197,6 +198,7 @@ async fn malformed_rpcs_get_clear_errors_and_change_nothing() -> anyhow::Result<
                 data: Default::default(),
                 request_id: Default::default(),
                 retry_age_ms: 0,
+                epoch: 1,
             },
             ErrorCode::InvalidArgument,
             "no range",
@@ -208,6 +210,14 @@ async fn malformed_rpcs_get_clear_errors_and_change_nothing() -> anyhow::Result<
             },
             ErrorCode::InvalidArgument,
             "request id must be 16 bytes",
+        ),
+        (
+            WriteRequest {
+                epoch: 0,
+                ..write(range(g0, info.id, 0, 4096), 4096)
+            },
+            ErrorCode::Fenced,
+            "need an attach lease",
         ),
     ];
     for (req, code, text) in cases {

@@ -206,6 +206,8 @@ async fn retried_writes_apply_at_most_once() -> anyhow::Result<()> {
         data: data.into(),
         request_id: vec![id; 16].into(),
         retry_age_ms,
+        // Never attached: any epoch from 1 up passes the fence.
+        epoch: 1,
     };
     let read = || ReadRequest { range };
     let (w1, w2) = (payload(1, 4096), payload(2, 4096));

@@ -26,6 +26,8 @@ pub enum ApplyOutput {
     MapEpoch(u64),
     /// A membership change took effect: the group's new membership.
     Membership(std::sync::Arc<crate::membership::Membership>),
+    /// A volume's attach lease after an attach, renewal or detach.
+    Lease(raftblk_proto::AttachLease),
 }
 
 /// The result of one command: a domain error leaves the state unchanged.
@@ -72,7 +74,7 @@ impl<'a> Applier<'a> {
         self.overlay.insert(key, Some(value));
     }
 
-    fn delete(&mut self, wb: &mut WriteBatch, key: Vec<u8>) {
+    pub(crate) fn delete(&mut self, wb: &mut WriteBatch, key: Vec<u8>) {
         wb.delete_cf(self.engine.kv_cf(), &key);
         self.overlay.insert(key, None);
     }
@@ -112,15 +114,23 @@ impl<'a> Applier<'a> {
             }
         };
         match cmd {
-            Cmd::Write(w) => self.write(
-                wb,
-                group,
-                w.volume_id,
-                w.offset_bytes,
-                Some(&w.data),
-                w.data.len() as u64,
-            ),
+            Cmd::Write(w) => {
+                if let Some(e) = self.check_epoch(group, w.volume_id, w.epoch)? {
+                    return Ok(Err(e));
+                }
+                self.write(
+                    wb,
+                    group,
+                    w.volume_id,
+                    w.offset_bytes,
+                    Some(&w.data),
+                    w.data.len() as u64,
+                )
+            }
             Cmd::Discard(d) => {
+                if let Some(e) = self.check_epoch(group, d.volume_id, d.epoch)? {
+                    return Ok(Err(e));
+                }
                 self.write(wb, group, d.volume_id, d.offset_bytes, None, d.length_bytes)
             }
             Cmd::PurgeVolume(p) => {
@@ -129,8 +139,13 @@ impl<'a> Applier<'a> {
                     keys::volume_blocks_start(group, p.volume_id),
                     keys::volume_blocks_end(group, p.volume_id),
                 );
+                self.delete(wb, keys::fence(group, p.volume_id));
                 Ok(Ok(ApplyOutput::Done))
             }
+            Cmd::Fence(c) => self.fence(wb, group, c),
+            Cmd::Attach(c) => self.attach(wb, group, c),
+            Cmd::Renew(c) => self.renew(wb, group, c),
+            Cmd::Detach(c) => self.detach(wb, group, c),
             Cmd::SetNode(c) => self.set_node(wb, group, c),
             Cmd::SetGroups(c) => self.set_groups(wb, group, c),
             Cmd::SetFlags(c) => self.set_flags(wb, group, c),
@@ -318,6 +333,7 @@ impl<'a> Applier<'a> {
         };
         self.delete(wb, keys::volume(group, name));
         self.delete(wb, keys::volume_by_id(group, info.id));
+        self.delete(wb, keys::attach_lease(group, info.id));
         Ok(Ok(ApplyOutput::Volume(info)))
     }
 
@@ -447,6 +463,7 @@ mod tests {
                 volume_id: 3,
                 offset_bytes: offset,
                 data: data.into(),
+                epoch: 1,
             }))
         };
         assert_eq!(apply(&engine, &w(0, good.clone())), Ok(ApplyOutput::Done));

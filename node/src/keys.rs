@@ -15,9 +15,11 @@
 //!   `G|b|volume|block`, catalog volumes `G|v|name`, id index `G|i|id`,
 //!   next volume id `G|n`, configuration version `G|r` (in the state
 //!   machine so a snapshot carries it), applied client request ids
-//!   `G|q|generation|id` (see `store::dedup`); in the meta group also the cluster
-//!   map: nodes `G|N|id`, groups `G|P|group`, flags `G|F`, epoch `G|E`,
-//!   parameters `G|K`, full nodes `G|U`.
+//!   `G|q|generation|id` (see `store::dedup`), volume fences `G|f|volume`
+//!   (the lowest attach epoch the group still accepts writes of, see
+//!   `lease`); in the meta group also volumes' attach leases `G|A|volume`
+//!   and the cluster map: nodes `G|N|id`, groups `G|P|group`, flags `G|F`,
+//!   epoch `G|E`, parameters `G|K`, full nodes `G|U`.
 //!
 //! `G` and all integers are 8-byte big-endian so keys sort numerically and a
 //! group's state machine is one contiguous range (what a snapshot copies).
@@ -171,6 +173,18 @@ pub fn volume_by_id(group: u64, id: u64) -> Vec<u8> {
     k.extend_from_slice(&id.to_be_bytes());
     k
 }
+/// The attach lease of volume `id` (meta group).
+pub fn attach_lease(group: u64, id: u64) -> Vec<u8> {
+    let mut k = with_group(group, b'A', 8);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+/// The fence of volume `id` in data group `group`.
+pub fn fence(group: u64, id: u64) -> Vec<u8> {
+    let mut k = with_group(group, b'f', 8);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
 pub fn next_volume_id(group: u64) -> Vec<u8> {
     with_group(group, b'n', 0)
 }
@@ -250,6 +264,8 @@ mod tests {
             next_volume_id(5),
             conf_ver(5),
             applied_request(5, 7, &[1; 16]),
+            attach_lease(5, 3),
+            fence(5, 3),
         ] {
             assert!(k >= s && k < e);
         }
@@ -262,6 +278,7 @@ mod tests {
         );
         assert!(applied_request(5, 8, &[0; 16]) >= qe);
         assert!(block(5, u64::MAX, u64::MAX) < blocks_end(5));
+        assert!(fence(5, 0) >= blocks_end(5) && !is_applied_request(5, &fence(5, 1)));
         assert!(block(6, 0, 0) >= e);
         assert!(volume_blocks_end(5, 1) > block(5, 1, u64::MAX));
         assert_eq!(parse_u64_pair(&u64_pair(4, 5)), Some((4, 5)));

@@ -19,6 +19,7 @@ pub mod gc;
 pub mod identity;
 pub mod join;
 pub mod keys;
+pub mod lease;
 pub mod map_sync;
 pub mod membership;
 pub mod msg;

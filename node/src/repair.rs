@@ -59,7 +59,11 @@ pub fn touches(data: &[u8], volume: u64, blk: u64) -> bool {
         | Cmd::SetNode(_)
         | Cmd::SetGroups(_)
         | Cmd::SetFlags(_)
-        | Cmd::SetFullNodes(_) => false,
+        | Cmd::SetFullNodes(_)
+        | Cmd::Fence(_)
+        | Cmd::Attach(_)
+        | Cmd::Renew(_)
+        | Cmd::Detach(_) => false,
     }
 }
 
@@ -115,6 +119,7 @@ mod tests {
             volume_id: VOLUME,
             offset_bytes: offset,
             data: data.into(),
+            epoch: 1,
         }))
     }
 
@@ -259,6 +264,7 @@ mod tests {
             volume_id: VOLUME,
             offset_bytes: 0,
             length_bytes: 1 << 20,
+            epoch: 1,
         }));
         assert!(touches(&discard, VOLUME, 255));
         assert!(!touches(&discard, VOLUME, 256));

@@ -368,6 +368,12 @@ impl BlkBackend {
             let deadline = inner.opts.io_timeout;
             let started = Instant::now();
             let io = async {
+                // Only the holder of the volume's attach lease serves it: a
+                // migration destination takes the lease over here, at the
+                // guest's first request; a daemon that lost it fails them.
+                if !inner.opts.read_only {
+                    vol.attach().await?.check()?;
+                }
                 match &kind {
                     Kind::Read { offset, len } => vol.read(*offset, *len).await.map(Some),
                     Kind::Write { offset, .. } => {

@@ -3,15 +3,24 @@
 //! ```text
 //! raftblk-vhost --socket PATH --volume NAME --cluster ADDR,... [--queues N]
 //!               [--queue-size N] [--read-only] [--io-timeout-secs S]
+//!               [--takeover | --incoming]
 //! raftblk-vhost --config FILE      # several volumes, one socket each
 //! ```
+//!
+//! Each volume is served under its attach lease, held by
+//! `raftblk-vhost@HOST:SOCKET`: taken at start (refused, naming the holder,
+//! if another holder's lease is live, unless `--takeover`), or with
+//! `--incoming` (a live-migration destination) taken over at the guest's
+//! first request. A daemon restarted on the same socket reclaims its own
+//! lease; one that lost its lease fails every request.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use raftblk_client::{Client, ClientOptions};
+use raftblk_client::attach::host_name;
+use raftblk_client::{AttachOptions, Client, ClientOptions};
 use raftblk_vhost::backend::DeviceOptions;
 use raftblk_vhost::config::{validate_queues, validate_timeout, VhostConfig, VolumeExport};
 use raftblk_vhost::serve::serve_volume;
@@ -52,6 +61,15 @@ struct Args {
     /// I/O error only after it.
     #[arg(long, default_value_t = 60)]
     io_timeout_secs: u64,
+    /// Take the volume's attach lease over even if another holder's is
+    /// live (restarting a VM on another host after its old host failed):
+    /// the old holder is fenced and can no longer write.
+    #[arg(long, conflicts_with = "incoming")]
+    takeover: bool,
+    /// Serve a live-migration destination: take the lease over when the
+    /// guest starts here (its first request), not at start.
+    #[arg(long)]
+    incoming: bool,
     /// Exit after this many VMM connections have ended (default: never).
     #[arg(long, hide = true)]
     connections: Option<u64>,
@@ -120,6 +138,25 @@ fn run(args: Args) -> anyhow::Result<()> {
         let volume = rt
             .block_on(client.open_volume(&e.name))
             .with_context(|| format!("volume {:?}", e.name))?;
+        let attach = AttachOptions {
+            holder: format!("raftblk-vhost@{}:{}", host_name(), e.socket.display()),
+            takeover: args.takeover || args.incoming,
+            // A restart on the same socket gets a new epoch: whatever its
+            // predecessor still had in flight is fenced.
+            reuse: false,
+            ..AttachOptions::default()
+        };
+        let volume = volume.with_attach_options(attach);
+        // A read-only export writes nothing: it takes no lease.
+        if !args.incoming && !e.read_only {
+            let a = rt.block_on(volume.attach()).with_context(|| {
+                format!(
+                    "cannot attach volume {:?} (if its holder is gone for good: --takeover)",
+                    e.name
+                )
+            })?;
+            tracing::info!(volume = %e.name, holder = a.holder(), epoch = a.epoch(), "serving under the attach lease");
+        }
         let opts = DeviceOptions {
             num_queues: e.queues,
             queue_size: e.queue_size,

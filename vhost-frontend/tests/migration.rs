@@ -29,6 +29,7 @@ fn vhost_blk(socket: &Path) -> Vec<String> {
 }
 
 struct Sides {
+    volume: String,
     _dir: tempfile::TempDir,
     _initrd: tempfile::TempDir,
     a: VhostDaemon,
@@ -49,7 +50,9 @@ fn start_sides(cluster: &LocalCluster, volume: &str) -> anyhow::Result<Sides> {
     std::fs::create_dir_all(&da)?;
     std::fs::create_dir_all(&db)?;
     let a = VhostDaemon::start(&da, &cluster.cluster_arg(), volume, 2)?;
-    let b = VhostDaemon::start(&db, &cluster.cluster_arg(), volume, 2)?;
+    // B serves the migration destination: it takes the lease over when
+    // the guest starts on it.
+    let b = VhostDaemon::start_with(&db, &cluster.cluster_arg(), volume, 2, &["--incoming"])?;
     let script = format!(
         "#!/bin/sh\nset -e\necho RAFTBLK-FIO-START\n{}",
         fio_verify(0, 48, "")
@@ -78,6 +81,7 @@ fn start_sides(cluster: &LocalCluster, volume: &str) -> anyhow::Result<Sides> {
         &format!(r#"{{"uri": "unix:{migration_socket}"}}"#),
     )?;
     Ok(Sides {
+        volume: volume.to_owned(),
         _dir: dir,
         _initrd: initrd_dir,
         a,
@@ -86,6 +90,14 @@ fn start_sides(cluster: &LocalCluster, volume: &str) -> anyhow::Result<Sides> {
         dst,
         migration_socket,
     })
+}
+
+/// Who holds the attach lease of the sides' volume.
+fn lease_holder(cluster: &LocalCluster, s: &Sides) -> anyhow::Result<String> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let client = rt.block_on(cluster.client())?;
+    let (_, lease) = rt.block_on(client.volume_status(&s.volume))?;
+    Ok(lease.map(|l| l.holder).unwrap_or_default())
 }
 
 /// QMP `migrate` moves the guest from A to B while fio runs, three times
@@ -145,6 +157,13 @@ fn live_migration() -> anyhow::Result<()> {
                 "round {round}: daemon {name} reported I/O errors:\n{log}"
             );
         }
+        // The guest started on B: B took the lease over, A holds none.
+        let holder = lease_holder(&cluster, &s)?;
+        assert_eq!(
+            holder,
+            s.b.holder(),
+            "round {round}: the lease after migration"
+        );
     }
     Ok(())
 }
@@ -194,6 +213,8 @@ fn migrate_cancel() -> anyhow::Result<()> {
         !a_log.contains("I/O failed"),
         "daemon A reported I/O errors:\n{a_log}"
     );
+    // The guest never started on B: A kept the lease.
+    assert_eq!(lease_holder(&cluster, &s)?, s.a.holder());
     println!("migrate_cancel: fio {fio:?} on the source");
     Ok(())
 }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use raftblk_proto::block_io_server::BlockIo;
 use raftblk_proto::{
     command::Cmd, placement, BlockRange, Command, DiscardCmd, DiscardRequest, Error as PbError,
-    ErrorCode, FlushRequest, ReadRequest, ReadResponse, VolumeInfo, WriteCmd, WriteRequest,
-    WriteResponse, BLOCK_BYTES, SECTOR_BYTES,
+    ErrorCode, FenceCmd, FenceRequest, FlushRequest, ReadRequest, ReadResponse, VolumeInfo,
+    WriteCmd, WriteRequest, WriteResponse, BLOCK_BYTES, SECTOR_BYTES,
 };
 use tonic::{Request, Response, Status};
 
@@ -307,6 +307,7 @@ impl BlockIo for BlockIoService {
             volume_id: range.volume_id,
             offset_bytes: range.offset_bytes,
             data: r.data,
+            epoch: r.epoch,
         });
         Ok(Response::new(
             self.propose(range.group_id, cmd, &r.request_id, r.retry_age_ms)
@@ -348,10 +349,37 @@ impl BlockIo for BlockIoService {
             volume_id: range.volume_id,
             offset_bytes: range.offset_bytes,
             length_bytes: range.length_bytes,
+            epoch: r.epoch,
         });
         Ok(Response::new(
             self.propose(range.group_id, cmd, &r.request_id, r.retry_age_ms)
                 .await,
         ))
+    }
+
+    async fn fence(&self, req: Request<FenceRequest>) -> Result<Response<WriteResponse>, Status> {
+        let r = req.into_inner();
+        let fail = |e| Ok(Response::new(WriteResponse { error: Some(e) }));
+        if r.epoch == 0 {
+            return fail(invalid("a fence needs an epoch above 0".into()));
+        }
+        if r.group_id == raftblk_proto::META_GROUP_ID
+            || r.group_id > self.store.config.cluster.data_groups
+        {
+            return fail(invalid(format!("group {} is not a data group", r.group_id)));
+        }
+        // The volume must exist (any size: the fence covers all of it).
+        if let Err(e) = self.volume(r.volume_id, 0).await {
+            return fail(e);
+        }
+        if let Err(e) = self.check_leader(r.group_id) {
+            return fail(e);
+        }
+        let cmd = Cmd::Fence(FenceCmd {
+            volume_id: r.volume_id,
+            epoch: r.epoch,
+        });
+        // Idempotent (the fence only rises): no request id needed.
+        Ok(Response::new(self.propose(r.group_id, cmd, &[], 0).await))
     }
 }

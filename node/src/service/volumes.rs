@@ -1,13 +1,15 @@
-//! The Volumes service: the catalog in the meta group. Changes are raft
-//! proposals on the meta leader; lookups are ReadIndex reads on it.
+//! The Volumes service: the catalog and the attach leases in the meta
+//! group. Changes are raft proposals on the meta leader; lookups are
+//! ReadIndex reads on it.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use raftblk_proto::volumes_server::Volumes;
 use raftblk_proto::{
-    command::Cmd, Command, CreateVolumeCmd, CreateVolumeRequest, DeleteVolumeCmd, Empty,
-    Error as PbError, ErrorCode, GrowVolumeCmd, GrowVolumeRequest, ListVolumesResponse,
-    VolumeIdRequest, VolumeNameRequest, VolumeResponse, META_GROUP_ID, SECTOR_BYTES,
+    command::Cmd, AttachCmd, AttachRequest, Command, CreateVolumeCmd, CreateVolumeRequest,
+    DeleteVolumeCmd, DetachCmd, DetachRequest, Empty, Error as PbError, ErrorCode, GrowVolumeCmd,
+    GrowVolumeRequest, ListVolumesResponse, RenewCmd, RenewRequest, VolumeIdRequest, VolumeInfo,
+    VolumeNameRequest, VolumeResponse, META_GROUP_ID, SECTOR_BYTES,
 };
 use tonic::{Request, Response, Status};
 
@@ -17,6 +19,27 @@ use crate::store::StoreHandle;
 
 /// Longest volume name.
 pub const VOLUME_NAME_BYTES_MAX: usize = 128;
+/// Longest attach-lease holder name.
+pub const HOLDER_BYTES_MAX: usize = 256;
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Checks a lease holder's name: 1-256 printable characters.
+fn validate_holder(holder: &str) -> Result<(), PbError> {
+    if holder.is_empty() || holder.len() > HOLDER_BYTES_MAX || holder.chars().any(char::is_control)
+    {
+        return Err(PbError::new(
+            ErrorCode::InvalidArgument,
+            format!("a lease holder is 1 to {HOLDER_BYTES_MAX} printable characters"),
+        ));
+    }
+    Ok(())
+}
 
 pub struct VolumesService {
     pub store: StoreHandle,
@@ -73,26 +96,53 @@ impl VolumesService {
         let cmd = Command { cmd: Some(cmd) };
         match self.store.propose(META_GROUP_ID, &cmd).await {
             Ok(Ok(ApplyOutput::Volume(v))) => VolumeResponse {
-                error: None,
                 volume: Some(v),
+                ..Default::default()
+            },
+            Ok(Ok(ApplyOutput::Lease(l))) => VolumeResponse {
+                lease: Some(l),
+                ..Default::default()
             },
             Ok(Ok(_)) => VolumeResponse::default(),
             Ok(Err(e)) => VolumeResponse {
                 error: Some(e),
-                volume: None,
+                ..Default::default()
             },
             Err(e) => VolumeResponse {
                 error: Some(store_error(&self.store, e)),
-                volume: None,
+                ..Default::default()
             },
         }
+    }
+
+    /// The catalog record of `name` as of now (ReadIndex on the meta
+    /// leader), with its attach lease.
+    async fn read_volume(&self, name: &str) -> Result<VolumeResponse, PbError> {
+        validate_name(name)?;
+        self.store
+            .read_index(META_GROUP_ID, false)
+            .await
+            .map_err(|e| store_error(&self.store, e))?;
+        let storage =
+            |e: crate::engine::EngineError| PbError::new(ErrorCode::Storage, e.to_string());
+        let v: VolumeInfo = apply::lookup_volume(&self.store.engine, name)
+            .map_err(storage)?
+            .ok_or_else(|| {
+                PbError::new(ErrorCode::NoSuchVolume, format!("no volume named {name:?}"))
+            })?;
+        let lease = crate::lease::lookup_lease(&self.store.engine, v.id).map_err(storage)?;
+        Ok(VolumeResponse {
+            error: None,
+            volume: Some(v),
+            lease,
+        })
     }
 }
 
 fn failed(e: PbError) -> Response<VolumeResponse> {
     Response::new(VolumeResponse {
         error: Some(e),
-        volume: None,
+        ..Default::default()
     })
 }
 
@@ -106,10 +156,7 @@ impl Volumes for VolumesService {
         if let Err(e) = validate_name(&r.name).and_then(|_| self.validate_size(r.size_bytes)) {
             return Ok(failed(e));
         }
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now_ms = now_unix_ms();
         let cmd = Cmd::CreateVolume(CreateVolumeCmd {
             name: r.name,
             size_bytes: r.size_bytes,
@@ -138,23 +185,89 @@ impl Volumes for VolumesService {
         req: Request<VolumeNameRequest>,
     ) -> Result<Response<VolumeResponse>, Status> {
         let r = req.into_inner();
-        if let Err(e) = validate_name(&r.name) {
+        Ok(Response::new(
+            self.read_volume(&r.name)
+                .await
+                .unwrap_or_else(|e| VolumeResponse {
+                    error: Some(e),
+                    ..Default::default()
+                }),
+        ))
+    }
+
+    async fn attach(
+        &self,
+        req: Request<AttachRequest>,
+    ) -> Result<Response<VolumeResponse>, Status> {
+        let r = req.into_inner();
+        if let Err(e) = validate_holder(&r.holder) {
             return Ok(failed(e));
         }
-        if let Err(e) = self.store.read_index(META_GROUP_ID, false).await {
-            return Ok(failed(store_error(&self.store, e)));
+        let volume = match self.read_volume(&r.name).await {
+            Ok(v) => v.volume,
+            Err(e) => return Ok(failed(e)),
+        };
+        let Some(volume) = volume else {
+            return Ok(failed(PbError::new(ErrorCode::Storage, "no record")));
+        };
+        let cmd = Cmd::Attach(AttachCmd {
+            volume_id: volume.id,
+            holder: r.holder,
+            takeover: r.takeover,
+            reuse: r.reuse,
+            now_unix_ms: now_unix_ms(),
+            ttl_ms: r.ttl_ms,
+        });
+        let mut resp = self.propose_volume(cmd).await;
+        if resp.error.is_none() {
+            resp.volume = Some(volume);
         }
-        match apply::lookup_volume(&self.store.engine, &r.name) {
-            Ok(Some(v)) => Ok(Response::new(VolumeResponse {
-                error: None,
-                volume: Some(v),
-            })),
-            Ok(None) => Ok(failed(PbError::new(
-                ErrorCode::NoSuchVolume,
-                format!("no volume named {:?}", r.name),
-            ))),
-            Err(e) => Ok(failed(PbError::new(ErrorCode::Storage, e.to_string()))),
+        Ok(Response::new(resp))
+    }
+
+    async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<VolumeResponse>, Status> {
+        let r = req.into_inner();
+        if let Err(e) = validate_holder(&r.holder) {
+            return Ok(failed(e));
         }
+        let cmd = Cmd::Renew(RenewCmd {
+            volume_id: r.volume_id,
+            holder: r.holder,
+            epoch: r.epoch,
+            now_unix_ms: now_unix_ms(),
+            ttl_ms: r.ttl_ms,
+        });
+        Ok(Response::new(self.propose_volume(cmd).await))
+    }
+
+    async fn detach(
+        &self,
+        req: Request<DetachRequest>,
+    ) -> Result<Response<VolumeResponse>, Status> {
+        let r = req.into_inner();
+        if !r.force {
+            if let Err(e) = validate_holder(&r.holder) {
+                return Ok(failed(e));
+            }
+        }
+        let volume = match self.read_volume(&r.name).await {
+            Ok(v) => v.volume,
+            Err(e) => return Ok(failed(e)),
+        };
+        let Some(volume) = volume else {
+            return Ok(failed(PbError::new(ErrorCode::Storage, "no record")));
+        };
+        let cmd = Cmd::Detach(DetachCmd {
+            volume_id: volume.id,
+            holder: r.holder,
+            epoch: r.epoch,
+            force: r.force,
+        });
+        let mut resp = self.propose_volume(cmd).await;
+        if resp.error.is_none() {
+            resp.volume = Some(volume);
+        }
+        Ok(Response::new(resp))
     }
 
     async fn list(&self, _req: Request<Empty>) -> Result<Response<ListVolumesResponse>, Status> {
@@ -187,8 +300,8 @@ impl Volumes for VolumesService {
         }
         match crate::service::volume_cache::read_local_catalog(&self.store, id) {
             Ok(Some(v)) => Ok(Response::new(VolumeResponse {
-                error: None,
                 volume: Some(v),
+                ..Default::default()
             })),
             Ok(None) => Ok(failed(PbError::new(
                 ErrorCode::NoSuchVolume,

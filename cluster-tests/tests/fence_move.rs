@@ -1,0 +1,189 @@
+//! The fence is part of a group's replicated state: after holder B took a
+//! volume over from holder A, one replica of the volume's group moves to
+//! another node (the new replica catches up by snapshot) and leads; A's
+//! late writes and discards, replayed against the new replica set with
+//! A's epoch, are refused as FENCED and change no block.
+
+use std::time::{Duration, Instant};
+
+use raftblk_client::{AttachOptions, ClientError};
+use raftblk_cluster_tests::{payload, ClusterSpec, LocalCluster};
+use raftblk_proto::block_io_client::BlockIoClient;
+use raftblk_proto::{placement, BlockRange, DiscardRequest, ErrorCode, WriteRequest};
+
+const HEALTHY: Duration = Duration::from_secs(30);
+const STEP: Duration = Duration::from_secs(20);
+const BLOCK: u64 = 4096;
+/// Blocks A writes; B overwrites the first `B_BLOCKS`.
+const A_BLOCKS: u64 = 16;
+const B_BLOCKS: u64 = 8;
+/// B's writes after the takeover: past the log compaction threshold, so
+/// the moved replica is caught up by a snapshot.
+const FILLER_WRITES: u64 = 200;
+
+fn spec() -> ClusterSpec {
+    ClusterSpec {
+        nodes: 4,
+        data_groups: 4,
+        log_compact_threshold_entries: 64,
+        log_retain_entries: 8,
+        ..ClusterSpec::default()
+    }
+}
+
+fn holder(name: &str, takeover: bool) -> AttachOptions {
+    AttachOptions {
+        holder: name.to_owned(),
+        takeover,
+        reuse: false,
+        ..AttachOptions::default()
+    }
+}
+
+/// Waits until node `i` no longer hosts `group`.
+async fn wait_gone(c: &LocalCluster, i: usize, group: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + STEP;
+    loop {
+        if let Ok(st) = c.status(i).await {
+            if !st.groups.iter().any(|g| g.group_id == group) {
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "node {i} still hosts group {group}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_survives_a_replica_move() -> anyhow::Result<()> {
+    let c = LocalCluster::start(spec())?;
+    c.wait_healthy(HEALTHY).await?;
+    let client = c.client().await?;
+    // Moves by hand only.
+    client
+        .set_flags(raftblk_proto::ClusterFlags {
+            norecover: true,
+            norebalance: true,
+            noout: false,
+        })
+        .await?;
+    let info = client.create_volume("fv", 4 << 20).await?;
+    let group = placement::chunk_group(info.id, 0, spec().data_groups);
+
+    // A writes, then B takes the volume over and overwrites part of it.
+    let vol_a = client
+        .open_volume("fv")
+        .await?
+        .with_attach_options(holder("A", false));
+    for b in 0..A_BLOCKS {
+        vol_a
+            .write(b * BLOCK, &payload(100 + b, BLOCK as usize))
+            .await?;
+    }
+    let epoch_a = vol_a.attach().await?.epoch();
+    let vol_b = client
+        .open_volume("fv")
+        .await?
+        .with_attach_options(holder("B", true));
+    let epoch_b = vol_b.attach().await?.epoch();
+    anyhow::ensure!(epoch_b > epoch_a, "takeover epoch {epoch_b} <= {epoch_a}");
+    for b in 0..B_BLOCKS {
+        vol_b
+            .write(b * BLOCK, &payload(300 + b, BLOCK as usize))
+            .await?;
+    }
+    for i in 0..FILLER_WRITES {
+        let b = 64 + i % 128;
+        vol_b
+            .write(b * BLOCK, &payload(500 + i, BLOCK as usize))
+            .await?;
+    }
+    // A's own handle finds out at its next write.
+    match vol_a.write(0, &payload(1, BLOCK as usize)).await {
+        Err(ClientError::Fenced(_)) => {}
+        other => anyhow::bail!("A wrote after the takeover: {other:?}"),
+    }
+
+    // Move a follower's replica of the group to the node without one; the
+    // new replica leads.
+    let (leader, st) = c
+        .group_status(group)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("group {group} has no leader"))?;
+    let from = st
+        .replicas
+        .iter()
+        .copied()
+        .find(|r| *r != leader as u64)
+        .ok_or_else(|| anyhow::anyhow!("group {group} has no follower"))?;
+    let members = c.members_of(group).await;
+    let to = (1..=spec().nodes as u64)
+        .find(|n| !members.contains(n))
+        .ok_or_else(|| anyhow::anyhow!("every node hosts group {group}"))?;
+    c.move_replica(group, from, to, STEP).await?;
+    wait_gone(&c, from as usize, group).await?;
+    c.transfer_leader(group, to as usize, STEP).await?;
+
+    // A's late requests, replayed with its epoch at the new leader.
+    let ch = client.channel(&c.addr(to as usize))?;
+    let mut bio = BlockIoClient::new(ch);
+    for b in 0..A_BLOCKS {
+        let range = BlockRange {
+            group_id: group,
+            volume_id: info.id,
+            offset_bytes: b * BLOCK,
+            length_bytes: BLOCK,
+        };
+        let mut id = vec![0xFEu8; 8];
+        id.extend_from_slice(&b.to_be_bytes());
+        let w = bio
+            .write(WriteRequest {
+                range: Some(range),
+                data: payload(900 + b, BLOCK as usize).into(),
+                request_id: id.into(),
+                retry_age_ms: 0,
+                epoch: epoch_a,
+            })
+            .await?
+            .into_inner();
+        let code = w.error.as_ref().map(|e| e.kind());
+        anyhow::ensure!(
+            code == Some(ErrorCode::Fenced),
+            "A's late write to block {b}: {:?}",
+            w.error
+        );
+        let d = bio
+            .discard(DiscardRequest {
+                range: Some(range),
+                zeroes: true,
+                request_id: Default::default(),
+                retry_age_ms: 0,
+                epoch: epoch_a,
+            })
+            .await?
+            .into_inner();
+        anyhow::ensure!(
+            d.error.as_ref().map(|e| e.kind()) == Some(ErrorCode::Fenced),
+            "A's late discard of block {b}: {:?}",
+            d.error
+        );
+    }
+    // Every block reads B's data or A's from before the takeover.
+    for b in 0..A_BLOCKS {
+        let want = if b < B_BLOCKS { 300 + b } else { 100 + b };
+        let got = vol_b.read(b * BLOCK, BLOCK).await?;
+        anyhow::ensure!(
+            got == payload(want, BLOCK as usize),
+            "block {b} does not hold what it should"
+        );
+    }
+    // And the replicas, the moved one included, agree (fence included).
+    c.wait_replicas_identical(group, STEP).await?;
+    println!(
+        "fence_move: group {group} moved from node {from} to node {to}; A's epoch {epoch_a} refused under B's {epoch_b}"
+    );
+    Ok(())
+}
