@@ -4,9 +4,10 @@
 //! it is lost (another holder took over: the cluster answers FENCED).
 //!
 //! A process names itself once (`process_holder`): every client of the
-//! process attaching with `reuse` shares one lease and its epoch. The
-//! vhost daemon names itself after its host and socket and attaches
-//! without `reuse`, so a restarted daemon fences its predecessor.
+//! process attaching with `reuse` shares one lease and its epoch (and a
+//! detach by one of them ends it for all). The vhost daemon names itself
+//! after its machine and socket and attaches without `reuse`, so a
+//! restarted daemon fences its predecessor.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -24,6 +25,9 @@ use crate::router::Client;
 
 /// Lease lifetime a client asks for; it renews every third of it.
 pub const LEASE_TTL_MS: u64 = 30_000;
+/// Bounds the nodes put on a requested lifetime.
+const LEASE_TTL_MS_MIN: u64 = 1_000;
+const LEASE_TTL_MS_MAX: u64 = 600_000;
 
 /// How to attach.
 #[derive(Debug, Clone)]
@@ -58,8 +62,43 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
-/// `program@host:pid`: one lease holder per process.
+/// This machine: its host name and the start of its machine id (the boot
+/// id if it has none), so that two hosts of one name differ.
+pub fn machine_name() -> String {
+    let id = ["/etc/machine-id", "/proc/sys/kernel/random/boot_id"]
+        .iter()
+        .find_map(|p| {
+            std::fs::read_to_string(p)
+                .ok()
+                .map(|s| s.trim().replace('-', ""))
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or_default();
+    format!("{}/{}", host_name(), &id[..id.len().min(12)])
+}
+
+/// `program@machine:SOCKET` (the socket's directory made absolute): the
+/// holder name of a daemon serving a volume on `socket`, the same after a
+/// restart of it on this machine.
+pub fn daemon_holder(program: &str, socket: &std::path::Path) -> String {
+    let socket = match (socket.parent(), socket.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            dir
+        })
+        .map(|d| d.join(name))
+        .unwrap_or_else(|_| socket.to_owned()),
+        _ => socket.to_owned(),
+    };
+    format!("{program}@{}:{}", machine_name(), socket.display())
+}
+
+/// `program@machine:pid/nonce`: one lease holder per process (the nonce
+/// tells apart processes of one pid in different pid namespaces).
 pub fn process_holder() -> String {
+    static NONCE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let nonce = *NONCE.get_or_init(rand::random);
     let program = std::env::args()
         .next()
         .and_then(|a| {
@@ -68,7 +107,11 @@ pub fn process_holder() -> String {
                 .map(|f| f.to_string_lossy().into_owned())
         })
         .unwrap_or_else(|| "raftblk".to_owned());
-    format!("{program}@{}:{}", host_name(), std::process::id())
+    format!(
+        "{program}@{}:{}/{nonce:08x}",
+        machine_name(),
+        std::process::id()
+    )
 }
 
 /// A held attach lease.
@@ -112,11 +155,19 @@ impl Attachment {
 
     /// Records that the lease is lost; returns whether it was news.
     pub fn mark_lost(&self, why: &str) -> bool {
+        self.end(why, true)
+    }
+
+    fn end(&self, why: &str, lost: bool) -> bool {
         let mut l = self.lost.lock().unwrap_or_else(|p| p.into_inner());
         if l.is_some() {
             return false;
         }
-        tracing::error!(volume = %self.volume.name, holder = %self.holder, epoch = self.epoch, reason = why, "attach lease lost: no more writes to this volume");
+        if lost {
+            tracing::error!(volume = %self.volume.name, holder = %self.holder, epoch = self.epoch, reason = why, "attach lease lost: no more writes to this volume");
+        } else {
+            tracing::info!(volume = %self.volume.name, holder = %self.holder, epoch = self.epoch, "detached");
+        }
         *l = Some(why.to_owned());
         true
     }
@@ -157,10 +208,9 @@ impl Attachment {
 
     /// Gives the lease up (nothing to do if it is lost already).
     pub async fn detach(&self) -> Result<(), ClientError> {
-        if self.lost().is_some() {
+        if !self.end("detached", false) {
             return Ok(());
         }
-        self.mark_lost("detached");
         self.client
             .detach_volume(&self.volume.name, &self.holder, self.epoch, false)
             .await
@@ -176,6 +226,10 @@ async fn renew_loop(a: Weak<Attachment>, every: Duration) {
         match a.renew().await {
             Ok(()) => {}
             Err(ClientError::Fenced(_)) => return,
+            Err(e @ (ClientError::NoSuchVolume(_) | ClientError::InvalidArgument(_))) => {
+                a.mark_lost(&e.to_string());
+                return;
+            }
             Err(e) if a.lost().is_some() => {
                 tracing::debug!(error = %e, "renewal after the lease ended");
                 return;
@@ -228,17 +282,29 @@ impl Client {
                 "attach: the server returned no lease".into(),
             ));
         };
-        self.fence(&volume, lease.epoch).await?;
+        if let Err(e) = self.fence(&volume, lease.epoch).await {
+            // Not usable: give the lease back rather than leave it
+            // unrenewed until it expires.
+            let _ = self
+                .detach_volume(name, &lease.holder, lease.epoch, false)
+                .await;
+            return Err(e);
+        }
         tracing::info!(volume = %volume.name, holder = %lease.holder, epoch = lease.epoch, "attached");
+        // The lifetime the nodes grant (they bound the request alike).
+        let ttl_ms = match opts.ttl_ms {
+            0 => LEASE_TTL_MS,
+            t => t.clamp(LEASE_TTL_MS_MIN, LEASE_TTL_MS_MAX),
+        };
         let a = Arc::new(Attachment {
             client: self.clone(),
             volume,
             holder: lease.holder,
             epoch: lease.epoch,
-            ttl_ms: opts.ttl_ms,
+            ttl_ms,
             lost: Mutex::new(None),
         });
-        let every = Duration::from_millis((opts.ttl_ms / 3).max(100));
+        let every = Duration::from_millis(ttl_ms / 3);
         tokio::spawn(renew_loop(Arc::downgrade(&a), every));
         Ok(a)
     }

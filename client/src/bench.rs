@@ -462,10 +462,10 @@ pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
     let name = format!("bench-{}", std::process::id());
     client.create_volume(&name, size).await?;
     let vol = client.open_volume(&name).await?;
-    // The run holds the scratch volume's attach lease (before the clock
-    // starts: the first write would take it otherwise).
-    vol.attach().await?;
     let result = async {
+        // The run holds the scratch volume's attach lease (taken before
+        // the clock starts: the first write would take it otherwise).
+        vol.attach().await?.check()?;
         eprintln!("running cluster workloads on volume {name} ({s} s each)...");
         let spec = |name, op, qd, block, sequential| Spec {
             name,

@@ -11,7 +11,7 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use raftblk_client::size::{format_size, parse_size};
-use raftblk_client::{Client, ClientOptions};
+use raftblk_client::{Client, ClientError, ClientOptions};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 #[derive(Parser, Debug)]
@@ -103,8 +103,15 @@ enum VolumeCmd {
     },
     /// Copy a raw image file into a volume.
     Import { name: String, file: PathBuf },
-    /// Copy a volume into a raw image file.
-    Export { name: String, file: PathBuf },
+    /// Copy a volume into a raw image file (holding its attach lease).
+    Export {
+        name: String,
+        file: PathBuf,
+        /// Read a volume attached elsewhere (a running guest's), without
+        /// the lease: the image is consistent only if nothing writes.
+        #[arg(long)]
+        live: bool,
+    },
     /// Break a volume's attach lease (its holder is fenced by the next
     /// attach). For a holder that is gone; a live one loses the volume.
     Detach {
@@ -403,7 +410,7 @@ async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
             println!("volume {} is now {}", v.name, format_size(v.size_bytes));
         }
         VolumeCmd::Import { name, file } => import(&client, name, file).await?,
-        VolumeCmd::Export { name, file } => export(&client, name, file).await?,
+        VolumeCmd::Export { name, file, live } => export(&client, name, file, *live).await?,
     }
     Ok(())
 }
@@ -455,6 +462,7 @@ async fn open_attached(client: &Client, name: &str) -> anyhow::Result<raftblk_cl
     let vol = client.open_volume(name).await?;
     vol.attach()
         .await
+        .and_then(|a| a.check())
         .with_context(|| format!("cannot attach volume {name}"))?;
     Ok(vol)
 }
@@ -529,9 +537,27 @@ async fn import_into(
     Ok(())
 }
 
-async fn export(client: &Client, name: &str, file: &std::path::Path) -> anyhow::Result<()> {
+async fn export(
+    client: &Client,
+    name: &str,
+    file: &std::path::Path,
+    live: bool,
+) -> anyhow::Result<()> {
     // The lease keeps writers away while the image is read.
-    let vol = open_attached(client, name).await?;
+    let vol = if live {
+        client.open_volume(name).await?
+    } else {
+        open_attached(client, name).await.map_err(|e| {
+            let attached = e
+                .chain()
+                .any(|c| matches!(c.downcast_ref(), Some(ClientError::Attached(_))));
+            if attached {
+                e.context("export --live reads a volume in use, without the lease")
+            } else {
+                e
+            }
+        })?
+    };
     let r = export_from(&vol, name, file).await;
     detach(&vol).await;
     r

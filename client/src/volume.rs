@@ -116,7 +116,9 @@ impl Volume {
         self
     }
 
-    /// Takes the attach lease now if the handle has none yet; returns it.
+    /// Takes the attach lease now if the handle has none yet; returns it
+    /// (lost, see `Attachment::check`, if the name now names another
+    /// volume).
     pub async fn attach(&self) -> Result<Arc<Attachment>, ClientError> {
         let a = self
             .attachment
@@ -126,15 +128,21 @@ impl Volume {
                     .attach(&self.info.name, &self.attach_options)
                     .await?;
                 if a.volume().id != self.info.id {
-                    let _ = a.detach().await;
-                    return Err(ClientError::NoSuchVolume(format!(
-                        "{} (id {} was replaced by id {})",
+                    // Another volume of the same name: this handle ends
+                    // here for good (it never writes the new one).
+                    let why = format!(
+                        "volume {} was replaced (id {} by id {})",
                         self.info.name,
                         self.info.id,
                         a.volume().id
-                    )));
+                    );
+                    a.mark_lost(&why);
+                    let _ = self
+                        .client
+                        .detach_volume(&self.info.name, a.holder(), a.epoch(), false)
+                        .await;
                 }
-                Ok(a)
+                Ok::<_, ClientError>(a)
             })
             .await?;
         Ok(a.clone())

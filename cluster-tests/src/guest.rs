@@ -92,14 +92,11 @@ impl VhostDaemon {
 
     /// The attach-lease holder name this daemon uses.
     pub fn holder(&self) -> String {
-        format!(
-            "raftblk-vhost@{}:{}",
-            raftblk_client::attach::host_name(),
-            self.socket.display()
-        )
+        raftblk_client::attach::daemon_holder("raftblk-vhost", &self.socket)
     }
 
-    /// Sends `signal` (e.g. `libc::SIGSTOP`) to the running daemon.
+    /// Sends `signal` (e.g. `libc::SIGSTOP`) to the running daemon; for
+    /// SIGSTOP, returns once every thread of it has stopped (bounded).
     pub fn signal(&self, signal: i32) -> anyhow::Result<()> {
         let Some(c) = self.child.as_ref() else {
             bail!("raftblk-vhost is not running");
@@ -113,7 +110,29 @@ impl VhostDaemon {
             "kill({pid}, {signal}): {}",
             std::io::Error::last_os_error()
         );
-        Ok(())
+        if signal != libc::SIGSTOP {
+            return Ok(());
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let states: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))?
+                .filter_map(|t| t.ok())
+                .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+                .collect();
+            // The state follows the parenthesised command name.
+            let stopped = states.iter().all(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+            });
+            if stopped && !states.is_empty() {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "raftblk-vhost did not stop: {states:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Starts the daemon again with the same arguments (as systemd's

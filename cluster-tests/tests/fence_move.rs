@@ -2,7 +2,8 @@
 //! volume over from holder A, one replica of the volume's group moves to
 //! another node (the new replica catches up by snapshot) and leads; A's
 //! late writes and discards, replayed against the new replica set with
-//! A's epoch, are refused as FENCED and change no block.
+//! A's epoch, are refused as FENCED and change no block; nor does a retry
+//! of a write A made before the takeover.
 
 use std::time::{Duration, Instant};
 
@@ -84,6 +85,32 @@ async fn fence_survives_a_replica_move() -> anyhow::Result<()> {
             .await?;
     }
     let epoch_a = vol_a.attach().await?.epoch();
+    // One of A's writes with a request id of its own, retried later.
+    let early_id: Vec<u8> = [0xEAu8; 16].to_vec();
+    let early = |retry_age_ms| WriteRequest {
+        range: Some(BlockRange {
+            group_id: group,
+            volume_id: info.id,
+            offset_bytes: BLOCK,
+            length_bytes: BLOCK,
+        }),
+        data: payload(101, BLOCK as usize).into(),
+        request_id: early_id.clone().into(),
+        retry_age_ms,
+        epoch: epoch_a,
+    };
+    let leader_addr = {
+        let (l, _) = c
+            .group_status(group)
+            .await
+            .ok_or_else(|| anyhow::anyhow!("group {group} has no leader"))?;
+        c.addr(l)
+    };
+    let r = BlockIoClient::new(client.channel(&leader_addr)?)
+        .write(early(0))
+        .await?
+        .into_inner();
+    anyhow::ensure!(r.error.is_none(), "A's write: {:?}", r.error);
     let vol_b = client
         .open_volume("fv")
         .await?
@@ -123,7 +150,13 @@ async fn fence_survives_a_replica_move() -> anyhow::Result<()> {
     let to = (1..=spec().nodes as u64)
         .find(|n| !members.contains(n))
         .ok_or_else(|| anyhow::anyhow!("every node hosts group {group}"))?;
+    let snapshots_before = c.status(to as usize).await?.snapshots_applied;
     c.move_replica(group, from, to, STEP).await?;
+    let snapshots = c.status(to as usize).await?.snapshots_applied - snapshots_before;
+    anyhow::ensure!(
+        snapshots > 0,
+        "the new replica was not caught up by a snapshot"
+    );
     wait_gone(&c, from as usize, group).await?;
     c.transfer_leader(group, to as usize, STEP).await?;
 
@@ -171,6 +204,10 @@ async fn fence_survives_a_replica_move() -> anyhow::Result<()> {
             d.error
         );
     }
+    // The retry of A's early write is answered from the group's memory of
+    // it (applied once, before the takeover) or refused: never applied.
+    let r = bio.write(early(2_000)).await?.into_inner();
+    println!("fence_move: retry of A's early write: {:?}", r.error);
     // Every block reads B's data or A's from before the takeover.
     for b in 0..A_BLOCKS {
         let want = if b < B_BLOCKS { 300 + b } else { 100 + b };

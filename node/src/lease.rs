@@ -66,10 +66,17 @@ pub fn lookup_lease(engine: &Engine, id: u64) -> Result<Option<AttachLease>, Eng
 fn lost(volume: u64, lease: &AttachLease) -> PbError {
     PbError::new(
         ErrorCode::Fenced,
-        format!(
-            "the attach lease of volume {volume} is held by {:?} at epoch {}",
-            lease.holder, lease.epoch
-        ),
+        if lease.holder.is_empty() {
+            format!(
+                "the attach lease of volume {volume} was broken (detached at epoch {})",
+                lease.epoch
+            )
+        } else {
+            format!(
+                "the attach lease of volume {volume} is held by {:?} at epoch {}",
+                lease.holder, lease.epoch
+            )
+        },
     )
 }
 
@@ -160,11 +167,11 @@ impl Applier<'_> {
             return Ok(Err(PbError::new(
                 ErrorCode::Attached,
                 format!(
-                    "volume {} is attached by {:?} (epoch {}, lease expires in {} ms unless renewed)",
+                    "volume {} is attached by {:?} (epoch {}, lease expires in {} s unless renewed)",
                     c.volume_id,
                     lease.holder,
                     lease.epoch,
-                    lease.expires_unix_ms - c.now_unix_ms
+                    (lease.expires_unix_ms - c.now_unix_ms).div_ceil(1000)
                 ),
             )));
         } else {

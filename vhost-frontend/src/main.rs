@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use raftblk_client::attach::host_name;
+use raftblk_client::attach::daemon_holder;
 use raftblk_client::{AttachOptions, Client, ClientOptions};
 use raftblk_vhost::backend::DeviceOptions;
 use raftblk_vhost::config::{validate_queues, validate_timeout, VhostConfig, VolumeExport};
@@ -134,12 +134,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         },
     ))?;
     let mut threads = Vec::new();
+    let mut refused = Vec::new();
     for e in exports {
         let volume = rt
             .block_on(client.open_volume(&e.name))
             .with_context(|| format!("volume {:?}", e.name))?;
         let attach = AttachOptions {
-            holder: format!("raftblk-vhost@{}:{}", host_name(), e.socket.display()),
+            holder: daemon_holder("raftblk-vhost", &e.socket),
             takeover: args.takeover || args.incoming,
             // A restart on the same socket gets a new epoch: whatever its
             // predecessor still had in flight is fenced.
@@ -149,13 +150,24 @@ fn run(args: Args) -> anyhow::Result<()> {
         let volume = volume.with_attach_options(attach);
         // A read-only export writes nothing: it takes no lease.
         if !args.incoming && !e.read_only {
-            let a = rt.block_on(volume.attach()).with_context(|| {
-                format!(
-                    "cannot attach volume {:?} (if its holder is gone for good: --takeover)",
-                    e.name
-                )
-            })?;
-            tracing::info!(volume = %e.name, holder = a.holder(), epoch = a.epoch(), "serving under the attach lease");
+            match rt
+                .block_on(volume.attach())
+                .and_then(|a| a.check().map(|_| a))
+            {
+                Ok(a) => {
+                    tracing::info!(volume = %e.name, holder = a.holder(), epoch = a.epoch(), "serving under the attach lease");
+                }
+                Err(err) => {
+                    // The other volumes are still served.
+                    let err = anyhow::Error::new(err).context(format!(
+                        "cannot attach volume {:?} (if its holder is gone for good: --takeover)",
+                        e.name
+                    ));
+                    tracing::error!(volume = %e.name, error = format!("{err:#}"), "not serving this volume");
+                    refused.push(err);
+                    continue;
+                }
+            }
         }
         let opts = DeviceOptions {
             num_queues: e.queues,
@@ -171,6 +183,11 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .spawn(move || serve_volume(&e.socket, volume, handle, opts, connections))
                 .context("spawn serving thread")?,
         );
+    }
+    if threads.is_empty() {
+        return Err(refused
+            .pop()
+            .unwrap_or_else(|| anyhow::anyhow!("no volume to serve")));
     }
     let mut result = Ok(());
     for t in threads {

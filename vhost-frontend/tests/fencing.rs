@@ -168,6 +168,11 @@ fn fencing() -> anyhow::Result<()> {
         log.contains("attach lease lost"),
         "A did not log why it stopped:\n{log}"
     );
+    // The cluster itself refused A's writes (not only A's own check).
+    anyhow::ensure!(
+        log.contains("is below the fence"),
+        "no write of A reached the cluster to be refused there:\n{log}"
+    );
     let (s, got) = drv_b.read(0, sector(BLOCKS_A), BLOCK as u32)?;
     anyhow::ensure!(
         s == S_OK && got.iter().all(|&x| x == 0),

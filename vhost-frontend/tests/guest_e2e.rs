@@ -93,6 +93,8 @@ fn guest_fio_ext4_discard_export_and_second_boot() -> anyhow::Result<()> {
             &cluster.cluster_arg(),
             "volume",
             "export",
+            // The daemon still holds the lease; the guest has stopped.
+            "--live",
             "vm1",
         ])
         .arg(&img)

@@ -35,6 +35,18 @@ fn invalid(msg: String) -> PbError {
     PbError::new(ErrorCode::InvalidArgument, msg)
 }
 
+/// Refuses a write or discard without an attach epoch before it costs a
+/// raft round (apply would refuse it too, see `lease`).
+fn no_lease(epoch: u64, volume: u64) -> Result<(), PbError> {
+    if epoch == 0 {
+        return Err(PbError::new(
+            ErrorCode::Fenced,
+            format!("writes to volume {volume} need an attach lease (epoch 0)"),
+        ));
+    }
+    Ok(())
+}
+
 impl BlockIoService {
     /// Checks a range and returns the volume it addresses.
     async fn validate(&self, range: Option<&BlockRange>) -> Result<Arc<VolumeInfo>, PbError> {
@@ -303,6 +315,9 @@ impl BlockIo for BlockIoService {
         if let Err(e) = self.check_space(range.group_id) {
             return fail(e);
         }
+        if let Err(e) = no_lease(r.epoch, range.volume_id) {
+            return fail(e);
+        }
         let cmd = Cmd::Write(WriteCmd {
             volume_id: range.volume_id,
             offset_bytes: range.offset_bytes,
@@ -345,6 +360,9 @@ impl BlockIo for BlockIoService {
         if let Err(e) = self.check_leader(range.group_id) {
             return fail(e);
         }
+        if let Err(e) = no_lease(r.epoch, range.volume_id) {
+            return fail(e);
+        }
         let cmd = Cmd::Discard(DiscardCmd {
             volume_id: range.volume_id,
             offset_bytes: range.offset_bytes,
@@ -368,12 +386,27 @@ impl BlockIo for BlockIoService {
         {
             return fail(invalid(format!("group {} is not a data group", r.group_id)));
         }
-        // The volume must exist (any size: the fence covers all of it).
-        if let Err(e) = self.volume(r.volume_id, 0).await {
-            return fail(e);
-        }
         if let Err(e) = self.check_leader(r.group_id) {
             return fail(e);
+        }
+        // Only an epoch the meta group handed out (a linearizable read, as
+        // rare as attaches): a fence above every attach would leave the
+        // volume unwritable for good.
+        let last = match self.volumes.fetch(r.volume_id).await {
+            Ok(Some((_, lease))) => lease.map_or(0, |l| l.epoch),
+            Ok(None) => {
+                return fail(PbError::new(
+                    ErrorCode::NoSuchVolume,
+                    format!("no volume with id {}", r.volume_id),
+                ))
+            }
+            Err(e) => return fail(e),
+        };
+        if r.epoch > last {
+            return fail(invalid(format!(
+                "epoch {} of volume {} was never handed out (last attach: epoch {last})",
+                r.epoch, r.volume_id
+            )));
         }
         let cmd = Cmd::Fence(FenceCmd {
             volume_id: r.volume_id,

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use raftblk_proto::volumes_client::VolumesClient;
 use raftblk_proto::{
-    placement, Error as PbError, ErrorCode, VolumeIdRequest, VolumeInfo, META_GROUP_ID,
+    placement, AttachLease, Error as PbError, ErrorCode, VolumeIdRequest, VolumeInfo, META_GROUP_ID,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -176,7 +176,10 @@ impl VolumeCache {
             }
         }
         let fetched = Instant::now();
-        let result = self.fetch(id).await.map(|v| v.map(Arc::new));
+        let result = self
+            .fetch(id)
+            .await
+            .map(|v| v.map(|(info, _)| Arc::new(info)));
         if let Ok(info) = &result {
             self.remember(id, info.clone(), fetched);
         }
@@ -189,11 +192,11 @@ impl VolumeCache {
         result
     }
 
-    /// A linearizable read of volume `id`'s record from the meta group.
-    /// Errors are always UNAVAILABLE: they are about the meta group, and
-    /// must not read as (say) a NOT_LEADER hint for the data group the
-    /// request addressed.
-    pub async fn fetch(&self, id: u64) -> Result<Option<VolumeInfo>, PbError> {
+    /// A linearizable read of volume `id`'s record and attach lease from
+    /// the meta group. Errors are always UNAVAILABLE: they are about the
+    /// meta group, and must not read as (say) a NOT_LEADER hint for the
+    /// data group the request addressed.
+    pub async fn fetch(&self, id: u64) -> Result<Option<Record>, PbError> {
         let mut local_error = None;
         if self.store.view(META_GROUP_ID).is_some() {
             let local = async {
@@ -218,7 +221,7 @@ impl VolumeCache {
         })
     }
 
-    async fn fetch_remote(&self, id: u64) -> Result<Option<VolumeInfo>, PbError> {
+    async fn fetch_remote(&self, id: u64) -> Result<Option<Record>, PbError> {
         let cfg = &self.store.config;
         let mut meta = self.store.book.meta_voters();
         if meta.is_empty() {
@@ -256,7 +259,7 @@ impl VolumeCache {
                     match r.error {
                         None => {
                             self.last_good.store(at, Ordering::Relaxed);
-                            return Ok(r.volume);
+                            return Ok(r.volume.map(|v| (v, r.lease)));
                         }
                         Some(e) if e.kind() == ErrorCode::NoSuchVolume => {
                             self.last_good.store(at, Ordering::Relaxed);
@@ -292,10 +295,13 @@ impl VolumeCache {
     }
 }
 
-/// Volume `id`'s record from this node's meta replica (after a ReadIndex):
-/// refused, not answered "absent", while a snapshot install rewrites the
-/// meta group's range.
-pub fn read_local_catalog(store: &StoreHandle, id: u64) -> Result<Option<VolumeInfo>, PbError> {
+/// A volume's catalog record and its attach lease (`None`: never attached).
+pub type Record = (VolumeInfo, Option<AttachLease>);
+
+/// Volume `id`'s record and lease from this node's meta replica (after a
+/// ReadIndex): refused, not answered "absent", while a snapshot install
+/// rewrites the meta group's range.
+pub fn read_local_catalog(store: &StoreHandle, id: u64) -> Result<Option<Record>, PbError> {
     let busy = || {
         unavailable(format!(
             "node {}: the catalog is being rewritten by a snapshot install",
@@ -303,8 +309,14 @@ pub fn read_local_catalog(store: &StoreHandle, id: u64) -> Result<Option<VolumeI
         ))
     };
     let gen = store.install_gen.stable(META_GROUP_ID).ok_or_else(busy)?;
-    let r = apply::lookup_volume_by_id(&store.engine, id)
-        .map_err(|e| PbError::new(ErrorCode::Storage, e.to_string()))?;
+    let storage = |e: crate::engine::EngineError| PbError::new(ErrorCode::Storage, e.to_string());
+    let r = match apply::lookup_volume_by_id(&store.engine, id).map_err(storage)? {
+        Some(v) => Some((
+            v,
+            crate::lease::lookup_lease(&store.engine, id).map_err(storage)?,
+        )),
+        None => None,
+    };
     if !store.install_gen.unchanged(META_GROUP_ID, gen) {
         return Err(busy());
     }

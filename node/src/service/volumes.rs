@@ -35,7 +35,7 @@ fn validate_holder(holder: &str) -> Result<(), PbError> {
     {
         return Err(PbError::new(
             ErrorCode::InvalidArgument,
-            format!("a lease holder is 1 to {HOLDER_BYTES_MAX} printable characters"),
+            format!("a lease holder is 1 to {HOLDER_BYTES_MAX} bytes of printable characters"),
         ));
     }
     Ok(())
@@ -299,9 +299,10 @@ impl Volumes for VolumesService {
             return Ok(failed(store_error(&self.store, e)));
         }
         match crate::service::volume_cache::read_local_catalog(&self.store, id) {
-            Ok(Some(v)) => Ok(Response::new(VolumeResponse {
+            Ok(Some((v, lease))) => Ok(Response::new(VolumeResponse {
+                error: None,
                 volume: Some(v),
-                ..Default::default()
+                lease,
             })),
             Ok(None) => Ok(failed(PbError::new(
                 ErrorCode::NoSuchVolume,
