@@ -12,7 +12,8 @@
 //! if another holder's lease is live, unless `--takeover`), or with
 //! `--incoming` (a live-migration destination) taken over at the guest's
 //! first request. A daemon restarted on the same socket reclaims its own
-//! lease; one that lost its lease fails every request.
+//! lease; one that lost its lease fails every request. SIGTERM or SIGINT
+//! gives the leases back before the daemon exits.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -135,6 +136,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     ))?;
     let mut threads = Vec::new();
     let mut refused = Vec::new();
+    let mut served = Vec::new();
     for e in exports {
         let volume = rt
             .block_on(client.open_volume(&e.name))
@@ -175,6 +177,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             read_only: e.read_only,
             io_timeout,
         };
+        served.push(volume.clone());
         let handle = rt.handle().clone();
         let connections = args.connections;
         threads.push(
@@ -189,6 +192,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             .pop()
             .unwrap_or_else(|| anyhow::anyhow!("no volume to serve")));
     }
+    rt.spawn(release_on_signal(client.clone(), served));
     let mut result = Ok(());
     for t in threads {
         match t.join() {
@@ -198,4 +202,45 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     result
+}
+
+/// Longest the daemon waits for its leases to be given back at shutdown.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// On SIGTERM or SIGINT: gives back the attach lease of every volume served
+/// (so the next holder attaches at once), then exits. A daemon killed
+/// otherwise leaves its leases to expire, or to its own restart.
+async fn release_on_signal(client: Client, volumes: Vec<raftblk_client::Volume>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot watch SIGTERM/SIGINT: leases are not given back at exit");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    // Requests still in flight keep being served until the exit (their
+    // epoch stays valid until another holder attaches); QEMU hands those
+    // not answered to the next daemon from the inflight region.
+    let detach = async {
+        for v in &volumes {
+            if let Some(a) = v.attachment().filter(|a| a.lost().is_none()) {
+                if let Err(e) = client
+                    .detach_volume(&v.info().name, a.holder(), a.epoch(), false)
+                    .await
+                {
+                    tracing::warn!(volume = %v.info().name, error = %e, "could not give the lease back");
+                }
+            }
+        }
+    };
+    if tokio::time::timeout(DETACH_TIMEOUT, detach).await.is_err() {
+        tracing::warn!("giving the leases back timed out; they expire by themselves");
+    }
+    tracing::info!("exiting on a signal");
+    std::process::exit(0);
 }

@@ -2,7 +2,8 @@
 //! real 3-node cluster (the test plays the VMM and guest driver, see
 //! `common`): one daemon holds a volume's attach lease; a second one is
 //! refused unless it takes over; a frozen holder's late writes never land
-//! once another daemon took over, and the frozen one stops serving.
+//! once another daemon took over, and the frozen one stops serving; a
+//! daemon stopped with SIGTERM gives its lease back.
 
 mod common;
 
@@ -179,5 +180,21 @@ fn fencing() -> anyhow::Result<()> {
         "A's write after its fencing landed"
     );
     anyhow::ensure!(holder(&rt)?.holder == b.holder(), "B lost the lease");
+    // Stopped with SIGTERM (systemctl stop), B gives the lease back.
+    b.signal(libc::SIGTERM)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = holder(&rt)?;
+        if l.holder.is_empty() {
+            anyhow::ensure!(l.epoch == taken.epoch, "epoch moved on a detach: {l:?}");
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "B did not give the lease back on SIGTERM: {l:?}\n{}",
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     Ok(())
 }
