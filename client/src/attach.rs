@@ -71,10 +71,11 @@ pub fn machine_name() -> String {
             std::fs::read_to_string(p)
                 .ok()
                 .map(|s| s.trim().replace('-', ""))
-                .filter(|s| !s.is_empty())
+                .filter(|s| !s.is_empty() && s != "uninitialized")
         })
         .unwrap_or_default();
-    format!("{}/{}", host_name(), &id[..id.len().min(12)])
+    let id: String = id.chars().take(12).collect();
+    format!("{}/{id}", host_name())
 }
 
 /// `program@machine:SOCKET` (the socket's directory made absolute): the
@@ -123,6 +124,8 @@ pub struct Attachment {
     ttl_ms: u64,
     /// Why the lease was lost, once it was.
     lost: Mutex<Option<String>>,
+    /// Given back at shutdown (`release`): no more renewals.
+    released: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Attachment {
@@ -201,9 +204,27 @@ impl Attachment {
             .await
             .map_err(|e| ClientError::from_client(e, &self.volume.name));
         if let Err(ClientError::Fenced(why)) = &r {
-            self.mark_lost(why);
+            // After a release the "broken" answer is our own detach.
+            if !self.released.load(std::sync::atomic::Ordering::Acquire) {
+                self.mark_lost(why);
+            }
         }
         r
+    }
+
+    /// Gives the lease up at shutdown while requests may still be in
+    /// flight: renewals stop, but this handle is not marked lost (its
+    /// epoch stays valid until another holder attaches).
+    pub async fn release(&self) -> Result<(), ClientError> {
+        self.released
+            .store(true, std::sync::atomic::Ordering::Release);
+        if self.lost().is_some() {
+            return Ok(());
+        }
+        self.client
+            .detach_volume(&self.volume.name, &self.holder, self.epoch, false)
+            .await
+            .map(|_| ())
     }
 
     /// Gives the lease up (nothing to do if it is lost already).
@@ -223,6 +244,9 @@ async fn renew_loop(a: Weak<Attachment>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
         let Some(a) = a.upgrade() else { return };
+        if a.released.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         match a.renew().await {
             Ok(()) => {}
             Err(ClientError::Fenced(_)) => return,
@@ -260,12 +284,24 @@ impl Client {
         name: &str,
         opts: &AttachOptions,
     ) -> Result<Arc<Attachment>, ClientError> {
+        self.attach_id(name, 0, opts).await
+    }
+
+    /// Like `attach`, refused (NoSuchVolume) unless `name` is still the
+    /// volume of id `volume_id` (0: any).
+    pub async fn attach_id(
+        &self,
+        name: &str,
+        volume_id: u64,
+        opts: &AttachOptions,
+    ) -> Result<Arc<Attachment>, ClientError> {
         let req = AttachRequest {
             name: name.to_owned(),
             holder: opts.holder.clone(),
             takeover: opts.takeover,
             reuse: opts.reuse,
             ttl_ms: opts.ttl_ms,
+            volume_id,
         };
         let (volume, lease) = self
             .call_group(META_GROUP_ID, "attach", |ch| {
@@ -284,10 +320,13 @@ impl Client {
         };
         if let Err(e) = self.fence(&volume, lease.epoch).await {
             // Not usable: give the lease back rather than leave it
-            // unrenewed until it expires.
-            let _ = self
-                .detach_volume(name, &lease.holder, lease.epoch, false)
-                .await;
+            // unrenewed until it expires, unless other handles of this
+            // process may share it.
+            if !opts.reuse {
+                let _ = self
+                    .detach_volume(name, &lease.holder, lease.epoch, false)
+                    .await;
+            }
             return Err(e);
         }
         tracing::info!(volume = %volume.name, holder = %lease.holder, epoch = lease.epoch, "attached");
@@ -303,6 +342,7 @@ impl Client {
             epoch: lease.epoch,
             ttl_ms,
             lost: Mutex::new(None),
+            released: std::sync::atomic::AtomicBool::new(false),
         });
         let every = Duration::from_millis(ttl_ms / 3);
         tokio::spawn(renew_loop(Arc::downgrade(&a), every));

@@ -125,7 +125,7 @@ impl Volume {
             .get_or_try_init(|| async {
                 let a = self
                     .client
-                    .attach(&self.info.name, &self.attach_options)
+                    .attach_id(&self.info.name, self.info.id, &self.attach_options)
                     .await?;
                 if a.volume().id != self.info.id {
                     // Another volume of the same name: this handle ends

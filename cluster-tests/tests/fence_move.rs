@@ -3,12 +3,15 @@
 //! another node (the new replica catches up by snapshot) and leads; A's
 //! late writes and discards, replayed against the new replica set with
 //! A's epoch, are refused as FENCED and change no block; nor does a retry
-//! of a write A made before the takeover.
+//! of a write A made before the takeover. Then the operator's view: the
+//! CLI shows the holder, refuses an import while B holds the volume, and
+//! `volume detach --force` breaks B's lease so that the next holder
+//! attaches without taking over, fencing B.
 
 use std::time::{Duration, Instant};
 
 use raftblk_client::{AttachOptions, ClientError};
-use raftblk_cluster_tests::{payload, ClusterSpec, LocalCluster};
+use raftblk_cluster_tests::{bin, payload, ClusterSpec, LocalCluster};
 use raftblk_proto::block_io_client::BlockIoClient;
 use raftblk_proto::{placement, BlockRange, DiscardRequest, ErrorCode, WriteRequest};
 
@@ -29,6 +32,22 @@ fn spec() -> ClusterSpec {
         log_compact_threshold_entries: 64,
         log_retain_entries: 8,
         ..ClusterSpec::default()
+    }
+}
+
+/// Runs the `raftblk` CLI: (success, stdout, stderr).
+fn cli(cluster: &str, args: &[&str]) -> (bool, String, String) {
+    match std::process::Command::new(bin("raftblk"))
+        .args(["--cluster", cluster, "--timeout-secs", "10"])
+        .args(args)
+        .output()
+    {
+        Ok(out) => (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ),
+        Err(e) => (false, String::new(), format!("cannot run raftblk: {e}")),
     }
 }
 
@@ -219,6 +238,46 @@ async fn fence_survives_a_replica_move() -> anyhow::Result<()> {
     }
     // And the replicas, the moved one included, agree (fence included).
     c.wait_replicas_identical(group, STEP).await?;
+
+    // The CLI: info names B, an import is refused naming B, a detach
+    // without --force is refused, one with --force breaks the lease.
+    let cluster = c.cluster_arg();
+    let (ok, out, err) = cli(&cluster, &["volume", "info", "fv"]);
+    anyhow::ensure!(
+        ok && out.contains("attached:   B (epoch"),
+        "volume info does not name B:\n{out}{err}"
+    );
+    let img = tempfile::NamedTempFile::new()?;
+    std::fs::write(img.path(), payload(7, 4096))?;
+    let path = img.path().display().to_string();
+    let (ok, _, err) = cli(&cluster, &["volume", "import", "fv", &path]);
+    anyhow::ensure!(
+        !ok && err.contains("is attached by \"B\""),
+        "import while B holds the volume:\n{err}"
+    );
+    let (ok, _, err) = cli(&cluster, &["volume", "detach", "fv"]);
+    anyhow::ensure!(
+        !ok && err.contains("--force"),
+        "detach without --force:\n{err}"
+    );
+    let (ok, out, err) = cli(&cluster, &["volume", "detach", "fv", "--force"]);
+    anyhow::ensure!(ok, "detach --force:\n{out}{err}");
+    let (_, out, _) = cli(&cluster, &["volume", "info", "fv"]);
+    anyhow::ensure!(
+        out.contains(&format!("attached:   no (last epoch {epoch_b})")),
+        "after detach --force:\n{out}"
+    );
+    // The next holder needs no takeover, and its attach fences B.
+    let vol_c = client
+        .open_volume("fv")
+        .await?
+        .with_attach_options(holder("C", false));
+    vol_c.write(0, &payload(42, BLOCK as usize)).await?;
+    match vol_b.write(0, &payload(43, BLOCK as usize)).await {
+        Err(ClientError::Fenced(_)) => {}
+        other => anyhow::bail!("B wrote after its lease was broken and C attached: {other:?}"),
+    }
+    anyhow::ensure!(vol_b.read(0, BLOCK).await? == payload(42, BLOCK as usize));
     println!(
         "fence_move: group {group} moved from node {from} to node {to}; A's epoch {epoch_a} refused under B's {epoch_b}"
     );

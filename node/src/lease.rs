@@ -161,7 +161,9 @@ impl Applier<'_> {
         }
         let live = !lease.holder.is_empty() && lease.expires_unix_ms > c.now_unix_ms;
         let expires = c.now_unix_ms.saturating_add(lease_ttl_ms(c.ttl_ms));
-        if live && lease.holder == c.holder && c.reuse {
+        if lease.holder == c.holder && c.reuse {
+            // The holder's handles share its epoch even past the expiry
+            // (renewals failed for a while): nobody attached since.
             lease.expires_unix_ms = expires;
         } else if live && lease.holder != c.holder && !c.takeover {
             return Ok(Err(PbError::new(
@@ -312,6 +314,12 @@ mod tests {
         );
         assert_eq!(
             epoch(apply(&engine, 0, attach("c", false, false, 10_005))),
+            4
+        );
+        // A holder sharing its lease keeps the epoch even past its expiry
+        // (nobody attached since).
+        assert_eq!(
+            epoch(apply(&engine, 0, attach("c", false, true, 30_000))),
             4
         );
         let detach = |holder: &str, epoch: u64, force: bool| {

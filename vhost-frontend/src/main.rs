@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Each volume is served under its attach lease, held by
-//! `raftblk-vhost@HOST:SOCKET`: taken at start (refused, naming the holder,
+//! `raftblk-vhost@HOST/MACHINE-ID:SOCKET`: taken at start (refused, naming the holder,
 //! if another holder's lease is live, unless `--takeover`), or with
 //! `--incoming` (a live-migration destination) taken over at the guest's
 //! first request. A daemon restarted on the same socket reclaims its own
@@ -16,12 +16,13 @@
 //! gives the leases back before the daemon exits.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
 use raftblk_client::attach::daemon_holder;
-use raftblk_client::{AttachOptions, Client, ClientOptions};
+use raftblk_client::{AttachOptions, Client, ClientError, ClientOptions};
 use raftblk_vhost::backend::DeviceOptions;
 use raftblk_vhost::config::{validate_queues, validate_timeout, VhostConfig, VolumeExport};
 use raftblk_vhost::serve::serve_volume;
@@ -136,7 +137,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     ))?;
     let mut threads = Vec::new();
     let mut refused = Vec::new();
-    let mut served = Vec::new();
+    // Watched from before the first attach, so a stop during start-up
+    // gives back the leases taken so far.
+    let served = Arc::new(Mutex::new(Vec::new()));
+    rt.spawn(release_on_signal(served.clone()));
     for e in exports {
         let volume = rt
             .block_on(client.open_volume(&e.name))
@@ -150,6 +154,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             ..AttachOptions::default()
         };
         let volume = volume.with_attach_options(attach);
+        served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(volume.clone());
         // A read-only export writes nothing: it takes no lease.
         if !args.incoming && !e.read_only {
             match rt
@@ -159,8 +167,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                 Ok(a) => {
                     tracing::info!(volume = %e.name, holder = a.holder(), epoch = a.epoch(), "serving under the attach lease");
                 }
-                Err(err) => {
-                    // The other volumes are still served.
+                Err(err @ (ClientError::Attached(_) | ClientError::Fenced(_))) => {
+                    // Held by another daemon: the other volumes are still
+                    // served (restart this daemon to serve this one once
+                    // its lease is free, or with --takeover).
                     let err = anyhow::Error::new(err).context(format!(
                         "cannot attach volume {:?} (if its holder is gone for good: --takeover)",
                         e.name
@@ -168,6 +178,12 @@ fn run(args: Args) -> anyhow::Result<()> {
                     tracing::error!(volume = %e.name, error = format!("{err:#}"), "not serving this volume");
                     refused.push(err);
                     continue;
+                }
+                // Anything else (the cluster unreachable, say) stops the
+                // daemon, for systemd to start it again.
+                Err(err) => {
+                    return Err(anyhow::Error::new(err)
+                        .context(format!("cannot attach volume {:?}", e.name)))
                 }
             }
         }
@@ -177,7 +193,6 @@ fn run(args: Args) -> anyhow::Result<()> {
             read_only: e.read_only,
             io_timeout,
         };
-        served.push(volume.clone());
         let handle = rt.handle().clone();
         let connections = args.connections;
         threads.push(
@@ -192,7 +207,6 @@ fn run(args: Args) -> anyhow::Result<()> {
             .pop()
             .unwrap_or_else(|| anyhow::anyhow!("no volume to serve")));
     }
-    rt.spawn(release_on_signal(client.clone(), served));
     let mut result = Ok(());
     for t in threads {
         match t.join() {
@@ -210,7 +224,7 @@ const DETACH_TIMEOUT: Duration = Duration::from_secs(5);
 /// On SIGTERM or SIGINT: gives back the attach lease of every volume served
 /// (so the next holder attaches at once), then exits. A daemon killed
 /// otherwise leaves its leases to expire, or to its own restart.
-async fn release_on_signal(client: Client, volumes: Vec<raftblk_client::Volume>) {
+async fn release_on_signal(volumes: Arc<Mutex<Vec<raftblk_client::Volume>>>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -226,19 +240,20 @@ async fn release_on_signal(client: Client, volumes: Vec<raftblk_client::Volume>)
     // Requests still in flight keep being served until the exit (their
     // epoch stays valid until another holder attaches); QEMU hands those
     // not answered to the next daemon from the inflight region.
-    let detach = async {
-        for v in &volumes {
-            if let Some(a) = v.attachment().filter(|a| a.lost().is_none()) {
-                if let Err(e) = client
-                    .detach_volume(&v.info().name, a.holder(), a.epoch(), false)
-                    .await
-                {
+    let volumes: Vec<raftblk_client::Volume> =
+        volumes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut releases = tokio::task::JoinSet::new();
+    for v in volumes {
+        if let Some(a) = v.attachment() {
+            releases.spawn(async move {
+                if let Err(e) = a.release().await {
                     tracing::warn!(volume = %v.info().name, error = %e, "could not give the lease back");
                 }
-            }
+            });
         }
-    };
-    if tokio::time::timeout(DETACH_TIMEOUT, detach).await.is_err() {
+    }
+    let all = async { while releases.join_next().await.is_some() {} };
+    if tokio::time::timeout(DETACH_TIMEOUT, all).await.is_err() {
         tracing::warn!("giving the leases back timed out; they expire by themselves");
     }
     tracing::info!("exiting on a signal");

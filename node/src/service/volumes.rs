@@ -210,6 +210,15 @@ impl Volumes for VolumesService {
         let Some(volume) = volume else {
             return Ok(failed(PbError::new(ErrorCode::Storage, "no record")));
         };
+        if r.volume_id != 0 && r.volume_id != volume.id {
+            return Ok(failed(PbError::new(
+                ErrorCode::NoSuchVolume,
+                format!(
+                    "volume {:?} is now id {}, not the id {} that was opened (deleted and created again)",
+                    r.name, volume.id, r.volume_id
+                ),
+            )));
+        }
         let cmd = Cmd::Attach(AttachCmd {
             volume_id: volume.id,
             holder: r.holder,
