@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use raftblk_client::{AttachOptions, ClientError};
 use raftblk_cluster_tests::{bin, payload, ClusterSpec, LocalCluster};
 use raftblk_proto::block_io_client::BlockIoClient;
-use raftblk_proto::{placement, BlockRange, DiscardRequest, ErrorCode, WriteRequest};
+use raftblk_proto::{placement, BlockRange, DiscardRequest, ErrorCode, FenceRequest, WriteRequest};
 
 const HEALTHY: Duration = Duration::from_secs(30);
 const STEP: Duration = Duration::from_secs(20);
@@ -223,6 +223,21 @@ async fn fence_survives_a_replica_move() -> anyhow::Result<()> {
             d.error
         );
     }
+    // A fence above every epoch handed out would leave the volume
+    // unwritable for good: refused.
+    let f = bio
+        .fence(FenceRequest {
+            group_id: group,
+            volume_id: info.id,
+            epoch: epoch_b + 100,
+        })
+        .await?
+        .into_inner();
+    anyhow::ensure!(
+        f.error.as_ref().map(|e| e.kind()) == Some(ErrorCode::InvalidArgument),
+        "a fence with an epoch never handed out: {:?}",
+        f.error
+    );
     // The retry of A's early write is answered from the group's memory of
     // it (applied once, before the takeover) or refused: never applied.
     let r = bio.write(early(2_000)).await?.into_inner();

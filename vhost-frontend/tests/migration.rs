@@ -58,15 +58,25 @@ fn start_sides(cluster: &LocalCluster, volume: &str) -> anyhow::Result<Sides> {
         fio_verify(0, 48, "")
     );
     let (initrd_dir, initrd) = guest_initrd(&script, &[])?;
-    let mut src = Vm::spawn(
-        "source",
-        &initrd,
-        &vhost_blk(&a.socket),
-        GUEST_MIB,
-        &dir.path().join("src.qmp"),
-        false,
-    )?;
-    src.wait_for("RAFTBLK-FIO-START", Duration::from_secs(120))?;
+    let boot = || {
+        Vm::spawn(
+            "source",
+            &initrd,
+            &vhost_blk(&a.socket),
+            GUEST_MIB,
+            &dir.path().join("src.qmp"),
+            false,
+        )
+    };
+    let mut src = boot()?;
+    if let Err(e) = src.wait_for("RAFTBLK-FIO-START", Duration::from_secs(120)) {
+        // TCG on two busy cores has stalled a guest kernel's timers during
+        // boot (RCU stall reports, no disk I/O yet): boot once more.
+        println!("the source guest did not start fio ({e:#}); booting it again");
+        src.kill();
+        src = boot()?;
+        src.wait_for("RAFTBLK-FIO-START", Duration::from_secs(120))?;
+    }
     let dst = Vm::spawn(
         "destination",
         &initrd,
