@@ -87,6 +87,15 @@ enum VolumeCmd {
         /// Size, e.g. 10G (a multiple of 512 bytes).
         #[arg(long)]
         size: String,
+        #[command(flatten)]
+        qos: QosArgs,
+    },
+    /// Change a volume's I/O limits (the serving daemon applies them
+    /// within a second; flags not given keep their value, 0 removes one).
+    Set {
+        name: String,
+        #[command(flatten)]
+        qos: QosArgs,
     },
     /// List volumes.
     List,
@@ -120,6 +129,101 @@ enum VolumeCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// Per-volume I/O limits (0: none). Requests above them are delayed,
+/// never failed.
+#[derive(clap::Args, Debug, Default)]
+struct QosArgs {
+    /// Operations per second, reads and writes together.
+    #[arg(long)]
+    iops_max: Option<u64>,
+    #[arg(long)]
+    read_iops_max: Option<u64>,
+    #[arg(long)]
+    write_iops_max: Option<u64>,
+    /// Bytes per second, reads and writes together (e.g. 100M).
+    #[arg(long)]
+    bps_max: Option<String>,
+    #[arg(long)]
+    read_bps_max: Option<String>,
+    #[arg(long)]
+    write_bps_max: Option<String>,
+    /// Operations allowed above the rate after an idle spell.
+    #[arg(long)]
+    iops_burst: Option<u64>,
+    /// Bytes allowed above the rate after an idle spell (e.g. 64M).
+    #[arg(long)]
+    bps_burst: Option<String>,
+}
+
+impl QosArgs {
+    fn is_empty(&self) -> bool {
+        self.iops_max.is_none()
+            && self.read_iops_max.is_none()
+            && self.write_iops_max.is_none()
+            && self.bps_max.is_none()
+            && self.read_bps_max.is_none()
+            && self.write_bps_max.is_none()
+            && self.iops_burst.is_none()
+            && self.bps_burst.is_none()
+    }
+
+    /// `base` with the limits given here replaced.
+    fn apply(&self, base: raftblk_proto::QosLimits) -> anyhow::Result<raftblk_proto::QosLimits> {
+        let bytes = |flag: &str, v: &Option<String>, old: u64| -> anyhow::Result<u64> {
+            match v {
+                None => Ok(old),
+                Some(t) => parse_size(t).map_err(|e| anyhow::anyhow!("--{flag}: {e}")),
+            }
+        };
+        Ok(raftblk_proto::QosLimits {
+            iops_max: self.iops_max.unwrap_or(base.iops_max),
+            read_iops_max: self.read_iops_max.unwrap_or(base.read_iops_max),
+            write_iops_max: self.write_iops_max.unwrap_or(base.write_iops_max),
+            bps_max: bytes("bps-max", &self.bps_max, base.bps_max)?,
+            read_bps_max: bytes("read-bps-max", &self.read_bps_max, base.read_bps_max)?,
+            write_bps_max: bytes("write-bps-max", &self.write_bps_max, base.write_bps_max)?,
+            iops_burst: self.iops_burst.unwrap_or(base.iops_burst),
+            bps_burst: bytes("bps-burst", &self.bps_burst, base.bps_burst)?,
+        })
+    }
+}
+
+/// `iops 500 (read -, write -), bytes/s -, ...` or `none`.
+fn describe_qos(q: Option<&raftblk_proto::QosLimits>) -> String {
+    let Some(q) = q.filter(|q| **q != raftblk_proto::QosLimits::default()) else {
+        return "none".to_owned();
+    };
+    let n = |v: u64| {
+        if v == 0 {
+            "-".to_owned()
+        } else {
+            v.to_string()
+        }
+    };
+    let b = |v: u64| {
+        if v == 0 {
+            "-".to_owned()
+        } else {
+            format!("{}/s", format_size(v))
+        }
+    };
+    format!(
+        "IOPS {} (read {}, write {}, burst {}); bandwidth {} (read {}, write {}, burst {})",
+        n(q.iops_max),
+        n(q.read_iops_max),
+        n(q.write_iops_max),
+        n(q.iops_burst),
+        b(q.bps_max),
+        b(q.read_bps_max),
+        b(q.write_bps_max),
+        if q.bps_burst == 0 {
+            "-".to_owned()
+        } else {
+            format_size(q.bps_burst)
+        }
+    )
 }
 
 /// Bytes per import/export step.
@@ -358,8 +462,13 @@ async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
     }
     let client = connect(cli).await?;
     match cmd {
-        VolumeCmd::Create { name, .. } => {
-            let v = client.create_volume(name, size.unwrap_or(0)).await?;
+        VolumeCmd::Create { name, qos, .. } => {
+            let limits = (!qos.is_empty())
+                .then(|| qos.apply(raftblk_proto::QosLimits::default()))
+                .transpose()?;
+            let v = client
+                .create_volume_with_qos(name, size.unwrap_or(0), limits)
+                .await?;
             println!(
                 "created volume {} (id {}, {})",
                 v.name,
@@ -393,6 +502,16 @@ async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
             println!("chunks:     {}", v.size_bytes.div_ceil(v.chunk_size_bytes));
             println!("created:    {} (unix ms)", v.created_unix_ms);
             println!("attached:   {}", describe_lease(lease.as_ref()));
+            println!("limits:     {}", describe_qos(v.qos.as_ref()));
+        }
+        VolumeCmd::Set { name, qos } => {
+            if qos.is_empty() {
+                bail!("nothing to set: give --iops-max, --bps-max or another limit");
+            }
+            let now = client.volume_info(name).await?;
+            let limits = qos.apply(now.qos.unwrap_or_default())?;
+            let v = client.set_qos(name, Some(limits)).await?;
+            println!("volume {} limits: {}", v.name, describe_qos(v.qos.as_ref()));
         }
         VolumeCmd::Detach { name, force } => {
             if !force {

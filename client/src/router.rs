@@ -445,6 +445,16 @@ impl Client {
         name: &str,
         size_bytes: u64,
     ) -> Result<VolumeInfo, ClientError> {
+        self.create_volume_with_qos(name, size_bytes, None).await
+    }
+
+    /// Creates a volume with I/O limits (see `set_qos`).
+    pub async fn create_volume_with_qos(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        qos: Option<raftblk_proto::QosLimits>,
+    ) -> Result<VolumeInfo, ClientError> {
         if size_bytes == 0 || !size_bytes.is_multiple_of(512) {
             return Err(ClientError::InvalidArgument(format!(
                 "volume size {size_bytes} is not a positive multiple of 512 bytes"
@@ -456,6 +466,7 @@ impl Client {
                 let req = CreateVolumeRequest {
                     name: n.clone(),
                     size_bytes,
+                    qos,
                 };
                 Box::pin(async move {
                     let r = c.create(req).await?.into_inner();
@@ -516,6 +527,29 @@ impl Client {
                 };
                 Box::pin(async move {
                     let r = c.grow(req).await?.into_inner();
+                    Ok((r.error, r.volume))
+                })
+            })
+            .await?;
+        v.ok_or_else(|| ClientError::NoSuchVolume(name.to_owned()))
+    }
+
+    /// Replaces the I/O limits of `name` (`None` or all zeros: none);
+    /// serving daemons apply them within a second.
+    pub async fn set_qos(
+        &self,
+        name: &str,
+        qos: Option<raftblk_proto::QosLimits>,
+    ) -> Result<VolumeInfo, ClientError> {
+        let n = name.to_owned();
+        let v = self
+            .volume_call("set volume limits", Some(name), move |mut c| {
+                let req = raftblk_proto::SetQosRequest {
+                    name: n.clone(),
+                    qos,
+                };
+                Box::pin(async move {
+                    let r = c.set_qos(req).await?.into_inner();
                     Ok((r.error, r.volume))
                 })
             })

@@ -63,6 +63,8 @@ pub struct Volume {
     /// The size now: grows when `refresh_size` finds the catalog's larger
     /// (shared by every clone).
     size_bytes: Arc<AtomicU64>,
+    /// The I/O limits as of the last catalog read (shared by every clone).
+    qos: Arc<Mutex<Option<raftblk_proto::QosLimits>>>,
     data_groups: u64,
     written_groups: Arc<Mutex<HashSet<u64>>>,
     /// The attach lease writes carry the epoch of (shared by every clone).
@@ -101,6 +103,7 @@ impl Volume {
         Volume {
             client,
             size_bytes: Arc::new(AtomicU64::new(info.size_bytes)),
+            qos: Arc::new(Mutex::new(info.qos)),
             info,
             data_groups,
             written_groups: Arc::new(Mutex::new(HashSet::new())),
@@ -174,6 +177,11 @@ impl Volume {
         &self.info
     }
 
+    /// The volume's I/O limits as of the last catalog read (`refresh_size`).
+    pub fn qos(&self) -> Option<raftblk_proto::QosLimits> {
+        *self.qos.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes.load(Ordering::Acquire)
     }
@@ -190,6 +198,7 @@ impl Volume {
                 self.info.name, self.info.id, now.id
             )));
         }
+        *self.qos.lock().unwrap_or_else(|p| p.into_inner()) = now.qos;
         let old = self.size_bytes.fetch_max(now.size_bytes, Ordering::AcqRel);
         Ok((now.size_bytes > old).then_some(now.size_bytes))
     }

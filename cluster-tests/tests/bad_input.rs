@@ -44,6 +44,50 @@ async fn cli_errors_are_clear_and_change_nothing() -> anyhow::Result<()> {
     );
     assert!(ok, "{err}");
 
+    // I/O limits: set, shown, merged, removed; bad values named.
+    let (ok, _, err) = cli(&c, &["volume", "set", "v1"]);
+    assert!(!ok && err.contains("nothing to set"), "{err}");
+    let (ok, _, err) = cli(&c, &["volume", "set", "v1", "--bps-max", "fast"]);
+    assert!(!ok && err.contains("--bps-max"), "{err}");
+    let (ok, out, err) = cli(
+        &c,
+        &[
+            "volume",
+            "set",
+            "v1",
+            "--iops-max",
+            "300",
+            "--bps-max",
+            "10M",
+        ],
+    );
+    assert!(
+        ok && out.contains("IOPS 300") && out.contains("10 MiB/s"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = cli(&c, &["volume", "set", "v1", "--write-iops-max", "100"]);
+    assert!(
+        ok && out.contains("IOPS 300 (read -, write 100"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = cli(
+        &c,
+        &[
+            "volume",
+            "set",
+            "v1",
+            "--iops-max",
+            "0",
+            "--write-iops-max",
+            "0",
+            "--bps-max",
+            "0",
+        ],
+    );
+    assert!(ok && out.contains("limits: none"), "{out}{err}");
+    let (_, out, _) = cli(&c, &["volume", "info", "v1"]);
+    assert!(out.contains("limits:     none"), "{out}");
+
     // Unknown volume.
     let (ok, _, err) = cli(&c, &["volume", "info", "nope"]);
     assert!(!ok && err.contains("no volume named \"nope\""), "{err}");
@@ -248,6 +292,7 @@ async fn malformed_rpcs_get_clear_errors_and_change_nothing() -> anyhow::Result<
             .create(CreateVolumeRequest {
                 name: name.into(),
                 size_bytes: size,
+                qos: None,
             })
             .await?
             .into_inner();

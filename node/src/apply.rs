@@ -153,6 +153,7 @@ impl<'a> Applier<'a> {
             Cmd::CreateVolume(c) => self.create_volume(wb, group, c),
             Cmd::DeleteVolume(d) => self.delete_volume(wb, group, &d.name),
             Cmd::GrowVolume(g) => self.grow_volume(wb, group, &g.name, g.new_size_bytes),
+            Cmd::SetQos(q) => self.set_qos(wb, group, &q.name, q.qos),
             Cmd::RepairBlock(r) => {
                 let want = if r.zero { 0 } else { BLOCK_BYTES as usize };
                 if r.data.len() != want {
@@ -312,6 +313,7 @@ impl<'a> Applier<'a> {
             size_bytes: c.size_bytes,
             chunk_size_bytes: c.chunk_size_bytes,
             created_unix_ms: c.created_unix_ms,
+            qos: c.qos,
         };
         self.put(wb, next_key, (id + 1).to_be_bytes().to_vec());
         self.put(wb, keys::volume(group, &c.name), info.encode_to_vec());
@@ -334,6 +336,24 @@ impl<'a> Applier<'a> {
         self.delete(wb, keys::volume(group, name));
         self.delete(wb, keys::volume_by_id(group, info.id));
         self.delete(wb, keys::attach_lease(group, info.id));
+        Ok(Ok(ApplyOutput::Volume(info)))
+    }
+
+    fn set_qos(
+        &mut self,
+        wb: &mut WriteBatch,
+        group: u64,
+        name: &str,
+        qos: Option<raftblk_proto::QosLimits>,
+    ) -> Result<ApplyResult, EngineError> {
+        let Some(mut info) = self.volume_info(group, name)? else {
+            return Ok(Err(PbError::new(
+                ErrorCode::NoSuchVolume,
+                format!("no volume named {name:?}"),
+            )));
+        };
+        info.qos = qos.filter(|q| *q != raftblk_proto::QosLimits::default());
+        self.put(wb, keys::volume(group, name), info.encode_to_vec());
         Ok(Ok(ApplyOutput::Volume(info)))
     }
 

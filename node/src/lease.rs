@@ -283,6 +283,7 @@ mod tests {
             size_bytes: 1 << 20,
             chunk_size_bytes: 1 << 20,
             created_unix_ms: 0,
+            qos: None,
         });
         assert!(apply(&engine, 0, create).is_ok());
         assert_eq!(epoch(apply(&engine, 0, attach("a", false, false, 0))), 1);

@@ -63,7 +63,8 @@ pub fn touches(data: &[u8], volume: u64, blk: u64) -> bool {
         | Cmd::Fence(_)
         | Cmd::Attach(_)
         | Cmd::Renew(_)
-        | Cmd::Detach(_) => false,
+        | Cmd::Detach(_)
+        | Cmd::SetQos(_) => false,
     }
 }
 

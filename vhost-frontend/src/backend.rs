@@ -59,6 +59,9 @@ pub struct DeviceOptions {
     /// How long a request may take, retries included, before the guest
     /// gets IOERR. Well above an election timeout.
     pub io_timeout: Duration,
+    /// The volume's I/O limits (shared by its connections and updated by
+    /// the catalog watcher).
+    pub qos: Arc<crate::qos::Qos>,
 }
 
 struct Completion {
@@ -366,6 +369,17 @@ impl BlkBackend {
         self.inner.rt.spawn(async move {
             let vol = &inner.volume;
             let deadline = inner.opts.io_timeout;
+            // The volume's limits delay the request before it starts (its
+            // deadline counts from then).
+            let (write, bytes) = match &kind {
+                Kind::Read { len, .. } => (false, Some(*len)),
+                Kind::Write { len, .. } => (true, Some(*len)),
+                Kind::Discard { .. } | Kind::WriteZeroes { .. } => (true, Some(0)),
+                Kind::Flush | Kind::GetId => (false, None),
+            };
+            if let Some(bytes) = bytes {
+                inner.opts.qos.admit(write, bytes).await;
+            }
             let started = Instant::now();
             let io = async {
                 // Only the holder of the volume's attach lease serves it: a

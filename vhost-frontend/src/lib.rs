@@ -7,14 +7,16 @@
 //! `backend` pops descriptor chains → `request` validates them against the
 //! `virtio_blk` rules → the I/O runs on tokio through the raftblk client
 //! library → completions return through an eventfd to the queue's worker.
-//! Beside them, `resize` follows the volume's size and tells the frontend
-//! when it grew.
+//! Beside them, `resize` follows the volume's size (and its I/O limits,
+//! which `qos` applies as requests enter) and tells the frontend when it
+//! grew.
 
 pub mod backend;
 pub mod config;
 pub mod dirty_log;
 pub mod handler;
 pub mod inflight;
+pub mod qos;
 pub mod ratelimit;
 pub mod request;
 pub mod resize;

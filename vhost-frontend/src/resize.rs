@@ -4,7 +4,8 @@
 //! `BACKEND_REQ` protocol feature): QEMU reads the config space again
 //! (whose capacity follows the volume) and interrupts the guest, whose
 //! kernel picks up the new capacity. Requests up to the new end are
-//! accepted from the moment the size is read.
+//! accepted from the moment the size is read. The same read brings the
+//! volume's I/O limits, applied at once (`qos`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,7 @@ pub fn spawn_size_watch(
     volume: Volume,
     rt: tokio::runtime::Handle,
     notifier: ConfigNotifier,
+    qos: Arc<crate::qos::Qos>,
     interval: Duration,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
@@ -51,6 +53,7 @@ pub fn spawn_size_watch(
                 let r = rt.block_on(async {
                     tokio::time::timeout(REFRESH_TIMEOUT, volume.refresh_size()).await
                 });
+                let read = matches!(r, Ok(Ok(_)));
                 match r {
                     Ok(Ok(Some(size_bytes))) => {
                         tracing::info!(volume = %name, size_bytes, "volume grew");
@@ -67,6 +70,9 @@ pub fn spawn_size_watch(
                             tracing::warn!(volume = %name, suppressed, "reading the volume's size timed out");
                         }
                     }
+                }
+                if read && qos.set(volume.qos()) {
+                    tracing::info!(volume = %name, limits = ?qos.limits(), "I/O limits changed");
                 }
                 let channel = notifier.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let Some((id, backend)) = channel else {

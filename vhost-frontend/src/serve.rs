@@ -48,6 +48,7 @@ pub fn serve_volume(
         volume.clone(),
         rt.clone(),
         notifier.clone(),
+        opts.qos.clone(),
         SIZE_POLL_INTERVAL,
         stop.clone(),
     )

@@ -8,8 +8,9 @@ use raftblk_proto::volumes_server::Volumes;
 use raftblk_proto::{
     command::Cmd, AttachCmd, AttachRequest, Command, CreateVolumeCmd, CreateVolumeRequest,
     DeleteVolumeCmd, DetachCmd, DetachRequest, Empty, Error as PbError, ErrorCode, GrowVolumeCmd,
-    GrowVolumeRequest, ListVolumesResponse, RenewCmd, RenewRequest, VolumeIdRequest, VolumeInfo,
-    VolumeNameRequest, VolumeResponse, META_GROUP_ID, SECTOR_BYTES,
+    GrowVolumeRequest, ListVolumesResponse, QosLimits, RenewCmd, RenewRequest, SetQosCmd,
+    SetQosRequest, VolumeIdRequest, VolumeInfo, VolumeNameRequest, VolumeResponse, META_GROUP_ID,
+    SECTOR_BYTES,
 };
 use tonic::{Request, Response, Status};
 
@@ -27,6 +28,32 @@ fn now_unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Largest I/O limit accepted (per second): far above any device.
+pub const QOS_LIMIT_MAX: u64 = 1 << 40;
+
+/// Checks I/O limits: each at most `QOS_LIMIT_MAX` (0: none).
+fn validate_qos(q: Option<&QosLimits>) -> Result<(), PbError> {
+    let Some(q) = q else { return Ok(()) };
+    for (what, v) in [
+        ("iops_max", q.iops_max),
+        ("read_iops_max", q.read_iops_max),
+        ("write_iops_max", q.write_iops_max),
+        ("bps_max", q.bps_max),
+        ("read_bps_max", q.read_bps_max),
+        ("write_bps_max", q.write_bps_max),
+        ("iops_burst", q.iops_burst),
+        ("bps_burst", q.bps_burst),
+    ] {
+        if v > QOS_LIMIT_MAX {
+            return Err(PbError::new(
+                ErrorCode::InvalidArgument,
+                format!("{what} {v} exceeds the limit of {QOS_LIMIT_MAX}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks a lease holder's name: 1-256 printable characters.
@@ -157,11 +184,15 @@ impl Volumes for VolumesService {
             return Ok(failed(e));
         }
         let now_ms = now_unix_ms();
+        if let Err(e) = validate_qos(r.qos.as_ref()) {
+            return Ok(failed(e));
+        }
         let cmd = Cmd::CreateVolume(CreateVolumeCmd {
             name: r.name,
             size_bytes: r.size_bytes,
             chunk_size_bytes: self.store.config.cluster.chunk_size_bytes,
             created_unix_ms: now_ms,
+            qos: r.qos,
         });
         Ok(Response::new(self.propose_volume(cmd).await))
     }
@@ -232,6 +263,23 @@ impl Volumes for VolumesService {
             resp.volume = Some(volume);
         }
         Ok(Response::new(resp))
+    }
+
+    async fn set_qos(
+        &self,
+        req: Request<SetQosRequest>,
+    ) -> Result<Response<VolumeResponse>, Status> {
+        let r = req.into_inner();
+        if let Err(e) = validate_name(&r.name).and_then(|_| validate_qos(r.qos.as_ref())) {
+            return Ok(failed(e));
+        }
+        Ok(Response::new(
+            self.propose_volume(Cmd::SetQos(SetQosCmd {
+                name: r.name,
+                qos: r.qos,
+            }))
+            .await,
+        ))
     }
 
     async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<VolumeResponse>, Status> {
