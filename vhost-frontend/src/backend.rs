@@ -535,7 +535,11 @@ impl BlkBackend {
         let Some(ctx) = self.inner.queues.get(q) else {
             return Ok(());
         };
-        let deadline = Instant::now() + self.inner.opts.io_timeout + Duration::from_secs(5);
+        // A request may wait for the volume's limits before its I/O.
+        let deadline = Instant::now()
+            + self.inner.opts.io_timeout
+            + crate::qos::DELAY_MAX
+            + Duration::from_secs(5);
         while ctx.inflight.load(Ordering::Acquire) > 0 {
             if Instant::now() >= deadline {
                 return Err(io::Error::other(format!(

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use raftblk_proto::QosLimits;
 
-/// Longest delay one request is given (a limit far below the request's
-/// size must not hold it forever; the limit is still kept on average).
-const DELAY_MAX: Duration = Duration::from_secs(30);
+/// Longest delay one request is given, and so the deepest debt a bucket
+/// keeps (a limit far below the requests' size must not hold them
+/// forever: past it, the limit is not kept).
+pub const DELAY_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Bucket {
@@ -45,7 +46,7 @@ impl Bucket {
         if self.rate <= 0.0 || cost <= 0.0 {
             return 0.0;
         }
-        self.level -= cost;
+        self.level = (self.level - cost).max(-self.rate * DELAY_MAX.as_secs_f64());
         if self.level >= 0.0 {
             0.0
         } else {
@@ -71,6 +72,8 @@ struct State {
 /// The limits of one served volume, shared by its connections.
 pub struct Qos {
     state: Mutex<State>,
+    /// Wakes the requests waiting when the limits change.
+    changed: tokio::sync::Notify,
     /// Whether any limit is set: requests of an unlimited volume skip the
     /// lock.
     limited: AtomicBool,
@@ -104,6 +107,7 @@ impl Qos {
                 refilled: Instant::now(),
             }),
             limited: AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
         };
         q.set(limits);
         q
@@ -121,6 +125,10 @@ impl Qos {
         self.limited.store(limits.is_some(), Ordering::Release);
         s.limits = limits;
         s.refilled = Instant::now();
+        drop(s);
+        // Requests waiting under the old limits go now: their debt is
+        // forgiven with the rest.
+        self.changed.notify_waiters();
         true
     }
 
@@ -160,11 +168,16 @@ impl Qos {
         Duration::from_secs_f64(wait.min(DELAY_MAX.as_secs_f64()))
     }
 
-    /// Waits until the request may run.
+    /// Waits until the request may run (at once if the limits change
+    /// meanwhile).
     pub async fn admit(&self, write: bool, bytes: u64) {
+        let changed = self.changed.notified();
         let wait = self.reserve(write, bytes);
         if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = changed => {}
+            }
         }
     }
 }
@@ -221,7 +234,26 @@ mod tests {
             w > Duration::from_millis(240) && w <= Duration::from_millis(250),
             "{w:?}"
         );
-        // A request far above a limit waits at most DELAY_MAX.
+        // A request far above a limit waits at most DELAY_MAX, and the
+        // debt it leaves is no deeper than that either.
         assert!(q.reserve(false, 1 << 40) <= DELAY_MAX);
+        assert!(q.reserve(false, 4096) <= DELAY_MAX + Duration::from_millis(5));
+    }
+
+    #[tokio::test]
+    async fn a_change_wakes_waiting_requests() {
+        let q = std::sync::Arc::new(Qos::new(limits(1)));
+        // One second of debt: the next request would wait two.
+        assert!(q.reserve(false, 0) > Duration::from_millis(900));
+        let waiter = q.clone();
+        let t = tokio::spawn(async move {
+            let started = Instant::now();
+            waiter.admit(false, 4096).await;
+            started.elapsed()
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(q.set(None));
+        let waited = t.await.unwrap_or(Duration::MAX);
+        assert!(waited < Duration::from_millis(500), "{waited:?}");
     }
 }
