@@ -124,6 +124,8 @@ pub struct Attachment {
     ttl_ms: u64,
     /// Why the lease was lost, once it was.
     lost: Mutex<Option<String>>,
+    /// Whether `lost` is set: the per-request check reads no lock.
+    lost_flag: std::sync::atomic::AtomicBool,
     /// Given back at shutdown (`release`): no more renewals.
     released: std::sync::atomic::AtomicBool,
 }
@@ -172,11 +174,16 @@ impl Attachment {
             tracing::info!(volume = %self.volume.name, holder = %self.holder, epoch = self.epoch, "detached");
         }
         *l = Some(why.to_owned());
+        self.lost_flag
+            .store(true, std::sync::atomic::Ordering::Release);
         true
     }
 
     /// `Fenced` if the lease is lost.
     pub fn check(&self) -> Result<u64, ClientError> {
+        if !self.lost_flag.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(self.epoch);
+        }
         match self.lost() {
             Some(why) => Err(ClientError::Fenced(why)),
             None => Ok(self.epoch),
@@ -342,6 +349,7 @@ impl Client {
             epoch: lease.epoch,
             ttl_ms,
             lost: Mutex::new(None),
+            lost_flag: std::sync::atomic::AtomicBool::new(false),
             released: std::sync::atomic::AtomicBool::new(false),
         });
         let every = Duration::from_millis(ttl_ms / 3);

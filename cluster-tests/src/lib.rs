@@ -690,6 +690,23 @@ impl LocalCluster {
         }
     }
 
+    /// Waits until node `i` no longer hosts `group` (its replica moved away).
+    pub async fn wait_gone(&self, i: usize, group: u64, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(st) = self.status(i).await {
+                if !st.groups.iter().any(|g| g.group_id == group) {
+                    return Ok(());
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "node {i} still hosts group {group} after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until every group hosted by a running node has a leader among
     /// the running nodes.
     pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {

@@ -8,7 +8,7 @@
 //! `volume detach --force` breaks B's lease so that the next holder
 //! attaches without taking over, fencing B.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use raftblk_client::{AttachOptions, ClientError};
 use raftblk_cluster_tests::{bin, payload, ClusterSpec, LocalCluster};
@@ -57,23 +57,6 @@ fn holder(name: &str, takeover: bool) -> AttachOptions {
         takeover,
         reuse: false,
         ..AttachOptions::default()
-    }
-}
-
-/// Waits until node `i` no longer hosts `group`.
-async fn wait_gone(c: &LocalCluster, i: usize, group: u64) -> anyhow::Result<()> {
-    let deadline = Instant::now() + STEP;
-    loop {
-        if let Ok(st) = c.status(i).await {
-            if !st.groups.iter().any(|g| g.group_id == group) {
-                return Ok(());
-            }
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "node {i} still hosts group {group}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -176,7 +159,7 @@ async fn fence_survives_a_replica_move() -> anyhow::Result<()> {
         snapshots > 0,
         "the new replica was not caught up by a snapshot"
     );
-    wait_gone(&c, from as usize, group).await?;
+    c.wait_gone(from as usize, group, STEP).await?;
     c.transfer_leader(group, to as usize, STEP).await?;
 
     // A's late requests, replayed with its epoch at the new leader.

@@ -8,7 +8,7 @@
 //! placement driver is switched off with the `norecover` flag: these moves
 //! are made by hand, step by step.)
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use raftblk_client::Volume;
 use raftblk_cluster_tests::workload::{Workload, WorkloadSpec};
@@ -79,28 +79,6 @@ fn leftovers(
     Ok((kv, raft, tomb))
 }
 
-/// Waits until node `i` no longer hosts `group`.
-async fn wait_gone(
-    c: &LocalCluster,
-    i: usize,
-    group: u64,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(st) = c.status(i).await {
-            if !st.groups.iter().any(|g| g.group_id == group) {
-                return Ok(());
-            }
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "node {i} still hosts group {group} after {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A voter of `group` that does not lead it.
 async fn follower_of(c: &LocalCluster, group: u64) -> anyhow::Result<u64> {
     let (leader, st) = c
@@ -144,7 +122,7 @@ async fn move_a_replica_under_load() -> anyhow::Result<()> {
         .find(|n| !members.contains(n))
         .ok_or_else(|| anyhow::anyhow!("every node hosts group {GROUP}"))?;
     c.move_replica(GROUP, from, to, STEP).await?;
-    wait_gone(&c, from as usize, GROUP, STEP).await?;
+    c.wait_gone(from as usize, GROUP, STEP).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let summary = wl.stop_and_check(&vols, blocks).await?;
     anyhow::ensure!(summary.acked_writes > 100, "too little load: {summary:?}");
@@ -189,7 +167,7 @@ async fn replica_removed_while_its_node_was_down_deletes_itself() -> anyhow::Res
         .await?;
     c.start_node(from as usize)?;
     // It wakes up believing it is a voter; its peers tell it otherwise.
-    wait_gone(&c, from as usize, GROUP, STEP).await?;
+    c.wait_gone(from as usize, GROUP, STEP).await?;
     c.wait_healthy(HEALTHY).await?;
     let want = raftblk_cluster_tests::payload(8, 4 << 20);
     anyhow::ensure!(

@@ -235,11 +235,11 @@ impl Volumes for VolumesService {
             return Ok(failed(e));
         }
         let volume = match self.read_volume(&r.name).await {
-            Ok(v) => v.volume,
+            Ok(VolumeResponse {
+                volume: Some(v), ..
+            }) => v,
+            Ok(_) => return Ok(failed(PbError::new(ErrorCode::Storage, "no record"))),
             Err(e) => return Ok(failed(e)),
-        };
-        let Some(volume) = volume else {
-            return Ok(failed(PbError::new(ErrorCode::Storage, "no record")));
         };
         if r.volume_id != 0 && r.volume_id != volume.id {
             return Ok(failed(PbError::new(
@@ -308,11 +308,11 @@ impl Volumes for VolumesService {
             }
         }
         let volume = match self.read_volume(&r.name).await {
-            Ok(v) => v.volume,
+            Ok(VolumeResponse {
+                volume: Some(v), ..
+            }) => v,
+            Ok(_) => return Ok(failed(PbError::new(ErrorCode::Storage, "no record"))),
             Err(e) => return Ok(failed(e)),
-        };
-        let Some(volume) = volume else {
-            return Ok(failed(PbError::new(ErrorCode::Storage, "no record")));
         };
         let cmd = Cmd::Detach(DetachCmd {
             volume_id: volume.id,
