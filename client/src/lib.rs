@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod attach;
 pub mod error;
+pub mod qos;
 pub mod router;
 pub mod size;
 pub mod topology;

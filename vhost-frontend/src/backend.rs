@@ -61,7 +61,7 @@ pub struct DeviceOptions {
     pub io_timeout: Duration,
     /// The volume's I/O limits (shared by its connections and updated by
     /// the catalog watcher).
-    pub qos: Arc<crate::qos::Qos>,
+    pub qos: Arc<raftblk_client::qos::Qos>,
 }
 
 struct Completion {
@@ -538,7 +538,7 @@ impl BlkBackend {
         // A request may wait for the volume's limits before its I/O.
         let deadline = Instant::now()
             + self.inner.opts.io_timeout
-            + crate::qos::DELAY_MAX
+            + raftblk_client::qos::DELAY_MAX
             + Duration::from_secs(5);
         while ctx.inflight.load(Ordering::Acquire) > 0 {
             if Instant::now() >= deadline {

@@ -16,7 +16,6 @@ pub mod config;
 pub mod dirty_log;
 pub mod handler;
 pub mod inflight;
-pub mod qos;
 pub mod ratelimit;
 pub mod request;
 pub mod resize;

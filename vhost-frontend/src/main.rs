@@ -192,7 +192,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             queue_size: e.queue_size,
             read_only: e.read_only,
             io_timeout,
-            qos: Arc::new(raftblk_vhost::qos::Qos::new(volume.info().qos)),
+            qos: Arc::new(raftblk_client::qos::Qos::new(volume.info().qos)),
         };
         let handle = rt.handle().clone();
         let connections = args.connections;

@@ -33,7 +33,7 @@ pub fn spawn_size_watch(
     volume: Volume,
     rt: tokio::runtime::Handle,
     notifier: ConfigNotifier,
-    qos: Arc<crate::qos::Qos>,
+    qos: Arc<raftblk_client::qos::Qos>,
     interval: Duration,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
