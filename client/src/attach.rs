@@ -115,9 +115,41 @@ pub fn process_holder() -> String {
     )
 }
 
+/// Holds a volume's writes for a snapshot cut: writes share it, a cut
+/// takes it alone (tokio's lock is fair: once a cut waits, new writes
+/// queue behind it). One per volume and epoch in a process, so every
+/// handle sharing a lease quiesces together.
+pub(crate) struct Gate {
+    pub(crate) lock: tokio::sync::RwLock<()>,
+    /// The newest snapshot id this process cut (or gave up on).
+    pub(crate) done: Mutex<u64>,
+}
+
+/// The gates of this process, by (volume id, epoch).
+type Gates = Mutex<std::collections::HashMap<(u64, u64), Weak<Gate>>>;
+
+fn gate_for(volume: u64, epoch: u64) -> Arc<Gate> {
+    static GATES: std::sync::OnceLock<Gates> = std::sync::OnceLock::new();
+    let mut gates = GATES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    gates.retain(|_, g| g.strong_count() > 0);
+    if let Some(g) = gates.get(&(volume, epoch)).and_then(Weak::upgrade) {
+        return g;
+    }
+    let g = Arc::new(Gate {
+        lock: tokio::sync::RwLock::new(()),
+        done: Mutex::new(0),
+    });
+    gates.insert((volume, epoch), Arc::downgrade(&g));
+    g
+}
+
 /// A held attach lease.
 pub struct Attachment {
-    client: Client,
+    pub(crate) client: Client,
+    pub(crate) gate: Arc<Gate>,
     volume: VolumeInfo,
     holder: String,
     epoch: u64,
@@ -246,6 +278,22 @@ impl Attachment {
     }
 }
 
+/// How often a holder looks for a snapshot to cut.
+const SNAPSHOT_POLL: Duration = Duration::from_millis(500);
+
+/// Cuts the snapshots asked of `a`'s volume (see `snapshot`) until the
+/// lease ends or the attachment is dropped.
+async fn snapshot_loop(a: Weak<Attachment>) {
+    loop {
+        tokio::time::sleep(SNAPSHOT_POLL).await;
+        let Some(a) = a.upgrade() else { return };
+        if a.released.load(std::sync::atomic::Ordering::Acquire) || a.lost().is_some() {
+            return;
+        }
+        a.cut_pending().await;
+    }
+}
+
 /// Renews `a` every third of its lifetime until it is lost or dropped.
 async fn renew_loop(a: Weak<Attachment>, every: Duration) {
     loop {
@@ -344,6 +392,7 @@ impl Client {
         };
         let a = Arc::new(Attachment {
             client: self.clone(),
+            gate: gate_for(volume.id, lease.epoch),
             volume,
             holder: lease.holder,
             epoch: lease.epoch,
@@ -354,6 +403,7 @@ impl Client {
         });
         let every = Duration::from_millis(ttl_ms / 3);
         tokio::spawn(renew_loop(Arc::downgrade(&a), every));
+        tokio::spawn(snapshot_loop(Arc::downgrade(&a)));
         Ok(a)
     }
 

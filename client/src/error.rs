@@ -10,6 +10,10 @@ pub enum ClientError {
     NoSuchVolume(String),
     #[error("volume {0:?} already exists")]
     VolumeExists(String),
+    /// A snapshot (or a volume by id) that does not exist, as the
+    /// cluster described it.
+    #[error("{0}")]
+    NotFound(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("out of range: {0}")]

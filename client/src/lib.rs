@@ -11,10 +11,13 @@
 
 pub mod admin;
 pub mod attach;
+pub mod clone;
+pub mod diff;
 pub mod error;
 pub mod qos;
 pub mod router;
 pub mod size;
+pub mod snapshot;
 pub mod topology;
 pub mod volume;
 

@@ -3,6 +3,7 @@
 
 mod bench;
 mod cli_node;
+mod cli_snapshot;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -43,6 +44,11 @@ enum Cmd {
     Volume {
         #[command(subcommand)]
         cmd: VolumeCmd,
+    },
+    /// Snapshots: create, list, delete, rollback (VOLUME@SNAPSHOT).
+    Snapshot {
+        #[command(subcommand)]
+        cmd: cli_snapshot::SnapshotCmd,
     },
     /// Node management: list, add, drain, out, in, remove, set-weight.
     Node {
@@ -112,7 +118,8 @@ enum VolumeCmd {
     },
     /// Copy a raw image file into a volume.
     Import { name: String, file: PathBuf },
-    /// Copy a volume into a raw image file (holding its attach lease).
+    /// Copy a volume (or VOLUME@SNAPSHOT) into a raw image file (holding
+    /// the volume's attach lease, unless a snapshot is read).
     Export {
         name: String,
         file: PathBuf,
@@ -121,6 +128,8 @@ enum VolumeCmd {
         #[arg(long)]
         live: bool,
     },
+    #[command(flatten)]
+    Image(cli_snapshot::ImageCmd),
     /// Break a volume's attach lease (its holder is fenced by the next
     /// attach). For a holder that is gone; a live one loses the volume.
     Detach {
@@ -301,6 +310,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cmd: ClusterCmd::Flag { name, state },
         } => cli_node::set_flag(&connect(&cli).await?, name, state == "on").await,
         Cmd::Volume { cmd } => volume(&cli, cmd).await,
+        Cmd::Snapshot { cmd } => cli_snapshot::snapshot(&connect(&cli).await?, cmd).await,
         Cmd::Node { cmd } => cli_node::run(&connect(&cli).await?, cmd).await,
         Cmd::Bench(args) => bench::run(&connect(&cli).await?, args).await,
     }
@@ -503,6 +513,24 @@ async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
             println!("created:    {} (unix ms)", v.created_unix_ms);
             println!("attached:   {}", describe_lease(lease.as_ref()));
             println!("limits:     {}", describe_qos(v.qos.as_ref()));
+            println!("snapshots:  {}", v.snapshots.len());
+            if let Some(p) = v.parent {
+                let parent = client.volume_by_id(p.volume_id).await;
+                let (pv, ps) = match &parent {
+                    Ok(pv) => (
+                        pv.name.clone(),
+                        pv.snapshots
+                            .iter()
+                            .find(|s| s.id == p.snapshot_id)
+                            .map_or_else(|| format!("id {}", p.snapshot_id), |s| s.name.clone()),
+                    ),
+                    Err(_) => (
+                        format!("id {}", p.volume_id),
+                        format!("id {}", p.snapshot_id),
+                    ),
+                };
+                println!("parent:     {pv}@{ps} (a clone)");
+            }
         }
         VolumeCmd::Set { name, qos } => {
             if qos.is_empty() {
@@ -530,6 +558,7 @@ async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
         }
         VolumeCmd::Import { name, file } => import(&client, name, file).await?,
         VolumeCmd::Export { name, file, live } => export(&client, name, file, *live).await?,
+        VolumeCmd::Image(cmd) => cli_snapshot::image(&client, cmd).await?,
     }
     Ok(())
 }
@@ -662,6 +691,11 @@ async fn export(
     file: &std::path::Path,
     live: bool,
 ) -> anyhow::Result<()> {
+    if let Some((volume, snap)) = name.split_once('@') {
+        // A snapshot never changes: no lease needed.
+        let vol = client.open_snapshot(volume, snap).await?;
+        return export_from(&vol, name, file).await;
+    }
     // The lease keeps writers away while the image is read.
     let vol = if live {
         client.open_volume(name).await?

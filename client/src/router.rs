@@ -467,6 +467,7 @@ impl Client {
                     name: n.clone(),
                     size_bytes,
                     qos,
+                    ..Default::default()
                 };
                 Box::pin(async move {
                     let r = c.create(req).await?.into_inner();

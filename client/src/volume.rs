@@ -70,6 +70,11 @@ pub struct Volume {
     /// The attach lease writes carry the epoch of (shared by every clone).
     attachment: Arc<tokio::sync::OnceCell<Arc<Attachment>>>,
     attach_options: Arc<AttachOptions>,
+    /// The snapshot this handle reads (0: the volume now; else read-only).
+    pub(crate) snapshot: u64,
+    /// A clone's parent snapshot: blocks the clone never wrote read as
+    /// the parent's (see `clone`).
+    pub(crate) parent: Option<Arc<Volume>>,
 }
 
 /// Splits `[offset, offset+len)` at chunk boundaries and every `piece_max`.
@@ -98,10 +103,41 @@ pub fn split(
 }
 
 impl Volume {
-    pub(crate) fn new(client: Client, info: VolumeInfo) -> Volume {
+    /// A handle of `info` as of snapshot `snap` (0: now) of `size` bytes,
+    /// with its parents if it is a clone.
+    pub(crate) async fn open_at(
+        client: Client,
+        info: VolumeInfo,
+        snap: u64,
+        size: u64,
+    ) -> Result<Volume, ClientError> {
+        Self::open_at_depth(client, info, snap, size, 0).await
+    }
+
+    pub(crate) async fn open_at_depth(
+        client: Client,
+        info: VolumeInfo,
+        snap: u64,
+        size: u64,
+        depth: usize,
+    ) -> Result<Volume, ClientError> {
+        let parent = match info.parent {
+            Some(p) => Some(client.open_parent(p, depth).await?),
+            None => None,
+        };
+        let mut v = Volume::new(client, info);
+        v.snapshot = snap;
+        v.parent = parent;
+        v.size_bytes = Arc::new(AtomicU64::new(size));
+        Ok(v)
+    }
+
+    fn new(client: Client, info: VolumeInfo) -> Volume {
         let data_groups = client.topology().data_groups;
         Volume {
             client,
+            snapshot: 0,
+            parent: None,
             size_bytes: Arc::new(AtomicU64::new(info.size_bytes)),
             qos: Arc::new(Mutex::new(info.qos)),
             info,
@@ -156,10 +192,16 @@ impl Volume {
         self.attachment.get().cloned()
     }
 
-    /// The epoch writes carry: attaches on first use, `Fenced` once the
-    /// lease is lost.
-    async fn epoch(&self) -> Result<u64, ClientError> {
-        self.attach().await?.check()
+    /// The lease writes go under: attaches on first use; refused on a
+    /// snapshot.
+    async fn writer(&self) -> Result<Arc<Attachment>, ClientError> {
+        if self.snapshot != 0 {
+            return Err(ClientError::InvalidArgument(format!(
+                "volume {} is open at a snapshot: read-only",
+                self.info.name
+            )));
+        }
+        self.attach().await
     }
 
     /// A write's or discard's final error: FENCED means the lease is lost.
@@ -191,6 +233,10 @@ impl Volume {
     /// size then. A volume of the same name but another id (deleted and
     /// created again) is an error: this handle stays on the old one.
     pub async fn refresh_size(&self) -> Result<Option<u64>, ClientError> {
+        if self.snapshot != 0 {
+            // A snapshot never changes size.
+            return Ok(None);
+        }
         let now = self.client.volume_info(&self.info.name).await?;
         if now.id != self.info.id {
             return Err(ClientError::NoSuchVolume(format!(
@@ -219,7 +265,7 @@ impl Volume {
         }
     }
 
-    fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
+    pub(crate) fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
         let max = self
             .client
             .options()
@@ -235,7 +281,7 @@ impl Volume {
         )
     }
 
-    fn range(&self, p: &Piece) -> BlockRange {
+    pub(crate) fn range(&self, p: &Piece) -> BlockRange {
         BlockRange {
             group_id: p.group,
             volume_id: self.info.id,
@@ -244,7 +290,7 @@ impl Volume {
         }
     }
 
-    fn map_err(&self, e: ClientError) -> ClientError {
+    pub(crate) fn map_err(&self, e: ClientError) -> ClientError {
         match e {
             ClientError::Server(pb) => ClientError::from_server(pb, Some(&self.info.name)),
             other => other,
@@ -256,29 +302,14 @@ impl Volume {
         self.check(offset, len)?;
         let mut out = vec![0u8; len as usize];
         let pieces = self.pieces(offset, len);
-        let results: Vec<(Piece, Bytes)> = stream::iter(pieces)
+        let results: Vec<(Piece, Vec<u8>)> = stream::iter(pieces)
             .map(|p| async move {
-                let range = self.range(&p);
-                let data = self
-                    .client
-                    .call_group(p.group, "read", |ch| async move {
-                        let r = BlockIoClient::new(ch)
-                            .max_decoding_message_size(MESSAGE_BYTES_MAX)
-                            .read(ReadRequest { range: Some(range) })
-                            .await?
-                            .into_inner();
-                        Ok((r.error, r.data))
-                    })
-                    .await
-                    .map_err(|e| self.map_err(e))?;
-                if data.len() as u64 != p.len {
-                    return Err(ClientError::InvalidArgument(format!(
-                        "server returned {} bytes for a {}-byte read",
-                        data.len(),
-                        p.len
-                    )));
+                let (data, absent) = self.read_piece(&p, self.parent.is_some()).await?;
+                let mut data = data.to_vec();
+                if !absent.is_empty() {
+                    self.fill_from_parent(&mut data, p.offset, &absent).await?;
                 }
-                Ok((p, data))
+                Ok::<_, ClientError>((p, data))
             })
             .buffer_unordered(self.client.options().pieces_in_flight_max)
             .try_collect()
@@ -288,6 +319,41 @@ impl Volume {
             out[at..at + p.len as usize].copy_from_slice(&data);
         }
         Ok(out)
+    }
+
+    /// Reads one piece from its group: its bytes and, with
+    /// `report_absent`, the map of blocks the volume never wrote.
+    pub(crate) async fn read_piece(
+        &self,
+        p: &Piece,
+        report_absent: bool,
+    ) -> Result<(Bytes, Bytes), ClientError> {
+        let range = self.range(p);
+        let snapshot_id = self.snapshot;
+        let (data, absent) = self
+            .client
+            .call_group(p.group, "read", |ch| async move {
+                let r = BlockIoClient::new(ch)
+                    .max_decoding_message_size(MESSAGE_BYTES_MAX)
+                    .read(ReadRequest {
+                        range: Some(range),
+                        snapshot_id,
+                        report_absent,
+                    })
+                    .await?
+                    .into_inner();
+                Ok((r.error, (r.data, r.absent)))
+            })
+            .await
+            .map_err(|e| self.map_err(e))?;
+        if data.len() as u64 != p.len {
+            return Err(ClientError::InvalidArgument(format!(
+                "server returned {} bytes for a {}-byte read",
+                data.len(),
+                p.len
+            )));
+        }
+        Ok((data, absent))
     }
 
     /// Writes `data` at `offset`; returns once every piece is committed.
@@ -301,42 +367,61 @@ impl Volume {
         let len = all.len() as u64;
         self.check(offset, len)?;
         let pieces = self.pieces(offset, len);
-        let epoch = self.epoch().await?;
+        let writer = self.writer().await?;
+        let _held = writer.gate.lock.read().await;
+        let epoch = writer.check()?;
         self.note_written(&pieces);
         stream::iter(pieces)
             .map(|p| {
                 let at = (p.offset - offset) as usize;
                 let chunk = all.slice(at..at + p.len as usize);
                 async move {
-                    let range = self.range(&p);
-                    let request_id = self.client.next_request_id();
-                    let age = RetryAge::new();
-                    self.client
-                        .call_group(p.group, "write", |ch| {
-                            let req = WriteRequest {
-                                range: Some(range),
-                                data: chunk.clone(),
-                                request_id: request_id.clone(),
-                                retry_age_ms: age.next(),
-                                epoch,
-                            };
-                            async move {
-                                let r = BlockIoClient::new(ch)
-                                    .max_encoding_message_size(MESSAGE_BYTES_MAX)
-                                    .write(req)
-                                    .await?
-                                    .into_inner();
-                                Ok((r.error, ()))
-                            }
-                        })
-                        .await
-                        .map_err(|e| self.write_err(e))
+                    let clone = self.clone_write(&p, false).await?;
+                    self.send_write(&p, chunk, epoch, clone).await
                 }
             })
             .buffer_unordered(self.client.options().pieces_in_flight_max)
             .try_collect::<Vec<()>>()
             .await?;
         Ok(())
+    }
+
+    /// Sends one piece's write to its group (retried under one request id).
+    pub(crate) async fn send_write(
+        &self,
+        p: &Piece,
+        chunk: Bytes,
+        epoch: u64,
+        clone: Option<raftblk_proto::CloneWrite>,
+    ) -> Result<(), ClientError> {
+        let range = self.range(p);
+        let request_id = self.client.next_request_id();
+        let age = RetryAge::new();
+        self.client
+            .call_group(p.group, "write", |ch| {
+                let req = WriteRequest {
+                    range: Some(range),
+                    data: chunk.clone(),
+                    request_id: request_id.clone(),
+                    retry_age_ms: age.next(),
+                    epoch,
+                    clone: clone.clone(),
+                };
+                async move {
+                    let r = BlockIoClient::new(ch)
+                        .max_encoding_message_size(MESSAGE_BYTES_MAX)
+                        .write(req)
+                        .await?
+                        .into_inner();
+                    Ok((r.error, ()))
+                }
+            })
+            .await
+            .map_err(|e| self.write_err(e))
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
     }
 
     /// Deallocates `[offset, offset+len)`: it reads as zeros afterwards and
@@ -363,17 +448,21 @@ impl Volume {
                 .min(self.client.options().piece_bytes_max),
             self.data_groups,
         );
-        let epoch = self.epoch().await?;
+        let writer = self.writer().await?;
+        let _held = writer.gate.lock.read().await;
+        let epoch = writer.check()?;
         self.note_written(&pieces);
         stream::iter(pieces)
             .map(|p| async move {
                 let range = self.range(&p);
+                let clone = self.clone_write(&p, false).await?;
                 let request_id = self.client.next_request_id();
                 let age = RetryAge::new();
                 self.client
                     .call_group(p.group, "discard", |ch| {
                         let request_id = request_id.clone();
                         let retry_age_ms = age.next();
+                        let clone = clone.clone();
                         async move {
                             let r = BlockIoClient::new(ch)
                                 .discard(DiscardRequest {
@@ -382,6 +471,7 @@ impl Volume {
                                     request_id,
                                     retry_age_ms,
                                     epoch,
+                                    clone,
                                 })
                                 .await?
                                 .into_inner();
@@ -449,7 +539,8 @@ impl Client {
     /// Opens volume `name` for I/O.
     pub async fn open_volume(&self, name: &str) -> Result<Volume, ClientError> {
         let info = self.volume_info(name).await?;
-        Ok(Volume::new(self.clone(), info))
+        let size = info.size_bytes;
+        Volume::open_at(self.clone(), info, 0, size).await
     }
 }
 

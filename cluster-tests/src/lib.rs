@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub mod guest;
 pub mod history;
+pub mod nbd;
 pub mod netns;
 pub mod vm;
 pub mod workload;

@@ -184,6 +184,7 @@ async fn malformed_rpcs_get_clear_errors_and_change_nothing() -> anyhow::Result<
         request_id: Default::default(),
         retry_age_ms: 0,
         epoch: 1,
+        clone: None,
     };
     let cases: Vec<(WriteRequest, ErrorCode, &str)> = vec![
         (
@@ -243,6 +244,7 @@ async fn malformed_rpcs_get_clear_errors_and_change_nothing() -> anyhow::Result<
                 request_id: Default::default(),
                 retry_age_ms: 0,
                 epoch: 1,
+                clone: None,
             },
             ErrorCode::InvalidArgument,
             "no range",
@@ -276,6 +278,7 @@ async fn malformed_rpcs_get_clear_errors_and_change_nothing() -> anyhow::Result<
     let r = bio
         .read(ReadRequest {
             range: Some(range(g0, info.id, 512 * 3, 1000)),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -293,6 +296,7 @@ async fn malformed_rpcs_get_clear_errors_and_change_nothing() -> anyhow::Result<
                 name: name.into(),
                 size_bytes: size,
                 qos: None,
+                ..Default::default()
             })
             .await?
             .into_inner();

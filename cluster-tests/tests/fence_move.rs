@@ -100,6 +100,7 @@ async fn fence_survives_a_replica_move() -> anyhow::Result<()> {
         request_id: early_id.clone().into(),
         retry_age_ms,
         epoch: epoch_a,
+        clone: None,
     };
     let leader_addr = {
         let (l, _) = c
@@ -181,6 +182,7 @@ async fn fence_survives_a_replica_move() -> anyhow::Result<()> {
                 request_id: id.into(),
                 retry_age_ms: 0,
                 epoch: epoch_a,
+                clone: None,
             })
             .await?
             .into_inner();
@@ -197,6 +199,7 @@ async fn fence_survives_a_replica_move() -> anyhow::Result<()> {
                 request_id: Default::default(),
                 retry_age_ms: 0,
                 epoch: epoch_a,
+                clone: None,
             })
             .await?
             .into_inner();

@@ -58,6 +58,7 @@ async fn flipped_bytes_are_never_returned() -> anyhow::Result<()> {
                 offset_bytes: 8192,
                 length_bytes: 4096,
             }),
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -208,8 +208,12 @@ async fn retried_writes_apply_at_most_once() -> anyhow::Result<()> {
         retry_age_ms,
         // Never attached: any epoch from 1 up passes the fence.
         epoch: 1,
+        clone: None,
     };
-    let read = || ReadRequest { range };
+    let read = || ReadRequest {
+        range,
+        ..Default::default()
+    };
     let (w1, w2) = (payload(1, 4096), payload(2, 4096));
     for (req, what) in [
         (write(w1.clone(), 1, 0), "first write"),

@@ -9,7 +9,8 @@ use std::collections::HashMap;
 
 use prost::Message as _;
 use raftblk_proto::{
-    command::Cmd, Command, Error as PbError, ErrorCode, VolumeInfo, BLOCK_BYTES, SECTOR_BYTES,
+    command::Cmd, CloneWrite, Command, Error as PbError, ErrorCode, VolumeInfo, BLOCK_BYTES,
+    SECTOR_BYTES,
 };
 use rocksdb::WriteBatch;
 
@@ -79,13 +80,68 @@ impl<'a> Applier<'a> {
         self.overlay.insert(key, None);
     }
 
+    /// Calls `f` on every pair in `[start, end)` as this round sees it
+    /// (the engine's, with the round's earlier changes over them), in key
+    /// order, streaming. Changes `f` makes are not seen by this scan.
+    pub(crate) fn scan_each(
+        &mut self,
+        start: &[u8],
+        end: &[u8],
+        mut f: impl FnMut(&mut Self, &[u8], &[u8]) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        let mut round: Vec<(Vec<u8>, Option<Vec<u8>>)> = self
+            .overlay
+            .iter()
+            .filter(|(k, _)| k.as_slice() >= start && k.as_slice() < end)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        round.sort_by(|a, b| a.0.cmp(&b.0));
+        let deleted = self.deleted_ranges.clone();
+        let engine = self.engine;
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(end.to_vec());
+        let iter = engine.db().iterator_cf_opt(
+            engine.kv_cf(),
+            ro,
+            rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward),
+        );
+        let mut next_round = 0;
+        for item in iter {
+            let (k, v) = item?;
+            // The round's own pairs sorting before this one.
+            while next_round < round.len() && round[next_round].0.as_slice() < &*k {
+                if let Some(rv) = &round[next_round].1 {
+                    f(self, &round[next_round].0, rv)?;
+                }
+                next_round += 1;
+            }
+            if next_round < round.len() && round[next_round].0.as_slice() == &*k {
+                if let Some(rv) = &round[next_round].1 {
+                    f(self, &k, rv)?;
+                }
+                next_round += 1;
+                continue;
+            }
+            if deleted.iter().any(|(s, e)| *k >= **s && *k < **e) {
+                continue;
+            }
+            f(self, &k, &v)?;
+        }
+        for (rk, rv) in &round[next_round..] {
+            if let Some(rv) = rv {
+                f(self, rk, rv)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The ranges this round deleted (purged volumes), for reclamation
     /// once the round's batch is written.
     pub fn take_deleted_ranges(&mut self) -> Vec<(Vec<u8>, Vec<u8>)> {
         std::mem::take(&mut self.deleted_ranges)
     }
 
-    fn delete_range(&mut self, wb: &mut WriteBatch, start: Vec<u8>, end: Vec<u8>) {
+    pub(crate) fn delete_range(&mut self, wb: &mut WriteBatch, start: Vec<u8>, end: Vec<u8>) {
         wb.delete_range_cf(self.engine.kv_cf(), &start, &end);
         self.overlay
             .retain(|k, _| !(k.as_slice() >= start.as_slice() && k.as_slice() < end.as_slice()));
@@ -125,13 +181,22 @@ impl<'a> Applier<'a> {
                     w.offset_bytes,
                     Some(&w.data),
                     w.data.len() as u64,
+                    w.clone.as_ref(),
                 )
             }
             Cmd::Discard(d) => {
                 if let Some(e) = self.check_epoch(group, d.volume_id, d.epoch)? {
                     return Ok(Err(e));
                 }
-                self.write(wb, group, d.volume_id, d.offset_bytes, None, d.length_bytes)
+                self.write(
+                    wb,
+                    group,
+                    d.volume_id,
+                    d.offset_bytes,
+                    None,
+                    d.length_bytes,
+                    d.clone.as_ref(),
+                )
             }
             Cmd::PurgeVolume(p) => {
                 self.delete_range(
@@ -140,6 +205,12 @@ impl<'a> Applier<'a> {
                     keys::volume_blocks_end(group, p.volume_id),
                 );
                 self.delete(wb, keys::fence(group, p.volume_id));
+                self.delete_range(
+                    wb,
+                    keys::snap_block(group, p.volume_id, 0, 0),
+                    keys::snap_volume_end(group, p.volume_id),
+                );
+                self.delete(wb, keys::snap_cut(group, p.volume_id));
                 Ok(Ok(ApplyOutput::Done))
             }
             Cmd::Fence(c) => self.fence(wb, group, c),
@@ -154,6 +225,10 @@ impl<'a> Applier<'a> {
             Cmd::DeleteVolume(d) => self.delete_volume(wb, group, &d.name),
             Cmd::GrowVolume(g) => self.grow_volume(wb, group, &g.name, g.new_size_bytes),
             Cmd::SetQos(q) => self.set_qos(wb, group, &q.name, q.qos),
+            Cmd::SnapshotOp(c) => self.snapshot_op(wb, group, c),
+            Cmd::CreateSnapshot(c) => self.create_snapshot(wb, group, c),
+            Cmd::SetSnapshotState(c) => self.set_snapshot_state(wb, group, c),
+            Cmd::Flatten(c) => self.flatten(wb, group, &c.name),
             Cmd::RepairBlock(r) => {
                 let want = if r.zero { 0 } else { BLOCK_BYTES as usize };
                 if r.data.len() != want {
@@ -189,7 +264,11 @@ impl<'a> Applier<'a> {
     }
 
     /// Writes `data` (or zeros, for a discard when `data` is None) at
-    /// `offset`; blocks that end up all zero are deleted (thin volumes).
+    /// `offset`; blocks that end up all zero are deleted (thin volumes),
+    /// or kept as whiteouts on a clone (`clone` set, see `CloneWrite`).
+    /// The first change of a block after the volume's latest snapshot cut
+    /// keeps its old value for the snapshot (see `cow`).
+    #[allow(clippy::too_many_arguments)]
     fn write(
         &mut self,
         wb: &mut WriteBatch,
@@ -198,6 +277,7 @@ impl<'a> Applier<'a> {
         offset: u64,
         data: Option<&[u8]>,
         len: u64,
+        clone: Option<&CloneWrite>,
     ) -> Result<ApplyResult, EngineError> {
         if !offset.is_multiple_of(SECTOR_BYTES)
             || !len.is_multiple_of(SECTOR_BYTES)
@@ -209,6 +289,17 @@ impl<'a> Applier<'a> {
                 format!("unaligned range offset={offset} length={len}"),
             )));
         }
+        if let Some(c) = clone {
+            for base in [&c.head_base, &c.tail_base] {
+                if !base.is_empty() && base.len() != BLOCK_BYTES as usize {
+                    return Ok(Err(PbError::new(
+                        ErrorCode::InvalidArgument,
+                        format!("a clone's base block is {} bytes, not 4096", base.len()),
+                    )));
+                }
+            }
+        }
+        let cut = self.cut_of(group, volume)?;
         let end = offset + len;
         let first_block = offset / BLOCK_BYTES;
         let last_block = (end - 1) / BLOCK_BYTES;
@@ -218,33 +309,46 @@ impl<'a> Applier<'a> {
             let hi = end.min(block_start + BLOCK_BYTES);
             let key = keys::block(group, volume, b);
             let full = lo == block_start && hi == block_start + BLOCK_BYTES;
-            if full {
-                // Whole block: no read, no merge buffer.
-                match data {
-                    Some(d) => {
-                        let src = &d[(lo - offset) as usize..(hi - offset) as usize];
-                        if block::is_zero(src) {
-                            self.delete(wb, key);
-                        } else {
-                            self.put(wb, key, block::encode(src));
+            let current = if full && clone.is_none_or(|c| !c.only_absent) {
+                None
+            } else {
+                let cur = self.get(&key)?;
+                if cur.is_some() && clone.is_some_and(|c| c.only_absent) {
+                    // Flatten's copy-up never overwrites the clone's own.
+                    continue;
+                }
+                cur
+            };
+            self.preserve(wb, group, volume, b, cut)?;
+            let mut base_corrupt = false;
+            let mut content = if full {
+                vec![0u8; BLOCK_BYTES as usize]
+            } else {
+                match current {
+                    Some(stored) => match block::decode(&stored) {
+                        Ok(d) => d.to_vec(),
+                        Err(e) => {
+                            base_corrupt = true;
+                            self.checksum_errors += 1;
+                            tracing::error!(group, volume, block = b, error = %e, "checksum mismatch during read-modify-write");
+                            vec![0u8; BLOCK_BYTES as usize]
+                        }
+                    },
+                    None => {
+                        // A clone's block it never wrote: the parent's.
+                        let base = clone.map(|c| {
+                            if b == first_block && lo != block_start {
+                                &c.head_base
+                            } else {
+                                &c.tail_base
+                            }
+                        });
+                        match base {
+                            Some(base) if base.len() == BLOCK_BYTES as usize => base.to_vec(),
+                            _ => vec![0u8; BLOCK_BYTES as usize],
                         }
                     }
-                    None => self.delete(wb, key),
                 }
-                continue;
-            }
-            let mut base_corrupt = false;
-            let mut content = match self.get(&key)? {
-                Some(stored) => match block::decode(&stored) {
-                    Ok(d) => d.to_vec(),
-                    Err(e) => {
-                        base_corrupt = true;
-                        self.checksum_errors += 1;
-                        tracing::error!(group, volume, block = b, error = %e, "checksum mismatch during read-modify-write");
-                        vec![0u8; BLOCK_BYTES as usize]
-                    }
-                },
-                None => vec![0u8; BLOCK_BYTES as usize],
             };
             let dst = &mut content[(lo - block_start) as usize..(hi - block_start) as usize];
             match data {
@@ -257,7 +361,11 @@ impl<'a> Applier<'a> {
                 // repaired from the leader's copy.
                 self.put(wb, key, block::encode_poisoned(&content));
             } else if block::is_zero(&content) {
-                self.delete(wb, key);
+                if clone.is_some() {
+                    self.put(wb, key, block::WHITEOUT.to_vec());
+                } else {
+                    self.delete(wb, key);
+                }
             } else {
                 self.put(wb, key, block::encode(&content));
             }
@@ -265,7 +373,11 @@ impl<'a> Applier<'a> {
         Ok(Ok(ApplyOutput::Done))
     }
 
-    fn volume_info(&self, group: u64, name: &str) -> Result<Option<VolumeInfo>, EngineError> {
+    pub(crate) fn volume_info(
+        &self,
+        group: u64,
+        name: &str,
+    ) -> Result<Option<VolumeInfo>, EngineError> {
         let key = keys::volume(group, name);
         match self.get(&key)? {
             Some(v) => {
@@ -307,13 +419,38 @@ impl<'a> Applier<'a> {
             }
             None => 1,
         };
+        let mut size_bytes = c.size_bytes;
+        if let Some(p) = c.parent {
+            let snap = self
+                .volume_by_id(group, p.volume_id)?
+                .and_then(|v| v.snapshots.into_iter().find(|s| s.id == p.snapshot_id));
+            match snap {
+                Some(s) if s.state == raftblk_proto::SnapshotState::SnapshotReady as i32 => {
+                    if size_bytes == 0 {
+                        size_bytes = s.size_bytes;
+                    }
+                }
+                _ => {
+                    return Ok(Err(PbError::new(
+                        ErrorCode::NoSuchVolume,
+                        format!(
+                            "the parent snapshot (volume id {}, snapshot id {}) is not ready or is gone",
+                            p.volume_id, p.snapshot_id
+                        ),
+                    )))
+                }
+            }
+        }
         let info = VolumeInfo {
             id,
             name: c.name.clone(),
-            size_bytes: c.size_bytes,
+            size_bytes,
             chunk_size_bytes: c.chunk_size_bytes,
             created_unix_ms: c.created_unix_ms,
             qos: c.qos,
+            snapshots: Vec::new(),
+            next_snapshot_id: 1,
+            parent: c.parent,
         };
         self.put(wb, next_key, (id + 1).to_be_bytes().to_vec());
         self.put(wb, keys::volume(group, &c.name), info.encode_to_vec());
@@ -333,6 +470,19 @@ impl<'a> Applier<'a> {
                 format!("no volume named {name:?}"),
             )));
         };
+        for snap in &info.snapshots {
+            let clones = self.clones_of(group, info.id, snap.id)?;
+            if !clones.is_empty() {
+                return Ok(Err(PbError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "snapshot {:?} of volume {name:?} has clones: {} (flatten or delete them first)",
+                        snap.name,
+                        clones.join(", ")
+                    ),
+                )));
+            }
+        }
         self.delete(wb, keys::volume(group, name));
         self.delete(wb, keys::volume_by_id(group, info.id));
         self.delete(wb, keys::attach_lease(group, info.id));
@@ -484,6 +634,7 @@ mod tests {
                 offset_bytes: offset,
                 data: data.into(),
                 epoch: 1,
+                clone: None,
             }))
         };
         assert_eq!(apply(&engine, &w(0, good.clone())), Ok(ApplyOutput::Done));

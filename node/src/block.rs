@@ -36,8 +36,18 @@ pub fn encode_poisoned(data: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Verifies a stored block and returns its data bytes.
+/// The stored form of a clone's zeroed block (a whiteout): an empty value,
+/// so the block reads as zeros rather than as the parent's.
+pub const WHITEOUT: &[u8] = &[];
+
+static ZEROS: [u8; BLOCK_BYTES as usize] = [0; BLOCK_BYTES as usize];
+
+/// Verifies a stored block and returns its data bytes (zeros for a
+/// whiteout).
 pub fn decode(stored: &[u8]) -> Result<&[u8], ChecksumError> {
+    if stored.is_empty() {
+        return Ok(&ZEROS);
+    }
     if stored.len() != STORED_BLOCK_BYTES {
         return Err(ChecksumError {
             stored: 0,

@@ -318,6 +318,11 @@ pub struct OwnedSnapshot {
 }
 
 impl OwnedSnapshot {
+    /// The value of `key` in the `kv` family as of this view.
+    pub fn get_kv(&self, engine: &Engine, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        Ok(self.snap.get_cf(engine.kv_cf(), key)?)
+    }
+
     /// Calls `f` with every `(key, value)` of the `kv` family in
     /// `[start, end)`, in key order; stops early when `f` returns false.
     pub fn scan_kv(

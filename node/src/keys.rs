@@ -17,7 +17,8 @@
 //!   machine so a snapshot carries it), applied client request ids
 //!   `G|q|generation|id` (see `store::dedup`), volume fences `G|f|volume`
 //!   (the lowest attach epoch the group still accepts writes of, see
-//!   `lease`); in the meta group also volumes' attach leases `G|A|volume`
+//!   `lease`), volume snapshot cuts `G|S|volume` and the blocks kept for
+//!   snapshots `G|o|volume|block|snapshot` (see `cow`); in the meta group also volumes' attach leases `G|A|volume`
 //!   and the cluster map: nodes `G|N|id`, groups `G|P|group`, flags `G|F`,
 //!   epoch `G|E`, parameters `G|K`, full nodes `G|U`.
 //!
@@ -189,6 +190,64 @@ pub fn next_volume_id(group: u64) -> Vec<u8> {
     with_group(group, b'n', 0)
 }
 
+/// The latest snapshot cut of volume `id` in data group `group` (see
+/// `cow`).
+pub fn snap_cut(group: u64, id: u64) -> Vec<u8> {
+    let mut k = with_group(group, b'S', 8);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The value block `block` of `volume` had at snapshot `snap`'s cut, kept
+/// when it was first overwritten after that cut (see `cow`).
+pub fn snap_block(group: u64, volume: u64, block: u64, snap: u64) -> Vec<u8> {
+    let mut k = with_group(group, b'o', 24);
+    k.extend_from_slice(&volume.to_be_bytes());
+    k.extend_from_slice(&block.to_be_bytes());
+    k.extend_from_slice(&snap.to_be_bytes());
+    k
+}
+
+/// `[start, end)` of the kept snapshot blocks of `volume`'s blocks
+/// `[first, end_block)` in `group`.
+pub fn snap_blocks_range(
+    group: u64,
+    volume: u64,
+    first: u64,
+    end_block: u64,
+) -> (Vec<u8>, Vec<u8>) {
+    let start = snap_block(group, volume, first, 0);
+    let end = match end_block.checked_sub(1) {
+        Some(last) => match last.checked_add(1) {
+            Some(next) => snap_block(group, volume, next, 0),
+            None => snap_volume_end(group, volume),
+        },
+        None => start.clone(),
+    };
+    (start, end)
+}
+
+/// First key after every kept snapshot block of `volume` in `group`.
+pub fn snap_volume_end(group: u64, volume: u64) -> Vec<u8> {
+    match volume.checked_add(1) {
+        Some(next) => snap_block(group, next, 0, 0),
+        None => with_group(group, b'p', 0),
+    }
+}
+
+/// `(volume, block, snapshot)` of a kept snapshot block key of `group`.
+pub fn parse_snap_block(group: u64, key: &[u8]) -> Option<(u64, u64, u64)> {
+    if key.len() != 33 || key[..8] != group.to_be_bytes() || key[8] != b'o' {
+        return None;
+    }
+    let word = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&key[i..i + 8]);
+        u64::from_be_bytes(b)
+    };
+    Some((word(9), word(17), word(25)))
+}
+
 /// Cluster map keys (meta group).
 pub fn map_node(group: u64, id: u64) -> Vec<u8> {
     let mut k = with_group(group, b'N', 8);
@@ -266,6 +325,9 @@ mod tests {
             applied_request(5, 7, &[1; 16]),
             attach_lease(5, 3),
             fence(5, 3),
+            snap_cut(5, 3),
+            snap_block(5, 3, 9, 2),
+            snap_volume_end(5, u64::MAX),
         ] {
             assert!(k >= s && k < e);
         }
@@ -282,5 +344,14 @@ mod tests {
         assert!(block(6, 0, 0) >= e);
         assert!(volume_blocks_end(5, 1) > block(5, 1, u64::MAX));
         assert_eq!(parse_u64_pair(&u64_pair(4, 5)), Some((4, 5)));
+        assert_eq!(
+            parse_snap_block(5, &snap_block(5, 3, 9, 2)),
+            Some((3, 9, 2))
+        );
+        let (a, b) = snap_blocks_range(5, 3, 9, 11);
+        assert!(snap_block(5, 3, 9, 0) >= a && snap_block(5, 3, 10, u64::MAX) < b);
+        assert!(snap_block(5, 3, 11, 0) >= b && snap_block(5, 3, 8, u64::MAX) < a);
+        assert!(snap_block(5, 3, u64::MAX, u64::MAX) < snap_volume_end(5, 3));
+        assert!(!is_applied_request(5, &snap_block(5, 3, 9, 2)));
     }
 }

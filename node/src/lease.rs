@@ -284,6 +284,7 @@ mod tests {
             chunk_size_bytes: 1 << 20,
             created_unix_ms: 0,
             qos: None,
+            parent: None,
         });
         assert!(apply(&engine, 0, create).is_ok());
         assert_eq!(epoch(apply(&engine, 0, attach("a", false, false, 0))), 1);
@@ -355,6 +356,7 @@ mod tests {
                 offset_bytes: 0,
                 data: vec![epoch as u8 + 1; 4096].into(),
                 epoch,
+                clone: None,
             })
         };
         assert_eq!(code(apply(&engine, 3, write(0))), ErrorCode::Fenced);
@@ -365,6 +367,7 @@ mod tests {
                 offset_bytes: 0,
                 length_bytes: 4096,
                 epoch,
+                clone: None,
             })
         };
         let fence = |epoch| {
@@ -389,6 +392,7 @@ mod tests {
             offset_bytes: 0,
             data: vec![1u8; 4096].into(),
             epoch: 1,
+            clone: None,
         });
         assert_eq!(apply(&engine, 3, other), Ok(ApplyOutput::Done));
         assert_eq!(apply(&engine, 4, write(1)), Ok(ApplyOutput::Done));

@@ -53,6 +53,8 @@ pub fn touches(data: &[u8], volume: u64, blk: u64) -> bool {
         Cmd::Discard(d) => covers(d.volume_id, d.offset_bytes, d.length_bytes),
         Cmd::PurgeVolume(p) => p.volume_id == volume,
         Cmd::RepairBlock(r) => r.volume_id == volume && r.block == blk,
+        // A rollback may rewrite any block of the volume.
+        Cmd::SnapshotOp(s) => s.volume_id == volume,
         Cmd::CreateVolume(_)
         | Cmd::DeleteVolume(_)
         | Cmd::GrowVolume(_)
@@ -64,7 +66,10 @@ pub fn touches(data: &[u8], volume: u64, blk: u64) -> bool {
         | Cmd::Attach(_)
         | Cmd::Renew(_)
         | Cmd::Detach(_)
-        | Cmd::SetQos(_) => false,
+        | Cmd::SetQos(_)
+        | Cmd::CreateSnapshot(_)
+        | Cmd::SetSnapshotState(_)
+        | Cmd::Flatten(_) => false,
     }
 }
 
@@ -121,6 +126,7 @@ mod tests {
             offset_bytes: offset,
             data: data.into(),
             epoch: 1,
+            clone: None,
         }))
     }
 
@@ -266,6 +272,7 @@ mod tests {
             offset_bytes: 0,
             length_bytes: 1 << 20,
             epoch: 1,
+            clone: None,
         }));
         assert!(touches(&discard, VOLUME, 255));
         assert!(!touches(&discard, VOLUME, 256));

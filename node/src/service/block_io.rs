@@ -11,9 +11,10 @@ use std::sync::Arc;
 
 use raftblk_proto::block_io_server::BlockIo;
 use raftblk_proto::{
-    command::Cmd, placement, BlockRange, Command, DiscardCmd, DiscardRequest, Error as PbError,
-    ErrorCode, FenceCmd, FenceRequest, FlushRequest, ReadRequest, ReadResponse, VolumeInfo,
-    WriteCmd, WriteRequest, WriteResponse, BLOCK_BYTES, SECTOR_BYTES,
+    command::Cmd, placement, BlockRange, Command, DiffRequest, DiffResponse, DiscardCmd,
+    DiscardRequest, Error as PbError, ErrorCode, FenceCmd, FenceRequest, FlushRequest, ReadRequest,
+    ReadResponse, SnapshotOpRequest, VolumeInfo, WriteCmd, WriteRequest, WriteResponse,
+    BLOCK_BYTES, SECTOR_BYTES,
 };
 use tonic::{Request, Response, Status};
 
@@ -31,7 +32,7 @@ pub struct BlockIoService {
     pub volumes: Arc<VolumeCache>,
 }
 
-fn invalid(msg: String) -> PbError {
+pub(super) fn invalid(msg: String) -> PbError {
     PbError::new(ErrorCode::InvalidArgument, msg)
 }
 
@@ -49,7 +50,10 @@ fn no_lease(epoch: u64, volume: u64) -> Result<(), PbError> {
 
 impl BlockIoService {
     /// Checks a range and returns the volume it addresses.
-    async fn validate(&self, range: Option<&BlockRange>) -> Result<Arc<VolumeInfo>, PbError> {
+    pub(super) async fn validate(
+        &self,
+        range: Option<&BlockRange>,
+    ) -> Result<Arc<VolumeInfo>, PbError> {
         let r = range.ok_or_else(|| invalid("request has no range".into()))?;
         let cfg = &self.store.config;
         if r.length_bytes == 0 {
@@ -99,7 +103,7 @@ impl BlockIoService {
         self.volumes.volume_for_io(id, end).await
     }
 
-    async fn propose(
+    pub(super) async fn propose(
         &self,
         group: u64,
         cmd: Cmd,
@@ -120,7 +124,7 @@ impl BlockIoService {
         }
     }
 
-    fn check_leader(&self, group: u64) -> Result<(), PbError> {
+    pub(super) fn check_leader(&self, group: u64) -> Result<(), PbError> {
         match self.store.view(group) {
             None => Err(store_error(&self.store, StoreError::NoSuchGroup(group))),
             Some(v) if v.role != "leader" => Err(store_error(
@@ -168,21 +172,20 @@ impl BlockIoService {
 
 /// Reads `[offset, offset+len)` of `volume` from `group`'s blocks,
 /// verifying checksums; absent blocks read as zeros.
-fn read_blocks(
+pub(super) fn read_blocks(
     store: &StoreHandle,
     group: u64,
     volume: u64,
     offset: u64,
     len: u64,
-) -> Result<Vec<u8>, PbError> {
+    snapshot: u64,
+) -> Result<(Vec<u8>, Vec<u8>), PbError> {
     let engine = &store.engine;
     let mut out = vec![0u8; len as usize];
     let end = offset + len;
     let first = offset / BLOCK_BYTES;
     let last = (end - 1) / BLOCK_BYTES;
-    let keys: Vec<Vec<u8>> = (first..=last)
-        .map(|b| keys::block(group, volume, b))
-        .collect();
+    let mut absent = vec![0u8; ((last - first) / 8 + 1) as usize];
     // One view for the whole range: RocksDB's MultiGet reads every key at
     // one sequence number (an implicit snapshot, without the DB-mutex
     // round trip of an explicit one), and the install generation checked
@@ -199,16 +202,26 @@ fn read_blocks(
         )
     };
     let gen = store.install_gen.stable(group).ok_or_else(busy)?;
-    let values = engine
-        .db()
-        .multi_get_cf(keys.iter().map(|k| (engine.kv_cf(), k.as_slice())));
+    let values = if snapshot == 0 {
+        let keys: Vec<Vec<u8>> = (first..=last)
+            .map(|b| keys::block(group, volume, b))
+            .collect();
+        engine
+            .db()
+            .multi_get_cf(keys.iter().map(|k| (engine.kv_cf(), k.as_slice())))
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| PbError::new(ErrorCode::Storage, e.to_string()))?
+    } else {
+        super::snap_io::read_snapshot_blocks(store, group, volume, first, last, snapshot)?
+    };
     if !store.install_gen.unchanged(group, gen) {
         return Err(busy());
     }
     for (i, value) in values.into_iter().enumerate() {
         let b = first + i as u64;
-        let Some(stored) = value.map_err(|e| PbError::new(ErrorCode::Storage, e.to_string()))?
-        else {
+        let Some(stored) = value else {
+            absent[i / 8] |= 1 << (i % 8);
             continue;
         };
         let data = match block::decode(&stored) {
@@ -235,7 +248,7 @@ fn read_blocks(
         out[(lo - offset) as usize..(hi - offset) as usize]
             .copy_from_slice(&data[(lo - bstart) as usize..(hi - bstart) as usize]);
     }
-    Ok(out)
+    Ok((out, absent))
 }
 
 #[tonic::async_trait]
@@ -245,15 +258,21 @@ impl BlockIo for BlockIoService {
         let fail = |e| {
             Ok(Response::new(ReadResponse {
                 error: Some(e),
-                data: Default::default(),
+                ..Default::default()
             }))
         };
         let range = match r.range {
             Some(range) => range,
             None => return fail(invalid("request has no range".into())),
         };
-        if let Err(e) = self.validate(Some(&range)).await {
-            return fail(e);
+        match self.validate(Some(&range)).await {
+            Ok(v) if r.snapshot_id != 0 => {
+                if let Err(e) = self.check_snapshot(&v, r.snapshot_id, &range).await {
+                    return fail(e);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => return fail(e),
         }
         if let Err(e) = self.check_leader(range.group_id) {
             return fail(e);
@@ -269,18 +288,24 @@ impl BlockIo for BlockIoService {
             range.offset_bytes,
             range.length_bytes,
         );
-        let res = if len <= INLINE_READ_BYTES_MAX {
-            read_blocks(&self.store, g, v, off, len)
+        let snap = r.snapshot_id;
+        let res = if len <= INLINE_READ_BYTES_MAX && snap == 0 {
+            read_blocks(&self.store, g, v, off, len, snap)
         } else {
             let store = self.store.clone();
-            tokio::task::spawn_blocking(move || read_blocks(&store, g, v, off, len))
+            tokio::task::spawn_blocking(move || read_blocks(&store, g, v, off, len, snap))
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?
         };
         match res {
-            Ok(data) => Ok(Response::new(ReadResponse {
+            Ok((data, absent)) => Ok(Response::new(ReadResponse {
                 error: None,
                 data: data.into(),
+                absent: if r.report_absent {
+                    absent.into()
+                } else {
+                    Default::default()
+                },
             })),
             Err(e) => {
                 if e.kind() == ErrorCode::Corrupted {
@@ -323,6 +348,7 @@ impl BlockIo for BlockIoService {
             offset_bytes: range.offset_bytes,
             data: r.data,
             epoch: r.epoch,
+            clone: r.clone,
         });
         Ok(Response::new(
             self.propose(range.group_id, cmd, &r.request_id, r.retry_age_ms)
@@ -368,6 +394,7 @@ impl BlockIo for BlockIoService {
             offset_bytes: range.offset_bytes,
             length_bytes: range.length_bytes,
             epoch: r.epoch,
+            clone: r.clone,
         });
         Ok(Response::new(
             self.propose(range.group_id, cmd, &r.request_id, r.retry_age_ms)
@@ -414,5 +441,28 @@ impl BlockIo for BlockIoService {
         });
         // Idempotent (the fence only rises): no request id needed.
         Ok(Response::new(self.propose(r.group_id, cmd, &[], 0).await))
+    }
+
+    async fn snapshot(
+        &self,
+        req: Request<SnapshotOpRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let error = self.snapshot_op(req.into_inner()).await.err();
+        Ok(Response::new(WriteResponse { error }))
+    }
+
+    async fn diff(&self, req: Request<DiffRequest>) -> Result<Response<DiffResponse>, Status> {
+        Ok(Response::new(
+            match self.diff_range(req.into_inner()).await {
+                Ok(changed) => DiffResponse {
+                    error: None,
+                    changed: changed.into(),
+                },
+                Err(e) => DiffResponse {
+                    error: Some(e),
+                    ..Default::default()
+                },
+            },
+        ))
     }
 }

@@ -228,12 +228,16 @@ impl Cluster for ClusterService {
             let mut h2 = crc32fast::Hasher::new_with_initial(0x5a5a_5a5a);
             let mut n = 0u64;
             let mut blocks = 0u64;
+            let mut kept = 0u64;
             snap.scan_kv(&engine, &start, &end, |k, v| {
                 if keys::is_applied_request(group, k) {
                     return true;
                 }
                 if keys::parse_block(group, k).is_some() {
                     blocks += 1;
+                }
+                if keys::parse_snap_block(group, k).is_some() && !v.is_empty() {
+                    kept += 1;
                 }
                 for x in [k, v] {
                     h.update(&(x.len() as u32).to_le_bytes());
@@ -247,6 +251,7 @@ impl Cluster for ClusterService {
                 (
                     n,
                     blocks,
+                    kept,
                     (u64::from(h.finalize()) << 32) | u64::from(h2.finalize()),
                 )
             })
@@ -254,12 +259,13 @@ impl Cluster for ClusterService {
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(match res {
-            Ok((kv_count, block_count, digest)) => GroupDigestResponse {
+            Ok((kv_count, block_count, snapshot_block_count, digest)) => GroupDigestResponse {
                 error: None,
                 applied_index: applied,
                 kv_count,
                 digest,
                 block_count,
+                snapshot_block_count,
             },
             Err(e) => GroupDigestResponse {
                 error: Some(PbError::new(ErrorCode::Storage, e.to_string())),

@@ -6,11 +6,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use raftblk_proto::volumes_server::Volumes;
 use raftblk_proto::{
-    command::Cmd, AttachCmd, AttachRequest, Command, CreateVolumeCmd, CreateVolumeRequest,
-    DeleteVolumeCmd, DetachCmd, DetachRequest, Empty, Error as PbError, ErrorCode, GrowVolumeCmd,
-    GrowVolumeRequest, ListVolumesResponse, QosLimits, RenewCmd, RenewRequest, SetQosCmd,
-    SetQosRequest, VolumeIdRequest, VolumeInfo, VolumeNameRequest, VolumeResponse, META_GROUP_ID,
-    SECTOR_BYTES,
+    command::Cmd, AttachCmd, AttachRequest, Command, CreateSnapshotCmd, CreateVolumeCmd,
+    CreateVolumeRequest, DeleteVolumeCmd, DetachCmd, DetachRequest, Empty, Error as PbError,
+    ErrorCode, FinishSnapshotRequest, FlattenCmd, FlattenRequest, GrowVolumeCmd, GrowVolumeRequest,
+    ListVolumesResponse, ParentRef, QosLimits, RenewCmd, RenewRequest, SetQosCmd, SetQosRequest,
+    SetSnapshotStateCmd, SnapshotRequest, SnapshotState, VolumeIdRequest, VolumeInfo,
+    VolumeNameRequest, VolumeResponse, META_GROUP_ID, SECTOR_BYTES,
 };
 use tonic::{Request, Response, Status};
 
@@ -180,19 +181,31 @@ impl Volumes for VolumesService {
         req: Request<CreateVolumeRequest>,
     ) -> Result<Response<VolumeResponse>, Status> {
         let r = req.into_inner();
-        if let Err(e) = validate_name(&r.name).and_then(|_| self.validate_size(r.size_bytes)) {
+        let cloning = !r.parent_volume.is_empty();
+        if let Err(e) = validate_name(&r.name).and_then(|_| {
+            if cloning && r.size_bytes == 0 {
+                Ok(())
+            } else {
+                self.validate_size(r.size_bytes)
+            }
+        }) {
             return Ok(failed(e));
         }
         let now_ms = now_unix_ms();
         if let Err(e) = validate_qos(r.qos.as_ref()) {
             return Ok(failed(e));
         }
+        let parent = match self.parent_of(&r).await {
+            Ok(p) => p,
+            Err(e) => return Ok(failed(e)),
+        };
         let cmd = Cmd::CreateVolume(CreateVolumeCmd {
             name: r.name,
             size_bytes: r.size_bytes,
             chunk_size_bytes: self.store.config.cluster.chunk_size_bytes,
             created_unix_ms: now_ms,
             qos: r.qos,
+            parent,
         });
         Ok(Response::new(self.propose_volume(cmd).await))
     }
@@ -384,6 +397,136 @@ impl Volumes for VolumesService {
             }))
             .await,
         ))
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<SnapshotRequest>,
+    ) -> Result<Response<VolumeResponse>, Status> {
+        let r = req.into_inner();
+        if let Err(e) = validate_name(&r.volume)
+            .and_then(|_| crate::snap_catalog::validate_snapshot_name(&r.snapshot))
+        {
+            return Ok(failed(e));
+        }
+        let cmd = Cmd::CreateSnapshot(CreateSnapshotCmd {
+            volume: r.volume.clone(),
+            snapshot: r.snapshot,
+            created_unix_ms: now_unix_ms(),
+        });
+        Ok(Response::new(
+            self.with_lease(self.propose_volume(cmd).await),
+        ))
+    }
+
+    async fn finish_snapshot(
+        &self,
+        req: Request<FinishSnapshotRequest>,
+    ) -> Result<Response<VolumeResponse>, Status> {
+        let r = req.into_inner();
+        let state = if r.ok {
+            SnapshotState::SnapshotReady
+        } else {
+            SnapshotState::SnapshotDeleting
+        };
+        let cmd = Cmd::SetSnapshotState(SetSnapshotStateCmd {
+            volume_id: r.volume_id,
+            snapshot_id: r.snapshot_id,
+            state: state as i32,
+            quiesce_us: r.quiesce_us,
+        });
+        Ok(Response::new(self.propose_volume(cmd).await))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<SnapshotRequest>,
+    ) -> Result<Response<VolumeResponse>, Status> {
+        Ok(Response::new(
+            self.snapshot_state(req.into_inner(), SnapshotState::SnapshotDeleting)
+                .await,
+        ))
+    }
+
+    async fn remove_snapshot(
+        &self,
+        req: Request<SnapshotRequest>,
+    ) -> Result<Response<VolumeResponse>, Status> {
+        Ok(Response::new(
+            self.snapshot_state(req.into_inner(), SnapshotState::Unspecified)
+                .await,
+        ))
+    }
+
+    async fn flatten(
+        &self,
+        req: Request<FlattenRequest>,
+    ) -> Result<Response<VolumeResponse>, Status> {
+        let r = req.into_inner();
+        if let Err(e) = validate_name(&r.name) {
+            return Ok(failed(e));
+        }
+        Ok(Response::new(
+            self.propose_volume(Cmd::Flatten(FlattenCmd { name: r.name }))
+                .await,
+        ))
+    }
+}
+
+impl VolumesService {
+    /// The parent snapshot a create names (a clone), resolved to ids.
+    async fn parent_of(&self, r: &CreateVolumeRequest) -> Result<Option<ParentRef>, PbError> {
+        if r.parent_volume.is_empty() && r.parent_snapshot.is_empty() {
+            return Ok(None);
+        }
+        let v = self.known_volume(&r.parent_volume).await?;
+        let s = crate::snap_catalog::find_snapshot(&v, &r.parent_snapshot)?;
+        Ok(Some(ParentRef {
+            volume_id: v.id,
+            snapshot_id: s.id,
+        }))
+    }
+
+    async fn known_volume(&self, name: &str) -> Result<VolumeInfo, PbError> {
+        match self.read_volume(name).await? {
+            VolumeResponse {
+                volume: Some(v), ..
+            } => Ok(v),
+            _ => Err(PbError::new(ErrorCode::Storage, "no record")),
+        }
+    }
+
+    /// Moves snapshot `r.snapshot` of `r.volume` to `state`.
+    async fn snapshot_state(&self, r: SnapshotRequest, state: SnapshotState) -> VolumeResponse {
+        let snap =
+            match self.known_volume(&r.volume).await.and_then(|v| {
+                crate::snap_catalog::find_snapshot(&v, &r.snapshot).map(|s| (v.id, s.id))
+            }) {
+                Ok(x) => x,
+                Err(e) => {
+                    return VolumeResponse {
+                        error: Some(e),
+                        ..Default::default()
+                    }
+                }
+            };
+        self.propose_volume(Cmd::SetSnapshotState(SetSnapshotStateCmd {
+            volume_id: snap.0,
+            snapshot_id: snap.1,
+            state: state as i32,
+            quiesce_us: 0,
+        }))
+        .await
+    }
+
+    /// Adds the volume's attach lease to a successful answer.
+    fn with_lease(&self, mut resp: VolumeResponse) -> VolumeResponse {
+        if let Some(v) = &resp.volume {
+            resp.lease = crate::lease::lookup_lease(&self.store.engine, v.id)
+                .ok()
+                .flatten();
+        }
+        resp
     }
 }
 
