@@ -69,12 +69,18 @@ fn write(r: BlockRange, seed: u64, id: u64, retry_age_ms: u64) -> WriteRequest {
         retry_age_ms,
         // Never attached: any epoch from 1 up passes the fence.
         epoch: 1,
+        clone: None,
     }
-    clone: None,
 }
 
 async fn read(bio: &mut BlockIoClient<Channel>, r: BlockRange) -> anyhow::Result<Vec<u8>> {
-    let got = bio.read(ReadRequest { range: Some(r), ..Default::default() }).await?.into_inner();
+    let got = bio
+        .read(ReadRequest {
+            range: Some(r),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
     anyhow::ensure!(got.error.is_none(), "read: {:?}", got.error);
     Ok(got.data.to_vec())
 }
