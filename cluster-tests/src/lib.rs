@@ -763,6 +763,20 @@ impl LocalCluster {
         Ok((r.applied_index, r.block_count, r.digest))
     }
 
+    /// `(stored blocks, blocks kept for snapshots)` of `group` on node `i`.
+    pub async fn stored_counts(&self, i: usize, group: u64) -> anyhow::Result<(u64, u64)> {
+        let r = self
+            .cluster_client(i)
+            .await?
+            .group_digest(GroupDigestRequest { group_id: group })
+            .await?
+            .into_inner();
+        if let Some(e) = r.error {
+            bail!("digest of group {group} on node {i}: {e}");
+        }
+        Ok((r.block_count, r.snapshot_block_count))
+    }
+
     /// Waits until every running replica of `group` reports the same applied
     /// index and digest; returns the digest.
     pub async fn wait_replicas_identical(
