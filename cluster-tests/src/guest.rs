@@ -1,6 +1,8 @@
 //! Real guests for end-to-end tests: a `raftblk-vhost` process serving a
 //! volume, and a Linux guest under QEMU (TCG) booting with that disk over
-//! vhost-user-blk, running a shell script and powering off.
+//! vhost-user-blk (or over NBD from `raftblk-nbd` under an emulated AHCI
+//! or virtio-scsi controller: `run_guest_nbd`), running a shell script
+//! and powering off.
 //!
 //! The guest kernel and base initramfs come from
 //! `vhost-frontend/guest/build.sh` (built on first use, cached in
@@ -284,10 +286,67 @@ pub fn run_guest_vhost(
         "-device".to_owned(),
         format!("vhost-user-blk-pci,chardev=c0,num-queues={queues}"),
     ];
-    run_qemu(script, &[], &devices, 512, timeout, |l| {
+    run_qemu(script, &[], &devices, 512, "", timeout, |l| {
         on_line(l);
         false
     })
+}
+
+/// How a guest's NBD-backed disk is attached: an emulated SATA disk on
+/// an AHCI controller (full virtualization: no paravirtual driver in the
+/// guest) or a SCSI disk on virtio-scsi. Either is `/dev/sda`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdController {
+    Ahci,
+    VirtioScsi,
+}
+
+/// Boots the guest with the NBD export `export` at unix socket `socket`
+/// (QEMU's NBD client, `-blockdev driver=nbd`) as its disk `/dev/sda`
+/// behind `controller`, the host files `files` copied in, and runs
+/// `script` as `/test.sh`.
+pub fn run_guest_nbd(
+    socket: &Path,
+    export: &str,
+    controller: NbdController,
+    files: &[(&str, &Path)],
+    script: &str,
+    timeout: Duration,
+    mut on_line: impl FnMut(&str),
+) -> anyhow::Result<GuestRun> {
+    let mut devices = vec![
+        "-blockdev".to_owned(),
+        format!(
+            "driver=nbd,server.type=unix,server.path={},export={export},node-name=d0",
+            socket.display()
+        ),
+    ];
+    match controller {
+        NbdController::Ahci => devices.extend([
+            "-device".to_owned(),
+            "ahci,id=ahci".to_owned(),
+            "-device".to_owned(),
+            "ide-hd,bus=ahci.0,drive=d0".to_owned(),
+        ]),
+        NbdController::VirtioScsi => devices.extend([
+            "-device".to_owned(),
+            "virtio-scsi-pci,id=scsi0".to_owned(),
+            "-device".to_owned(),
+            "scsi-hd,bus=scsi0.0,drive=d0".to_owned(),
+        ]),
+    }
+    run_qemu(
+        script,
+        files,
+        &devices,
+        512,
+        "raftblk.disk=sda",
+        timeout,
+        |l| {
+            on_line(l);
+            false
+        },
+    )
 }
 
 /// Boots the guest with `disk` (a raw file) as its virtio-blk disk
@@ -316,7 +375,7 @@ pub fn run_guest_with_disk(
             disk.display()
         ),
     ];
-    run_qemu(script, files, &devices, mem_mib, timeout, on_line)
+    run_qemu(script, files, &devices, mem_mib, "", timeout, on_line)
 }
 
 /// Copies host binary `src` into `root` at guest path `dest`, stripped,
@@ -392,6 +451,16 @@ pub fn guest_initrd(
 /// The QEMU command line of a test guest (2 vCPUs under TCG, `mem_mib`
 /// of shared memfd RAM, console on stdio) with `devices` appended.
 pub fn qemu_command(initrd: &Path, devices: &[String], mem_mib: u64) -> anyhow::Result<Command> {
+    qemu_command_append(initrd, devices, mem_mib, "")
+}
+
+/// `qemu_command` with `append` added to the kernel command line.
+pub fn qemu_command_append(
+    initrd: &Path,
+    devices: &[String],
+    mem_mib: u64,
+    append: &str,
+) -> anyhow::Result<Command> {
     let dir = guest_dir()?;
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
@@ -409,7 +478,10 @@ pub fn qemu_command(initrd: &Path, devices: &[String], mem_mib: u64) -> anyhow::
     .arg(dir.join("vmlinuz"))
     .arg("-initrd")
     .arg(initrd)
-    .args(["-append", "console=ttyS0 rdinit=/init panic=-1 quiet"])
+    .args([
+        "-append",
+        &format!("console=ttyS0 rdinit=/init panic=-1 quiet {append}"),
+    ])
     .args([
         "-display",
         "none",
@@ -471,8 +543,9 @@ pub fn exit_status(output: &str) -> Option<i32> {
         .and_then(|r| r.split_whitespace().next()?.parse().ok())
 }
 
-/// Boots the test guest with `devices` (QEMU arguments), `files` and
-/// `script` as `/test.sh` in a second initramfs archive, and collects
+/// Boots the test guest with `devices` (QEMU arguments), `append` on the
+/// kernel command line, `files` and `script` as `/test.sh` in a second
+/// initramfs archive, and collects
 /// its console until it powers off, `on_line` asks for a power cut
 /// (SIGKILL of QEMU) or `timeout` passes (an error).
 fn run_qemu(
@@ -480,11 +553,12 @@ fn run_qemu(
     files: &[(&str, &Path)],
     devices: &[String],
     mem_mib: u64,
+    append: &str,
     timeout: Duration,
     mut on_line: impl FnMut(&str) -> bool,
 ) -> anyhow::Result<GuestRun> {
     let (_work, initrd_path) = guest_initrd(script, files)?;
-    let mut child = qemu_command(&initrd_path, devices, mem_mib)?
+    let mut child = qemu_command_append(&initrd_path, devices, mem_mib, append)?
         .spawn()
         .context("spawn qemu-system-x86_64 (install qemu-system-x86)")?;
     let rx = console_lines(&mut child)?;

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Builds the small Linux guest the end-to-end tests and the quick start
-# boot under QEMU: Debian's 6.1 kernel (virtio_blk and ext4 as modules) and
+# boot under QEMU: Debian's 6.1 kernel (virtio_blk, ext4, and AHCI and
+# virtio-scsi for the NBD tests, as modules) and
 # a busybox initramfs with fio and mkfs.ext4 copied in with their libraries.
 #
 #   vhost-frontend/guest/build.sh [OUTDIR]    (default /var/tmp/raftblk-guest)
 #
 # Produces OUTDIR/vmlinuz and OUTDIR/base.cpio.gz; a test appends its own
 # cpio holding /test.sh (Linux unpacks concatenated archives). Cached: does
-# nothing when both exist. Needs: apt-get (download only), dpkg, cpio,
-# busybox-static, fio, e2fsprogs.
+# nothing when both exist and are newer than this script and init. Needs:
+# apt-get (download only), dpkg, cpio, busybox-static, fio, e2fsprogs.
 set -euo pipefail
 OUT="${1:-${RAFTBLK_GUEST_DIR:-/var/tmp/raftblk-guest}}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-if [[ -s "$OUT/vmlinuz" && -s "$OUT/base.cpio.gz" && "$OUT/base.cpio.gz" -nt "$HERE/init" ]]; then
+if [[ -s "$OUT/vmlinuz" && -s "$OUT/base.cpio.gz" && "$OUT/base.cpio.gz" -nt "$HERE/init" \
+      && "$OUT/base.cpio.gz" -nt "$HERE/build.sh" ]]; then
   exit 0
 fi
 for tool in cpio dpkg apt-get gzip; do
@@ -52,7 +54,15 @@ cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"
 mods="kernel/lib/modules/$kver/kernel"
 for m in drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev \
          drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/block/virtio_blk \
-         lib/crc16 fs/mbcache fs/jbd2/jbd2 crypto/crc32c_generic fs/ext4/ext4; do
+         lib/crc16 fs/mbcache fs/jbd2/jbd2 crypto/crc32c_generic fs/ext4/ext4 \
+         drivers/scsi/scsi_common drivers/scsi/scsi_mod lib/crc64 crypto/crc64_rocksoft_generic \
+         lib/crc64-rocksoft crypto/crct10dif_common crypto/crct10dif_generic lib/crc-t10dif \
+         block/t10-pi drivers/scsi/sd_mod drivers/ata/libata drivers/ata/libahci drivers/ata/ahci \
+         drivers/scsi/virtio_scsi; do
+  # The SCSI disk, AHCI (SATA) and virtio-scsi stacks and their
+  # dependencies (modinfo's depends=, in load order) serve the emulated
+  # disks of the NBD tests; init loads them only when asked
+  # (raftblk.disk=sda on the kernel command line).
   cp "$mods/$m.ko" "$root/lib/modules/"
 done
 cp "$HERE/init" "$root/init"
