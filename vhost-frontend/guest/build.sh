@@ -2,7 +2,7 @@
 # Builds the small Linux guest the end-to-end tests and the quick start
 # boot under QEMU: Debian's 6.1 kernel (virtio_blk, ext4, and AHCI and
 # virtio-scsi for the NBD tests, as modules) and
-# a busybox initramfs with fio and mkfs.ext4 copied in with their libraries.
+# a busybox initramfs with fio, mkfs.ext4 and e2fsck copied in with their libraries.
 #
 #   vhost-frontend/guest/build.sh [OUTDIR]    (default /var/tmp/raftblk-guest)
 #
@@ -20,7 +20,7 @@ fi
 for tool in cpio dpkg apt-get gzip; do
   command -v "$tool" >/dev/null || { echo "guest build: $tool is missing" >&2; exit 1; }
 done
-for f in /bin/busybox /usr/bin/fio /sbin/mke2fs; do
+for f in /bin/busybox /usr/bin/fio /sbin/mke2fs /sbin/e2fsck; do
   [[ -x "$f" ]] || { echo "guest build: $f is missing (apt-get install busybox-static fio e2fsprogs)" >&2; exit 1; }
 done
 mkdir -p "$OUT"
@@ -48,6 +48,7 @@ copy_with_libs() {
 copy_with_libs /usr/bin/fio /usr/bin/fio
 copy_with_libs /sbin/mke2fs /sbin/mke2fs
 ln -s mke2fs "$root/sbin/mkfs.ext4"
+copy_with_libs /sbin/e2fsck /sbin/e2fsck
 # The dynamic loader at its canonical path.
 mkdir -p "$root/lib64"
 cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"
