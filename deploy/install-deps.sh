@@ -27,7 +27,10 @@ fi
 # QEMU 10 from bookworm-backports: bookworm's 7.2 loses vhost-user
 # notifications under TCG and would remove qemu-utils. The suite is added
 # from the mirror this machine already uses.
-if ! qemu-system-x86_64 --version 2>/dev/null | grep -q "version 10" || ! command -v qemu-storage-daemon >/dev/null; then
+# qemu-utils brings qemu-storage-daemon, and qemu-img and qemu-io for the
+# NBD export's tests.
+if ! qemu-system-x86_64 --version 2>/dev/null | grep -q "version 10" || ! command -v qemu-storage-daemon >/dev/null \
+    || ! command -v qemu-img >/dev/null || ! command -v qemu-io >/dev/null; then
   echo "installing qemu-system-x86 from bookworm-backports"
   if [[ -f /etc/apt/sources.list.d/debian.sources ]]; then
     awk '/^URIs:/{print "deb "$2" bookworm-backports main"; exit}' \

@@ -31,7 +31,9 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             in_flight_max: 64,
-            bytes_in_flight_max: 128 << 20,
+            // Two requests of the largest size; 16 connections of a
+            // read-only export hold at most 1 GiB.
+            bytes_in_flight_max: 64 << 20,
         }
     }
 }

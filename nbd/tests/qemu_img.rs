@@ -4,7 +4,8 @@
 //! (`qemu-img compare`), mapped (`qemu-img map`: the holes come from
 //! BLOCK_STATUS), exported back to qcow2 and compared again; a second
 //! client of the writable export is refused; SIGTERM gives the lease
-//! back; a read-only export serves two readers at once.
+//! back; a read-only export serves two readers at once and applies the
+//! volume's I/O limits as they change.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -263,6 +264,33 @@ fn qemu_img_convert_compare_map_through_nbd() -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // I/O limits apply within a second of a change: 30 reads take about
+    // 1.5 s at 20 IOPS, and far less once the limit is lifted.
+    let client = rt.block_on(cluster.client())?;
+    let limit = raftblk_proto::QosLimits {
+        iops_max: 20,
+        ..raftblk_proto::QosLimits::default()
+    };
+    let timed_reads = || -> anyhow::Result<Duration> {
+        let mut c = Command::new("qemu-io");
+        c.args(["-r", "-f", "raw"]);
+        for i in 0..30 {
+            c.arg("-c").arg(format!("read {} 4096", i * 8192));
+        }
+        let t = Instant::now();
+        ok(c.arg(ro.uri()))?;
+        Ok(t.elapsed())
+    };
+    rt.block_on(client.set_qos("img", Some(limit)))?;
+    std::thread::sleep(Duration::from_millis(1200));
+    let limited = timed_reads()?;
+    rt.block_on(client.set_qos("img", None))?;
+    std::thread::sleep(Duration::from_millis(1200));
+    let free = timed_reads()?;
+    println!("30 reads: {limited:?} under a 20 IOPS limit, {free:?} without");
+    assert!(limited >= Duration::from_millis(1200), "{limited:?}");
+    assert!(free * 2 < limited, "{free:?} vs {limited:?}");
+    assert!(ro.log_text().contains("I/O limits changed"));
     let log = ro.log_text();
     let connected = log.matches("client connected").count();
     assert!(connected >= 3, "{log}");
