@@ -289,7 +289,13 @@ where
         match export.claim().await {
             Ok(c) => Some(c),
             Err(msg) => {
-                tracing::warn!(export = export.name(), "refused a client: {msg}");
+                if let Some(suppressed) = crate::ratelimit::client_errors().allow() {
+                    tracing::warn!(
+                        export = export.name(),
+                        suppressed,
+                        "refused a client: {msg}"
+                    );
+                }
                 reply(s, option, REP_ERR_POLICY, msg.as_bytes()).await?;
                 return Ok(None);
             }

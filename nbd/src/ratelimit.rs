@@ -1,8 +1,8 @@
 //! Rate limiting for log lines a client can trigger: at most
 //! `per_second` a second; the rest are counted and reported with the
-//! next line allowed. One limiter is shared by every connection of the
-//! process (`client_errors`), so many clients cannot flood the log
-//! either.
+//! next line allowed. The limiters are shared by every connection of
+//! the process (`client_errors`, `connection_lines`), so many clients
+//! cannot flood the log either.
 
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -43,6 +43,12 @@ impl LogLimiter {
 /// The limiter of every client-triggered warning in the process.
 pub fn client_errors() -> &'static LogLimiter {
     static L: LazyLock<LogLimiter> = LazyLock::new(|| LogLimiter::new(10));
+    &L
+}
+
+/// The limiter of the lines logged as clients connect and leave.
+pub fn connection_lines() -> &'static LogLimiter {
+    static L: LazyLock<LogLimiter> = LazyLock::new(|| LogLimiter::new(20));
     &L
 }
 

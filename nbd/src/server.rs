@@ -14,7 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::export::Export;
 use crate::handshake::handshake;
-use crate::ratelimit::client_errors;
+use crate::ratelimit::{client_errors, connection_lines};
 use crate::transmission::{serve, Limits};
 
 #[derive(Debug, Clone, Copy)]
@@ -121,21 +121,29 @@ pub async fn connection<S>(
             return;
         }
     };
-    tracing::info!(
-        connection = id,
-        export = export.name(),
-        structured = session.structured,
-        block_status = session.base_allocation,
-        "client connected"
-    );
-    match serve(stream, export, session, opts.limits).await {
-        Ok(st) => tracing::info!(
+    if let Some(suppressed) = connection_lines().allow() {
+        tracing::info!(
             connection = id,
-            requests = st.requests,
-            errors = st.errors,
-            soft = st.soft_disconnect,
-            "client disconnected"
-        ),
+            export = export.name(),
+            structured = session.structured,
+            block_status = session.base_allocation,
+            suppressed,
+            "client connected"
+        );
+    }
+    match serve(stream, export, session, opts.limits).await {
+        Ok(st) => {
+            if let Some(suppressed) = connection_lines().allow() {
+                tracing::info!(
+                    connection = id,
+                    requests = st.requests,
+                    errors = st.errors,
+                    soft = st.soft_disconnect,
+                    suppressed,
+                    "client disconnected"
+                );
+            }
+        }
         Err(e) => {
             if let Some(suppressed) = client_errors().allow() {
                 tracing::warn!(connection = id, suppressed, error = %e, "connection ended");

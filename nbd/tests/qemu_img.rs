@@ -163,6 +163,26 @@ fn qemu_img_convert_compare_map_through_nbd() -> anyhow::Result<()> {
         &size.to_string(),
     ]))?;
 
+    // Refused at start, with a message: TCP without TLS, snapshots, a
+    // volume that does not exist.
+    let sock = dir.path().join("refused.sock").display().to_string();
+    for (extra, want) in [
+        (["--volume", "img", "--listen", "127.0.0.1:10809"], "TLS"),
+        (
+            ["--volume", "img@s1", "--read-only", ""],
+            "snapshots are not served yet",
+        ),
+        (["--volume", "nope", "", ""], "nope"),
+    ] {
+        let out = run(Command::new(bin("raftblk-nbd"))
+            .args(["--socket", &sock])
+            .args(cargs)
+            .args(extra.iter().filter(|a| !a.is_empty())))?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains(want), "{extra:?}: {err}");
+    }
+
     let mut nbd = NbdDaemon::start(dir.path(), "w", &cluster.cluster_arg(), "img", &[])?;
     let uri = nbd.uri();
     // Import: every format QEMU reads goes in through the export.
