@@ -544,7 +544,13 @@ async fn images_rollback_clone_diff_delete() -> anyhow::Result<()> {
     // another node; the old node dies; snapshot and clone read back.
     let g = placement::chunk_group(info.id, 0, GROUPS);
     let members = c.members_of(g).await;
-    let from = members[0];
+    // A follower moves (a leader must hand its role over first).
+    let leader = c.leader_of(g).await.map(|l| l as u64);
+    let from = members
+        .iter()
+        .copied()
+        .find(|&m| Some(m) != leader)
+        .ok_or_else(|| anyhow::anyhow!("group {g} has no follower"))?;
     let to = (1..=4u64).find(|n| !members.contains(n)).unwrap_or(4);
     // Enough writes that the new replica needs a raft snapshot.
     let filler = client.create_volume("filler", 64 << 20).await?;
@@ -628,6 +634,30 @@ async fn images_rollback_clone_diff_delete() -> anyhow::Result<()> {
     for g in 1..=GROUPS {
         c.wait_replicas_identical(g, Duration::from_secs(20))
             .await?;
+    }
+
+    // Deleting a volume frees its snapshots' blocks too, even once the
+    // volume itself holds no block (all discarded after the snapshot).
+    cli_ok(&cl, &["snapshot", "create", "copy@last"])?;
+    let v = writer(&client, "copy", "discarder").await?;
+    v.discard(0, SIZE).await?;
+    release(&v).await?;
+    anyhow::ensure!(
+        kept_blocks(&c, GROUPS).await? > 0,
+        "the discard kept nothing"
+    );
+    cli_ok(&cl, &["volume", "delete", "copy"])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let kept = kept_blocks(&c, GROUPS).await?;
+        if kept == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{kept} snapshot blocks of a deleted volume are still stored after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     Ok(())
 }

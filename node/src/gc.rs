@@ -136,13 +136,46 @@ pub async fn pass(store: &StoreHandle, volumes: &Arc<VolumeCache>, state: &mut G
     purged
 }
 
-/// Up to `max` distinct volume ids ≥ `from` with blocks in `group`, in id
-/// order.
-fn volumes_in_group(engine: &Engine, group: u64, mut from: u64, max: usize) -> Vec<u64> {
+/// Up to `max` distinct volume ids ≥ `from` with blocks (or blocks kept
+/// for snapshots) in `group`, in id order.
+fn volumes_in_group(engine: &Engine, group: u64, from: u64, max: usize) -> Vec<u64> {
+    let mut ids = skip_scan(
+        engine,
+        group,
+        from,
+        max,
+        |v| keys::volume_blocks_start(group, v),
+        |k| keys::parse_block(group, k).map(|(v, _)| v),
+    );
+    ids.extend(skip_scan(
+        engine,
+        group,
+        from,
+        max,
+        |v| keys::snap_block(group, v, 0, 0),
+        |k| keys::parse_snap_block(group, k).map(|(v, _, _)| v),
+    ));
+    ids.sort_unstable();
+    ids.dedup();
+    ids.truncate(max);
+    ids
+}
+
+/// The first `max` volume ids ≥ `from` of one kind of key: one seek per
+/// volume (`first_key` of a volume id, `volume_of` a key's id, None past
+/// that kind of key).
+fn skip_scan(
+    engine: &Engine,
+    group: u64,
+    mut from: u64,
+    max: usize,
+    first_key: impl Fn(u64) -> Vec<u8>,
+    volume_of: impl Fn(&[u8]) -> Option<u64>,
+) -> Vec<u64> {
     let (_, end) = keys::group_range(group);
     let mut out = Vec::new();
     while out.len() < max {
-        let start = keys::volume_blocks_start(group, from);
+        let start = first_key(from);
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_upper_bound(end.clone());
         ro.fill_cache(false);
@@ -152,7 +185,7 @@ fn volumes_in_group(engine: &Engine, group: u64, mut from: u64, max: usize) -> V
             rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
         );
         let Some(Ok((k, _))) = iter.next() else { break };
-        let Some((volume, _)) = keys::parse_block(group, &k) else {
+        let Some(volume) = volume_of(&k) else {
             break;
         };
         out.push(volume);
