@@ -140,7 +140,18 @@ pub async fn image(client: &Client, cmd: &ImageCmd) -> anyhow::Result<()> {
             from_snap,
         } => {
             let (vol, snap) = parse_snap_spec(spec)?;
-            let size = client.volume_info(vol).await?.size_bytes;
+            // Check the snapshots before the file is touched.
+            let v = client.volume_info(vol).await?;
+            let to = raftblk_client::snapshot::snapshot_named(&v, snap)?;
+            if let Some(f) = from_snap {
+                let from = raftblk_client::snapshot::snapshot_named(&v, f)?;
+                if from.id >= to.id {
+                    bail!("--from-snap {f} is not older than {snap}");
+                }
+            }
+            let size = to.size_bytes;
+            // Only a file this command creates is removed on failure.
+            let created = !file.exists();
             let out = std::fs::File::create(file)
                 .with_context(|| format!("cannot create {}", file.display()))?;
             let pb = bytes_bar(size, "export-diff");
@@ -157,7 +168,9 @@ pub async fn image(client: &Client, cmd: &ImageCmd) -> anyhow::Result<()> {
             let (data, zeros) = match r {
                 Ok(x) => x,
                 Err(e) => {
-                    let _ = std::fs::remove_file(file);
+                    if created {
+                        let _ = std::fs::remove_file(file);
+                    }
                     return Err(e.into());
                 }
             };

@@ -19,7 +19,7 @@ fn cli(cluster: &str, args: &[&str]) -> (bool, String, String) {
         .arg("10")
         .args(args)
         .output()
-        .expect("run raftblk");
+        .unwrap_or_else(|e| panic!("run raftblk {args:?}: {e}"));
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -130,6 +130,58 @@ async fn cli_errors_are_clear_and_change_nothing() -> anyhow::Result<()> {
     };
     let (ok, _, err) = cli(&dead, &["volume", "list"]);
     assert!(!ok && err.contains("cannot reach the cluster"), "{err}");
+
+    // Snapshots and clones: malformed specs, unknown snapshots, bad
+    // names, a clone under a taken name, a garbage diff file.
+    let (ok, _, err) = cli(&c, &["snapshot", "create", "v1"]);
+    assert!(!ok && err.contains("is not VOLUME@SNAPSHOT"), "{err}");
+    let (ok, _, err) = cli(&c, &["snapshot", "create", "v1@bad/name"]);
+    assert!(!ok && err.contains("snapshot name"), "{err}");
+    let (ok, _, err) = cli(&c, &["snapshot", "create", "nope@s"]);
+    assert!(!ok && err.contains("nope"), "{err}");
+    let (ok, _, err) = cli(&c, &["snapshot", "delete", "v1@never"]);
+    assert!(!ok && err.contains("no snapshot"), "{err}");
+    let (ok, _, err) = cli(&c, &["snapshot", "rollback", "v1@never"]);
+    assert!(!ok && err.contains("no snapshot"), "{err}");
+    let (ok, _, err) = cli(&c, &["volume", "clone", "v1@never", "v3"]);
+    assert!(!ok && err.contains("no snapshot"), "{err}");
+    let (ok, _, err) = cli(&c, &["snapshot", "create", "v1@s"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&c, &["snapshot", "create", "v1@s"]);
+    assert!(
+        !ok && err.contains("v1@s") && err.contains("already exists"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&c, &["volume", "clone", "v1@s", "v1"]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    let (ok, _, err) = cli(&c, &["volume", "flatten", "v1"]);
+    assert!(!ok && err.contains("not a clone"), "{err}");
+    let (ok, _, err) = cli(
+        &c,
+        &[
+            "volume",
+            "export-diff",
+            "v1@s",
+            "--from-snap",
+            "s",
+            "/dev/null",
+        ],
+    );
+    assert!(!ok && err.contains("not older"), "{err}");
+    let junk = dir.path().join("junk.diff");
+    std::fs::write(&junk, payload(3, 4096))?;
+    let (ok, _, err) = cli(
+        &c,
+        &[
+            "volume",
+            "import-diff",
+            junk.to_str().unwrap_or_default(),
+            "v1",
+        ],
+    );
+    assert!(!ok && err.contains("not a raftblk diff"), "{err}");
+    let (ok, _, err) = cli(&c, &["snapshot", "delete", "v1@s"]);
+    assert!(ok, "{err}");
 
     // Nothing changed: one volume, same size, same bytes.
     let (ok, out, _) = cli(&c, &["volume", "list"]);
