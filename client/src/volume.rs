@@ -233,10 +233,6 @@ impl Volume {
     /// size then. A volume of the same name but another id (deleted and
     /// created again) is an error: this handle stays on the old one.
     pub async fn refresh_size(&self) -> Result<Option<u64>, ClientError> {
-        if self.snapshot != 0 {
-            // A snapshot never changes size.
-            return Ok(None);
-        }
         let now = self.client.volume_info(&self.info.name).await?;
         if now.id != self.info.id {
             return Err(ClientError::NoSuchVolume(format!(
@@ -245,6 +241,10 @@ impl Volume {
             )));
         }
         *self.qos.lock().unwrap_or_else(|p| p.into_inner()) = now.qos;
+        if self.snapshot != 0 {
+            // A snapshot never changes size (the volume's limits apply).
+            return Ok(None);
+        }
         let old = self.size_bytes.fetch_max(now.size_bytes, Ordering::AcqRel);
         Ok((now.size_bytes > old).then_some(now.size_bytes))
     }

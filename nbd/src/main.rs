@@ -145,16 +145,13 @@ async fn serve(args: Args, socket: PathBuf) -> anyhow::Result<()> {
         opened.qos.clone(),
         WATCH_INTERVAL,
     ));
-    let export = Arc::new(Export::new(
-        &opened.volume.info().name,
-        opened.backend,
-        args.read_only,
-    ));
+    let read_only = opened.read_only;
+    let export = Arc::new(Export::new(&opened.name, opened.backend, read_only));
     tracing::info!(
         socket = %socket.display(),
         volume = export.name(),
         size_bytes = export.backend().size(),
-        read_only = args.read_only,
+        read_only,
         connections_max = args.connections_max,
         "serving volume over NBD"
     );

@@ -1,7 +1,8 @@
 //! Choosing and opening what an export serves, from the name given on
 //! the command line: `VOL` is a volume (writable unless read-only, under
-//! its attach lease), `VOL@SNAP` a snapshot (always read-only; not
-//! served yet). The one place a new kind of export is added. Also the
+//! its attach lease), `VOL@SNAP` a snapshot (always read-only, no
+//! lease: a snapshot never changes, so any number of clients may read
+//! it while the volume is written). The one place a new kind of export is added. Also the
 //! catalog watch every served volume gets: size growth and I/O limit
 //! changes are read every 500 ms.
 
@@ -42,8 +43,6 @@ impl Target {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("{0:?}: snapshots are not served yet")]
-    SnapshotsNotServed(String),
     #[error("an empty volume name")]
     EmptyName,
     #[error("cannot open volume {name:?}: {source}")]
@@ -66,6 +65,10 @@ pub struct OpenOptions {
 
 /// An opened export source.
 pub struct Opened {
+    /// The export's name (`VOL` or `VOL@SNAP`).
+    pub name: String,
+    /// Served read-only (asked for, or a snapshot).
+    pub read_only: bool,
     pub backend: Arc<dyn Backend>,
     /// The volume behind it, whose lease (if any) is given back at exit.
     pub volume: Volume,
@@ -75,8 +78,28 @@ pub struct Opened {
 /// Opens `name` for serving.
 pub async fn open(client: &Client, name: &str, o: &OpenOptions) -> Result<Opened, OpenError> {
     let volume_name = match Target::parse(name) {
-        // The snapshot handle will be opened here, read-only, no lease.
-        Target::Snapshot { .. } => return Err(OpenError::SnapshotsNotServed(name.to_owned())),
+        Target::Snapshot { volume, snapshot } => {
+            if volume.is_empty() || snapshot.is_empty() {
+                return Err(OpenError::EmptyName);
+            }
+            let snap = client
+                .open_snapshot(&volume, &snapshot)
+                .await
+                .map_err(|source| OpenError::Open {
+                    name: name.to_owned(),
+                    source,
+                })?;
+            let qos = Arc::new(Qos::new(snap.info().qos));
+            let backend: Arc<dyn Backend> =
+                Arc::new(VolumeBackend::new(snap.clone(), qos.clone(), false));
+            return Ok(Opened {
+                name: name.to_owned(),
+                read_only: true,
+                backend,
+                volume: snap,
+                qos,
+            });
+        }
         Target::Volume(v) if v.is_empty() => return Err(OpenError::EmptyName),
         Target::Volume(v) => v,
     };
@@ -120,6 +143,8 @@ pub async fn open(client: &Client, name: &str, o: &OpenOptions) -> Result<Opened
         !o.read_only,
     ));
     Ok(Opened {
+        name: volume_name,
+        read_only: o.read_only,
         backend,
         volume,
         qos,

@@ -4,7 +4,8 @@
 //! (`qemu-img compare`), mapped (`qemu-img map`: the holes come from
 //! BLOCK_STATUS), exported back to qcow2 and compared again; a second
 //! client of the writable export is refused; SIGTERM gives the lease
-//! back; a read-only export serves two readers at once and applies the
+//! back; a snapshot export serves two readers at once while the volume
+//! is written; a read-only export serves two readers at once and applies the
 //! volume's I/O limits as they change.
 
 use std::path::Path;
@@ -163,15 +164,12 @@ fn qemu_img_convert_compare_map_through_nbd() -> anyhow::Result<()> {
         &size.to_string(),
     ]))?;
 
-    // Refused at start, with a message: TCP without TLS, snapshots, a
+    // Refused at start, with a message: TCP without TLS, a snapshot or a
     // volume that does not exist.
     let sock = dir.path().join("refused.sock").display().to_string();
     for (extra, want) in [
         (["--volume", "img", "--listen", "127.0.0.1:10809"], "TLS"),
-        (
-            ["--volume", "img@s1", "--read-only", ""],
-            "snapshots are not served yet",
-        ),
+        (["--volume", "img@s1", "--read-only", ""], "no snapshot"),
         (["--volume", "nope", "", ""], "nope"),
     ] {
         let out = run(Command::new(bin("raftblk-nbd"))
@@ -248,10 +246,11 @@ fn qemu_img_convert_compare_map_through_nbd() -> anyhow::Result<()> {
         "{}",
         nbd.log_text()
     );
-    let nbd2 = NbdDaemon::start(dir.path(), "w", &cluster.cluster_arg(), "img", &[])?;
+    let mut nbd2 = NbdDaemon::start(dir.path(), "w", &cluster.cluster_arg(), "img", &[])?;
     let cmp = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", &image_s, &nbd2.uri()])?;
     assert!(cmp.contains("Images are identical"), "{cmp}");
-    drop(nbd2);
+    // Stopped as systemd would (the lease is given back).
+    assert_eq!(nbd2.terminate(Duration::from_secs(15))?, Some(0));
 
     // A read-only export: two readers at once, writes refused.
     let ro = NbdDaemon::start(
@@ -327,6 +326,62 @@ fn qemu_img_convert_compare_map_through_nbd() -> anyhow::Result<()> {
             || text.contains("read-only")
             || text.contains("Permission"),
         "write to a read-only export: {text}"
+    );
+    drop(ro);
+
+    // A snapshot served read-only: two readers at once see the image
+    // while the volume keeps taking writes through a writable export.
+    ok(Command::new(bin("raftblk"))
+        .args(cargs)
+        .args(["snapshot", "create", "img@s1"]))?;
+    let w = NbdDaemon::start(dir.path(), "w3", &cluster.cluster_arg(), "img", &[])?;
+    let snap = NbdDaemon::start(dir.path(), "snap", &cluster.cluster_arg(), "img@s1", &[])?;
+    let mut writer = Command::new("qemu-io");
+    writer.args(["-f", "raw"]);
+    for i in 0..64u64 {
+        writer
+            .arg("-c")
+            .arg(format!("write -P 0x77 {} {MIB}", (i % 8) * MIB));
+    }
+    let writer = writer
+        .arg(w.uri())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let snap_reader = || {
+        Command::new("qemu-img")
+            .args(["compare", "-f", "qcow2", "-F", "raw", &image_s, &snap.uri()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+    };
+    let (a, b) = (snap_reader()?, snap_reader()?);
+    for r in [a, b] {
+        let out = wait_output(r, "qemu-img compare of the snapshot")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("Images are identical"),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = wait_output(writer, "qemu-io writer")?;
+    assert!(
+        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"),
+        "{out:?}"
+    );
+    // The volume did change; the snapshot did not.
+    let now = ok(Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c", &format!("read -P 0x77 0 {MIB}")])
+        .arg(w.uri()))?;
+    assert!(!now.contains("failed"), "{now}");
+    let cmp = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", &image_s, &snap.uri()])?;
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+    let write =
+        run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 1 0 4096", &snap.uri()]))?;
+    assert!(
+        !write.status.success() || String::from_utf8_lossy(&write.stdout).contains("failed"),
+        "a write to a snapshot export succeeded"
     );
     println!("qemu_img test took {:?}", started.elapsed());
     Ok(())
