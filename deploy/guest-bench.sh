@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Guest benchmark: boots the test guest under QEMU (TCG, 2 vCPUs) and runs
-# the same fio jobs inside it (libaio, direct) against three disks, in one run:
+# the same fio jobs inside it (libaio, direct) against four disks, in one run:
 #   raftblk   a 3-replica raftblk volume through raftblk-vhost (vhost-user-blk)
+#   nbd       a 3-replica raftblk volume through raftblk-nbd and QEMU's NBD
+#             client, under the same virtio-blk device
 #   qsd       a raw file exported by qemu-storage-daemon over vhost-user-blk
 #   virtio    QEMU's built-in virtio-blk on a raw file
 # and prints one table with IOPS, MiB/s, latency and the raftblk/qsd ratio.
@@ -47,6 +49,14 @@ pids+=($!)
 for _ in $(seq 1 100); do [[ -S "$work/raftblk.sock" ]] && break; sleep 0.1; done
 echo "raftblk: booting guest, fio ${SECS}s per job..." >&2
 bash "$ROOT/deploy/run-guest.sh" "$work/bench.sh" "vhost:$work/raftblk.sock" 2 | grep "^RAFTBLK-BENCH" | sed 's/^/raftblk /' >"$work/results"
+# (a') raftblk through raftblk-nbd (QEMU's NBD client, virtio-blk in the guest)
+nvol="bench-nbd-$(date +%s)"
+"$BIN/raftblk" volume create "$nvol" --size 1G >/dev/null
+"$BIN/raftblk-nbd" --socket "$work/nbd.sock" --volume "$nvol" >"$work/nbd.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do [[ -S "$work/nbd.sock" ]] && break; sleep 0.1; done
+echo "raftblk-nbd: booting guest..." >&2
+bash "$ROOT/deploy/run-guest.sh" "$work/bench.sh" "nbd:$work/nbd.sock:$nvol" 2 | grep "^RAFTBLK-BENCH" | sed 's/^/nbd /' >>"$work/results"
 # (b) qemu-storage-daemon on a raw file
 truncate -s 1G "$work/qsd.img"
 qemu-storage-daemon \
@@ -62,6 +72,9 @@ truncate -s 1G "$work/virtio.img"
 echo "virtio-blk: booting guest..." >&2
 bash "$ROOT/deploy/run-guest.sh" "$work/bench.sh" "file:$work/virtio.img" 2 | grep "^RAFTBLK-BENCH" | sed 's/^/virtio /' >>"$work/results"
 "$BIN/raftblk" volume delete "$vol" >/dev/null || true
+kill "${pids[1]}" 2>/dev/null || true
+sleep 1
+"$BIN/raftblk" volume delete "$nvol" >/dev/null || true
 
 # terse v3: $3 job name; read: iops $8, clat p50 $24, p99 $30; write: iops $49,
 # clat p50 $65, p99 $71 (percentile fields look like 50.000000%=123, usec).
@@ -75,12 +88,12 @@ function pv(s) { sub(/.*=/, "", s); return s / 1000.0 }
   key = job; jobs[key] = 1; I[target, key] = iops; P50[target, key] = p50; P99[target, key] = p99; B[key] = bs
 }
 END {
-  printf "| job | raftblk IOPS | qsd IOPS | virtio-blk IOPS | raftblk MiB/s | raftblk p50 ms | qsd p50 ms | raftblk p99 ms | qsd p99 ms | raftblk/qsd IOPS | raftblk/qsd p50 |\n"
-  printf "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+  printf "| job | raftblk IOPS | raftblk-nbd IOPS | qsd IOPS | virtio-blk IOPS | raftblk MiB/s | raftblk p50 ms | nbd p50 ms | qsd p50 ms | raftblk p99 ms | nbd p99 ms | qsd p99 ms | raftblk/qsd IOPS | raftblk/qsd p50 |\n"
+  printf "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
   split("seqwrite-1M-qd4 randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd1 randwrite-4k-qd32 seqread-1M-qd4", order, " ")
   for (i = 1; i <= 6; i++) {
     k = order[i]; if (!(k in jobs)) continue
-    r = I["raftblk", k]; q = I["qsd", k]; v = I["virtio", k]
-    printf "| %s | %.0f | %.0f | %.0f | %.1f | %.3f | %.3f | %.3f | %.3f | %.2f | %.2f |\n", k, r, q, v, r * B[k] / 1024, P50["raftblk", k], P50["qsd", k], P99["raftblk", k], P99["qsd", k], (q > 0 ? r / q : 0), (P50["qsd", k] > 0 ? P50["raftblk", k] / P50["qsd", k] : 0)
+    r = I["raftblk", k]; n = I["nbd", k]; q = I["qsd", k]; v = I["virtio", k]
+    printf "| %s | %.0f | %.0f | %.0f | %.0f | %.1f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.2f | %.2f |\n", k, r, n, q, v, r * B[k] / 1024, P50["raftblk", k], P50["nbd", k], P50["qsd", k], P99["raftblk", k], P99["nbd", k], P99["qsd", k], (q > 0 ? r / q : 0), (P50["qsd", k] > 0 ? P50["raftblk", k] / P50["qsd", k] : 0)
   }
 }'

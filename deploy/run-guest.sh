@@ -7,6 +7,7 @@
 # DISK-SPEC is one of
 #   vhost:SOCKET   a vhost-user-blk socket (raftblk-vhost, qemu-storage-daemon)
 #   file:PATH      QEMU's built-in virtio-blk on a raw file (cache=none, aio=native)
+#   nbd:SOCKET:EXPORT  virtio-blk on QEMU's NBD client (raftblk-nbd, qemu-nbd)
 # The guest (kernel + initramfs with busybox and fio) is built by
 # vhost-frontend/guest/build.sh on first use.
 set -euo pipefail
@@ -32,7 +33,12 @@ case "$disk" in
          -blockdev "driver=raw,node-name=d0,file=f0"
          -device "virtio-blk-pci,drive=d0,num-queues=$queues")
     ;;
-  *) echo "run-guest: DISK-SPEC must be vhost:SOCKET or file:PATH" >&2; exit 2 ;;
+  nbd:*)
+    spec="${disk#nbd:}"
+    dev=(-blockdev "driver=nbd,server.type=unix,server.path=${spec%%:*},export=${spec#*:},node-name=d0"
+         -device "virtio-blk-pci,drive=d0,num-queues=$queues")
+    ;;
+  *) echo "run-guest: DISK-SPEC must be vhost:SOCKET, file:PATH or nbd:SOCKET:EXPORT" >&2; exit 2 ;;
 esac
 # vhost-user needs guest RAM in shared memory; TCG needs maxcpus >= 2.
 timeout 900 qemu-system-x86_64 \
