@@ -170,6 +170,20 @@ impl crate::router::Client {
                 "volume {name} is not a clone"
             )));
         }
+        // Refused before any copying (the node refuses it too): a
+        // snapshot of the clone reads its absent blocks through the parent.
+        if !vol.info().snapshots.is_empty() {
+            let names: Vec<&str> = vol
+                .info()
+                .snapshots
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect();
+            return Err(ClientError::InvalidArgument(format!(
+                "volume {name} has snapshots ({}) that read through its parent; delete them before flattening",
+                names.join(", ")
+            )));
+        }
         let opts = crate::AttachOptions {
             holder: format!(
                 "raftblk-flatten@{}:{}",

@@ -592,6 +592,22 @@ async fn images_rollback_clone_diff_delete() -> anyhow::Result<()> {
     )
     .await?;
 
+    // A clone with snapshots is not flattened: they read through the
+    // parent (flattening would turn their parent blocks into zeros).
+    cli_ok(&cl, &["snapshot", "create", "c1@cs"])?;
+    let (ok, out, err) = cli(&cl, &["volume", "flatten", "c1"]);
+    anyhow::ensure!(
+        !ok && err.contains("cs"),
+        "flatten of a clone with a snapshot: {ok} {out} {err}"
+    );
+    same(
+        &client.open_snapshot("c1", "cs").await?,
+        &cm.bytes,
+        "c1@cs after a refused flatten",
+    )
+    .await?;
+    cli_ok(&cl, &["snapshot", "delete", "c1@cs"])?;
+
     // Flatten c1, then s1 may go; deletes free the kept blocks.
     let out = cli_ok(&cl, &["volume", "flatten", "c1"])?;
     println!("{}", out.trim());

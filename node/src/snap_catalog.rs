@@ -32,6 +32,19 @@ fn no_volume(what: impl std::fmt::Display) -> PbError {
     PbError::new(ErrorCode::NoSuchVolume, format!("no volume {what}"))
 }
 
+/// Why a clone with snapshots cannot be flattened.
+pub fn flatten_refused(v: &VolumeInfo) -> PbError {
+    let names: Vec<&str> = v.snapshots.iter().map(|s| s.name.as_str()).collect();
+    PbError::new(
+        ErrorCode::InvalidArgument,
+        format!(
+            "volume {:?} has snapshots ({}) that read through its parent; delete them before flattening",
+            v.name,
+            names.join(", ")
+        ),
+    )
+}
+
 /// The snapshot `name` (or id) of `v`.
 pub fn find_snapshot<'a>(v: &'a VolumeInfo, name: &str) -> Result<&'a SnapshotInfo, PbError> {
     v.snapshots.iter().find(|s| s.name == name).ok_or_else(|| {
@@ -222,6 +235,11 @@ impl Applier<'_> {
         let Some(mut v) = self.volume_info(group, name)? else {
             return Ok(Err(no_volume(format_args!("named {name:?}"))));
         };
+        // A snapshot of the clone reads its absent blocks through the
+        // parent: dropping the parent would turn them into zeros.
+        if !v.snapshots.is_empty() {
+            return Ok(Err(flatten_refused(&v)));
+        }
         v.parent = None;
         self.save_volume(wb, group, &v);
         Ok(Ok(ApplyOutput::Volume(v)))
