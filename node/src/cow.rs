@@ -49,21 +49,46 @@ pub fn kept_decode(kept: &[u8]) -> Option<&[u8]> {
     }
 }
 
-fn decode_u64(key: &[u8], v: &[u8]) -> Result<u64, EngineError> {
-    let b: [u8; 8] = v.try_into().map_err(|_| EngineError::Corrupt {
+/// A stored cut: the snapshot id, then (16-byte values) the attach
+/// epoch of the holder that cut it (0: not known, e.g. a cut moved back
+/// to an older snapshot by a delete).
+fn decode_cut(key: &[u8], v: &[u8]) -> Result<(u64, u64), EngineError> {
+    let corrupt = || EngineError::Corrupt {
         key: key.to_vec(),
-        what: "snapshot cut is not 8 bytes".into(),
-    })?;
-    Ok(u64::from_be_bytes(b))
+        what: format!("snapshot cut is {} bytes, not 8 or 16", v.len()),
+    };
+    let word = |i: usize| -> Result<u64, EngineError> {
+        let b: [u8; 8] = v
+            .get(i..i + 8)
+            .and_then(|w| w.try_into().ok())
+            .ok_or_else(corrupt)?;
+        Ok(u64::from_be_bytes(b))
+    };
+    match v.len() {
+        8 => Ok((word(0)?, 0)),
+        16 => Ok((word(0)?, word(8)?)),
+        _ => Err(corrupt()),
+    }
+}
+
+fn encode_cut(snap: u64, epoch: u64) -> Vec<u8> {
+    let mut v = snap.to_be_bytes().to_vec();
+    v.extend_from_slice(&epoch.to_be_bytes());
+    v
 }
 
 impl Applier<'_> {
     /// The volume's latest snapshot cut in `group` (0: none).
     pub(crate) fn cut_of(&self, group: u64, volume: u64) -> Result<u64, EngineError> {
+        Ok(self.cut_with_epoch(group, volume)?.0)
+    }
+
+    /// The volume's latest cut in `group` and the epoch that cut it.
+    fn cut_with_epoch(&self, group: u64, volume: u64) -> Result<(u64, u64), EngineError> {
         let key = keys::snap_cut(group, volume);
         match self.get(&key)? {
-            Some(v) => decode_u64(&key, &v),
-            None => Ok(0),
+            Some(v) => decode_cut(&key, &v),
+            None => Ok((0, 0)),
         }
     }
 
@@ -125,12 +150,22 @@ impl Applier<'_> {
                 }
                 // Ids rise with creation; a retry (or a late copy) of an
                 // older cut changes nothing.
-                if snap > self.cut_of(group, volume)? {
-                    self.put(
-                        wb,
-                        keys::snap_cut(group, volume),
-                        snap.to_be_bytes().to_vec(),
-                    );
+                let (cut, cut_epoch) = self.cut_with_epoch(group, volume)?;
+                if snap > cut {
+                    self.put(wb, keys::snap_cut(group, volume), encode_cut(snap, c.epoch));
+                } else if snap == cut && cut_epoch != 0 && cut_epoch != c.epoch {
+                    // An earlier holder cut this group and stopped before
+                    // the rest: the writes it let through since then are
+                    // not in the snapshot here but may be in other
+                    // groups' later cuts. The snapshot must fail.
+                    return Ok(Err(PbError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "snapshot {snap} was cut in group {group} by an earlier holder \
+                             (epoch {cut_epoch}); it cannot be completed by epoch {}",
+                            c.epoch
+                        ),
+                    )));
                 }
                 Ok(Ok(ApplyOutput::Done))
             }
@@ -303,7 +338,7 @@ pub fn cut_at(
 ) -> Result<u64, EngineError> {
     let key = keys::snap_cut(group, volume);
     match view.get_kv(engine, &key)? {
-        Some(v) => decode_u64(&key, &v),
+        Some(v) => Ok(decode_cut(&key, &v)?.0),
         None => Ok(0),
     }
 }
@@ -477,5 +512,51 @@ mod tests {
         write(&engine, 0, 4); // cut is back at 1; its value is kept already
         assert_eq!(image(&engine, 1)[0], 1);
         assert_eq!(kept_count(&engine), 1);
+    }
+
+    /// A snapshot one holder cut in some groups and abandoned cannot be
+    /// completed by the next holder: its writes since the first cut are
+    /// missing here, and other groups would take them in.
+    #[test]
+    fn a_cut_left_by_an_earlier_holder_is_not_completed() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let engine = Engine::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let fence = |epoch| {
+            let r = run(
+                &engine,
+                Cmd::Fence(FenceCmd {
+                    volume_id: V,
+                    epoch,
+                }),
+            );
+            assert_eq!(r, Ok(ApplyOutput::Done));
+        };
+        let cut = |snap, epoch| {
+            run(
+                &engine,
+                Cmd::SnapshotOp(SnapshotOpCmd {
+                    volume_id: V,
+                    snapshot_id: snap,
+                    op: SnapshotOp::Cut as i32,
+                    epoch,
+                    live: vec![],
+                }),
+            )
+        };
+        fence(1);
+        assert_eq!(cut(1, 1), Ok(ApplyOutput::Done));
+        assert_eq!(
+            cut(1, 1),
+            Ok(ApplyOutput::Done),
+            "a retry by the same holder"
+        );
+        fence(2);
+        let refused = cut(1, 2);
+        assert!(
+            matches!(&refused, Err(e) if e.message.contains("earlier holder")),
+            "{refused:?}"
+        );
+        assert_eq!(cut(2, 2), Ok(ApplyOutput::Done), "the next snapshot");
+        assert_eq!(cut(2, 2), Ok(ApplyOutput::Done));
     }
 }
