@@ -64,12 +64,17 @@ pub fn replica_counts(map: &ClusterMap) -> std::collections::BTreeMap<u64, usize
 
 pub fn print_nodes(map: &ClusterMap) {
     let counts = replica_counts(map);
-    println!(
+    outln!(
         "{:<6} {:<22} {:<9} {:>6} {:<12} {:>8}",
-        "ID", "ADDRESS", "STATE", "WEIGHT", "DOMAIN", "REPLICAS"
+        "ID",
+        "ADDRESS",
+        "STATE",
+        "WEIGHT",
+        "DOMAIN",
+        "REPLICAS"
     );
     for n in &map.nodes {
-        println!(
+        outln!(
             "{:<6} {:<22} {:<9} {:>6} {:<12} {:>8}",
             n.id,
             n.addr,
@@ -93,7 +98,7 @@ pub fn print_nodes(map: &ClusterMap) {
     .filter(|(_, on)| *on)
     .map(|(n, _)| *n)
     .collect();
-    println!(
+    outln!(
         "map epoch {}{}",
         map.epoch,
         if set.is_empty() {
@@ -114,7 +119,7 @@ pub async fn run(client: &Client, cmd: &NodeCmd) -> anyhow::Result<()> {
             weight,
         } => {
             let id = client.add_node(addr, *id, failure_domain, *weight).await?;
-            println!("node {id} added at {addr}: start it with node_id = {id} and seeds");
+            outln!("node {id} added at {addr}: start it with node_id = {id} and seeds");
             return Ok(());
         }
         NodeCmd::Drain { id } => {
@@ -204,17 +209,17 @@ pub async fn wait_healthy(client: &Client, wait_secs: u64, balanced: bool) -> an
             }
         );
         if tty {
-            print!("\r{line}\x1b[K");
+            out!("\r{line}\x1b[K");
             let _ = std::io::stdout().flush();
         } else if line != last_line {
-            println!("{line}");
+            outln!("{line}");
         }
         last_line = line;
         if done {
             if tty {
-                println!();
+                outln!();
             }
-            println!(
+            outln!(
                 "cluster healthy{}",
                 if balanced { " and balanced" } else { "" }
             );
@@ -222,7 +227,7 @@ pub async fn wait_healthy(client: &Client, wait_secs: u64, balanced: bool) -> an
         }
         if tokio::time::Instant::now() >= deadline {
             if tty {
-                println!();
+                outln!();
             }
             anyhow::bail!("cluster not healthy after {wait_secs} s");
         }

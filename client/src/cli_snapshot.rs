@@ -72,7 +72,7 @@ pub async fn snapshot(client: &Client, cmd: &SnapshotCmd) -> anyhow::Result<()> 
             let (vol, snap) = parse_snap_spec(spec)?;
             let t = std::time::Instant::now();
             let s = client.create_snapshot(vol, snap).await?;
-            println!(
+            outln!(
                 "created snapshot {vol}@{} (id {}, {}): writes held {:.3} ms, {:.0} ms in all",
                 s.name,
                 s.id,
@@ -83,12 +83,17 @@ pub async fn snapshot(client: &Client, cmd: &SnapshotCmd) -> anyhow::Result<()> 
         }
         SnapshotCmd::List { volume } => {
             let v = client.volume_info(volume).await?;
-            println!(
+            outln!(
                 "{:<6} {:<32} {:<9} {:>12} {:>14} {:>12}",
-                "ID", "NAME", "STATE", "SIZE", "CREATED(ms)", "HELD(us)"
+                "ID",
+                "NAME",
+                "STATE",
+                "SIZE",
+                "CREATED(ms)",
+                "HELD(us)"
             );
             for s in &v.snapshots {
-                println!(
+                outln!(
                     "{:<6} {:<32} {:<9} {:>12} {:>14} {:>12}",
                     s.id,
                     s.name,
@@ -102,12 +107,12 @@ pub async fn snapshot(client: &Client, cmd: &SnapshotCmd) -> anyhow::Result<()> 
         SnapshotCmd::Delete { spec } => {
             let (vol, snap) = parse_snap_spec(spec)?;
             client.delete_snapshot(vol, snap).await?;
-            println!("deleted snapshot {vol}@{snap}");
+            outln!("deleted snapshot {vol}@{snap}");
         }
         SnapshotCmd::Rollback { spec } => {
             let (vol, snap) = parse_snap_spec(spec)?;
             client.rollback_snapshot(vol, snap).await?;
-            println!("volume {vol} is back at snapshot {snap}");
+            outln!("volume {vol} is back at snapshot {snap}");
         }
     }
     Ok(())
@@ -119,7 +124,7 @@ pub async fn image(client: &Client, cmd: &ImageCmd) -> anyhow::Result<()> {
             let (vol, snap) = parse_snap_spec(spec)?;
             let t = std::time::Instant::now();
             let v = client.clone_volume(vol, snap, name).await?;
-            println!(
+            outln!(
                 "created volume {} (id {}, {}) as a clone of {vol}@{snap} in {:.1} ms",
                 v.name,
                 v.id,
@@ -132,7 +137,7 @@ pub async fn image(client: &Client, cmd: &ImageCmd) -> anyhow::Result<()> {
             let pb = bytes_bar(size, "flatten");
             let v = client.flatten(name, |n| pb.inc(n)).await?;
             pb.finish_and_clear();
-            println!("volume {} no longer depends on a snapshot", v.name);
+            outln!("volume {} no longer depends on a snapshot", v.name);
         }
         ImageCmd::ExportDiff {
             spec,
@@ -174,7 +179,7 @@ pub async fn image(client: &Client, cmd: &ImageCmd) -> anyhow::Result<()> {
                     return Err(e.into());
                 }
             };
-            println!(
+            outln!(
                 "exported {vol}@{snap}{} to {}: {} of data, {} of zeros",
                 from_snap
                     .as_deref()
@@ -203,7 +208,7 @@ pub async fn image(client: &Client, cmd: &ImageCmd) -> anyhow::Result<()> {
                 let _ = a.detach().await;
             }
             let h = r?;
-            println!(
+            outln!(
                 "applied {} ({} -> {}) to volume {name}",
                 file.display(),
                 if h.from.is_empty() { "empty" } else { &h.from },

@@ -1,6 +1,40 @@
 //! `raftblk`: the admin CLI (cluster status, node and volume management,
 //! raw image import/export, benchmark).
 
+/// `println!` for the CLI's output: a reader that went away (`raftblk
+/// volume list | head -3`) ends the command quietly, as Unix tools do,
+/// instead of a panic with a backtrace.
+macro_rules! outln {
+    () => {
+        $crate::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for the CLI's output (see `outln!`).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::write_out(format_args!($($arg)*))
+    };
+}
+
+/// Writes to stdout; exits quietly with 141 (128 + SIGPIPE, what a shell
+/// shows for a tool its pipe's reader closed) when the reader is gone.
+fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let r = stdout.write_fmt(args).and_then(|()| stdout.flush());
+    if let Err(e) = r {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("raftblk: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 mod bench;
 mod cli_node;
 mod cli_snapshot;
@@ -318,7 +352,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn status(client: &Client) -> anyhow::Result<()> {
     let topo = client.topology();
-    println!(
+    outln!(
         "cluster: {} nodes, {} data groups, {} replicas, chunk {}",
         topo.nodes.len(),
         topo.data_groups,
@@ -338,7 +372,7 @@ async fn status(client: &Client) -> anyhow::Result<()> {
         Some(ms) => format!("{ms}ms ago"),
         None => "-".to_string(),
     };
-    println!(
+    outln!(
         "{:<6} {:<22} {:<8} {:>7} {:>9} {:>7} {:>10} {:>10} {:>12}",
         "NODE",
         "ADDRESS",
@@ -361,7 +395,7 @@ async fn status(client: &Client) -> anyhow::Result<()> {
                     }
                 }
                 let asleep = s.groups.iter().filter(|g| g.hibernating).count();
-                println!(
+                outln!(
                     "{:<6} {:<22} {:<8} {:>7} {:>9} {:>7} {:>10} {:>4}/{:<5} {:>12}",
                     id,
                     addr,
@@ -375,7 +409,7 @@ async fn status(client: &Client) -> anyhow::Result<()> {
                     heard_of(id)
                 );
             }
-            Err(e) => println!(
+            Err(e) => outln!(
                 "{:<6} {:<22} {:<8} (peers heard it {}; {e})",
                 id,
                 addr,
@@ -384,10 +418,15 @@ async fn status(client: &Client) -> anyhow::Result<()> {
             ),
         }
     }
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{:<6} {:<14} {:<8} {:>6} {:>10} {:>10}",
-        "GROUP", "REPLICAS", "LEADER", "TERM", "COMMIT", "APPLIED"
+        "GROUP",
+        "REPLICAS",
+        "LEADER",
+        "TERM",
+        "COMMIT",
+        "APPLIED"
     );
     let mut unhealthy = 0;
     for g in 0..=topo.data_groups {
@@ -412,7 +451,7 @@ async fn status(client: &Client) -> anyhow::Result<()> {
                     .filter(|v| !st.replicas.contains(v))
                     .collect();
                 reps.extend(join(&outgoing, "-"));
-                println!(
+                outln!(
                     "{:<6} {:<14} {:<8} {:>6} {:>10} {:>10}",
                     name,
                     reps.join(","),
@@ -424,12 +463,12 @@ async fn status(client: &Client) -> anyhow::Result<()> {
             }
             None => {
                 unhealthy += 1;
-                println!("{:<6} {:<14} {:<8}", name, "?", "NONE")
+                outln!("{:<6} {:<14} {:<8}", name, "?", "NONE")
             }
         }
     }
     let down = statuses.iter().filter(|(_, _, r)| r.is_err()).count();
-    println!();
+    outln!();
     let placement = statuses
         .iter()
         .filter_map(|(_, _, r)| r.as_ref().ok())
@@ -437,18 +476,18 @@ async fn status(client: &Client) -> anyhow::Result<()> {
         .find(|p| p.active);
     let (degraded, moving) = match placement {
         Some(p) => {
-            println!("placement: {}", cli_node::describe_placement(&p));
+            outln!("placement: {}", cli_node::describe_placement(&p));
             (p.degraded_groups, p.moves_in_progress)
         }
         None => {
-            println!("placement: no meta leader reports");
+            outln!("placement: no meta leader reports");
             (0, 0)
         }
     };
     if down == 0 && unhealthy == 0 && degraded == 0 && moving == 0 {
-        println!("health: OK");
+        outln!("health: OK");
     } else {
-        println!(
+        outln!(
             "health: DEGRADED ({down} node(s) down, {unhealthy} group(s) without a leader, {degraded} degraded, {moving} moving)"
         );
     }
@@ -479,7 +518,7 @@ async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
             let v = client
                 .create_volume_with_qos(name, size.unwrap_or(0), limits)
                 .await?;
-            println!(
+            outln!(
                 "created volume {} (id {}, {})",
                 v.name,
                 v.id,
@@ -488,9 +527,9 @@ async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
         }
         VolumeCmd::List => {
             let vols = client.list_volumes().await?;
-            println!("{:<6} {:<32} {:>14} {:>12}", "ID", "NAME", "SIZE", "CHUNK");
+            outln!("{:<6} {:<32} {:>14} {:>12}", "ID", "NAME", "SIZE", "CHUNK");
             for v in vols {
-                println!(
+                outln!(
                     "{:<6} {:<32} {:>14} {:>12}",
                     v.id,
                     v.name,
@@ -501,19 +540,19 @@ async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
         }
         VolumeCmd::Info { name } => {
             let (v, lease) = client.volume_status(name).await?;
-            println!("name:       {}", v.name);
-            println!("id:         {}", v.id);
-            println!(
+            outln!("name:       {}", v.name);
+            outln!("id:         {}", v.id);
+            outln!(
                 "size:       {} ({} bytes)",
                 format_size(v.size_bytes),
                 v.size_bytes
             );
-            println!("chunk size: {}", format_size(v.chunk_size_bytes));
-            println!("chunks:     {}", v.size_bytes.div_ceil(v.chunk_size_bytes));
-            println!("created:    {} (unix ms)", v.created_unix_ms);
-            println!("attached:   {}", describe_lease(lease.as_ref()));
-            println!("limits:     {}", describe_qos(v.qos.as_ref()));
-            println!("snapshots:  {}", v.snapshots.len());
+            outln!("chunk size: {}", format_size(v.chunk_size_bytes));
+            outln!("chunks:     {}", v.size_bytes.div_ceil(v.chunk_size_bytes));
+            outln!("created:    {} (unix ms)", v.created_unix_ms);
+            outln!("attached:   {}", describe_lease(lease.as_ref()));
+            outln!("limits:     {}", describe_qos(v.qos.as_ref()));
+            outln!("snapshots:  {}", v.snapshots.len());
             if let Some(p) = v.parent {
                 let parent = client.volume_by_id(p.volume_id).await;
                 let (pv, ps) = match &parent {
@@ -529,7 +568,7 @@ async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
                         format!("id {}", p.snapshot_id),
                     ),
                 };
-                println!("parent:     {pv}@{ps} (a clone)");
+                outln!("parent:     {pv}@{ps} (a clone)");
             }
         }
         VolumeCmd::Set { name, qos } => {
@@ -539,22 +578,22 @@ async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
             let now = client.volume_info(name).await?;
             let limits = qos.apply(now.qos.unwrap_or_default())?;
             let v = client.set_qos(name, Some(limits)).await?;
-            println!("volume {} limits: {}", v.name, describe_qos(v.qos.as_ref()));
+            outln!("volume {} limits: {}", v.name, describe_qos(v.qos.as_ref()));
         }
         VolumeCmd::Detach { name, force } => {
             if !force {
                 bail!("detach breaks the attach lease of another process: pass --force if its holder is gone");
             }
             let l = client.detach_volume(name, "", 0, true).await?;
-            println!("volume {name} is detached (last epoch {})", l.epoch);
+            outln!("volume {name} is detached (last epoch {})", l.epoch);
         }
         VolumeCmd::Delete { name } => {
             let v = client.delete_volume(name).await?;
-            println!("deleted volume {} (id {})", v.name, v.id);
+            outln!("deleted volume {} (id {})", v.name, v.id);
         }
         VolumeCmd::Grow { name, .. } => {
             let v = client.grow_volume(name, size.unwrap_or(0)).await?;
-            println!("volume {} is now {}", v.name, format_size(v.size_bytes));
+            outln!("volume {} is now {}", v.name, format_size(v.size_bytes));
         }
         VolumeCmd::Import { name, file } => import(&client, name, file).await?,
         VolumeCmd::Export { name, file, live } => export(&client, name, file, *live).await?,
@@ -678,7 +717,7 @@ async fn import_into(
         .await?;
     vol.flush().await?;
     pb.finish_and_clear();
-    println!(
+    outln!(
         "imported {} ({file_len} bytes) into volume {name}",
         file.display()
     );
@@ -743,7 +782,7 @@ async fn export_from(
     out.flush().await?;
     out.sync_all().await?;
     pb.finish_and_clear();
-    println!(
+    outln!(
         "exported volume {name} ({size} bytes) to {}",
         file.display()
     );
