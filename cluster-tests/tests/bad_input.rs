@@ -202,6 +202,21 @@ async fn cli_errors_are_clear_and_change_nothing() -> anyhow::Result<()> {
     let got = std::fs::read(&exported)?;
     assert_eq!(got.len(), 2 << 20);
     assert!(got[..1 << 20] == payload(1, 1 << 20)[..] && got[1 << 20..].iter().all(|&b| b == 0));
+
+    // Output into a pipe whose reader has gone (`| head -1`) ends
+    // quietly with 141, as Unix tools do: no panic, no backtrace. The
+    // reader exits at once; raftblk writes only after its RPCs.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"{ "$0" --cluster "$1" cluster status; echo "rc=$?" >&2; } | exit 0"#)
+        .arg(bin("raftblk"))
+        .arg(&c)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rc=141") && !err.contains("panicked"),
+        "raftblk into a closed pipe: {err}"
+    );
     Ok(())
 }
 
