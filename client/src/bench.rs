@@ -8,7 +8,6 @@
 //! `--local-dir` holds, as `deploy/local-cluster.sh` writes them) and this
 //! client process.
 
-use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -569,7 +568,6 @@ pub async fn run(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
         }
     }
     let table = result?;
-    let mut stdout = std::io::stdout();
-    writeln!(stdout, "{table}")?;
+    outln!("{table}");
     Ok(())
 }
