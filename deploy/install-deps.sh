@@ -2,7 +2,8 @@
 # Installs the Debian packages raftblk needs to build, test and boot guests
 # (run as root on Debian 12): protoc and libclang for the build; QEMU 10
 # from bookworm-backports, qemu-storage-daemon, cpio, fio, busybox-static
-# and e2fsprogs for the guests; iptables and iproute2 for the failure suite. Idempotent: installs only what is missing.
+# and e2fsprogs for the guests; iptables and iproute2 for the failure suite;
+# prometheus (promtool) for the metrics tests. Idempotent: installs only what is missing.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 if [[ $(id -u) != 0 ]]; then
@@ -23,6 +24,12 @@ if ((${#need[@]})); then
   echo "installing ${need[*]}"
   apt-get update -qq
   apt-get install -y -qq "${need[@]}"
+fi
+# The metrics tests: promtool (in Debian's prometheus package) checks the
+# /metrics output and the alert rules. Not its recommends (node exporter...).
+if ! command -v promtool >/dev/null 2>&1; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends prometheus
 fi
 # QEMU 10 from bookworm-backports: bookworm's 7.2 loses vhost-user
 # notifications under TCG and would remove qemu-utils. The suite is added

@@ -60,6 +60,15 @@ pub struct NodeConfig {
     pub raft: RaftConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Address of the Prometheus endpoint (`GET /metrics`), e.g.
+    /// `127.0.0.1:9101`; absent: no endpoint. Keep it on loopback or a
+    /// management network: it needs no credentials.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
+    /// Export `raftblk_group_*` series for every hosted group, not only
+    /// for lagging or reconfiguring ones (a node may host thousands).
+    #[serde(default)]
+    pub metrics_per_group: bool,
 }
 
 /// Cluster-wide parameters, fixed at bootstrap: every bootstrap node must
@@ -301,6 +310,10 @@ impl NodeConfig {
         self.listen_addr
             .parse::<SocketAddr>()
             .map_err(|e| bad("listen_addr", format!("`{}`: {e}", self.listen_addr)))?;
+        if let Some(a) = &self.metrics_addr {
+            a.parse::<SocketAddr>()
+                .map_err(|e| bad("metrics_addr", format!("`{a}`: {e}")))?;
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(bad("data_dir", "must not be empty".into()));
         }

@@ -23,6 +23,7 @@ pub mod keys;
 pub mod lease;
 pub mod map_sync;
 pub mod membership;
+pub mod metrics;
 pub mod msg;
 pub mod placement;
 pub mod raft_storage;

@@ -64,6 +64,7 @@ pub fn run(store: StoreHandle) {
                     }
                 }
                 checked += n;
+                crate::metrics::METRICS.scrub_blocks.inc_by(n);
                 let Some(mut k) = last else { break };
                 if n < BATCH {
                     break;
@@ -83,6 +84,7 @@ pub fn run(store: StoreHandle) {
             secs = started.elapsed().as_secs_f64(),
             "scrub pass finished"
         );
+        crate::metrics::METRICS.scrub_passes.inc();
         std::thread::sleep(pause);
     }
 }

@@ -83,6 +83,17 @@ pub async fn serve(
         placement.clone(),
     ));
     tokio::spawn(crate::gc::run(handle.clone(), volumes.clone()));
+    if let Some(maddr) = &config.metrics_addr {
+        let maddr = maddr.parse().context("metrics_addr")?;
+        let scrape = crate::metrics::Scrape {
+            store: handle.clone(),
+            placement: placement.clone(),
+            per_group: config.metrics_per_group,
+        };
+        raftblk_metrics::serve(maddr, Some(Arc::new(move || scrape.refresh())))
+            .await
+            .context("cannot start the metrics endpoint")?;
+    }
     if config.limits.scrub_blocks_per_sec > 0 {
         let scrub_store = handle.clone();
         std::thread::Builder::new()

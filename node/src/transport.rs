@@ -22,7 +22,9 @@ use crate::config::NodeConfig;
 use crate::counters::{Counters, Suspects};
 use crate::engine::{Engine, OwnedSnapshot};
 use crate::keys;
+use crate::metrics::METRICS;
 use crate::msg::StoreMsg;
+use raftblk_metrics::prometheus::IntCounter;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -166,6 +168,10 @@ impl Transport {
             batch_msgs_max: self.batch_msgs_max,
             batch_bytes_max: self.batch_bytes_max,
             keepalive: self.keepalive,
+            sent: METRICS.raft_sent.with_label_values(&[&to.to_string()]),
+            sent_bytes: METRICS
+                .raft_sent_bytes
+                .with_label_values(&[&to.to_string()]),
         };
         self.rt.spawn(peer.run());
     }
@@ -211,16 +217,21 @@ impl Transport {
     }
 
     fn queue(&self, to: u64, out: Outgoing) -> bool {
-        let Some((_, tx)) = self.peers.get(&to) else {
+        let dropped = || {
             self.counters
                 .dropped_messages
                 .fetch_add(1, Ordering::Relaxed);
+            METRICS
+                .raft_dropped
+                .with_label_values(&[&to.to_string()])
+                .inc();
+        };
+        let Some((_, tx)) = self.peers.get(&to) else {
+            dropped();
             return false;
         };
         if tx.try_send(out).is_err() {
-            self.counters
-                .dropped_messages
-                .fetch_add(1, Ordering::Relaxed);
+            dropped();
             return false;
         }
         true
@@ -359,6 +370,7 @@ async fn send_snapshot(
                     return false;
                 }
                 sent_by_producer.fetch_add(bytes as u64, Ordering::Relaxed);
+                METRICS.snapshot_sent_bytes.inc_by(bytes as u64);
                 bytes = 0;
             }
             true
@@ -381,6 +393,7 @@ async fn send_snapshot(
         };
         ptx.blocking_send(last)
             .map_err(|_| anyhow::anyhow!("receiver closed"))?;
+        METRICS.snapshot_sent_bytes.inc_by(bytes as u64);
         Ok(())
     });
     let transfer = async {
@@ -433,6 +446,10 @@ struct PeerLink {
     /// An empty batch goes out when nothing else did for this long, so the
     /// peer hears from this node even when every group is quiet.
     keepalive: Duration,
+    /// This peer's series of `raftblk_node_raft_messages_sent_total` and
+    /// `..._sent_bytes_total`.
+    sent: IntCounter,
+    sent_bytes: IntCounter,
 }
 
 impl PeerLink {
@@ -554,6 +571,8 @@ impl PeerLink {
             }
             next = self.rx.try_recv().ok();
         }
+        self.sent.inc_by(envelopes.len() as u64);
+        self.sent_bytes.inc_by(bytes as u64);
         RaftBatch {
             from_node: self.from,
             to_node: self.to,

@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status};
 use super::store_error;
 use crate::block;
 use crate::keys;
+use crate::metrics::{self, METRICS};
 use crate::service::volume_cache::VolumeCache;
 use crate::store::{StoreError, StoreHandle};
 
@@ -254,152 +255,54 @@ pub(super) fn read_blocks(
 #[tonic::async_trait]
 impl BlockIo for BlockIoService {
     async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
+        let started = std::time::Instant::now();
         let r = req.into_inner();
-        let fail = |e| {
-            Ok(Response::new(ReadResponse {
-                error: Some(e),
-                ..Default::default()
-            }))
-        };
-        let range = match r.range {
-            Some(range) => range,
-            None => return fail(invalid("request has no range".into())),
-        };
-        match self.validate(Some(&range)).await {
-            Ok(v) if r.snapshot_id != 0 => {
-                if let Err(e) = self.check_snapshot(&v, r.snapshot_id, &range).await {
-                    return fail(e);
-                }
-            }
-            Ok(_) => {}
-            Err(e) => return fail(e),
+        let (volume, len) = r
+            .range
+            .as_ref()
+            .map_or((0, 0), |g| (g.volume_id, g.length_bytes));
+        let res = self.read_inner(r).await;
+        let ok = matches!(&res, Ok(resp) if resp.get_ref().error.is_none());
+        if ok {
+            METRICS.block_io(false, volume, len);
         }
-        if let Err(e) = self.check_leader(range.group_id) {
-            return fail(e);
-        }
-        if let Err(e) = self.store.read_index(range.group_id, false).await {
-            return fail(store_error(&self.store, e));
-        }
-        // Small reads come from the memtable or block cache in microseconds:
-        // run them inline; large ones on the blocking pool.
-        let (g, v, off, len) = (
-            range.group_id,
-            range.volume_id,
-            range.offset_bytes,
-            range.length_bytes,
-        );
-        let snap = r.snapshot_id;
-        let res = if len <= INLINE_READ_BYTES_MAX && snap == 0 {
-            read_blocks(&self.store, g, v, off, len, snap)
-        } else {
-            let store = self.store.clone();
-            tokio::task::spawn_blocking(move || read_blocks(&store, g, v, off, len, snap))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-        };
-        match res {
-            Ok((data, absent)) => Ok(Response::new(ReadResponse {
-                error: None,
-                data: data.into(),
-                absent: if r.report_absent {
-                    absent.into()
-                } else {
-                    Default::default()
-                },
-            })),
-            Err(e) => {
-                if e.kind() == ErrorCode::Corrupted {
-                    // This replica's copy is bad: hand leadership to a healthy
-                    // replica so the client's retry reads a good copy.
-                    self.store.request_transfer_leader(range.group_id, None);
-                }
-                fail(e)
-            }
-        }
+        metrics::observe_block("read", started, ok);
+        res
     }
 
     async fn write(&self, req: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        let started = std::time::Instant::now();
         let r = req.into_inner();
-        let fail = |e| Ok(Response::new(WriteResponse { error: Some(e) }));
-        let Some(range) = r.range else {
-            return fail(invalid("request has no range".into()));
-        };
-        if r.data.len() as u64 != range.length_bytes {
-            return fail(invalid(format!(
-                "data is {} bytes but the range is {} bytes",
-                r.data.len(),
-                range.length_bytes
-            )));
+        let (volume, len) = r
+            .range
+            .as_ref()
+            .map_or((0, 0), |g| (g.volume_id, g.length_bytes));
+        let res = self.write_inner(r).await;
+        let ok = matches!(&res, Ok(resp) if resp.get_ref().error.is_none());
+        if ok {
+            METRICS.block_io(true, volume, len);
         }
-        if let Err(e) = self.validate(Some(&range)).await {
-            return fail(e);
-        }
-        if let Err(e) = self.check_leader(range.group_id) {
-            return fail(e);
-        }
-        if let Err(e) = self.check_space(range.group_id) {
-            return fail(e);
-        }
-        if let Err(e) = no_lease(r.epoch, range.volume_id) {
-            return fail(e);
-        }
-        let cmd = Cmd::Write(WriteCmd {
-            volume_id: range.volume_id,
-            offset_bytes: range.offset_bytes,
-            data: r.data,
-            epoch: r.epoch,
-            clone: r.clone,
-        });
-        Ok(Response::new(
-            self.propose(range.group_id, cmd, &r.request_id, r.retry_age_ms)
-                .await,
-        ))
+        metrics::observe_block("write", started, ok);
+        res
     }
 
     async fn flush(&self, req: Request<FlushRequest>) -> Result<Response<WriteResponse>, Status> {
-        // Writes are acknowledged only once committed (fsynced on a
-        // majority), so a flush has nothing to force to disk: it is a
-        // barrier that confirms, via ReadIndex, that this node still leads
-        // the group and has applied every acknowledged write.
-        let group = req.into_inner().group_id;
-        let error = self
-            .store
-            .read_index(group, false)
-            .await
-            .err()
-            .map(|e| store_error(&self.store, e));
-        Ok(Response::new(WriteResponse { error }))
+        let started = std::time::Instant::now();
+        let res = self.flush_inner(req.into_inner()).await;
+        let ok = matches!(&res, Ok(resp) if resp.get_ref().error.is_none());
+        metrics::observe_block("flush", started, ok);
+        res
     }
 
     async fn discard(
         &self,
         req: Request<DiscardRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
-        let r = req.into_inner();
-        let fail = |e| Ok(Response::new(WriteResponse { error: Some(e) }));
-        let Some(range) = r.range else {
-            return fail(invalid("request has no range".into()));
-        };
-        if let Err(e) = self.validate(Some(&range)).await {
-            return fail(e);
-        }
-        if let Err(e) = self.check_leader(range.group_id) {
-            return fail(e);
-        }
-        if let Err(e) = no_lease(r.epoch, range.volume_id) {
-            return fail(e);
-        }
-        let cmd = Cmd::Discard(DiscardCmd {
-            volume_id: range.volume_id,
-            offset_bytes: range.offset_bytes,
-            length_bytes: range.length_bytes,
-            epoch: r.epoch,
-            clone: r.clone,
-        });
-        Ok(Response::new(
-            self.propose(range.group_id, cmd, &r.request_id, r.retry_age_ms)
-                .await,
-        ))
+        let started = std::time::Instant::now();
+        let res = self.discard_inner(req.into_inner()).await;
+        let ok = matches!(&res, Ok(resp) if resp.get_ref().error.is_none());
+        metrics::observe_block("discard", started, ok);
+        res
     }
 
     async fn fence(&self, req: Request<FenceRequest>) -> Result<Response<WriteResponse>, Status> {
@@ -463,6 +366,151 @@ impl BlockIo for BlockIoService {
                     ..Default::default()
                 },
             },
+        ))
+    }
+}
+
+impl BlockIoService {
+    async fn read_inner(&self, r: ReadRequest) -> Result<Response<ReadResponse>, Status> {
+        let fail = |e| {
+            Ok(Response::new(ReadResponse {
+                error: Some(e),
+                ..Default::default()
+            }))
+        };
+        let range = match r.range {
+            Some(range) => range,
+            None => return fail(invalid("request has no range".into())),
+        };
+        match self.validate(Some(&range)).await {
+            Ok(v) if r.snapshot_id != 0 => {
+                if let Err(e) = self.check_snapshot(&v, r.snapshot_id, &range).await {
+                    return fail(e);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => return fail(e),
+        }
+        if let Err(e) = self.check_leader(range.group_id) {
+            return fail(e);
+        }
+        if let Err(e) = self.store.read_index(range.group_id, false).await {
+            return fail(store_error(&self.store, e));
+        }
+        // Small reads come from the memtable or block cache in microseconds:
+        // run them inline; large ones on the blocking pool.
+        let (g, v, off, len) = (
+            range.group_id,
+            range.volume_id,
+            range.offset_bytes,
+            range.length_bytes,
+        );
+        let snap = r.snapshot_id;
+        let res = if len <= INLINE_READ_BYTES_MAX && snap == 0 {
+            read_blocks(&self.store, g, v, off, len, snap)
+        } else {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || read_blocks(&store, g, v, off, len, snap))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+        };
+        match res {
+            Ok((data, absent)) => Ok(Response::new(ReadResponse {
+                error: None,
+                data: data.into(),
+                absent: if r.report_absent {
+                    absent.into()
+                } else {
+                    Default::default()
+                },
+            })),
+            Err(e) => {
+                if e.kind() == ErrorCode::Corrupted {
+                    // This replica's copy is bad: hand leadership to a healthy
+                    // replica so the client's retry reads a good copy.
+                    self.store.request_transfer_leader(range.group_id, None);
+                }
+                fail(e)
+            }
+        }
+    }
+
+    async fn write_inner(&self, r: WriteRequest) -> Result<Response<WriteResponse>, Status> {
+        let fail = |e| Ok(Response::new(WriteResponse { error: Some(e) }));
+        let Some(range) = r.range else {
+            return fail(invalid("request has no range".into()));
+        };
+        if r.data.len() as u64 != range.length_bytes {
+            return fail(invalid(format!(
+                "data is {} bytes but the range is {} bytes",
+                r.data.len(),
+                range.length_bytes
+            )));
+        }
+        if let Err(e) = self.validate(Some(&range)).await {
+            return fail(e);
+        }
+        if let Err(e) = self.check_leader(range.group_id) {
+            return fail(e);
+        }
+        if let Err(e) = self.check_space(range.group_id) {
+            return fail(e);
+        }
+        if let Err(e) = no_lease(r.epoch, range.volume_id) {
+            return fail(e);
+        }
+        let cmd = Cmd::Write(WriteCmd {
+            volume_id: range.volume_id,
+            offset_bytes: range.offset_bytes,
+            data: r.data,
+            epoch: r.epoch,
+            clone: r.clone,
+        });
+        Ok(Response::new(
+            self.propose(range.group_id, cmd, &r.request_id, r.retry_age_ms)
+                .await,
+        ))
+    }
+
+    async fn flush_inner(&self, req: FlushRequest) -> Result<Response<WriteResponse>, Status> {
+        // Writes are acknowledged only once committed (fsynced on a
+        // majority), so a flush has nothing to force to disk: it is a
+        // barrier that confirms, via ReadIndex, that this node still leads
+        // the group and has applied every acknowledged write.
+        let group = req.group_id;
+        let error = self
+            .store
+            .read_index(group, false)
+            .await
+            .err()
+            .map(|e| store_error(&self.store, e));
+        Ok(Response::new(WriteResponse { error }))
+    }
+
+    async fn discard_inner(&self, r: DiscardRequest) -> Result<Response<WriteResponse>, Status> {
+        let fail = |e| Ok(Response::new(WriteResponse { error: Some(e) }));
+        let Some(range) = r.range else {
+            return fail(invalid("request has no range".into()));
+        };
+        if let Err(e) = self.validate(Some(&range)).await {
+            return fail(e);
+        }
+        if let Err(e) = self.check_leader(range.group_id) {
+            return fail(e);
+        }
+        if let Err(e) = no_lease(r.epoch, range.volume_id) {
+            return fail(e);
+        }
+        let cmd = Cmd::Discard(DiscardCmd {
+            volume_id: range.volume_id,
+            offset_bytes: range.offset_bytes,
+            length_bytes: range.length_bytes,
+            epoch: r.epoch,
+            clone: r.clone,
+        });
+        Ok(Response::new(
+            self.propose(range.group_id, cmd, &r.request_id, r.retry_age_ms)
+                .await,
         ))
     }
 }

@@ -57,6 +57,17 @@ impl RaftTransport for RaftService {
                 return Err(Status::invalid_argument("too many envelopes in one batch"));
             }
             self.store.liveness.heard(batch.from_node);
+            if !batch.envelopes.is_empty() {
+                let peer = [batch.from_node.to_string()];
+                let bytes: usize = batch.envelopes.iter().map(|e| e.message.len()).sum();
+                let m = &*crate::metrics::METRICS;
+                m.raft_received
+                    .with_label_values(&peer)
+                    .inc_by(batch.envelopes.len() as u64);
+                m.raft_received_bytes
+                    .with_label_values(&peer)
+                    .inc_by(bytes as u64);
+            }
             if batch.envelopes.is_empty() {
                 // A keepalive: nothing for the store.
                 continue;
@@ -179,6 +190,7 @@ impl RaftTransport for RaftService {
             pairs = total,
             "snapshot received"
         );
+        crate::metrics::METRICS.snapshots_received.inc();
         let staged = path.clone();
         if self
             .store_tx
@@ -248,6 +260,14 @@ async fn receive_pieces(
                 "snapshot pieces after the last one",
             ));
         }
+        let bytes: usize = piece
+            .kvs
+            .iter()
+            .map(|kv| kv.key.len() + kv.value.len() + 8)
+            .sum();
+        crate::metrics::METRICS
+            .snapshot_received_bytes
+            .inc_by(bytes as u64);
         for kv in &piece.kvs {
             writer
                 .push(&kv.key, &kv.value)

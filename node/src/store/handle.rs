@@ -130,7 +130,20 @@ impl StoreHandle {
             retry_age_ms,
             cb,
         };
-        self.call(group, msg, rx).await?
+        let m = &*crate::metrics::METRICS;
+        let started = Instant::now();
+        m.proposals.inc();
+        let r = self.call(group, msg, rx).await.and_then(|r| r);
+        m.proposal_seconds.observe(started.elapsed().as_secs_f64());
+        if r.is_err() {
+            m.proposals_failed.inc();
+        }
+        r
+    }
+
+    /// Messages waiting in the store's inbox.
+    pub fn inbox_depth(&self) -> usize {
+        self.tx.max_capacity().saturating_sub(self.tx.capacity())
     }
 
     /// Waits until this replica has applied everything committed before the

@@ -359,12 +359,17 @@ impl Store {
                 match tokio::time::timeout(wait, self.rx.recv()).await {
                     Ok(Some(msg)) => {
                         self.handle(msg);
+                        let mut handled = 1u64;
                         for _ in 0..INBOX_BATCH_MAX {
                             match self.rx.try_recv() {
                                 Ok(m) => self.handle(m),
                                 Err(_) => break,
                             }
+                            handled += 1;
                         }
+                        crate::metrics::METRICS
+                            .inbox_batch_messages
+                            .observe(handled as f64);
                     }
                     Ok(None) => break,
                     Err(_) => {}

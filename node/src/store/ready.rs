@@ -84,6 +84,9 @@ impl Store {
     ) -> Option<(u64, u64)> {
         let last = entries.last().map(|e| (e.index, e.term))?;
         self.groups.get(&group)?;
+        crate::metrics::METRICS
+            .apply_batch_entries
+            .observe(entries.len() as f64);
         let gen = dedup::current_gen();
         for e in entries {
             let is_conf = e.get_entry_type() != EntryType::EntryNormal;
@@ -310,8 +313,15 @@ impl Store {
             let _ = cb.send(r);
         }
         if !wb.is_empty() || need_sync {
+            let started = std::time::Instant::now();
             if let Err(e) = engine.write(wb, need_sync) {
                 fatal("raft log write", e);
+            }
+            if need_sync {
+                let m = &*crate::metrics::METRICS;
+                m.fsyncs.inc();
+                m.fsync_seconds.observe(started.elapsed().as_secs_f64());
+                m.write_batch_groups.observe(readies.len() as f64);
             }
         }
         for (id, file) in installed {
