@@ -71,10 +71,20 @@ struct Inner {
     refreshed: Mutex<Option<Instant>>,
     channels: Mutex<HashMap<String, Channel>>,
     leaders: RwLock<HashMap<u64, u64>>,
+    /// Attempts after an operation's first (another replica, or the same
+    /// one after a backoff): what a daemon exports as its retries.
+    retries: std::sync::atomic::AtomicU64,
 }
 
 impl Client {
     /// Connects through any of `seeds` (host:port) and learns the topology.
+    /// Attempts made after an operation's first, since the client began.
+    pub fn retries(&self) -> u64 {
+        self.inner
+            .retries
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub async fn connect(seeds: &[String], opts: ClientOptions) -> Result<Client, ClientError> {
         if seeds.is_empty() {
             return Err(ClientError::InvalidArgument(
@@ -116,6 +126,7 @@ impl Client {
                             refreshed: Mutex::new(Some(Instant::now())),
                             channels: Mutex::new(channels),
                             leaders: RwLock::new(HashMap::new()),
+                            retries: std::sync::atomic::AtomicU64::new(0),
                         }),
                     });
                 }
@@ -315,7 +326,13 @@ impl Client {
         let mut backoff = opts.backoff_min;
         let mut hops = 0usize;
         let mut last: String;
+        let mut first = true;
         loop {
+            if !std::mem::take(&mut first) {
+                self.inner
+                    .retries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             let next_replica = |replicas: &[u64], c: u64| {
                 let i = replicas.iter().position(|r| *r == c).unwrap_or(0);
                 replicas[(i + 1) % replicas.len()]

@@ -192,6 +192,11 @@ impl VhostDaemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Where the daemon serves its metrics (started with `--metrics-addr`).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        crate::metrics::logged_addr(&self.log_text())
+    }
+
     /// Requests answered per queue, from the statistics the daemon logs at
     /// the end of each connection (summed over connections).
     pub fn answered_per_queue(&self) -> Vec<u64> {

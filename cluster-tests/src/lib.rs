@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub mod guest;
 pub mod history;
+pub mod metrics;
 pub mod nbd;
 pub mod netns;
 pub mod vm;
@@ -260,7 +261,7 @@ impl LocalCluster {
         let s = &self.spec;
         if self.joined.contains(&i) {
             return format!(
-                "node_id = {i}\nlisten_addr = \"{}\"\ndata_dir = \"{}\"\nseeds = [\"{}\"]\n{}\n[raft]\ntick_interval_ms = {}\nelection_ticks = {}\nheartbeat_ticks = 2\nlog_compact_threshold_entries = {}\nlog_retain_entries = {}\n",
+                "node_id = {i}\nlisten_addr = \"{}\"\ndata_dir = \"{}\"\nmetrics_addr = \"127.0.0.1:0\"\nseeds = [\"{}\"]\n{}\n[raft]\ntick_interval_ms = {}\nelection_ticks = {}\nheartbeat_ticks = 2\nlog_compact_threshold_entries = {}\nlog_retain_entries = {}\n",
                 self.addr(i),
                 self.data_dir(i).display(),
                 self.addr(1),
@@ -273,7 +274,7 @@ impl LocalCluster {
                 + &self.placement_text();
         }
         let mut t = format!(
-            "node_id = {i}\nlisten_addr = \"{}\"\ndata_dir = \"{}\"\n{}\n[cluster]\ndata_groups = {}\nreplicas = {}\nchunk_size_bytes = {}\n",
+            "node_id = {i}\nlisten_addr = \"{}\"\ndata_dir = \"{}\"\nmetrics_addr = \"127.0.0.1:0\"\n{}\n[cluster]\ndata_groups = {}\nreplicas = {}\nchunk_size_bytes = {}\n",
             self.addr(i),
             self.data_dir(i).display(),
             self.domain_text(i, "failure_domain"),
@@ -487,6 +488,12 @@ impl LocalCluster {
 
     pub fn is_running(&self, i: usize) -> bool {
         self.procs[i - 1].is_some()
+    }
+
+    /// Where node `i` serves its Prometheus metrics (every test node does,
+    /// on a port the kernel picks; read from its log).
+    pub fn metrics_addr(&self, i: usize) -> Option<std::net::SocketAddr> {
+        metrics::logged_addr(&std::fs::read_to_string(self.log_path(i)).unwrap_or_default())
     }
 
     /// Node `i`'s log (for failure messages).

@@ -13,6 +13,9 @@ pub struct VhostConfig {
     /// Per-request deadline, retries included.
     #[serde(default = "default_io_timeout_secs")]
     pub io_timeout_secs: u64,
+    /// Address of the Prometheus endpoint (`GET /metrics`); absent: none.
+    #[serde(default)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     #[serde(rename = "volume", default)]
     pub volumes: Vec<VolumeExport>,
 }

@@ -9,13 +9,14 @@
 //! library → completions return through an eventfd to the queue's worker.
 //! Beside them, `resize` follows the volume's size (and its I/O limits,
 //! which `qos` applies as requests enter) and tells the frontend when it
-//! grew.
+//! grew; `metrics` counts what the data path does for Prometheus.
 
 pub mod backend;
 pub mod config;
 pub mod dirty_log;
 pub mod handler;
 pub mod inflight;
+pub mod metrics;
 pub mod ratelimit;
 pub mod request;
 pub mod resize;

@@ -3,7 +3,7 @@
 //! ```text
 //! raftblk-vhost --socket PATH --volume NAME --cluster ADDR,... [--queues N]
 //!               [--queue-size N] [--read-only] [--io-timeout-secs S]
-//!               [--takeover | --incoming]
+//!               [--takeover | --incoming] [--metrics-addr ADDR]
 //! raftblk-vhost --config FILE      # several volumes, one socket each
 //! ```
 //!
@@ -72,6 +72,10 @@ struct Args {
     /// guest starts here (its first request), not at start.
     #[arg(long)]
     incoming: bool,
+    /// Serve Prometheus metrics on this address (`GET /metrics`), e.g.
+    /// 127.0.0.1:9201 (default: no endpoint).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Exit after this many VMM connections have ended (default: never).
     #[arg(long, hide = true)]
     connections: Option<u64>,
@@ -97,9 +101,11 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    let mut metrics_addr = args.metrics_addr;
     let (cluster, timeout, exports) = match &args.config {
         Some(path) => {
             let c = VhostConfig::load(path).map_err(anyhow::Error::msg)?;
+            metrics_addr = metrics_addr.or(c.metrics_addr);
             (c.cluster, c.io_timeout_secs, c.volumes)
         }
         None => {
@@ -135,6 +141,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             ..ClientOptions::default()
         },
     ))?;
+    if let Some(addr) = metrics_addr {
+        let c = client.clone();
+        let refresh = Arc::new(move || raftblk_vhost::metrics::set_client_retries(c.retries()));
+        rt.block_on(raftblk_metrics::serve(addr, Some(refresh)))?;
+    }
     let mut threads = Vec::new();
     let mut refused = Vec::new();
     // Watched from before the first attach, so a stop during start-up

@@ -4,7 +4,8 @@
 //! One worker thread per virtqueue (`worker`). A worker never waits on the
 //! network: on a kick it pops every available chain,
 //! validates it (`request`), answers malformed ones at once, copies write
-//! payloads out of guest memory and hands each I/O to the tokio runtime.
+//! payloads out of guest memory and hands each I/O to the tokio runtime
+//! (`request_io`, which also counts it for `metrics`).
 //! Completions come back through a per-queue eventfd that the same worker
 //! polls; it writes read data and status bytes into guest memory, fills the
 //! used ring and notifies the guest once per batch, honouring EVENT_IDX.
@@ -20,6 +21,9 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+mod request_io;
+
+use crate::metrics::{op_index, ErrorKind, QueueMetrics};
 use crate::ratelimit::LogLimiter;
 use crate::request::{parse, walk_chain, Desc, DeviceInfo, Kind, Request};
 use crate::virtio_blk::*;
@@ -46,7 +50,12 @@ struct Claimed<'a> {
 
 impl Drop for Claimed<'_> {
     fn drop(&mut self) {
-        self.ctx.inflight.fetch_sub(self.left, Ordering::AcqRel);
+        let now = self
+            .ctx
+            .inflight
+            .fetch_sub(self.left, Ordering::AcqRel)
+            .saturating_sub(self.left);
+        self.ctx.metrics.in_flight.set(now as i64);
     }
 }
 
@@ -81,6 +90,7 @@ struct QueueCtx {
     answered: AtomicU64,
     /// Requests served again from the inflight region.
     resubmitted: AtomicU64,
+    metrics: QueueMetrics,
 }
 
 struct Inner {
@@ -119,8 +129,9 @@ impl BlkBackend {
             limits,
         };
         let mut queues = Vec::new();
-        for _ in 0..opts.num_queues {
+        for q in 0..opts.num_queues {
             queues.push(QueueCtx {
+                metrics: QueueMetrics::new(&volume.info().name, usize::from(q)),
                 completion: EventFd::new(EFD_NONBLOCK)?,
                 done: Mutex::new(Vec::new()),
                 inflight: AtomicUsize::new(0),
@@ -243,9 +254,9 @@ impl BlkBackend {
                 }
                 // Claimed under the ring lock: GET_VRING_BASE's drain sees
                 // these heads from the moment they leave the ring.
-                self.inner.queues[q]
-                    .inflight
-                    .fetch_add(v.len(), Ordering::AcqRel);
+                let ctx = &self.inner.queues[q];
+                let now = ctx.inflight.fetch_add(v.len(), Ordering::AcqRel) + v.len();
+                ctx.metrics.in_flight.set(now as i64);
                 (table, size, v, resubmits)
             };
             let mut claimed = Claimed {
@@ -256,6 +267,10 @@ impl BlkBackend {
                 self.inner.queues[q]
                     .resubmitted
                     .fetch_add(resubmits as u64, Ordering::Relaxed);
+                self.inner.queues[q]
+                    .metrics
+                    .resubmitted
+                    .inc_by(resubmits as u64);
             }
             let mut answered = false;
             for head in heads {
@@ -263,6 +278,7 @@ impl BlkBackend {
                     .and_then(|descs| parse(head, &descs, &*guest, &self.device_info()));
                 match parsed {
                     Err(rej) => {
+                        self.inner.queues[q].metrics.malformed.inc();
                         if let Some(suppressed) = self.inner.bad_chain_log.allow() {
                             tracing::warn!(queue = q, head, status = rej.code, suppressed, reason = %rej.reason, "malformed request from guest");
                         }
@@ -317,6 +333,7 @@ impl BlkBackend {
     /// Starts one request; true when it was answered at once.
     fn submit(&self, q: usize, req: Request, guest: &GuestMem, vring: &Vring) -> io::Result<bool> {
         let status_addr = req.status;
+        let taken = Instant::now();
         if req.kind == Kind::GetId {
             let mut left = &self.inner.serial[..];
             let mut written = 0u32;
@@ -332,6 +349,9 @@ impl BlkBackend {
                 written += n as u32;
             }
             let status = if left.is_empty() { S_OK } else { S_IOERR };
+            self.inner.queues[q]
+                .metrics
+                .answered(op_index(&req.kind), 0, Duration::ZERO);
             let _ = guest.write_slice(&[status], status_addr);
             vring.lock().add_used(guest, req.head, written + 1)?;
             self.inner.queues[q]
@@ -339,12 +359,13 @@ impl BlkBackend {
                 .fetch_add(1, Ordering::Relaxed);
             return Ok(true);
         }
-        let mut payload = if let Kind::Write { len, .. } = req.kind {
+        let payload = if let Kind::Write { len, .. } = req.kind {
             let mut buf = vec![0u8; len as usize];
             let mut at = 0usize;
             for s in &req.segments {
                 let end = at + s.len as usize;
                 if guest.read_slice(&mut buf[at..end], s.addr).is_err() {
+                    self.inner.queues[q].metrics.error(ErrorKind::GuestMemory);
                     let _ = guest.write_slice(&[S_IOERR], status_addr);
                     vring.lock().add_used(guest, req.head, 1)?;
                     self.inner.queues[q]
@@ -366,78 +387,18 @@ impl BlkBackend {
             segments,
             ..
         } = req;
-        self.inner.rt.spawn(async move {
-            let vol = &inner.volume;
-            let deadline = inner.opts.io_timeout;
-            // The volume's limits delay the request before it starts (its
-            // deadline counts from then).
-            let (write, bytes) = match &kind {
-                Kind::Read { len, .. } => (false, Some(*len)),
-                Kind::Write { len, .. } => (true, Some(*len)),
-                Kind::Discard { .. } | Kind::WriteZeroes { .. } => (true, Some(0)),
-                Kind::Flush | Kind::GetId => (false, None),
-            };
-            if let Some(bytes) = bytes {
-                inner.opts.qos.admit(write, bytes).await;
-            }
-            let started = Instant::now();
-            let io = async {
-                // Only the holder of the volume's attach lease serves it: a
-                // migration destination takes the lease over here, at the
-                // guest's first request; a daemon that lost it fails them.
-                if !inner.opts.read_only {
-                    vol.attach().await?.check()?;
-                }
-                match &kind {
-                    Kind::Read { offset, len } => vol.read(*offset, *len).await.map(Some),
-                    Kind::Write { offset, .. } => {
-                        let data = payload.take().unwrap_or_default();
-                        vol.write_bytes(*offset, data.into()).await.map(|_| None)
-                    }
-                    Kind::Flush => vol.flush().await.map(|_| None),
-                    Kind::Discard { ranges } => {
-                        for (off, len) in ranges {
-                            vol.discard(*off, *len).await?;
-                        }
-                        Ok(None)
-                    }
-                    Kind::WriteZeroes { ranges } => {
-                        for (off, len) in ranges {
-                            vol.write_zeroes(*off, *len).await?;
-                        }
-                        Ok(None)
-                    }
-                    Kind::GetId => Ok(None),
-                }
-            };
-            let (status, data) = match tokio::time::timeout(deadline, io).await {
-                Ok(Ok(data)) => (S_OK, data),
-                Ok(Err(e)) => {
-                    if let Some(suppressed) = inner.io_error_log.allow() {
-                        tracing::error!(queue = ctx_index, head, suppressed, error = %e, elapsed_ms = started.elapsed().as_millis() as u64, "I/O failed");
-                    }
-                    (S_IOERR, None)
-                }
-                Err(_) => {
-                    if let Some(suppressed) = inner.io_error_log.allow() {
-                        tracing::error!(queue = ctx_index, head, suppressed, "I/O timed out");
-                    }
-                    (S_IOERR, None)
-                }
-            };
-            let ctx = &inner.queues[ctx_index];
-            ctx.done
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(Completion {
-                    head,
-                    status,
-                    status_addr,
-                    data,
-                    segments,
-                });
-            let _ = ctx.completion.write(1);
-        });
+        self.inner.rt.spawn(request_io::serve(
+            inner,
+            ctx_index,
+            request_io::Taken {
+                head,
+                kind,
+                segments,
+                status_addr,
+                payload,
+                taken,
+            },
+        ));
         Ok(false)
     }
 
@@ -465,7 +426,11 @@ impl BlkBackend {
             None => Ok(()),
         };
         ctx.answered.fetch_add(count as u64, Ordering::Relaxed);
-        ctx.inflight.fetch_sub(count, Ordering::AcqRel);
+        let now = ctx
+            .inflight
+            .fetch_sub(count, Ordering::AcqRel)
+            .saturating_sub(count);
+        ctx.metrics.in_flight.set(now as i64);
         result
     }
 
