@@ -44,7 +44,8 @@ GUEST
 # (a) raftblk
 vol="bench-vm-$(date +%s)"
 "$BIN/raftblk" volume create "$vol" --size 1G >/dev/null
-"$BIN/raftblk-vhost" --socket "$work/raftblk.sock" --volume "$vol" --queues 2 >"$work/vhost.log" 2>&1 &
+"$BIN/raftblk-vhost" --socket "$work/raftblk.sock" --volume "$vol" --queues 2 \
+  --metrics-addr "${VHOST_METRICS_ADDR:-127.0.0.1:9201}" >"$work/vhost.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do [[ -S "$work/raftblk.sock" ]] && break; sleep 0.1; done
 echo "raftblk: booting guest, fio ${SECS}s per job..." >&2

@@ -152,7 +152,15 @@ struct VolumeSeries {
     write_bytes: IntCounter,
 }
 
-pub static METRICS: LazyLock<NodeMetrics> = LazyLock::new(NodeMetrics::new);
+pub static METRICS: LazyLock<NodeMetrics> = LazyLock::new(|| {
+    let m = NodeMetrics::new();
+    // Exported at 0 from the start (alerts on an increase need them).
+    for op in ["read", "write", "flush", "discard"] {
+        m.block_errors.with_label_values(&[op]);
+        m.block_seconds.with_label_values(&[op]);
+    }
+    m
+});
 
 impl NodeMetrics {
     fn new() -> NodeMetrics {

@@ -168,7 +168,15 @@ impl Transport {
             batch_msgs_max: self.batch_msgs_max,
             batch_bytes_max: self.batch_bytes_max,
             keepalive: self.keepalive,
-            sent: METRICS.raft_sent.with_label_values(&[&to.to_string()]),
+            sent: {
+                // Exported at 0 from the start, like every per-peer series.
+                METRICS.raft_dropped.with_label_values(&[&to.to_string()]);
+                METRICS.raft_received.with_label_values(&[&to.to_string()]);
+                METRICS
+                    .raft_received_bytes
+                    .with_label_values(&[&to.to_string()]);
+                METRICS.raft_sent.with_label_values(&[&to.to_string()])
+            },
             sent_bytes: METRICS
                 .raft_sent_bytes
                 .with_label_values(&[&to.to_string()]),

@@ -166,6 +166,16 @@ impl QueueMetrics {
     pub fn new(volume: &str, queue: usize) -> QueueMetrics {
         let f = &*FAMILIES;
         let q = queue.to_string();
+        // Exported at 0 from the start: an alert on an increase needs the
+        // series before the first error.
+        for kind in [
+            ErrorKind::Timeout,
+            ErrorKind::Fenced,
+            ErrorKind::Io,
+            ErrorKind::GuestMemory,
+        ] {
+            f.errors.with_label_values(&[volume, kind.label()]);
+        }
         QueueMetrics {
             volume: volume.to_owned(),
             requests: OPS.map(|op| f.requests.with_label_values(&[volume, &q, op])),

@@ -236,5 +236,39 @@ fn node_and_daemon_metrics_move_under_a_guest_workload() -> anyhow::Result<()> {
         promtool_check(t, &format!("node {}", i + 1))?;
     }
     promtool_check(&daemon, "raftblk-vhost")?;
+
+    // Every raftblk series the dashboard and the alert rules query exists
+    // (a renamed metric would leave an empty panel or a silent alert).
+    let exported = format!("{}\n{daemon}", after.join("\n"));
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut missing = Vec::new();
+    for file in ["grafana/raftblk.json", "prometheus/alerts.yml"] {
+        let text = std::fs::read_to_string(deploy.join(file))?;
+        for name in series_names(&text) {
+            if !exported.contains(&format!("\n{name}")) {
+                missing.push(format!("{file}: {name}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "queried but not exported: {missing:?}");
     Ok(())
+}
+
+/// The `raftblk_*` metric names a dashboard or rule file mentions.
+fn series_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("raftblk_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        // Recording-rule names of the check script, not series.
+        if !name.starts_with("raftblk_dashboard") && name.len() > "raftblk_".len() {
+            names.insert(name.to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names
 }
