@@ -38,6 +38,7 @@ fn write_out(args: std::fmt::Arguments<'_>) {
 mod bench;
 mod cli_node;
 mod cli_snapshot;
+mod top;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -91,6 +92,10 @@ enum Cmd {
     },
     /// Benchmark a running cluster against this machine's local limits.
     Bench(bench::BenchArgs),
+    /// Live view of the cluster from the nodes' metrics endpoints: per
+    /// node and per volume IOPS, bandwidth and p99 latency, fsync p99,
+    /// groups led, replica lag.
+    Top(top::TopArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -347,6 +352,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Snapshot { cmd } => cli_snapshot::snapshot(&connect(&cli).await?, cmd).await,
         Cmd::Node { cmd } => cli_node::run(&connect(&cli).await?, cmd).await,
         Cmd::Bench(args) => bench::run(&connect(&cli).await?, args).await,
+        Cmd::Top(args) => top::run(&connect(&cli).await?, args).await,
     }
 }
 

@@ -9,7 +9,8 @@
 //! scrape-time gauges (group roles, stored bytes, ...) just before a scrape
 //! is encoded. The listener is bounded: at most `CONNECTIONS_MAX`
 //! connections at once, each closed after `CONNECTION_TIMEOUT`, so a
-//! stuck scraper cannot pin the process.
+//! stuck scraper cannot pin the process. `scrape` is the reading side
+//! (`raftblk top`, the tests).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,6 +25,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 pub use prometheus;
+
+pub mod scrape;
 
 /// Connections served at once; more wait in the listen backlog.
 pub const CONNECTIONS_MAX: usize = 16;
@@ -55,8 +58,40 @@ pub fn latency_buckets_seconds() -> Vec<f64> {
     prometheus::exponential_buckets(0.000_05, 2.0, 18).unwrap_or_default()
 }
 
+/// The process's CPU time in seconds at microsecond resolution (the
+/// process collector's `process_cpu_seconds_total` counts whole seconds,
+/// too coarse for a one-second view like `raftblk top`).
+static CPU_SECONDS: std::sync::LazyLock<prometheus::Counter> = std::sync::LazyLock::new(|| {
+    let c = prometheus::Counter::new(
+        "raftblk_process_cpu_seconds_total",
+        "User and system CPU time of this process, in seconds (microsecond resolution).",
+    )
+    .unwrap_or_else(|e| panic!("metric raftblk_process_cpu_seconds_total is malformed: {e}"));
+    if let Err(e) = prometheus::register(Box::new(c.clone())) {
+        tracing::warn!(error = %e, "metric not registered");
+    }
+    c
+});
+
+fn update_cpu_seconds() {
+    // SAFETY: getrusage(2) fills the zeroed struct we own; RUSAGE_SELF is
+    // always valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let now = secs(ru.ru_utime) + secs(ru.ru_stime);
+    let c = &*CPU_SECONDS;
+    let delta = now - c.get();
+    if delta > 0.0 {
+        c.inc_by(delta);
+    }
+}
+
 /// Everything in the default registry, in the text format.
 pub fn encode() -> String {
+    update_cpu_seconds();
     let families = prometheus::gather();
     match prometheus::TextEncoder::new().encode_to_string(&families) {
         Ok(s) => s,
@@ -175,6 +210,7 @@ mod tests {
         assert!(body.contains("version=0.0.4"), "{body}");
         assert!(body.contains("raftblk_test_refreshed 42"), "{body}");
         assert!(body.contains("process_resident_memory_bytes"), "{body}");
+        assert!(body.contains("raftblk_process_cpu_seconds_total"), "{body}");
         let missing = get(addr, "/other").await;
         assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
     }

@@ -90,9 +90,10 @@ pub async fn serve(
             placement: placement.clone(),
             per_group: config.metrics_per_group,
         };
-        raftblk_metrics::serve(maddr, Some(Arc::new(move || scrape.refresh())))
+        let bound = raftblk_metrics::serve(maddr, Some(Arc::new(move || scrape.refresh())))
             .await
             .context("cannot start the metrics endpoint")?;
+        let _ = crate::metrics::BOUND_ADDR.set(bound);
     }
     if config.limits.scrub_blocks_per_sec > 0 {
         let scrub_store = handle.clone();

@@ -264,7 +264,7 @@ impl BlockIo for BlockIoService {
         let res = self.read_inner(r).await;
         let ok = matches!(&res, Ok(resp) if resp.get_ref().error.is_none());
         if ok {
-            METRICS.block_io(false, volume, len);
+            METRICS.block_io(false, volume, len, started.elapsed());
         }
         metrics::observe_block("read", started, ok);
         res
@@ -280,7 +280,7 @@ impl BlockIo for BlockIoService {
         let res = self.write_inner(r).await;
         let ok = matches!(&res, Ok(resp) if resp.get_ref().error.is_none());
         if ok {
-            METRICS.block_io(true, volume, len);
+            METRICS.block_io(true, volume, len, started.elapsed());
         }
         metrics::observe_block("write", started, ok);
         res

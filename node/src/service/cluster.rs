@@ -88,6 +88,10 @@ impl Cluster for ClusterService {
             snapshots_applied: c.snapshots_applied.load(Ordering::Relaxed),
             blocks_repaired: c.blocks_repaired.load(Ordering::Relaxed),
             placement: Some(self.placement.get()),
+            metrics_addr: crate::metrics::BOUND_ADDR
+                .get()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
             peers: self
                 .store
                 .book
