@@ -20,6 +20,8 @@ BIN="$TARGET/release"
 STATE="$ROOT/.local-cluster"
 export RAFTBLK_CLUSTER="127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
 "$ROOT/deploy/local-cluster.sh" up >/dev/null
+# The CLI's TLS credentials (admin); the daemons below take the client ones.
+eval "$("$ROOT/deploy/local-cluster.sh" env)"
 work="$(mktemp -d)"
 pids=()
 cleanup() {
@@ -44,7 +46,8 @@ GUEST
 # (a) raftblk
 vol="bench-vm-$(date +%s)"
 "$BIN/raftblk" volume create "$vol" --size 1G >/dev/null
-"$BIN/raftblk-vhost" --socket "$work/raftblk.sock" --volume "$vol" --queues 2 \
+RAFTBLK_TLS_CERT="$ROOT/.local-cluster/certs/client.pem" RAFTBLK_TLS_KEY="$ROOT/.local-cluster/certs/client.key" \
+  "$BIN/raftblk-vhost" --socket "$work/raftblk.sock" --volume "$vol" --queues 2 \
   --metrics-addr "${VHOST_METRICS_ADDR:-127.0.0.1:9201}" >"$work/vhost.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do [[ -S "$work/raftblk.sock" ]] && break; sleep 0.1; done
@@ -53,7 +56,8 @@ bash "$ROOT/deploy/run-guest.sh" "$work/bench.sh" "vhost:$work/raftblk.sock" 2 |
 # (a') raftblk through raftblk-nbd (QEMU's NBD client, virtio-blk in the guest)
 nvol="bench-nbd-$(date +%s)"
 "$BIN/raftblk" volume create "$nvol" --size 1G >/dev/null
-"$BIN/raftblk-nbd" --socket "$work/nbd.sock" --volume "$nvol" >"$work/nbd.log" 2>&1 &
+RAFTBLK_TLS_CERT="$ROOT/.local-cluster/certs/client.pem" RAFTBLK_TLS_KEY="$ROOT/.local-cluster/certs/client.key" \
+  "$BIN/raftblk-nbd" --socket "$work/nbd.sock" --volume "$nvol" >"$work/nbd.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do [[ -S "$work/nbd.sock" ]] && break; sleep 0.1; done
 echo "raftblk-nbd: booting guest..." >&2

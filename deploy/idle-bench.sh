@@ -27,6 +27,7 @@ for i in 1 2 3; do
 node_id = $i
 listen_addr = "127.0.0.1:720$i"
 data_dir = "$DIR/node$i"
+tls = { insecure_plaintext = true }
 [cluster]
 data_groups = $GROUPS_N
 replicas = 3

@@ -15,6 +15,8 @@ TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 RB="$TARGET/release/raftblk"
 export RAFTBLK_CLUSTER="127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
 "$ROOT/deploy/local-cluster.sh" up >/dev/null
+# The CLI's TLS credentials (admin); the daemons below take the client ones.
+eval "$("$ROOT/deploy/local-cluster.sh" env)"
 sizes=("$@")
 [[ ${#sizes[@]} -gt 0 ]] || sizes=(1G 100G 10T 1P)
 work="$(mktemp -d)"

@@ -18,8 +18,15 @@
 #                                    live elsewhere, remove it from the
 #                                    cluster, stop it and delete its data
 #   deploy/local-cluster.sh wipe     down, then delete all data
+#   deploy/local-cluster.sh env      print the exports that point the raftblk
+#                                    CLI at this cluster with the admin
+#                                    certificate: eval "$(deploy/local-cluster.sh env)"
 #
-# State (data, logs, pids) lives in .local-cluster/ under the repository.
+# The cluster runs with mutual TLS: `up` makes a CA and certificates in
+# .local-cluster/certs (raftblk certs init) the first time; the nodes use
+# node<N>.pem, this script's CLI calls admin.pem, raftblk-vhost client.pem.
+# State (data, logs, pids, certificates) lives in .local-cluster/ under the
+# repository.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -30,6 +37,19 @@ NODE_BIN="$PROFILE_DIR/raftblk-node"
 CLI_BIN="$PROFILE_DIR/raftblk"
 VHOST_BIN="$PROFILE_DIR/raftblk-vhost"
 export RAFTBLK_CLUSTER="127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
+CERTS="$STATE/certs"
+export RAFTBLK_TLS_CA="$CERTS/ca.pem" RAFTBLK_TLS_CERT="$CERTS/admin.pem" RAFTBLK_TLS_KEY="$CERTS/admin.key"
+export RAFTBLK_TLS_CRL="$CERTS/crl.pem"
+
+# The daemons' environment: the client certificate.
+as_client() { RAFTBLK_TLS_CERT="$CERTS/client.pem" RAFTBLK_TLS_KEY="$CERTS/client.key" "$@"; }
+
+certs() {
+  [[ -f "$CERTS/ca.pem" ]] && return 0
+  mkdir -p "$STATE"
+  "$CLI_BIN" certs init "$CERTS" --nodes 1,2,3,4,5 >/dev/null
+  echo "made a CA and certificates in $CERTS"
+}
 
 build() {
   if ! command -v protoc >/dev/null || ! dpkg -s libclang-dev >/dev/null 2>&1; then
@@ -108,6 +128,7 @@ remove_node() {
 up() {
   build
   mkdir -p "$STATE"
+  certs
   for i in $(nodes); do
     if running "$i"; then echo "node $i already running (pid $(cat "$STATE/node$i.pid"))"; continue; fi
     start_node "$i"
@@ -170,7 +191,7 @@ guest_demo() {
   local vm="demo-vm-$(date +%s)"
   local tmp; tmp="$(mktemp -d)"
   "$CLI_BIN" volume create "$vm" --size 256M
-  "$VHOST_BIN" --socket "$STATE/$vm.sock" --volume "$vm" --queues 2 >>"$STATE/vhost.log" 2>&1 &
+  as_client "$VHOST_BIN" --socket "$STATE/$vm.sock" --volume "$vm" --queues 2 >>"$STATE/vhost.log" 2>&1 &
   local vpid=$!
   for _ in $(seq 1 100); do [[ -S "$STATE/$vm.sock" ]] && break; sleep 0.1; done
   cat >"$tmp/test.sh" <<'GUEST'
@@ -205,5 +226,9 @@ case "${1:-}" in
   add-node) add_node ;;
   remove-node) remove_node "${2:-}" ;;
   wipe) down; rm -rf "$STATE"; echo "wiped $STATE" ;;
-  *) echo "usage: $0 up|down|status|demo|add-node|remove-node ID|wipe" >&2; exit 2 ;;
+  env)
+    echo "export RAFTBLK_CLUSTER=$RAFTBLK_CLUSTER"
+    echo "export RAFTBLK_TLS_CA=$RAFTBLK_TLS_CA RAFTBLK_TLS_CERT=$RAFTBLK_TLS_CERT RAFTBLK_TLS_KEY=$RAFTBLK_TLS_KEY RAFTBLK_TLS_CRL=$RAFTBLK_TLS_CRL"
+    ;;
+  *) echo "usage: $0 up|down|status|demo|add-node|remove-node ID|wipe|env" >&2; exit 2 ;;
 esac

@@ -18,6 +18,7 @@ pub mod qos;
 pub mod router;
 pub mod size;
 pub mod snapshot;
+pub mod tls_args;
 pub mod topology;
 pub mod volume;
 

@@ -36,6 +36,7 @@ fn write_out(args: std::fmt::Arguments<'_>) {
 }
 
 mod bench;
+mod cli_certs;
 mod cli_node;
 mod cli_snapshot;
 mod top;
@@ -64,6 +65,8 @@ struct Cli {
     /// Deadline of one operation, retries included, in seconds.
     #[arg(long, default_value_t = 30, global = true)]
     timeout_secs: u64,
+    #[command(flatten)]
+    tls: raftblk_client::tls_args::TlsArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -96,6 +99,12 @@ enum Cmd {
     /// node and per volume IOPS, bandwidth and p99 latency, fsync p99,
     /// groups led, replica lag.
     Top(top::TopArgs),
+    /// Certificates for mutual TLS: init (a CA and a cluster's
+    /// certificates), issue, revoke.
+    Certs {
+        #[command(subcommand)]
+        cmd: cli_certs::CertsCmd,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -315,8 +324,10 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
         .collect();
+    let security = cli.tls.security().map_err(anyhow::Error::msg)?;
     let opts = ClientOptions {
         deadline: Duration::from_secs(cli.timeout_secs.max(1)),
+        security,
         ..ClientOptions::default()
     };
     Ok(Client::connect(&seeds, opts).await?)
@@ -353,6 +364,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Node { cmd } => cli_node::run(&connect(&cli).await?, cmd).await,
         Cmd::Bench(args) => bench::run(&connect(&cli).await?, args).await,
         Cmd::Top(args) => top::run(&connect(&cli).await?, args).await,
+        Cmd::Certs { cmd } => cli_certs::run(cmd),
     }
 }
 

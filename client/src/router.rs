@@ -35,6 +35,8 @@ pub struct ClientOptions {
     pub pieces_in_flight_max: usize,
     /// Largest piece sent in one RPC (the node's `limits.io_bytes_max`).
     pub piece_bytes_max: u64,
+    /// TLS with this side's certificate, or plaintext (see `tls_args`).
+    pub security: raftblk_tls::ClientSecurity,
 }
 
 impl Default for ClientOptions {
@@ -47,6 +49,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(1),
             pieces_in_flight_max: 64,
             piece_bytes_max: 1 << 20,
+            security: raftblk_tls::ClientSecurity::Plaintext,
         }
     }
 }
@@ -130,7 +133,7 @@ impl Client {
                         }),
                     });
                 }
-                Ok(Err(e)) => reasons.push(format!("{seed}: {}", e.message())),
+                Ok(Err(e)) => reasons.push(format!("{seed}: {}", status_text(&e))),
                 Err(_) => reasons.push(format!("{seed}: timed out")),
             }
         }
@@ -258,7 +261,7 @@ impl Client {
                         .await
                     {
                         Ok(Ok(r)) => Ok(r.into_inner()),
-                        Ok(Err(e)) => Err(e.message().to_owned()),
+                        Ok(Err(e)) => Err(status_text(&e)),
                         Err(_) => Err("timed out".to_owned()),
                     }
                 }
@@ -589,12 +592,32 @@ impl Client {
     }
 }
 
+/// A status's message with the chain of causes a transport error hides
+/// ("transport error: ... certificate expired").
+pub(crate) fn status_text(s: &tonic::Status) -> String {
+    let mut text = s.message().to_owned();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    let mut depth = 0;
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text = format!("{text}: {t}");
+        }
+        cause = c.source();
+        depth += 1;
+        if depth > 8 {
+            break;
+        }
+    }
+    text
+}
+
 fn channel_for(addr: &str, opts: &ClientOptions) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(opts.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(Duration::from_secs(3))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+        .keep_alive_while_idle(true);
+    Ok(opts.security.connect_lazy(endpoint))
 }

@@ -41,12 +41,55 @@ fn bad_sizes_are_rejected_before_connecting() {
 #[test]
 fn unreachable_cluster_is_named() {
     let c = dead_addr();
-    let (ok, err) = raftblk(&["--cluster", &c, "--timeout-secs", "2", "volume", "list"]);
+    let (ok, err) = raftblk(&[
+        "--cluster",
+        &c,
+        "--timeout-secs",
+        "2",
+        "--insecure-plaintext",
+        "volume",
+        "list",
+    ]);
     assert!(!ok);
     assert!(
         err.contains(&format!("cannot reach the cluster at {c}")),
         "{err}"
     );
+}
+
+#[test]
+fn no_tls_credentials_is_a_clear_error_not_plaintext() {
+    let c = dead_addr();
+    let (ok, err) = raftblk(&["--cluster", &c, "volume", "list"]);
+    assert!(!ok);
+    assert!(
+        err.contains("no TLS credentials") && err.contains("--tls-cert"),
+        "{err}"
+    );
+    let (ok, err) = raftblk(&[
+        "--cluster",
+        &c,
+        "--tls-ca",
+        "/nonexistent/ca.pem",
+        "volume",
+        "list",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("--tls-cert, --tls-key missing"), "{err}");
+    let (ok, err) = raftblk(&[
+        "--cluster",
+        &c,
+        "--tls-ca",
+        "/nonexistent/ca.pem",
+        "--tls-cert",
+        "/nonexistent/c.pem",
+        "--tls-key",
+        "/nonexistent/c.key",
+        "volume",
+        "list",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("cannot read /nonexistent/c.pem"), "{err}");
 }
 
 #[test]

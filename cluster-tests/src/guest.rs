@@ -149,6 +149,7 @@ impl VhostDaemon {
         let logf = std::fs::OpenOptions::new().append(true).open(&self.log)?;
         let child = Command::new(bin("raftblk-vhost"))
             .args(&self.args)
+            .envs(crate::tls::env(raftblk_tls::Role::Client))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)

@@ -14,6 +14,7 @@ pub mod history;
 pub mod metrics;
 pub mod nbd;
 pub mod netns;
+pub mod tls;
 pub mod vm;
 pub mod workload;
 
@@ -271,7 +272,8 @@ impl LocalCluster {
                 s.log_compact_threshold_entries,
                 s.log_retain_entries,
             ) + &self.limits_text()
-                + &self.placement_text();
+                + &self.placement_text()
+                + &tls::node_section(i);
         }
         let mut t = format!(
             "node_id = {i}\nlisten_addr = \"{}\"\ndata_dir = \"{}\"\nmetrics_addr = \"127.0.0.1:0\"\n{}\n[cluster]\ndata_groups = {}\nreplicas = {}\nchunk_size_bytes = {}\n",
@@ -296,7 +298,7 @@ impl LocalCluster {
             "\n[raft]\ntick_interval_ms = {}\nelection_ticks = {}\nheartbeat_ticks = 2\nlog_compact_threshold_entries = {}\nlog_retain_entries = {}\n",
             s.tick_interval_ms, s.election_ticks, s.log_compact_threshold_entries, s.log_retain_entries
         );
-        t + &self.limits_text() + &self.placement_text()
+        t + &self.limits_text() + &self.placement_text() + &tls::node_section(i)
     }
 
     fn limits_text(&self) -> String {
@@ -507,12 +509,21 @@ impl LocalCluster {
         &self,
         i: usize,
     ) -> anyhow::Result<ClusterClient<tonic::transport::Channel>> {
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr(i)))?
+        Ok(ClusterClient::new(self.channel(i).await?))
+    }
+
+    /// A gRPC channel to node `i` with the `admin` certificate.
+    pub async fn channel(&self, i: usize) -> anyhow::Result<tonic::transport::Channel> {
+        let e = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr(i)))?
             .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(5))
-            .connect()
-            .await?;
-        Ok(ClusterClient::new(ch))
+            .timeout(Duration::from_secs(5));
+        Ok(tls::security(raftblk_tls::Role::Admin).connect(e).await?)
+    }
+
+    /// Environment for a raftblk program started against this cluster
+    /// as `role` (its TLS certificate).
+    pub fn tls_env(&self, role: raftblk_tls::Role) -> Vec<(String, String)> {
+        tls::env(role)
     }
 
     /// Status of node `i`.
@@ -752,7 +763,12 @@ impl LocalCluster {
         self.client_with(ClientOptions::default()).await
     }
 
+    /// A client with `opts` and the `admin` certificate.
     pub async fn client_with(&self, opts: ClientOptions) -> anyhow::Result<Client> {
+        let opts = ClientOptions {
+            security: tls::security(raftblk_tls::Role::Admin),
+            ..opts
+        };
         Ok(Client::connect(&self.addrs(), opts).await?)
     }
 

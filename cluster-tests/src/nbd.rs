@@ -36,6 +36,7 @@ impl NbdDaemon {
             .arg(&socket)
             .args(["--volume", volume, "--cluster", cluster])
             .args(extra)
+            .envs(crate::tls::env(raftblk_tls::Role::Client))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)

@@ -36,9 +36,7 @@ fn spec(nodes: usize) -> ClusterSpec {
 
 /// A block I/O client connected to node `i`.
 async fn bio(c: &LocalCluster, i: usize) -> anyhow::Result<BlockIoClient<Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.addr(i)))?
-        .connect()
-        .await?;
+    let ch = c.channel(i).await?;
     Ok(BlockIoClient::new(ch))
 }
 

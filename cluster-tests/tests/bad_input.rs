@@ -13,6 +13,7 @@ use raftblk_proto::{
 
 fn cli(cluster: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(bin("raftblk"))
+        .envs(raftblk_cluster_tests::tls::cli_env())
         .arg("--cluster")
         .arg(cluster)
         .arg("--timeout-secs")
@@ -207,6 +208,7 @@ async fn cli_errors_are_clear_and_change_nothing() -> anyhow::Result<()> {
     // quietly with 141, as Unix tools do: no panic, no backtrace. The
     // reader exits at once; raftblk writes only after its RPCs.
     let out = Command::new("sh")
+        .envs(raftblk_cluster_tests::tls::cli_env())
         .arg("-c")
         .arg(r#"{ "$0" --cluster "$1" cluster status; echo "rc=$?" >&2; } | exit 0"#)
         .arg(bin("raftblk"))
@@ -235,9 +237,7 @@ async fn malformed_rpcs_get_clear_errors_and_change_nothing() -> anyhow::Result<
         .leader_of(g0)
         .await
         .ok_or_else(|| anyhow::anyhow!("no leader"))?;
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(leader)))?
-        .connect()
-        .await?;
+    let ch = cluster.channel(leader).await?;
     let mut bio = BlockIoClient::new(ch.clone());
     let range = |group, volume_id, off, len| BlockRange {
         group_id: group,

@@ -38,6 +38,7 @@ fn spec() -> ClusterSpec {
 /// Runs the `raftblk` CLI: (success, stdout, stderr).
 fn cli(cluster: &str, args: &[&str]) -> (bool, String, String) {
     match std::process::Command::new(bin("raftblk"))
+        .envs(raftblk_cluster_tests::tls::cli_env())
         .args(["--cluster", cluster, "--timeout-secs", "10"])
         .args(args)
         .output()

@@ -47,9 +47,7 @@ async fn flipped_bytes_are_never_returned() -> anyhow::Result<()> {
         .await?;
 
     // Asked directly, the corrupt leader answers with an error, not bytes.
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(victim)))?
-        .connect()
-        .await?;
+    let ch = cluster.channel(victim).await?;
     let resp = BlockIoClient::new(ch)
         .read(ReadRequest {
             range: Some(BlockRange {

@@ -190,9 +190,7 @@ async fn retried_writes_apply_at_most_once() -> anyhow::Result<()> {
         .leader_of(group)
         .await
         .ok_or_else(|| anyhow::anyhow!("no leader"))?;
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(leader)))?
-        .connect()
-        .await?;
+    let ch = cluster.channel(leader).await?;
     let mut bio = BlockIoClient::new(ch);
     let range = Some(BlockRange {
         group_id: group,
@@ -240,9 +238,7 @@ async fn retried_writes_apply_at_most_once() -> anyhow::Result<()> {
         .leader_of(group)
         .await
         .ok_or_else(|| anyhow::anyhow!("no leader after restart"))?;
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(leader)))?
-        .connect()
-        .await?;
+    let ch = cluster.channel(leader).await?;
     let mut bio = BlockIoClient::new(ch);
     let r = bio.write(write(w1.clone(), 1, 5000)).await?.into_inner();
     anyhow::ensure!(r.error.is_none(), "retry after restart: {:?}", r.error);

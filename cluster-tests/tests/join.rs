@@ -83,6 +83,7 @@ async fn a_node_joins_through_a_seed_and_the_map_follows() -> anyhow::Result<()>
     .await?;
     // The CLI lists it.
     let out = Command::new(bin("raftblk"))
+        .envs(raftblk_cluster_tests::tls::cli_env())
         .args(["--cluster", &c.addr(1), "node", "list"])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);

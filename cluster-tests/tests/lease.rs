@@ -142,8 +142,9 @@ async fn reads_during_an_election_complete_right_after_the_first_commit() -> any
             let reads = reads.clone();
             let stop = stop.clone();
             tasks.push(tokio::spawn(async move {
+                let security = raftblk_cluster_tests::tls::security(raftblk_tls::Role::Admin);
                 let ch = match tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                    .map(|e| e.connect_lazy())
+                    .map(|e| security.connect_lazy(e))
                 {
                     Ok(ch) => ch,
                     Err(_) => return,

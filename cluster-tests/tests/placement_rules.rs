@@ -110,6 +110,7 @@ async fn failure_domains_stay_distinct_as_nodes_join() -> anyhow::Result<()> {
     .await?;
     println!("5 nodes in racks {rack5:?}: {p:?}");
     let out = std::process::Command::new(bin("raftblk"))
+        .envs(raftblk_cluster_tests::tls::cli_env())
         .args(["--cluster", &c.cluster_arg(), "--timeout-secs", "10"])
         .args(["cluster", "wait-healthy", "--balanced", "--wait-secs", "60"])
         .output()?;

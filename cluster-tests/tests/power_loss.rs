@@ -30,7 +30,8 @@ const BOOT_MAX: Duration = Duration::from_secs(300);
 
 fn node_config(i: u64) -> String {
     let mut t = format!(
-        "node_id = {i}\nlisten_addr = \"127.0.0.1:710{i}\"\ndata_dir = \"/mnt/node{i}\"\n\n\
+        "node_id = {i}\nlisten_addr = \"127.0.0.1:710{i}\"\ndata_dir = \"/mnt/node{i}\"\n\
+         tls = {{ insecure_plaintext = true }}\n\n\
          [cluster]\ndata_groups = 8\nreplicas = 3\nchunk_size_bytes = 65536\n"
     );
     for j in 1..=3 {

@@ -31,6 +31,7 @@ const BLOCK: u64 = 4096;
 /// Runs the `raftblk` CLI: (success, stdout, stderr).
 fn cli(cluster: &str, args: &[&str]) -> (bool, String, String) {
     match std::process::Command::new(bin("raftblk"))
+        .envs(raftblk_cluster_tests::tls::cli_env())
         .args(["--cluster", cluster, "--timeout-secs", "20"])
         .args(args)
         .output()

@@ -30,6 +30,7 @@ fn top_shows_nodes_and_the_busy_volume() -> anyhow::Result<()> {
         anyhow::Ok(n)
     });
     let out = Command::new(bin("raftblk"))
+        .envs(raftblk_cluster_tests::tls::cli_env())
         .args(["top", "--count", "2", "--interval-secs", "1", "--cluster"])
         .arg(cluster.cluster_arg())
         .output()?;

@@ -33,6 +33,8 @@ use raftblk_nbd::server::{serve_unix, ServerOptions, ServerStats};
     about = "Serve a raftblk volume over the NBD protocol (qemu-img, QEMU's NBD block driver)"
 )]
 struct Args {
+    #[command(flatten)]
+    tls: raftblk_client::tls_args::TlsArgs,
     /// Unix socket to listen on (`nbd+unix:///VOLUME?socket=PATH`).
     #[arg(long, required_unless_present = "listen")]
     socket: Option<PathBuf>,
@@ -120,6 +122,7 @@ async fn serve(args: Args, socket: PathBuf) -> anyhow::Result<()> {
         &cluster,
         ClientOptions {
             deadline: Duration::from_secs(args.io_timeout_secs),
+            security: args.tls.security().map_err(anyhow::Error::msg)?,
             ..ClientOptions::default()
         },
     )

@@ -156,13 +156,10 @@ fn qemu_img_convert_compare_map_through_nbd() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(cluster.wait_healthy(Duration::from_secs(30)))?;
     let cargs = ["--cluster", &cluster.cluster_arg()];
-    ok(Command::new(bin("raftblk")).args(cargs).args([
-        "volume",
-        "create",
-        "img",
-        "--size",
-        &size.to_string(),
-    ]))?;
+    ok(Command::new(bin("raftblk"))
+        .envs(raftblk_cluster_tests::tls::cli_env())
+        .args(cargs)
+        .args(["volume", "create", "img", "--size", &size.to_string()]))?;
 
     // Refused at start, with a message: TCP without TLS, a snapshot or a
     // volume that does not exist.
@@ -173,6 +170,7 @@ fn qemu_img_convert_compare_map_through_nbd() -> anyhow::Result<()> {
         (["--volume", "nope", "", ""], "nope"),
     ] {
         let out = run(Command::new(bin("raftblk-nbd"))
+            .envs(raftblk_cluster_tests::tls::cli_env())
             .args(["--socket", &sock])
             .args(cargs)
             .args(extra.iter().filter(|a| !a.is_empty())))?;
@@ -332,6 +330,7 @@ fn qemu_img_convert_compare_map_through_nbd() -> anyhow::Result<()> {
     // A snapshot served read-only: two readers at once see the image
     // while the volume keeps taking writes through a writable export.
     ok(Command::new(bin("raftblk"))
+        .envs(raftblk_cluster_tests::tls::cli_env())
         .args(cargs)
         .args(["snapshot", "create", "img@s1"]))?;
     let w = NbdDaemon::start(dir.path(), "w3", &cluster.cluster_arg(), "img", &[])?;

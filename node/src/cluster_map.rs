@@ -297,6 +297,7 @@ mod tests {
 node_id = 1
 listen_addr = "127.0.0.1:7101"
 data_dir = "/tmp/x"
+tls = { insecure_plaintext = true }
 [cluster]
 data_groups = 3
 replicas = 2

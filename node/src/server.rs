@@ -19,6 +19,8 @@ use crate::service::{
 };
 use crate::store;
 use crate::transport::Transport;
+use raftblk_tls::server::RoleGateLayer;
+use raftblk_tls::{ClientSecurity, ServerSecurity};
 
 /// Runs the node until `shutdown` resolves.
 pub async fn serve(
@@ -36,6 +38,23 @@ pub async fn serve(
     let engine_at_stop = engine.clone();
     let ident = crate::identity::load(&engine, config.node_id)
         .with_context(|| format!("data directory {}", config.data_dir.display()))?;
+    // TLS first: joining already talks to other nodes.
+    let server_security = match config.tls.as_ref().and_then(|t| t.files()) {
+        Some(files) => {
+            let server = ServerSecurity::tls(files.clone()).context("TLS (tls.* keys)")?;
+            crate::transport::set_security(ClientSecurity::tls(files).context("TLS (tls.* keys)")?);
+            tracing::info!(node = config.node_id, "mutual TLS on");
+            server
+        }
+        None => {
+            tracing::warn!(
+                node = config.node_id,
+                "TLS is off (tls.insecure_plaintext = true): anyone who reaches this node may do anything"
+            );
+            crate::transport::set_security(ClientSecurity::Plaintext);
+            ServerSecurity::Plaintext
+        }
+    };
     let map = crate::join::prepare(&mut config, &engine, &ident).await?;
     let config = Arc::new(config);
     // Where the others are: the bootstrap nodes, then the last map seen.
@@ -65,7 +84,7 @@ pub async fn serve(
         .name("raft-store".into())
         .spawn(move || store.run())
         .context("cannot spawn the store thread")?;
-    let addr = config.listen_addr.parse().context("listen_addr")?;
+    let addr: std::net::SocketAddr = config.listen_addr.parse().context("listen_addr")?;
     tracing::info!(node = config.node_id, %addr, groups = handle.views().len(), "raftblk-node serving");
     let svc_raft = RaftService {
         store: handle.clone(),
@@ -115,8 +134,13 @@ pub async fn serve(
     });
     let mut stop_wait = stop_rx.clone();
     let mut stop_server = stop_rx;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
     let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+        .layer(RoleGateLayer {
+            required: crate::service::roles::required,
+        })
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(2)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
         .add_service(
@@ -145,7 +169,7 @@ pub async fn serve(
             placement,
             join_lock: tokio::sync::Mutex::new(()),
         }))
-        .serve_with_shutdown(addr, async move {
+        .serve_with_incoming_shutdown(server_security.incoming(listener), async move {
             let _ = stop_server.wait_for(|stop| *stop).await;
         });
     let result = tokio::select! {

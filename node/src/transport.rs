@@ -12,6 +12,7 @@ use protobuf::Message as _;
 use raft::prelude::Message;
 use raftblk_proto::raft_transport_client::RaftTransportClient;
 use raftblk_proto::{RaftBatch, RaftEnvelope, SnapshotKv, SnapshotPiece, GRPC_MESSAGE_BYTES_MAX};
+use raftblk_tls::ClientSecurity;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -31,17 +32,37 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How often a snapshot transfer's progress is checked.
 const STALL_CHECK: Duration = Duration::from_millis(500);
 
-/// Opens a channel to a peer with the keepalives and timeouts every
-/// internal connection uses.
-pub async fn connect(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Endpoint::from_shared(format!("http://{addr}"))?
+/// How this node connects to others (TLS with its node certificate, or
+/// plaintext): set once at start, before the first connection.
+static SECURITY: std::sync::OnceLock<ClientSecurity> = std::sync::OnceLock::new();
+
+/// Sets how every internal connection is made (the first call wins).
+pub fn set_security(s: ClientSecurity) {
+    let _ = SECURITY.set(s);
+}
+
+fn security() -> ClientSecurity {
+    SECURITY.get().cloned().unwrap_or(ClientSecurity::Plaintext)
+}
+
+/// The keepalives and timeouts every internal connection uses.
+fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(Duration::from_secs(3))
-        .keep_alive_while_idle(true)
-        .connect()
-        .await
+        .keep_alive_while_idle(true))
+}
+
+/// Opens a channel to another node.
+pub async fn connect(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    security().connect(endpoint(addr)?).await
+}
+
+/// A channel to another node, connected at its first request.
+pub fn connect_lazy(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(security().connect_lazy(endpoint(addr)?))
 }
 
 /// What a peer link carries.

@@ -7,6 +7,7 @@ const GOOD: &str = r#"
 node_id = 1
 listen_addr = "127.0.0.1:7101"
 data_dir = "DATA"
+tls = { insecure_plaintext = true }
 [cluster]
 data_groups = 4
 [[cluster.nodes]]
@@ -67,6 +68,16 @@ fn bad_configs_name_the_key_and_leave_no_data() {
             "data_groups = 4",
             "data_groups = 4\n[limits]\nworker_threads = 100000",
         ),
+        // No [tls] section: plaintext only when asked for.
+        ("tls = { insecure_plaintext = true }\n", ""),
+        (
+            "tls = { insecure_plaintext = true }",
+            "tls = { ca_file = \"ca.pem\", cert_file = \"n.pem\" }",
+        ),
+        (
+            "tls = { insecure_plaintext = true }",
+            "tls = { insecure_plaintext = true, ca_file = \"ca.pem\" }",
+        ),
     ];
     let keys = [
         "node_id",
@@ -78,6 +89,9 @@ fn bad_configs_name_the_key_and_leave_no_data() {
         "colour",
         "data_groups",
         "limits.worker_threads",
+        "tls",
+        "tls.key_file",
+        "tls.ca_file",
     ];
     for ((from, to), key) in cases.iter().zip(keys) {
         let (code, text, data, _d) = run(&GOOD.replace(from, to), &[]);

@@ -16,6 +16,10 @@ pub struct VhostConfig {
     /// Address of the Prometheus endpoint (`GET /metrics`); absent: none.
     #[serde(default)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Mutual TLS towards the nodes (a `client` certificate), or
+    /// `insecure_plaintext = true`; the command line's --tls-* flags win.
+    #[serde(default)]
+    pub tls: Option<raftblk_tls::TlsConfig>,
     #[serde(rename = "volume", default)]
     pub volumes: Vec<VolumeExport>,
 }
@@ -79,6 +83,9 @@ impl VhostConfig {
             return Err(bad("cluster: list at least one node address".into()));
         }
         validate_timeout(c.io_timeout_secs, "io_timeout_secs").map_err(bad)?;
+        if let Some(t) = &c.tls {
+            t.validate().map_err(|(k, m)| bad(format!("{k}: {m}")))?;
+        }
         if c.volumes.is_empty() {
             return Err(bad("volume: add at least one [[volume]] table".into()));
         }

@@ -76,6 +76,8 @@ struct Args {
     /// 127.0.0.1:9201 (default: no endpoint).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    tls: raftblk_client::tls_args::TlsArgs,
     /// Exit after this many VMM connections have ended (default: never).
     #[arg(long, hide = true)]
     connections: Option<u64>,
@@ -102,10 +104,22 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let mut metrics_addr = args.metrics_addr;
+    let mut tls = args.tls.clone();
     let (cluster, timeout, exports) = match &args.config {
         Some(path) => {
             let c = VhostConfig::load(path).map_err(anyhow::Error::msg)?;
             metrics_addr = metrics_addr.or(c.metrics_addr);
+            let flags_given = tls.insecure_plaintext
+                || tls.tls_ca.is_some()
+                || tls.tls_cert.is_some()
+                || tls.tls_key.is_some();
+            if let (false, Some(t)) = (flags_given, &c.tls) {
+                tls.insecure_plaintext = t.insecure_plaintext;
+                tls.tls_ca = t.ca_file.clone();
+                tls.tls_cert = t.cert_file.clone();
+                tls.tls_key = t.key_file.clone();
+                tls.tls_crl = t.crl_file.clone();
+            }
             (c.cluster, c.io_timeout_secs, c.volumes)
         }
         None => {
@@ -134,10 +148,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("start the runtime")?;
     let io_timeout = Duration::from_secs(timeout);
+    let security = {
+        let _guard = rt.enter();
+        tls.security().map_err(anyhow::Error::msg)?
+    };
     let client = rt.block_on(Client::connect(
         &cluster,
         ClientOptions {
             deadline: io_timeout,
+            security,
             ..ClientOptions::default()
         },
     ))?;

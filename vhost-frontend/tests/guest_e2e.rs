@@ -88,6 +88,7 @@ fn guest_fio_ext4_discard_export_and_second_boot() -> anyhow::Result<()> {
     // The volume, exported with the CLI, is exactly what the guest wrote.
     let img = dir.path().join("vm1.img");
     let out = std::process::Command::new(bin("raftblk"))
+        .envs(raftblk_cluster_tests::tls::cli_env())
         .args([
             "--cluster",
             &cluster.cluster_arg(),

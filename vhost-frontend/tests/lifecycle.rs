@@ -153,6 +153,7 @@ fn online_grow() -> anyhow::Result<()> {
     let run = run_guest(&daemon.socket, 2, GROW_SCRIPT, GUEST_TIMEOUT, |line| {
         if line.starts_with("RAFTBLK-READY") && grown_at.is_none() {
             let out = std::process::Command::new(bin("raftblk"))
+                .envs(raftblk_cluster_tests::tls::cli_env())
                 .args(["--cluster", &cluster.cluster_arg()])
                 .args(["volume", "grow", "vmg", "--size", "384M"])
                 .output();

@@ -350,6 +350,16 @@ impl BlockIo for BlockIoService {
         &self,
         req: Request<SnapshotOpRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
+        // A holder cuts (client); deleting or rolling back stored data is
+        // an admin's (see `roles`).
+        let cut = req.get_ref().op == raftblk_proto::SnapshotOp::Cut as i32;
+        let role = raftblk_tls::server::caller_role(&req);
+        if !cut && role.is_none_or(|r| r < raftblk_tls::Role::Admin) {
+            return Err(Status::permission_denied(format!(
+                "snapshot deletes and rollbacks need the `admin` role; the caller has `{}`",
+                role.map_or("none".to_owned(), |r| r.to_string())
+            )));
+        }
         let error = self.snapshot_op(req.into_inner()).await.err();
         Ok(Response::new(WriteResponse { error }))
     }

@@ -6,6 +6,7 @@ pub mod block_io;
 pub mod cluster;
 pub mod map;
 pub mod raft;
+pub mod roles;
 pub mod snap_io;
 pub mod volume_cache;
 pub mod volumes;

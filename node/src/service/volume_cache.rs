@@ -28,7 +28,7 @@ use raftblk_proto::volumes_client::VolumesClient;
 use raftblk_proto::{
     placement, AttachLease, Error as PbError, ErrorCode, VolumeIdRequest, VolumeInfo, META_GROUP_ID,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::store_error;
 use crate::apply;
@@ -283,13 +283,7 @@ impl VolumeCache {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let c = Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(3))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+        let c = crate::transport::connect_lazy(addr)?;
         map.insert(addr.to_owned(), c.clone());
         Ok(c)
     }

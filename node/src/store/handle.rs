@@ -274,6 +274,7 @@ mod tests {
 node_id = 1
 listen_addr = "127.0.0.1:7101"
 data_dir = "/tmp/unused"
+tls = { insecure_plaintext = true }
 [cluster]
 data_groups = 2
 replicas = 1

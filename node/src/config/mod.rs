@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use raftblk_tls::TlsConfig;
+
 /// Why a config file was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -69,6 +71,9 @@ pub struct NodeConfig {
     /// for lagging or reconfiguring ones (a node may host thousands).
     #[serde(default)]
     pub metrics_per_group: bool,
+    /// Mutual TLS (see `tls`); required, even if only to turn it off.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 /// Cluster-wide parameters, fixed at bootstrap: every bootstrap node must
@@ -310,6 +315,15 @@ impl NodeConfig {
         self.listen_addr
             .parse::<SocketAddr>()
             .map_err(|e| bad("listen_addr", format!("`{}`: {e}", self.listen_addr)))?;
+        match &self.tls {
+            None => {
+                return Err(bad(
+                    "tls",
+                    "missing: add a [tls] section with ca_file, cert_file and key_file (`raftblk certs init DIR` makes them), or insecure_plaintext = true to run without TLS".into(),
+                ))
+            }
+            Some(t) => t.validate().map_err(|(k, m)| bad(&k, m))?,
+        }
         if let Some(a) = &self.metrics_addr {
             a.parse::<SocketAddr>()
                 .map_err(|e| bad("metrics_addr", format!("`{a}`: {e}")))?;
@@ -636,6 +650,7 @@ mod tests {
 node_id = 1
 listen_addr = "127.0.0.1:7101"
 data_dir = "/tmp/x"
+tls = { insecure_plaintext = true }
 [cluster]
 data_groups = 8
 [[cluster.nodes]]

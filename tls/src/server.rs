@@ -1,0 +1,334 @@
+//! The serving side: a listener that completes the TLS handshake of each
+//! connection (client certificate required, chained to the CA, not
+//! revoked, not expired) off the accept loop, and hands tonic connections
+//! whose `PeerInfo` (address, role, subject) reaches every request as an
+//! extension; and `RoleGate`, the tower layer that refuses a request
+//! whose gRPC method needs more than the caller's role, naming both, with
+//! a (rate-limited) log line naming the peer.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::files::{load_certs, load_crls, load_key, load_roots, Reloading, TlsFiles};
+use crate::{role_of_cert, Role, TlsError};
+
+/// Longest a client may take to complete its handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes under way at once; more connections wait to be accepted.
+const HANDSHAKES_MAX: usize = 256;
+/// Connections handshaken but not yet taken by the server.
+const READY_QUEUE: usize = 1024;
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub addr: Option<SocketAddr>,
+    /// The certificate's role; None if it names none. Plaintext
+    /// connections carry `Node`: without TLS the network is trusted.
+    pub role: Option<Role>,
+    /// The certificate's subject ("plaintext" without TLS).
+    pub subject: String,
+}
+
+/// How a node accepts connections.
+#[derive(Clone)]
+pub enum ServerSecurity {
+    /// No TLS: anyone who reaches the port may do anything (only with
+    /// `insecure_plaintext = true`).
+    Plaintext,
+    Tls(Arc<Reloading<ServerConfig>>),
+}
+
+fn build_server_config(f: &TlsFiles) -> Result<ServerConfig, TlsError> {
+    let provider = crate::provider();
+    let roots = load_roots(&f.ca)?;
+    let mut verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+    if let Some(crl) = &f.crl {
+        let crls = load_crls(crl)?;
+        if !crls.is_empty() {
+            verifier = verifier.with_crls(crls);
+        }
+    }
+    let verifier = verifier
+        .build()
+        .map_err(|e| TlsError::Config(format!("{}: {e}", f.ca.display())))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&f.cert)?, load_key(&f.key)?)
+        .map_err(|e| TlsError::Config(format!("{}: {e}", f.cert.display())))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+impl ServerSecurity {
+    /// TLS from `files`, reloaded when they change (call on a runtime).
+    pub fn tls(files: TlsFiles) -> Result<ServerSecurity, TlsError> {
+        let own = load_certs(&files.cert)?;
+        let (role, subject) = role_of_cert(&own[0]);
+        if role != Some(Role::Node) {
+            return Err(TlsError::Config(format!(
+                "{}: a node needs a certificate with the `node` role ({subject} has {})",
+                files.cert.display(),
+                role.map_or("none".to_owned(), |r| r.to_string())
+            )));
+        }
+        Ok(ServerSecurity::Tls(Reloading::watch(
+            files,
+            "server",
+            build_server_config,
+        )?))
+    }
+
+    /// The connections `listener` accepts, handshaken (TLS) or as they are
+    /// (plaintext), for `tonic::transport::Server::serve_with_incoming`.
+    pub fn incoming(&self, listener: TcpListener) -> ReceiverStream<io::Result<Conn>> {
+        let (tx, rx) = mpsc::channel(READY_QUEUE);
+        let security = self.clone();
+        tokio::spawn(async move {
+            let slots = Arc::new(Semaphore::new(HANDSHAKES_MAX));
+            loop {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let (stream, addr) = match listener.accept().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                match &security {
+                    ServerSecurity::Plaintext => {
+                        let peer = PeerInfo {
+                            addr: Some(addr),
+                            role: Some(Role::Node),
+                            subject: "plaintext".into(),
+                        };
+                        if tx.send(Ok(Conn::Plain(stream, peer))).await.is_err() {
+                            return;
+                        }
+                    }
+                    ServerSecurity::Tls(cfg) => {
+                        let acceptor = tokio_rustls::TlsAcceptor::from(cfg.get());
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let r =
+                                tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                                    .await;
+                            drop(permit);
+                            match r {
+                                Ok(Ok(tls)) => {
+                                    let (role, subject) = tls
+                                        .get_ref()
+                                        .1
+                                        .peer_certificates()
+                                        .and_then(|c| c.first())
+                                        .map_or((None, String::new()), |c| role_of_cert(c));
+                                    let peer = PeerInfo {
+                                        addr: Some(addr),
+                                        role,
+                                        subject,
+                                    };
+                                    let _ = tx.send(Ok(Conn::Tls(Box::new(tls), peer))).await;
+                                }
+                                Ok(Err(e)) => refused(addr, &e.to_string()),
+                                Err(_) => refused(addr, "handshake timed out"),
+                            }
+                        });
+                    }
+                }
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+/// At most one log line per second about refused peers (they control how
+/// many they cause), with the count left out.
+fn refused(addr: SocketAddr, why: &str) {
+    static LAST_MS: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let now = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1000;
+    let last = LAST_MS.load(Ordering::Relaxed);
+    if now >= last + 1000
+        && LAST_MS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+        tracing::warn!(peer = %addr, suppressed, "TLS connection refused: {why}");
+    } else {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// An accepted connection.
+pub enum Conn {
+    Plain(TcpStream, PeerInfo),
+    Tls(Box<TlsStream<TcpStream>>, PeerInfo),
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        match self {
+            Conn::Plain(_, p) | Conn::Tls(_, p) => p.clone(),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s, _) => s.is_write_vectored(),
+            Conn::Tls(s, _) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The role a request's caller holds (None: its certificate names none).
+pub fn caller_role<T>(req: &tonic::Request<T>) -> Option<Role> {
+    req.extensions().get::<PeerInfo>().and_then(|p| p.role)
+}
+
+/// The tower layer putting `RoleGate` in front of a server's services:
+/// `required` maps a gRPC path (`/raftblk.v1.Volumes/Create`) to the least
+/// role that may call it.
+#[derive(Clone, Copy)]
+pub struct RoleGateLayer {
+    pub required: fn(&str) -> Role,
+}
+
+impl<S> tower_layer::Layer<S> for RoleGateLayer {
+    type Service = RoleGate<S>;
+
+    fn layer(&self, inner: S) -> RoleGate<S> {
+        RoleGate {
+            inner,
+            required: self.required,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RoleGate<S> {
+    inner: S,
+    required: fn(&str) -> Role,
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for RoleGate<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        futures::future::Either<futures::future::Ready<Result<S::Response, S::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path();
+        let need = (self.required)(path);
+        let peer = req.extensions().get::<PeerInfo>();
+        let have = peer.and_then(|p| p.role);
+        if have.is_some_and(|r| r >= need) {
+            return futures::future::Either::Right(self.inner.call(req));
+        }
+        let (addr, subject) = peer.map_or((None, ""), |p| (p.addr, p.subject.as_str()));
+        let msg = match have {
+            Some(r) => format!("{path} needs the `{need}` role; the caller's certificate ({subject}) has `{r}`"),
+            None => format!("{path} needs the `{need}` role; the caller's certificate ({subject}) names no raftblk role"),
+        };
+        denied(addr, &msg);
+        futures::future::Either::Left(futures::future::ready(Ok(
+            tonic::Status::permission_denied(msg).into_http(),
+        )))
+    }
+}
+
+/// At most one log line per second about refused requests.
+fn denied(addr: Option<SocketAddr>, msg: &str) {
+    static LAST_MS: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let now = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1000;
+    let last = LAST_MS.load(Ordering::Relaxed);
+    if now >= last + 1000
+        && LAST_MS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let peer = addr.map_or("?".to_owned(), |a| a.to_string());
+        tracing::warn!(peer, "request refused: {msg}");
+    }
+}
