@@ -29,6 +29,10 @@ pub enum ClientError {
     Attached(String),
     #[error("server error: {0}")]
     Server(PbError),
+    /// The node refused the call for this program's certificate (its
+    /// role, see raftblk-tls): retrying cannot help.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }

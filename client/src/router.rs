@@ -412,6 +412,17 @@ impl Client {
                         _ => return Err(ClientError::Server(e)),
                     }
                 }
+                Ok(Err(status))
+                    if matches!(
+                        status.code(),
+                        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                    ) =>
+                {
+                    return Err(ClientError::PermissionDenied(format!(
+                        "node {candidate}: {}",
+                        status.message()
+                    )));
+                }
                 Ok(Err(status)) => {
                     last = format!("node {candidate}: {}: {}", status.code(), status.message());
                     candidate = next_replica(&replicas, candidate);

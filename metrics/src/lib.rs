@@ -176,6 +176,11 @@ fn respond(
             "not found: metrics are on /metrics\n".into(),
         );
     }
+    // One scrape at a time: the refresh catches counters up by
+    // difference and resets gauge families, which concurrent scrapes
+    // would double or see half done.
+    static SCRAPE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = SCRAPE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(f) = refresh {
         f();
     }

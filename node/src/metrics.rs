@@ -251,19 +251,31 @@ impl NodeMetrics {
     }
 
     fn volume_series(&self, volume: u64) -> VolumeSeries {
-        if let Some(s) = self
-            .volumes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&volume)
         {
-            return s.clone();
+            let all = self.volumes.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = all.get(&volume) {
+                return s.clone();
+            }
+            if all.len() > VOLUME_SERIES_MAX {
+                if let Some(s) = all.get(&u64::MAX) {
+                    return s.clone();
+                }
+            }
         }
         let mut all = self.volumes.write().unwrap_or_else(|p| p.into_inner());
-        let label = if all.len() < VOLUME_SERIES_MAX {
-            volume.to_string()
-        } else {
+        // Past the cap, every further volume shares one cached `other`
+        // entry (key u64::MAX, never a volume id), found by the read path
+        // below on its next request.
+        let full = all.len() >= VOLUME_SERIES_MAX;
+        if full {
+            if let Some(s) = all.get(&u64::MAX) {
+                return s.clone();
+            }
+        }
+        let label = if full {
             "other".to_owned()
+        } else {
+            volume.to_string()
         };
         let make = |op: &str| {
             (
@@ -282,9 +294,7 @@ impl NodeMetrics {
             write_bytes,
             write_seconds,
         };
-        if all.len() < VOLUME_SERIES_MAX {
-            all.insert(volume, s.clone());
-        }
+        all.insert(if full { u64::MAX } else { volume }, s.clone());
         s
     }
 }

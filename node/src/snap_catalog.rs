@@ -153,8 +153,10 @@ impl Applier<'_> {
         let deleting = SnapshotState::SnapshotDeleting as i32;
         let allowed = (from == to)
             || (from == pending && (to == ready || to == deleting))
-            || (from == ready && to == deleting)
-            || (from == deleting && to == SnapshotState::Unspecified as i32);
+            || (from == ready && to == deleting && !c.from_pending_only)
+            || (from == deleting
+                && to == SnapshotState::Unspecified as i32
+                && !c.from_pending_only);
         if !allowed {
             let name = |s: i32| {
                 SnapshotState::try_from(s)

@@ -111,6 +111,50 @@ pub fn role_of_cert(der: &[u8]) -> (Option<Role>, String) {
     (role, subject)
 }
 
+/// What the server remembers of a client certificate.
+#[derive(Debug, Clone, Default)]
+pub struct CertFacts {
+    pub role: Option<Role>,
+    pub subject: String,
+    pub serial: Vec<u8>,
+    /// End of validity, Unix seconds (0 if unreadable: then it counts as
+    /// expired).
+    pub not_after_unix: i64,
+}
+
+/// Role, subject, serial and end of validity of a certificate (DER).
+pub fn cert_facts(der: &[u8]) -> CertFacts {
+    let (role, subject) = role_of_cert(der);
+    let (serial, not_after_unix) = match x509_parser::parse_x509_certificate(der) {
+        Ok((_, c)) => (
+            c.tbs_certificate.raw_serial().to_vec(),
+            c.validity().not_after.timestamp(),
+        ),
+        Err(_) => (Vec::new(), 0),
+    };
+    CertFacts {
+        role,
+        subject,
+        serial,
+        not_after_unix,
+    }
+}
+
+/// The serial numbers a set of CRLs revokes.
+pub fn revoked_serials(
+    crls: &[rustls_pki_types::CertificateRevocationListDer<'_>],
+) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for crl in crls {
+        if let Ok((_, c)) = x509_parser::parse_x509_crl(crl.as_ref()) {
+            for r in c.iter_revoked_certificates() {
+                out.push(r.raw_serial().to_vec());
+            }
+        }
+    }
+    out
+}
+
 /// The rustls crypto provider every config here uses: *ring* (pure Rust
 /// and assembly, no C toolchain beyond what RocksDB already needs). It
 /// offers classical key exchange only (X25519, P-256, P-384): rustls marks

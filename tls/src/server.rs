@@ -23,10 +23,10 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::files::{load_certs, load_crls, load_key, load_roots, Reloading, TlsFiles};
-use crate::{role_of_cert, Role, TlsError};
+use crate::{cert_facts, role_of_cert, Role, TlsError};
 
 /// Longest a client may take to complete its handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Handshakes under way at once; more connections wait to be accepted.
 const HANDSHAKES_MAX: usize = 256;
 /// Connections handshaken but not yet taken by the server.
@@ -41,6 +41,41 @@ pub struct PeerInfo {
     pub role: Option<Role>,
     /// The certificate's subject ("plaintext" without TLS).
     pub subject: String,
+    /// Its serial number and end of validity: every request checks them
+    /// against the current CRL and clock, so a connection opened before a
+    /// revocation (or an expiry) cannot go on using the certificate.
+    pub serial: Vec<u8>,
+    pub not_after_unix: i64,
+}
+
+/// The serials the server's current CRL revokes (one server per process;
+/// replaced at each (re)load of the TLS files).
+static REVOKED: std::sync::RwLock<Vec<Vec<u8>>> = std::sync::RwLock::new(Vec::new());
+
+fn revoked(serial: &[u8]) -> bool {
+    !serial.is_empty()
+        && REVOKED
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|s| s == serial)
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Why a certificate accepted at its handshake may no longer be used.
+fn no_longer_valid(p: &PeerInfo) -> Option<&'static str> {
+    if revoked(&p.serial) {
+        Some("revoked since the connection was opened")
+    } else if now_unix() > p.not_after_unix {
+        Some("expired since the connection was opened")
+    } else {
+        None
+    }
 }
 
 /// How a node accepts connections.
@@ -65,6 +100,10 @@ fn build_server_config(f: &TlsFiles) -> Result<ServerConfig, TlsError> {
     let verifier = verifier
         .build()
         .map_err(|e| TlsError::Config(format!("{}: {e}", f.ca.display())))?;
+    let serials = match &f.crl {
+        Some(crl) => crate::revoked_serials(&load_crls(crl)?),
+        None => Vec::new(),
+    };
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -72,6 +111,9 @@ fn build_server_config(f: &TlsFiles) -> Result<ServerConfig, TlsError> {
         .with_single_cert(load_certs(&f.cert)?, load_key(&f.key)?)
         .map_err(|e| TlsError::Config(format!("{}: {e}", f.cert.display())))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // Only once everything loaded: the new CRL applies to live
+    // connections from the next request on.
+    *REVOKED.write().unwrap_or_else(|p| p.into_inner()) = serials;
     Ok(cfg)
 }
 
@@ -102,9 +144,6 @@ impl ServerSecurity {
         tokio::spawn(async move {
             let slots = Arc::new(Semaphore::new(HANDSHAKES_MAX));
             loop {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return;
-                };
                 let (stream, addr) = match listener.accept().await {
                     Ok(s) => s,
                     Err(e) => {
@@ -120,33 +159,49 @@ impl ServerSecurity {
                             addr: Some(addr),
                             role: Some(Role::Node),
                             subject: "plaintext".into(),
+                            serial: Vec::new(),
+                            not_after_unix: i64::MAX,
                         };
                         if tx.send(Ok(Conn::Plain(stream, peer))).await.is_err() {
                             return;
                         }
+                        continue;
                     }
                     ServerSecurity::Tls(cfg) => {
+                        // Accept always, then close at once when every
+                        // handshake slot is taken: idle strangers must not
+                        // stop the accept loop (nodes and daemons retry).
+                        let Ok(permit) = slots.clone().try_acquire_owned() else {
+                            refused(addr, "too many handshakes under way");
+                            drop(stream);
+                            continue;
+                        };
                         let acceptor = tokio_rustls::TlsAcceptor::from(cfg.get());
                         let tx = tx.clone();
                         tokio::spawn(async move {
                             let r =
                                 tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
                                     .await;
-                            drop(permit);
                             match r {
                                 Ok(Ok(tls)) => {
-                                    let (role, subject) = tls
+                                    let facts = tls
                                         .get_ref()
                                         .1
                                         .peer_certificates()
                                         .and_then(|c| c.first())
-                                        .map_or((None, String::new()), |c| role_of_cert(c));
+                                        .map(|c| cert_facts(c))
+                                        .unwrap_or_default();
                                     let peer = PeerInfo {
                                         addr: Some(addr),
-                                        role,
-                                        subject,
+                                        role: facts.role,
+                                        subject: facts.subject,
+                                        serial: facts.serial,
+                                        not_after_unix: facts.not_after_unix,
                                     };
+                                    // The slot is held until the server
+                                    // takes the connection.
                                     let _ = tx.send(Ok(Conn::Tls(Box::new(tls), peer))).await;
+                                    drop(permit);
                                 }
                                 Ok(Err(e)) => refused(addr, &e.to_string()),
                                 Err(_) => refused(addr, "handshake timed out"),
@@ -259,6 +314,24 @@ pub fn caller_role<T>(req: &tonic::Request<T>) -> Option<Role> {
     req.extensions().get::<PeerInfo>().and_then(|p| p.role)
 }
 
+/// For checks finer than a method (inside a handler): Ok if the caller
+/// holds `need`, else PERMISSION_DENIED naming `what` and both roles, and
+/// a (rate-limited) log line naming the peer.
+pub fn require<T>(req: &tonic::Request<T>, need: Role, what: &str) -> Result<(), tonic::Status> {
+    let peer = req.extensions().get::<PeerInfo>();
+    let have = peer.and_then(|p| p.role);
+    if have.is_some_and(|r| r >= need) && peer.and_then(no_longer_valid).is_none() {
+        return Ok(());
+    }
+    let msg = format!(
+        "{what} needs the `{need}` role; the caller's certificate ({}) has `{}`",
+        peer.map_or("", |p| p.subject.as_str()),
+        have.map_or("none".to_owned(), |r| r.to_string())
+    );
+    denied(peer.and_then(|p| p.addr), &msg);
+    Err(tonic::Status::permission_denied(msg))
+}
+
 /// The tower layer putting `RoleGate` in front of a server's services:
 /// `required` maps a gRPC path (`/raftblk.v1.Volumes/Create`) to the least
 /// role that may call it.
@@ -302,13 +375,17 @@ where
         let need = (self.required)(path);
         let peer = req.extensions().get::<PeerInfo>();
         let have = peer.and_then(|p| p.role);
-        if have.is_some_and(|r| r >= need) {
+        let invalid = peer.and_then(no_longer_valid);
+        if have.is_some_and(|r| r >= need) && invalid.is_none() {
             return futures::future::Either::Right(self.inner.call(req));
         }
         let (addr, subject) = peer.map_or((None, ""), |p| (p.addr, p.subject.as_str()));
-        let msg = match have {
+        let msg = match (invalid, have) {
+            (Some(why), _) => format!("{path}: the caller's certificate ({subject}) was {why}"),
+            (None, have) => match have {
             Some(r) => format!("{path} needs the `{need}` role; the caller's certificate ({subject}) has `{r}`"),
             None => format!("{path} needs the `{need}` role; the caller's certificate ({subject}) names no raftblk role"),
+            },
         };
         denied(addr, &msg);
         futures::future::Either::Left(futures::future::ready(Ok(

@@ -112,7 +112,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             let flags_given = tls.insecure_plaintext
                 || tls.tls_ca.is_some()
                 || tls.tls_cert.is_some()
-                || tls.tls_key.is_some();
+                || tls.tls_key.is_some()
+                || tls.tls_crl.is_some();
             if let (false, Some(t)) = (flags_given, &c.tls) {
                 tls.insecure_plaintext = t.insecure_plaintext;
                 tls.tls_ca = t.ca_file.clone();

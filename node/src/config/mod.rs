@@ -722,11 +722,11 @@ addr = "127.0.0.1:7103"
 
     #[test]
     fn a_joining_node_names_seeds() {
-        let join = "node_id = 4\nlisten_addr = \"127.0.0.1:7104\"\ndata_dir = \"/tmp/x\"\nseeds = [\"127.0.0.1:7101\"]\n";
+        let join = "node_id = 4\nlisten_addr = \"127.0.0.1:7104\"\ndata_dir = \"/tmp/x\"\ntls = { insecure_plaintext = true }\nseeds = [\"127.0.0.1:7101\"]\n";
         let c = NodeConfig::parse(join, Path::new("t.toml")).expect("valid");
         assert!(!c.bootstraps());
         assert_eq!(c.seeds.len(), 1);
-        let none = err("node_id = 4\nlisten_addr = \"127.0.0.1:7104\"\ndata_dir = \"/tmp/x\"\n");
+        let none = err("node_id = 4\nlisten_addr = \"127.0.0.1:7104\"\ndata_dir = \"/tmp/x\"\ntls = { insecure_plaintext = true }\n");
         assert!(none.contains("`seeds`"), "{none}");
         let badseed = err(&join.replace("127.0.0.1:7101", "nowhere"));
         assert!(badseed.contains("seeds[0]"), "{badseed}");

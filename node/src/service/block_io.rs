@@ -352,13 +352,12 @@ impl BlockIo for BlockIoService {
     ) -> Result<Response<WriteResponse>, Status> {
         // A holder cuts (client); deleting or rolling back stored data is
         // an admin's (see `roles`).
-        let cut = req.get_ref().op == raftblk_proto::SnapshotOp::Cut as i32;
-        let role = raftblk_tls::server::caller_role(&req);
-        if !cut && role.is_none_or(|r| r < raftblk_tls::Role::Admin) {
-            return Err(Status::permission_denied(format!(
-                "snapshot deletes and rollbacks need the `admin` role; the caller has `{}`",
-                role.map_or("none".to_owned(), |r| r.to_string())
-            )));
+        if req.get_ref().op != raftblk_proto::SnapshotOp::Cut as i32 {
+            raftblk_tls::server::require(
+                &req,
+                raftblk_tls::Role::Admin,
+                "snapshot deletes and rollbacks",
+            )?;
         }
         let error = self.snapshot_op(req.into_inner()).await.err();
         Ok(Response::new(WriteResponse { error }))

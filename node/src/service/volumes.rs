@@ -314,6 +314,10 @@ impl Volumes for VolumesService {
         &self,
         req: Request<DetachRequest>,
     ) -> Result<Response<VolumeResponse>, Status> {
+        // Breaking another holder's lease is an operator's act.
+        if req.get_ref().force {
+            raftblk_tls::server::require(&req, raftblk_tls::Role::Admin, "detach --force")?;
+        }
         let r = req.into_inner();
         if !r.force {
             if let Err(e) = validate_holder(&r.holder) {
@@ -434,6 +438,7 @@ impl Volumes for VolumesService {
             snapshot_id: r.snapshot_id,
             state: state as i32,
             quiesce_us: r.quiesce_us,
+            from_pending_only: true,
         });
         Ok(Response::new(self.propose_volume(cmd).await))
     }
@@ -515,6 +520,7 @@ impl VolumesService {
             snapshot_id: snap.1,
             state: state as i32,
             quiesce_us: 0,
+            from_pending_only: false,
         }))
         .await
     }
