@@ -25,7 +25,7 @@ trap cleanup EXIT
 
 echo "== build the packages"
 for p in raftblk-node raftblk-vhost raftblk-client; do
-  cargo deb -p "$p" --no-build --no-strip --output "$work/debs" >/dev/null
+  cargo deb -p "$p" --no-build --fast --output "$work/debs" >/dev/null
 done
 ls -l "$work/debs"
 
@@ -67,8 +67,14 @@ for i in 1 2 3; do
 done
 export RAFTBLK_CLUSTER=127.0.0.1:7501,127.0.0.1:7502,127.0.0.1:7503
 export RAFTBLK_TLS_CA="$work/tls/ca.pem" RAFTBLK_TLS_CERT="$work/tls/admin.pem" RAFTBLK_TLS_KEY="$work/tls/admin.key"
+# The nodes take a moment to listen: the CLI's first contact is retried
+# (bounded), then it waits for every group.
+for _ in $(seq 1 60); do
+  /usr/bin/raftblk --timeout-secs 2 cluster status >/dev/null 2>&1 && break
+  sleep 1
+done
 if ! /usr/bin/raftblk cluster wait-healthy --wait-secs 120 >/dev/null; then
-  tail -20 "$work"/node*.log >&2
+  tail -n 20 "$work"/node*.log >&2
   exit 1
 fi
 grep -q "mutual TLS on" "$work/node1.log"
