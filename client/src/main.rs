@@ -38,6 +38,7 @@ fn write_out(args: std::fmt::Arguments<'_>) {
 mod bench;
 mod cli_certs;
 mod cli_node;
+mod cli_output;
 mod cli_snapshot;
 mod top;
 
@@ -67,6 +68,10 @@ struct Cli {
     timeout_secs: u64,
     #[command(flatten)]
     tls: raftblk_client::tls_args::TlsArgs,
+    /// Output of the read commands (cluster status, volume list, volume
+    /// info): text for people, json for scripts.
+    #[arg(long, value_enum, default_value_t = cli_output::Output::Text, global = true)]
+    output: cli_output::Output,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -348,7 +353,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.cmd {
         Cmd::Cluster {
             cmd: ClusterCmd::Status,
-        } => status(&connect(&cli).await?).await,
+        } => status(&connect(&cli).await?, cli.output).await,
         Cmd::Cluster {
             cmd:
                 ClusterCmd::WaitHealthy {
@@ -368,8 +373,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn status(client: &Client) -> anyhow::Result<()> {
+async fn status(client: &Client, output: cli_output::Output) -> anyhow::Result<()> {
     let topo = client.topology();
+    if output == cli_output::Output::Json {
+        let statuses = client.node_statuses().await;
+        let mut v = cli_output::status(topo.data_groups, &statuses);
+        v["cluster"] = serde_json::json!({
+            "nodes": topo.nodes.len(),
+            "data_groups": topo.data_groups,
+            "replicas": topo.replicas,
+            "chunk_size_bytes": topo.chunk_size_bytes,
+        });
+        outln!("{v:#}");
+        return Ok(());
+    }
     outln!(
         "cluster: {} nodes, {} data groups, {} replicas, chunk {}",
         topo.nodes.len(),
@@ -543,6 +560,15 @@ async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
                 format_size(v.size_bytes)
             );
         }
+        VolumeCmd::List if cli.output == cli_output::Output::Json => {
+            let vols = client.list_volumes().await?;
+            let all: Vec<_> = vols.iter().map(cli_output::volume_summary).collect();
+            outln!("{:#}", serde_json::Value::Array(all));
+        }
+        VolumeCmd::Info { name } if cli.output == cli_output::Output::Json => {
+            let (v, lease) = client.volume_status(name).await?;
+            outln!("{:#}", cli_output::volume_detail(&v, lease.as_ref()));
+        }
         VolumeCmd::List => {
             let vols = client.list_volumes().await?;
             outln!("{:<6} {:<32} {:>14} {:>12}", "ID", "NAME", "SIZE", "CHUNK");
@@ -567,7 +593,7 @@ async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
             );
             outln!("chunk size: {}", format_size(v.chunk_size_bytes));
             outln!("chunks:     {}", v.size_bytes.div_ceil(v.chunk_size_bytes));
-            outln!("created:    {} (unix ms)", v.created_unix_ms);
+            outln!("created:    {}", cli_output::utc(v.created_unix_ms));
             outln!("attached:   {}", describe_lease(lease.as_ref()));
             outln!("limits:     {}", describe_qos(v.qos.as_ref()));
             outln!("snapshots:  {}", v.snapshots.len());

@@ -66,5 +66,43 @@ fn top_shows_nodes_and_the_busy_volume() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     assert!(w_iops > 10.0, "write IOPS {w_iops} in: {row}");
+
+    // The read commands for scripts: --output json parses, and says what
+    // the text says.
+    let json = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(bin("raftblk"))
+            .envs(raftblk_cluster_tests::tls::cli_env())
+            .args(["--cluster", &cluster.cluster_arg(), "--output", "json"])
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let info = json(&["volume", "info", "topvol"])?;
+    assert_eq!(info["name"], "topvol");
+    assert_eq!(info["size_bytes"], 64u64 << 20);
+    assert!(
+        info["created"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("20") && d.ends_with('Z')),
+        "{info}"
+    );
+    let list = json(&["volume", "list"])?;
+    assert!(
+        list.as_array()
+            .is_some_and(|a| a.iter().any(|v| v["name"] == "topvol")),
+        "{list}"
+    );
+    let status = json(&["cluster", "status"])?;
+    assert_eq!(status["healthy"], true, "{status}");
+    assert_eq!(
+        status["nodes"].as_array().map(Vec::len),
+        Some(3),
+        "{status}"
+    );
     Ok(())
 }
