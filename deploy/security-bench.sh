@@ -50,6 +50,8 @@ run() { # NAME TLS(on|off) METRICS(on|off)
       "$BIN/raftblk" "$@"
     fi
   }
+  # The nodes take a moment to listen (bounded retries), then every group.
+  for _ in $(seq 1 60); do cli --timeout-secs 2 cluster status >/dev/null 2>&1 && break; sleep 1; done
   cli cluster wait-healthy --wait-secs 60 >/dev/null
   echo "== $name (TLS $tls, metrics $metrics)"
   cli bench --seconds "$secs" --local-dir "$work/$name"
