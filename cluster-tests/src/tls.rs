@@ -24,8 +24,23 @@ pub fn dir() -> &'static Path {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_nanos();
-        let d =
-            std::env::temp_dir().join(format!("raftblk-test-certs-{}-{nanos}", std::process::id()));
+        let parent = std::env::temp_dir().join("raftblk-test-certs");
+        // Each test process leaves its directory behind (no exit hook):
+        // those older than a day are removed here, bounding the pile.
+        if let Ok(entries) = std::fs::read_dir(&parent) {
+            for e in entries.flatten().take(10_000) {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > Duration::from_secs(86_400));
+                if old {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let d = parent.join(format!("{}-{nanos}", std::process::id()));
         let ids: Vec<u64> = (1..=NODE_IDS_MAX).collect();
         if let Err(e) = raftblk_tls::certs::init_dir(&d, &ids, Duration::from_secs(30 * 86_400)) {
             panic!("cannot make the test certificates in {}: {e}", d.display());
