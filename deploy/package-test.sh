@@ -61,6 +61,9 @@ for i in 1 2 3; do
       -e "s|node1\.pem|node$i.pem|; s|node1\.key|node$i.key|" \
       -e "s/^data_groups = 64$/data_groups = 8/" \
       /etc/raftblk/node.toml.example >"$work/node$i.toml"
+  # The three nodes share this machine's disk, whose fill the test does
+  # not control: the full ratios sit where only a truly full disk hits.
+  printf '\n[placement]\nnearfull_ratio = 0.99\nfull_ratio = 1.0\n' >>"$work/node$i.toml"
   /usr/bin/raftblk-node --config "$work/node$i.toml" --check
   /usr/bin/raftblk-node --config "$work/node$i.toml" >"$work/node$i.log" 2>&1 &
   pids+=($!)
