@@ -165,14 +165,28 @@ struct VolumeSeries {
     write_seconds: Histogram,
 }
 
-pub static METRICS: LazyLock<NodeMetrics> = LazyLock::new(|| {
-    let m = NodeMetrics::new();
-    // Exported at 0 from the start (alerts on an increase need them).
-    for op in ["read", "write", "flush", "discard"] {
-        m.block_errors.with_label_values(&[op]);
-        m.block_seconds.with_label_values(&[op]);
-    }
-    m
+pub static METRICS: LazyLock<NodeMetrics> = LazyLock::new(NodeMetrics::new);
+
+/// A block I/O operation, as the `op` label spells it.
+#[derive(Debug, Clone, Copy)]
+pub enum BlockOp {
+    Read = 0,
+    Write = 1,
+    Flush = 2,
+    Discard = 3,
+}
+
+/// Per operation, its latency histogram and error counter, resolved once
+/// (the request path does no label lookup). Touched by the first scrape,
+/// so the series exist at 0 before any request: alerts on an increase
+/// need them.
+static BLOCK_OPS: LazyLock<[(Histogram, IntCounter); 4]> = LazyLock::new(|| {
+    ["read", "write", "flush", "discard"].map(|op| {
+        (
+            METRICS.block_seconds.with_label_values(&[op]),
+            METRICS.block_errors.with_label_values(&[op]),
+        )
+    })
 });
 
 impl NodeMetrics {
@@ -301,13 +315,11 @@ impl NodeMetrics {
 
 /// Times one block request: counts it and its duration (by `op`), and an
 /// error when `ok` is false.
-pub fn observe_block(op: &'static str, started: Instant, ok: bool) {
-    let m = &*METRICS;
-    m.block_seconds
-        .with_label_values(&[op])
-        .observe(started.elapsed().as_secs_f64());
+pub fn observe_block(op: BlockOp, started: Instant, ok: bool) {
+    let (seconds, errors) = &BLOCK_OPS[op as usize];
+    seconds.observe(started.elapsed().as_secs_f64());
     if !ok {
-        m.block_errors.with_label_values(&[op]).inc();
+        errors.inc();
     }
 }
 
@@ -322,6 +334,7 @@ impl Scrape {
     /// Sets every scrape-time gauge.
     pub fn refresh(&self) {
         let m = &*METRICS;
+        LazyLock::force(&BLOCK_OPS);
         let cfg = &self.store.config;
         m.info
             .with_label_values(&[&cfg.node_id.to_string(), env!("CARGO_PKG_VERSION")])

@@ -215,23 +215,45 @@ impl ServerSecurity {
     }
 }
 
-/// At most one log line per second about refused peers (they control how
-/// many they cause), with the count left out.
+/// Allows one log line per second about things peers cause (they control
+/// how many), counting what it holds back.
+struct OncePerSecond {
+    last_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl OncePerSecond {
+    const fn new() -> OncePerSecond {
+        OncePerSecond {
+            last_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Some(lines held back since the last one) when a line may go out.
+    fn allow(&self) -> Option<u64> {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let now = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1000;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if now >= last + 1000
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Logs a refused connection (rate-limited).
 fn refused(addr: SocketAddr, why: &str) {
-    static LAST_MS: AtomicU64 = AtomicU64::new(0);
-    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let now = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1000;
-    let last = LAST_MS.load(Ordering::Relaxed);
-    if now >= last + 1000
-        && LAST_MS
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+    static LOG: OncePerSecond = OncePerSecond::new();
+    if let Some(suppressed) = LOG.allow() {
         tracing::warn!(peer = %addr, suppressed, "TLS connection refused: {why}");
-    } else {
-        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -394,18 +416,11 @@ where
     }
 }
 
-/// At most one log line per second about refused requests.
+/// Logs a refused request (rate-limited), naming the peer.
 fn denied(addr: Option<SocketAddr>, msg: &str) {
-    static LAST_MS: AtomicU64 = AtomicU64::new(0);
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let now = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1000;
-    let last = LAST_MS.load(Ordering::Relaxed);
-    if now >= last + 1000
-        && LAST_MS
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
+    static LOG: OncePerSecond = OncePerSecond::new();
+    if let Some(suppressed) = LOG.allow() {
         let peer = addr.map_or("?".to_owned(), |a| a.to_string());
-        tracing::warn!(peer, "request refused: {msg}");
+        tracing::warn!(peer, suppressed, "request refused: {msg}");
     }
 }

@@ -8,6 +8,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use raftblk_proto::block_io_server::BlockIo;
 use raftblk_proto::{
@@ -21,7 +22,7 @@ use tonic::{Request, Response, Status};
 use super::store_error;
 use crate::block;
 use crate::keys;
-use crate::metrics::{self, METRICS};
+use crate::metrics::{self, BlockOp, METRICS};
 use crate::service::volume_cache::VolumeCache;
 use crate::store::{StoreError, StoreHandle};
 
@@ -255,42 +256,27 @@ pub(super) fn read_blocks(
 #[tonic::async_trait]
 impl BlockIo for BlockIoService {
     async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let r = req.into_inner();
-        let (volume, len) = r
-            .range
-            .as_ref()
-            .map_or((0, 0), |g| (g.volume_id, g.length_bytes));
+        let io = r.range.as_ref().map(|g| (g.volume_id, g.length_bytes));
         let res = self.read_inner(r).await;
-        let ok = matches!(&res, Ok(resp) if resp.get_ref().error.is_none());
-        if ok {
-            METRICS.block_io(false, volume, len, started.elapsed());
-        }
-        metrics::observe_block("read", started, ok);
+        account(BlockOp::Read, started, &res, |r| r.error.is_none(), io);
         res
     }
 
     async fn write(&self, req: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let r = req.into_inner();
-        let (volume, len) = r
-            .range
-            .as_ref()
-            .map_or((0, 0), |g| (g.volume_id, g.length_bytes));
+        let io = r.range.as_ref().map(|g| (g.volume_id, g.length_bytes));
         let res = self.write_inner(r).await;
-        let ok = matches!(&res, Ok(resp) if resp.get_ref().error.is_none());
-        if ok {
-            METRICS.block_io(true, volume, len, started.elapsed());
-        }
-        metrics::observe_block("write", started, ok);
+        account(BlockOp::Write, started, &res, |r| r.error.is_none(), io);
         res
     }
 
     async fn flush(&self, req: Request<FlushRequest>) -> Result<Response<WriteResponse>, Status> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let res = self.flush_inner(req.into_inner()).await;
-        let ok = matches!(&res, Ok(resp) if resp.get_ref().error.is_none());
-        metrics::observe_block("flush", started, ok);
+        account(BlockOp::Flush, started, &res, |r| r.error.is_none(), None);
         res
     }
 
@@ -298,10 +284,9 @@ impl BlockIo for BlockIoService {
         &self,
         req: Request<DiscardRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let res = self.discard_inner(req.into_inner()).await;
-        let ok = matches!(&res, Ok(resp) if resp.get_ref().error.is_none());
-        metrics::observe_block("discard", started, ok);
+        account(BlockOp::Discard, started, &res, |r| r.error.is_none(), None);
         res
     }
 
@@ -377,6 +362,24 @@ impl BlockIo for BlockIoService {
             },
         ))
     }
+}
+
+/// Counts one served request for the metrics: its latency and outcome
+/// by operation and, for a successful read or write of `io` = (volume,
+/// bytes), the volume's counters.
+fn account<T>(
+    op: BlockOp,
+    started: Instant,
+    res: &Result<Response<T>, Status>,
+    succeeded: fn(&T) -> bool,
+    io: Option<(u64, u64)>,
+) {
+    let ok = matches!(res, Ok(r) if succeeded(r.get_ref()));
+    if let (true, Some((volume, bytes))) = (ok, io) {
+        let write = matches!(op, BlockOp::Write);
+        METRICS.block_io(write, volume, bytes, started.elapsed());
+    }
+    metrics::observe_block(op, started, ok);
 }
 
 impl BlockIoService {
