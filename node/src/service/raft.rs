@@ -36,6 +36,8 @@ impl RaftTransport for RaftService {
         let mut stream = req.into_inner();
         // The sender, checked on its first batch: later ones must match.
         let mut sender: Option<(u64, bytes::Bytes)> = None;
+        // Its series of the received-message counters, resolved once.
+        let mut received = None;
         while let Some(batch) = stream.message().await? {
             if batch.to_node != me {
                 return Err(Status::invalid_argument(format!(
@@ -51,22 +53,21 @@ impl RaftTransport for RaftService {
                 None => {
                     check_sender(&self.store, batch.from_node, &batch.from_store_uuid)?;
                     sender = Some((batch.from_node, batch.from_store_uuid.clone()));
+                    let peer = [batch.from_node.to_string()];
+                    let m = &*crate::metrics::METRICS;
+                    received = Some((
+                        m.raft_received.with_label_values(&peer),
+                        m.raft_received_bytes.with_label_values(&peer),
+                    ));
                 }
             }
             if batch.envelopes.len() > BATCH_ENVELOPES_MAX {
                 return Err(Status::invalid_argument("too many envelopes in one batch"));
             }
             self.store.liveness.heard(batch.from_node);
-            if !batch.envelopes.is_empty() {
-                let peer = [batch.from_node.to_string()];
-                let bytes: usize = batch.envelopes.iter().map(|e| e.message.len()).sum();
-                let m = &*crate::metrics::METRICS;
-                m.raft_received
-                    .with_label_values(&peer)
-                    .inc_by(batch.envelopes.len() as u64);
-                m.raft_received_bytes
-                    .with_label_values(&peer)
-                    .inc_by(bytes as u64);
+            if let Some((count, bytes)) = &received {
+                count.inc_by(batch.envelopes.len() as u64);
+                bytes.inc_by(batch.envelopes.iter().map(|e| e.message.len() as u64).sum());
             }
             if batch.envelopes.is_empty() {
                 // A keepalive: nothing for the store.
