@@ -3,6 +3,7 @@
 //! bytes, times in Unix milliseconds plus an RFC 3339 UTC string) and the
 //! dates the text output shows.
 
+use raftblk_client::usage::UsageReport;
 use raftblk_proto::{AttachLease, NodeStatusResponse, SnapshotState, VolumeInfo};
 use serde_json::{json, Value};
 
@@ -47,9 +48,17 @@ fn state_name(s: i32) -> &'static str {
     }
 }
 
-/// One volume, as `volume list --output json` shows it.
-pub fn volume_summary(v: &VolumeInfo) -> Value {
+/// One volume, as `volume list --output json` shows it. Stored bytes
+/// (data plus what its snapshots keep; one copy) are null when no member
+/// could count, and `stored_complete` is false when some group was not
+/// counted (the figures are then lower bounds).
+pub fn volume_summary(v: &VolumeInfo, usage: Option<&UsageReport>) -> Value {
+    let u = usage.map(|r| r.of(v.id));
     json!({
+        "stored_bytes": u.map(|u| u.stored_bytes.saturating_add(u.snapshot_bytes)),
+        "data_stored_bytes": u.map(|u| u.stored_bytes),
+        "snapshot_stored_bytes": u.map(|u| u.snapshot_bytes),
+        "stored_complete": usage.map(UsageReport::complete),
         "id": v.id,
         "name": v.name,
         "size_bytes": v.size_bytes,
@@ -65,8 +74,12 @@ pub fn volume_summary(v: &VolumeInfo) -> Value {
 }
 
 /// One volume in full (`volume info --output json`).
-pub fn volume_detail(v: &VolumeInfo, lease: Option<&AttachLease>) -> Value {
-    let mut out = volume_summary(v);
+pub fn volume_detail(
+    v: &VolumeInfo,
+    lease: Option<&AttachLease>,
+    usage: Option<&UsageReport>,
+) -> Value {
+    let mut out = volume_summary(v, usage);
     out["chunks"] = json!(v.size_bytes.div_ceil(v.chunk_size_bytes.max(1)));
     out["snapshots"] = Value::Array(
         v.snapshots

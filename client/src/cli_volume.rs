@@ -38,34 +38,56 @@ pub(crate) async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
         }
         VolumeCmd::List if cli.output == cli_output::Output::Json => {
             let vols = client.list_volumes().await?;
-            let all: Vec<_> = vols.iter().map(cli_output::volume_summary).collect();
+            let usage = usage_or_warn(&client, &[]).await;
+            let all: Vec<_> = vols
+                .iter()
+                .map(|v| cli_output::volume_summary(v, usage.as_ref()))
+                .collect();
             outln!("{:#}", serde_json::Value::Array(all));
         }
         VolumeCmd::Info { name } if cli.output == cli_output::Output::Json => {
             let (v, lease) = client.volume_status(name).await?;
-            outln!("{:#}", cli_output::volume_detail(&v, lease.as_ref()));
+            let usage = usage_or_warn(&client, &[v.id]).await;
+            outln!(
+                "{:#}",
+                cli_output::volume_detail(&v, lease.as_ref(), usage.as_ref())
+            );
         }
         VolumeCmd::List => {
             let vols = client.list_volumes().await?;
-            outln!("{:<6} {:<32} {:>14} {:>12}", "ID", "NAME", "SIZE", "CHUNK");
+            let usage = usage_or_warn(&client, &[]).await;
+            outln!(
+                "{:<6} {:<32} {:>14} {:>14} {:>12}",
+                "ID",
+                "NAME",
+                "SIZE",
+                "STORED",
+                "CHUNK"
+            );
             for v in vols {
                 outln!(
-                    "{:<6} {:<32} {:>14} {:>12}",
+                    "{:<6} {:<32} {:>14} {:>14} {:>12}",
                     v.id,
                     v.name,
                     format_size(v.size_bytes),
+                    describe_stored(usage.as_ref(), v.id, false),
                     format_size(v.chunk_size_bytes)
                 );
             }
         }
         VolumeCmd::Info { name } => {
             let (v, lease) = client.volume_status(name).await?;
+            let usage = usage_or_warn(&client, &[v.id]).await;
             outln!("name:       {}", v.name);
             outln!("id:         {}", v.id);
             outln!(
                 "size:       {} ({} bytes)",
                 format_size(v.size_bytes),
                 v.size_bytes
+            );
+            outln!(
+                "stored:     {}",
+                describe_stored(usage.as_ref(), v.id, true)
             );
             outln!("chunk size: {}", format_size(v.chunk_size_bytes));
             outln!("chunks:     {}", v.size_bytes.div_ceil(v.chunk_size_bytes));
@@ -136,6 +158,57 @@ fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
 }
 
 /// `holder (epoch N, ...)` or `no`.
+/// What volumes store, or `None` (with a warning on stderr) when no member
+/// could count: the rest of a listing is still worth printing. A partial
+/// count is printed as a lower bound (see [`describe_stored`]), with the
+/// groups it lacks named here.
+async fn usage_or_warn(
+    client: &Client,
+    volume_ids: &[u64],
+) -> Option<raftblk_client::usage::UsageReport> {
+    match client.volume_usage(volume_ids).await {
+        Ok(u) => {
+            if !u.complete() {
+                eprintln!(
+                    "warning: stored bytes leave out groups {:?}, which no node counted ({}); they are lower bounds (>=)",
+                    u.groups_missing,
+                    if u.errors.is_empty() { "no leader answered".to_owned() } else { u.errors.join("; ") }
+                );
+            }
+            Some(u)
+        }
+        Err(e) => {
+            eprintln!("warning: stored bytes unknown: {e}");
+            None
+        }
+    }
+}
+
+/// A volume's stored bytes for the text output: `-` when unknown, `>=`
+/// before a partial count; `long` adds the bytes and the snapshots' share.
+fn describe_stored(
+    usage: Option<&raftblk_client::usage::UsageReport>,
+    volume: u64,
+    long: bool,
+) -> String {
+    let Some(report) = usage else {
+        return "-".to_owned();
+    };
+    let u = report.of(volume);
+    let total = u.stored_bytes.saturating_add(u.snapshot_bytes);
+    let bound = if report.complete() { "" } else { ">=" };
+    if long {
+        format!(
+            "{bound}{} ({total} bytes; {} of data, {} kept for snapshots; one copy, not times replicas)",
+            format_size(total),
+            format_size(u.stored_bytes),
+            format_size(u.snapshot_bytes)
+        )
+    } else {
+        format!("{bound}{}", format_size(total))
+    }
+}
+
 fn describe_lease(lease: Option<&raftblk_proto::AttachLease>) -> String {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -20,6 +20,7 @@ pub mod size;
 pub mod snapshot;
 pub mod tls_args;
 pub mod topology;
+pub mod usage;
 pub mod volume;
 
 pub use attach::{AttachOptions, Attachment};

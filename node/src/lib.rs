@@ -36,3 +36,4 @@ pub mod snapshot_file;
 pub mod store;
 pub mod throttle;
 pub mod transport;
+pub mod usage;

@@ -168,6 +168,7 @@ pub async fn serve(
             reports,
             placement,
             join_lock: tokio::sync::Mutex::new(()),
+            usage_lock: tokio::sync::Mutex::new(()),
         }))
         .serve_with_incoming_shutdown(server_security.incoming(listener), async move {
             let _ = stop_server.wait_for(|stop| *stop).await;

@@ -1,6 +1,7 @@
 //! The Cluster service: this node's view of the cluster (members, hosted
 //! groups with leader, term and indexes, counters) and per-group digests
-//! for comparing replicas.
+//! for comparing replicas, and what each volume stores in the groups this
+//! node leads (counted by `crate::usage`).
 
 use std::sync::atomic::Ordering;
 
@@ -14,6 +15,7 @@ use raftblk_proto::{
     Empty, Error as PbError, ErrorCode, GroupDigestRequest, GroupDigestResponse, GroupStatus,
     NodeInfo, NodeStatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
+use raftblk_proto::{GroupUsage, VolumeBlocks, VolumeUsageRequest, VolumeUsageResponse};
 use tonic::{Request, Response, Status};
 
 use super::store_error;
@@ -28,7 +30,17 @@ pub struct ClusterService {
     pub placement: std::sync::Arc<crate::placement::driver::DriverStatus>,
     /// Joins run one at a time (see `map::join`).
     pub join_lock: tokio::sync::Mutex<()>,
+    /// Usage counts run one at a time: each may scan every block key here.
+    pub usage_lock: tokio::sync::Mutex<()>,
 }
+
+/// Volumes one usage request may name.
+const USAGE_VOLUMES_MAX: usize = 4096;
+/// How long a usage request waits for the one running before it.
+const USAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long one usage count may scan; groups not finished by then are left
+/// out of the answer. Below the client's 15 s per node.
+const USAGE_BUDGET: std::time::Duration = std::time::Duration::from_secs(8);
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
@@ -276,6 +288,82 @@ impl Cluster for ClusterService {
                 ..Default::default()
             },
         }))
+    }
+
+    async fn volume_usage(
+        &self,
+        req: Request<VolumeUsageRequest>,
+    ) -> Result<Response<VolumeUsageResponse>, Status> {
+        let fail = |e: PbError| {
+            Ok(Response::new(VolumeUsageResponse {
+                error: Some(e),
+                groups: Vec::new(),
+            }))
+        };
+        let mut volumes = req.into_inner().volume_ids;
+        if volumes.len() > USAGE_VOLUMES_MAX {
+            return fail(PbError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "{} volumes named; at most {USAGE_VOLUMES_MAX} per request (none: every volume)",
+                    volumes.len()
+                ),
+            ));
+        }
+        volumes.sort_unstable();
+        volumes.dedup();
+        let Ok(permit) = tokio::time::timeout(USAGE_WAIT, self.usage_lock.lock()).await else {
+            return fail(PbError::new(
+                ErrorCode::Unavailable,
+                "another usage count is running on this node; try again",
+            ));
+        };
+        let led: Vec<(u64, u64)> = self
+            .store
+            .views()
+            .into_iter()
+            .filter(|v| v.role == "leader")
+            .map(|v| (v.group, v.term))
+            .collect();
+        let engine = self.store.engine.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + USAGE_BUDGET;
+            let mut groups = Vec::with_capacity(led.len());
+            for (group, term) in led {
+                let mut counts = crate::usage::VolumeCounts::new();
+                if !crate::usage::count_group(&engine, group, &volumes, deadline, &mut counts)? {
+                    tracing::warn!(
+                        group,
+                        budget_ms = USAGE_BUDGET.as_millis() as u64,
+                        "volume usage count ran out of time; the remaining groups are left out"
+                    );
+                    break;
+                }
+                groups.push(GroupUsage {
+                    group_id: group,
+                    term,
+                    volumes: counts
+                        .into_iter()
+                        .map(|(volume_id, (blocks, snapshot_blocks))| VolumeBlocks {
+                            volume_id,
+                            blocks,
+                            snapshot_blocks,
+                        })
+                        .collect(),
+                });
+            }
+            Ok::<_, crate::engine::EngineError>(groups)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        drop(permit);
+        match res {
+            Ok(groups) => Ok(Response::new(VolumeUsageResponse {
+                error: None,
+                groups,
+            })),
+            Err(e) => fail(PbError::new(ErrorCode::Storage, e.to_string())),
+        }
     }
 
     async fn transfer_leader(

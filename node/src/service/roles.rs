@@ -28,7 +28,7 @@ pub fn required(path: &str) -> Role {
             "Create" | "Delete" | "Grow" | "SetQos" | "CreateSnapshot" | "DeleteSnapshot"
             | "RemoveSnapshot" | "Flatten",
         ) => Role::Admin,
-        ("raftblk.v1.Cluster", "Status" | "GetMap") => Role::Client,
+        ("raftblk.v1.Cluster", "Status" | "GetMap" | "VolumeUsage") => Role::Client,
         (
             "raftblk.v1.Cluster",
             "Join" | "SetNode" | "SetFlags" | "ChangePeers" | "GroupDigest" | "TransferLeader",
@@ -49,6 +49,7 @@ mod tests {
         assert_eq!(required("/raftblk.v1.Cluster/RepairBlock"), Role::Node);
         assert_eq!(required("/raftblk.v1.Volumes/Create"), Role::Admin);
         assert_eq!(required("/raftblk.v1.Volumes/Attach"), Role::Client);
+        assert_eq!(required("/raftblk.v1.Cluster/VolumeUsage"), Role::Client);
         assert_eq!(required("/raftblk.v1.BlockIo/Write"), Role::Client);
         assert_eq!(required("/raftblk.v1.Volumes/SomethingNew"), Role::Node);
         assert_eq!(required("garbage"), Role::Node);

@@ -1,0 +1,173 @@
+//! What volumes store, for `volume list` and `volume info` (like `rbd du`):
+//! every member counts the blocks of the groups it leads
+//! (`Cluster.VolumeUsage`), and this sums the answers, one per group (the
+//! higher term's when two members both answered as its leader). A group no
+//! member answered for (an election under way, a node down, a count out
+//! of time) is named, so the caller can say the figure is a lower bound.
+//!
+//! Figures are logical: one copy of each block, not times the replicas.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use raftblk_proto::cluster_client::ClusterClient;
+use raftblk_proto::{VolumeUsageRequest, BLOCK_BYTES};
+
+use crate::error::ClientError;
+use crate::router::{status_text, Client};
+
+/// How long one member may take to count (its own budget is 8 s).
+const NODE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Rounds of asking every member while some group has no answer.
+const ROUNDS_MAX: u32 = 2;
+/// Pause between rounds (an election settles in about a second).
+const ROUND_PAUSE: Duration = Duration::from_millis(1500);
+/// Volume ids one request names; more are asked as "every volume".
+const NAMED_VOLUMES_MAX: usize = 4096;
+
+/// One group's count: the counting leader's term, and per volume id its
+/// blocks and kept blocks.
+type GroupCount = (u64, BTreeMap<u64, (u64, u64)>);
+
+/// Why a member gave no count.
+enum Failure {
+    /// This program's certificate may not ask: no other member will differ.
+    Denied(String),
+    Other(String),
+}
+
+/// One volume's stored bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolumeUsage {
+    /// Blocks the volume holds now (4 KiB each).
+    pub stored_bytes: u64,
+    /// Old contents kept for its snapshots.
+    pub snapshot_bytes: u64,
+}
+
+/// The sum over every group that answered.
+#[derive(Debug, Clone, Default)]
+pub struct UsageReport {
+    /// Per volume id; a volume with nothing stored is absent.
+    pub volumes: BTreeMap<u64, VolumeUsage>,
+    /// Groups of the cluster map no member counted: the figures leave
+    /// their blocks out.
+    pub groups_missing: Vec<u64>,
+    /// Why members did not answer (`node N: reason`), for the message.
+    pub errors: Vec<String>,
+}
+
+impl UsageReport {
+    /// `volume`'s usage (zero if it stores nothing).
+    pub fn of(&self, volume: u64) -> VolumeUsage {
+        self.volumes.get(&volume).copied().unwrap_or_default()
+    }
+
+    /// Whether every group of the map was counted.
+    pub fn complete(&self) -> bool {
+        self.groups_missing.is_empty()
+    }
+}
+
+impl Client {
+    /// Stored bytes of `volume_ids` (empty: of every volume), summed over
+    /// the groups' leaders.
+    pub async fn volume_usage(&self, volume_ids: &[u64]) -> Result<UsageReport, ClientError> {
+        self.refresh_topology().await;
+        let topo = self.topology();
+        let expected: BTreeSet<u64> = topo.groups.keys().copied().collect();
+        let wanted: BTreeSet<u64> = volume_ids.iter().copied().collect();
+        let req = VolumeUsageRequest {
+            volume_ids: if volume_ids.len() > NAMED_VOLUMES_MAX {
+                Vec::new()
+            } else {
+                volume_ids.to_vec()
+            },
+        };
+        let mut counted: BTreeMap<u64, GroupCount> = BTreeMap::new();
+        let mut errors = Vec::new();
+        for round in 0..ROUNDS_MAX {
+            if round > 0 {
+                tokio::time::sleep(ROUND_PAUSE).await;
+            }
+            errors.clear();
+            let calls = topo.nodes.iter().map(|(&id, addr)| {
+                let req = req.clone();
+                let ch = self.channel(addr);
+                async move {
+                    let ch = match ch {
+                        Ok(ch) => ch,
+                        Err(e) => return (id, Err(Failure::Other(e.to_string()))),
+                    };
+                    let mut c = ClusterClient::new(ch);
+                    let call = c.volume_usage(req);
+                    let r = match tokio::time::timeout(NODE_TIMEOUT, call).await {
+                        Ok(Ok(r)) => Ok(r.into_inner()),
+                        Ok(Err(s))
+                            if matches!(
+                                s.code(),
+                                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                            ) =>
+                        {
+                            Err(Failure::Denied(s.message().to_owned()))
+                        }
+                        Ok(Err(s)) => Err(Failure::Other(status_text(&s))),
+                        Err(_) => Err(Failure::Other("timed out".to_owned())),
+                    };
+                    (id, r)
+                }
+            });
+            for (id, r) in futures::future::join_all(calls).await {
+                let resp = match r {
+                    Ok(resp) => resp,
+                    Err(Failure::Denied(msg)) => {
+                        return Err(ClientError::PermissionDenied(format!("node {id}: {msg}")))
+                    }
+                    Err(Failure::Other(msg)) => {
+                        errors.push(format!("node {id}: {msg}"));
+                        continue;
+                    }
+                };
+                if let Some(e) = resp.error {
+                    errors.push(format!("node {id}: {}", e.message));
+                    continue;
+                }
+                for g in resp.groups {
+                    if counted.get(&g.group_id).is_some_and(|(t, _)| *t >= g.term) {
+                        continue;
+                    }
+                    let vols = g
+                        .volumes
+                        .iter()
+                        .filter(|v| wanted.is_empty() || wanted.contains(&v.volume_id))
+                        .map(|v| (v.volume_id, (v.blocks, v.snapshot_blocks)))
+                        .collect();
+                    counted.insert(g.group_id, (g.term, vols));
+                }
+            }
+            if expected.iter().all(|g| counted.contains_key(g)) {
+                break;
+            }
+        }
+        let mut volumes: BTreeMap<u64, VolumeUsage> = BTreeMap::new();
+        for (_, per_volume) in counted.values() {
+            for (&id, &(blocks, kept)) in per_volume {
+                let u = volumes.entry(id).or_default();
+                u.stored_bytes = u
+                    .stored_bytes
+                    .saturating_add(blocks.saturating_mul(BLOCK_BYTES));
+                u.snapshot_bytes = u
+                    .snapshot_bytes
+                    .saturating_add(kept.saturating_mul(BLOCK_BYTES));
+            }
+        }
+        Ok(UsageReport {
+            volumes,
+            groups_missing: expected
+                .into_iter()
+                .filter(|g| !counted.contains_key(g))
+                .collect(),
+            errors,
+        })
+    }
+}

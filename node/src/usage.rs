@@ -1,0 +1,306 @@
+//! What each volume stores in the groups this node leads, for `raftblk
+//! volume list` and `volume info` (like `rbd du`): its blocks, counted per
+//! volume from the keys of each group's block range, and the blocks kept
+//! for its snapshots.
+//!
+//! Block payloads live in blob files, and RocksDB's ordinary iterator
+//! reads every value it steps over, so a count through it would read every
+//! byte a volume stores. [`KeyScan`] sets `allow_unprepared_value` through
+//! the C API (the Rust binding has no setter): stepping over a block then
+//! reads its key from the SST files and never its blob. Kept snapshot
+//! blocks are counted with their values, because an empty value there
+//! marks a block that was absent at the snapshot and holds no data; they
+//! are the old contents of blocks overwritten since a snapshot, few next
+//! to the live ones.
+//!
+//! Bounded: the service runs one count at a time per node and gives it a
+//! time budget; a group not finished within it is left out of the answer
+//! (the client then says the figure is incomplete).
+
+use std::collections::BTreeMap;
+use std::ffi::CStr;
+use std::time::Instant;
+
+use librocksdb_sys as ffi;
+use rocksdb::{AsColumnFamilyRef, AsRawPtr};
+
+use crate::engine::{Engine, EngineError};
+use crate::keys;
+
+/// Keys a scan steps over between two looks at its deadline.
+const DEADLINE_CHECK_KEYS: u64 = 4096;
+
+/// Blocks stored and blocks kept for snapshots, per volume id.
+pub type VolumeCounts = BTreeMap<u64, (u64, u64)>;
+
+/// A forward iterator over the `kv` family that leaves blob values unread.
+struct KeyScan {
+    // Destroyed in this order: the iterator refers to the read options,
+    // and the read options to `_upper_bound`.
+    iter: *mut ffi::rocksdb_iterator_t,
+    opts: *mut ffi::rocksdb_readoptions_t,
+    _upper_bound: Vec<u8>,
+}
+
+impl KeyScan {
+    /// Positions at the first key of `[start, end)`.
+    fn new(engine: &Engine, start: &[u8], end: &[u8]) -> KeyScan {
+        let upper_bound = end.to_vec();
+        // SAFETY: the read options are created here and destroyed in
+        // `drop`; the upper bound slice points into `upper_bound`, whose
+        // heap buffer does not move when the Vec is moved into the struct
+        // and lives until after the iterator and options are destroyed.
+        // The DB and column family pointers come from `engine`, which
+        // outlives the scan (the scan borrows it for its whole life in
+        // `count`); `rocksdb_create_iterator_cf` copies the options.
+        unsafe {
+            let opts = ffi::rocksdb_readoptions_create();
+            ffi::rocksdb_readoptions_set_allow_unprepared_value(opts, 1);
+            // A full scan must not evict the blocks reads keep cached.
+            ffi::rocksdb_readoptions_set_fill_cache(opts, 0);
+            ffi::rocksdb_readoptions_set_iterate_upper_bound(
+                opts,
+                upper_bound.as_ptr().cast(),
+                upper_bound.len(),
+            );
+            let db: *mut ffi::rocksdb_t = engine.db().as_raw_ptr();
+            let iter = ffi::rocksdb_create_iterator_cf(db, opts, engine.kv_cf().inner());
+            ffi::rocksdb_iter_seek(iter, start.as_ptr().cast(), start.len());
+            KeyScan {
+                iter,
+                opts,
+                _upper_bound: upper_bound,
+            }
+        }
+    }
+
+    /// The key under the iterator, or `None` past the end (or on an error:
+    /// see [`KeyScan::status`]).
+    fn key(&self) -> Option<&[u8]> {
+        // SAFETY: `iter` is a live iterator; the key slice it returns is
+        // valid until the next move, which needs `&mut self` while the
+        // returned borrow holds `&self`.
+        unsafe {
+            if ffi::rocksdb_iter_valid(self.iter) == 0 {
+                return None;
+            }
+            let mut len: usize = 0;
+            let ptr = ffi::rocksdb_iter_key(self.iter, &mut len);
+            if ptr.is_null() {
+                return None;
+            }
+            Some(std::slice::from_raw_parts(ptr.cast::<u8>(), len))
+        }
+    }
+
+    fn next(&mut self) {
+        // SAFETY: `iter` is live and valid (callers step only after `key`
+        // returned a key).
+        unsafe { ffi::rocksdb_iter_next(self.iter) }
+    }
+
+    /// The error that ended the scan early, if one did.
+    fn status(&self) -> Result<(), EngineError> {
+        let mut err: *mut libc::c_char = std::ptr::null_mut();
+        // SAFETY: `iter` is live; RocksDB stores a malloc'd C string in
+        // `err` on error, which is read and then freed with `rocksdb_free`.
+        unsafe {
+            ffi::rocksdb_iter_get_error(self.iter, &mut err);
+            if err.is_null() {
+                return Ok(());
+            }
+            let msg = CStr::from_ptr(err).to_string_lossy().into_owned();
+            ffi::rocksdb_free(err.cast());
+            Err(EngineError::Io(std::io::Error::other(format!(
+                "rocksdb key scan: {msg}"
+            ))))
+        }
+    }
+}
+
+impl Drop for KeyScan {
+    fn drop(&mut self) {
+        // SAFETY: both were created in `new` and are destroyed once, the
+        // iterator (which refers to the options) first.
+        unsafe {
+            ffi::rocksdb_iter_destroy(self.iter);
+            ffi::rocksdb_readoptions_destroy(self.opts);
+        }
+    }
+}
+
+/// Adds `group`'s stored and kept blocks of `volumes` (every volume when
+/// empty) to `out`. Returns false, leaving `out` partly filled, when
+/// `deadline` passed first.
+pub fn count_group(
+    engine: &Engine,
+    group: u64,
+    volumes: &[u64],
+    deadline: Instant,
+    out: &mut VolumeCounts,
+) -> Result<bool, EngineError> {
+    let block_ranges: Vec<(Vec<u8>, Vec<u8>)> = if volumes.is_empty() {
+        vec![(keys::block(group, 0, 0), keys::blocks_end(group))]
+    } else {
+        volumes
+            .iter()
+            .map(|&v| {
+                (
+                    keys::volume_blocks_start(group, v),
+                    keys::volume_blocks_end(group, v),
+                )
+            })
+            .collect()
+    };
+    let mut seen = 0u64;
+    for (start, end) in &block_ranges {
+        let mut scan = KeyScan::new(engine, start, end);
+        while let Some(k) = scan.key() {
+            if let Some((volume, _)) = keys::parse_block(group, k) {
+                out.entry(volume).or_default().0 += 1;
+            }
+            seen += 1;
+            if seen.is_multiple_of(DEADLINE_CHECK_KEYS) && Instant::now() >= deadline {
+                return Ok(false);
+            }
+            scan.next();
+        }
+        scan.status()?;
+    }
+    let snap_ranges: Vec<(Vec<u8>, Vec<u8>)> = if volumes.is_empty() {
+        vec![(
+            keys::snap_block(group, 0, 0, 0),
+            keys::snap_volume_end(group, u64::MAX),
+        )]
+    } else {
+        volumes
+            .iter()
+            .map(|&v| {
+                (
+                    keys::snap_block(group, v, 0, 0),
+                    keys::snap_volume_end(group, v),
+                )
+            })
+            .collect()
+    };
+    for (start, end) in snap_ranges {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.fill_cache(false);
+        ro.set_iterate_upper_bound(end);
+        let iter = engine.db().iterator_cf_opt(
+            engine.kv_cf(),
+            ro,
+            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item?;
+            if let Some((volume, _, _)) = keys::parse_snap_block(group, &k) {
+                if !v.is_empty() {
+                    out.entry(volume).or_default().1 += 1;
+                }
+            }
+            seen += 1;
+            if seen.is_multiple_of(DEADLINE_CHECK_KEYS) && Instant::now() >= deadline {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block;
+    use raftblk_proto::BLOCK_BYTES;
+    use rocksdb::WriteBatch;
+    use std::time::Duration;
+
+    fn engine(dir: &std::path::Path) -> Engine {
+        Engine::open(dir).expect("open engine")
+    }
+
+    #[test]
+    fn counts_blocks_and_kept_blocks_per_volume_in_memtable_and_blob_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = engine(dir.path());
+        let data = block::encode(&[7u8; BLOCK_BYTES as usize]);
+        let mut wb = WriteBatch::default();
+        for b in 0..10 {
+            wb.put_cf(e.kv_cf(), keys::block(3, 1, b), &data);
+        }
+        for b in 0..4 {
+            wb.put_cf(e.kv_cf(), keys::block(3, 2, b), &data);
+        }
+        // Another group's blocks and catalog keys are not counted.
+        wb.put_cf(e.kv_cf(), keys::block(4, 1, 0), &data);
+        wb.put_cf(e.kv_cf(), keys::volume(3, "v"), b"x");
+        // Two kept blocks of volume 1 and one absent-at-snapshot marker.
+        wb.put_cf(e.kv_cf(), keys::snap_block(3, 1, 0, 1), &data);
+        wb.put_cf(e.kv_cf(), keys::snap_block(3, 1, 1, 1), &data);
+        wb.put_cf(e.kv_cf(), keys::snap_block(3, 1, 2, 1), b"");
+        e.write(wb, true).expect("write");
+        let far = Instant::now() + Duration::from_secs(60);
+        for flushed in [false, true] {
+            if flushed {
+                // Into SST and blob files: the key scan must not need the
+                // values there either.
+                e.db().flush_cf(e.kv_cf()).expect("flush");
+            }
+            let mut all = VolumeCounts::new();
+            assert!(count_group(&e, 3, &[], far, &mut all).expect("count"));
+            assert_eq!(all.get(&1), Some(&(10, 2)), "flushed={flushed}");
+            assert_eq!(all.get(&2), Some(&(4, 0)), "flushed={flushed}");
+            assert_eq!(all.len(), 2);
+            let mut one = VolumeCounts::new();
+            assert!(count_group(&e, 3, &[2], far, &mut one).expect("count"));
+            assert_eq!(one.into_iter().collect::<Vec<_>>(), vec![(2, (4, 0))]);
+        }
+        let mut none = VolumeCounts::new();
+        assert!(count_group(&e, 5, &[], far, &mut none).expect("count"));
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn the_block_count_reads_no_blob() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = engine(dir.path());
+        let data = block::encode(&[1u8; BLOCK_BYTES as usize]);
+        let mut wb = WriteBatch::default();
+        for b in 0..64 {
+            wb.put_cf(e.kv_cf(), keys::block(2, 5, b), &data);
+        }
+        e.write(wb, true).expect("write");
+        e.db().flush_cf(e.kv_cf()).expect("flush");
+        // Take the blob files away: a read of any block's value now fails,
+        // the count must not.
+        let mut removed = 0;
+        for f in std::fs::read_dir(dir.path().join("db")).expect("db dir") {
+            let path = f.expect("entry").path();
+            if path.extension().is_some_and(|x| x == "blob") {
+                std::fs::remove_file(&path).expect("remove blob file");
+                removed += 1;
+            }
+        }
+        assert!(removed > 0, "the blocks went to blob files");
+        assert!(e.db().get_cf(e.kv_cf(), keys::block(2, 5, 0)).is_err());
+        let mut out = VolumeCounts::new();
+        let far = Instant::now() + Duration::from_secs(60);
+        assert!(count_group(&e, 2, &[], far, &mut out).expect("count"));
+        assert_eq!(out.get(&5), Some(&(64, 0)));
+    }
+
+    #[test]
+    fn a_passed_deadline_stops_a_long_count() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = engine(dir.path());
+        let mut wb = WriteBatch::default();
+        for b in 0..(2 * DEADLINE_CHECK_KEYS) {
+            wb.put_cf(e.kv_cf(), keys::block(1, 9, b), b"small");
+        }
+        e.write(wb, true).expect("write");
+        let mut out = VolumeCounts::new();
+        let finished = count_group(&e, 1, &[], Instant::now(), &mut out).expect("count");
+        assert!(!finished);
+    }
+}
