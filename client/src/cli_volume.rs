@@ -157,7 +157,6 @@ fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
     pb
 }
 
-/// `holder (epoch N, ...)` or `no`.
 /// What volumes store, or `None` (with a warning on stderr) when no member
 /// could count: the rest of a listing is still worth printing. A partial
 /// count is printed as a lower bound (see [`describe_stored`]), with the
@@ -209,6 +208,7 @@ fn describe_stored(
     }
 }
 
+/// `holder (epoch N, ...)` or `no`.
 fn describe_lease(lease: Option<&raftblk_proto::AttachLease>) -> String {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use raftblk_proto::cluster_client::ClusterClient;
-use raftblk_proto::{VolumeUsageRequest, BLOCK_BYTES};
+use raftblk_proto::{GroupUsage, VolumeUsageRequest, BLOCK_BYTES};
 
 use crate::error::ClientError;
 use crate::router::{status_text, Client};
@@ -133,34 +133,14 @@ impl Client {
                     continue;
                 }
                 for g in resp.groups {
-                    if counted.get(&g.group_id).is_some_and(|(t, _)| *t >= g.term) {
-                        continue;
-                    }
-                    let vols = g
-                        .volumes
-                        .iter()
-                        .filter(|v| wanted.is_empty() || wanted.contains(&v.volume_id))
-                        .map(|v| (v.volume_id, (v.blocks, v.snapshot_blocks)))
-                        .collect();
-                    counted.insert(g.group_id, (g.term, vols));
+                    take_group(&mut counted, g, &wanted);
                 }
             }
             if expected.iter().all(|g| counted.contains_key(g)) {
                 break;
             }
         }
-        let mut volumes: BTreeMap<u64, VolumeUsage> = BTreeMap::new();
-        for (_, per_volume) in counted.values() {
-            for (&id, &(blocks, kept)) in per_volume {
-                let u = volumes.entry(id).or_default();
-                u.stored_bytes = u
-                    .stored_bytes
-                    .saturating_add(blocks.saturating_mul(BLOCK_BYTES));
-                u.snapshot_bytes = u
-                    .snapshot_bytes
-                    .saturating_add(kept.saturating_mul(BLOCK_BYTES));
-            }
-        }
+        let volumes = sum(&counted);
         Ok(UsageReport {
             volumes,
             groups_missing: expected
@@ -169,5 +149,94 @@ impl Client {
                 .collect(),
             errors,
         })
+    }
+}
+
+/// Takes one member's count of group `g` unless a count from the same or
+/// a higher term is already in: a deposed leader that has not heard of its
+/// successor answers with its older term, and one group is never summed
+/// twice. Only volumes in `wanted` (all when empty) are kept.
+fn take_group(counted: &mut BTreeMap<u64, GroupCount>, g: GroupUsage, wanted: &BTreeSet<u64>) {
+    if counted.get(&g.group_id).is_some_and(|(t, _)| *t >= g.term) {
+        return;
+    }
+    let vols = g
+        .volumes
+        .iter()
+        .filter(|v| wanted.is_empty() || wanted.contains(&v.volume_id))
+        .map(|v| (v.volume_id, (v.blocks, v.snapshot_blocks)))
+        .collect();
+    counted.insert(g.group_id, (g.term, vols));
+}
+
+/// Per volume, the bytes of its blocks and kept blocks over every group.
+fn sum(counted: &BTreeMap<u64, GroupCount>) -> BTreeMap<u64, VolumeUsage> {
+    let mut volumes: BTreeMap<u64, VolumeUsage> = BTreeMap::new();
+    for (_, per_volume) in counted.values() {
+        for (&id, &(blocks, kept)) in per_volume {
+            let u = volumes.entry(id).or_default();
+            u.stored_bytes = u
+                .stored_bytes
+                .saturating_add(blocks.saturating_mul(BLOCK_BYTES));
+            u.snapshot_bytes = u
+                .snapshot_bytes
+                .saturating_add(kept.saturating_mul(BLOCK_BYTES));
+        }
+    }
+    volumes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raftblk_proto::VolumeBlocks;
+
+    fn group(id: u64, term: u64, vols: &[(u64, u64, u64)]) -> GroupUsage {
+        GroupUsage {
+            group_id: id,
+            term,
+            volumes: vols
+                .iter()
+                .map(|&(volume_id, blocks, snapshot_blocks)| VolumeBlocks {
+                    volume_id,
+                    blocks,
+                    snapshot_blocks,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn each_group_counts_once_from_its_newest_leader() {
+        let all = BTreeSet::new();
+        for newer_first in [false, true] {
+            let mut counted = BTreeMap::new();
+            let old = group(1, 3, &[(7, 10, 1)]);
+            let new = group(1, 4, &[(7, 12, 2)]);
+            let (a, b) = if newer_first { (new, old) } else { (old, new) };
+            take_group(&mut counted, a, &all);
+            take_group(&mut counted, b, &all);
+            // The same term twice (a retry round): still once.
+            take_group(&mut counted, group(2, 5, &[(7, 3, 0), (8, 1, 0)]), &all);
+            take_group(&mut counted, group(2, 5, &[(7, 3, 0), (8, 1, 0)]), &all);
+            let v = sum(&counted);
+            assert_eq!(
+                v.get(&7),
+                Some(&VolumeUsage {
+                    stored_bytes: 15 * BLOCK_BYTES,
+                    snapshot_bytes: 2 * BLOCK_BYTES
+                }),
+                "newer_first={newer_first}"
+            );
+            assert_eq!(v.get(&8).map(|u| u.stored_bytes), Some(BLOCK_BYTES));
+        }
+    }
+
+    #[test]
+    fn only_the_volumes_asked_for_are_kept() {
+        let mut counted = BTreeMap::new();
+        let wanted: BTreeSet<u64> = [8].into();
+        take_group(&mut counted, group(2, 1, &[(7, 3, 0), (8, 1, 0)]), &wanted);
+        assert_eq!(sum(&counted).keys().copied().collect::<Vec<_>>(), vec![8]);
     }
 }

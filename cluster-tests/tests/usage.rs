@@ -1,13 +1,14 @@
 //! Stored bytes per volume, as `raftblk volume list` and `volume info`
 //! show them (like `rbd du`): blocks written count once each (a partial
 //! write stores its whole block, a discard frees its blocks), blocks
-//! never written count nothing, and blocks kept for a snapshot count
-//! apart; the figures match what the replicas' digests count, and stay
+//! never written count nothing, blocks kept for a snapshot count apart,
+//! and a clone counts only the blocks it wrote; the figures match what the replicas' digests count, and stay
 //! the same (no group counted twice or left out) after a node dies and
 //! its groups elect new leaders.
 
 use std::time::{Duration, Instant};
 
+use raftblk_client::size::format_size;
 use raftblk_cluster_tests::{bin, payload, ClusterSpec, LocalCluster};
 
 const HEALTHY: Duration = Duration::from_secs(30);
@@ -169,6 +170,20 @@ async fn volume_list_and_info_show_what_each_volume_stores() -> anyhow::Result<(
     tokio::task::spawn_blocking(move || expect_stored(&cl2, "du-a", data_blocks, kept_blocks))
         .await??;
 
+    // A clone counts only the blocks it wrote itself: two whole ones, and
+    // one it wrote 512 bytes of (stored whole, the rest from its parent).
+    client.clone_volume("du-a", "s1", "du-c").await?;
+    let cv = client.open_volume("du-c").await?;
+    cv.write(2 << 20, &payload(6, 2 * BLOCK as usize)).await?;
+    cv.write((512 << 10) + 512, &payload(7, 512)).await?;
+    let clone_blocks = 3;
+    let cl2 = cl.clone();
+    tokio::task::spawn_blocking(move || {
+        expect_stored(&cl2, "du-c", clone_blocks, 0)?;
+        expect_stored(&cl2, "du-a", data_blocks, kept_blocks)
+    })
+    .await??;
+
     // The library call agrees, and so do the replicas' own digests
     // (counted with the values read, on one running replica per group).
     let report = client.volume_usage(&[a.id]).await?;
@@ -176,7 +191,10 @@ async fn volume_list_and_info_show_what_each_volume_stores() -> anyhow::Result<(
     assert_eq!(report.of(a.id).stored_bytes, data_blocks * BLOCK);
     assert_eq!(report.of(a.id).snapshot_bytes, kept_blocks * BLOCK);
     let groups = c.status(1).await?.data_group_count;
-    assert_eq!(digests(&c, groups).await?, (data_blocks, kept_blocks));
+    assert_eq!(
+        digests(&c, groups).await?,
+        (data_blocks + clone_blocks, kept_blocks)
+    );
 
     // A node that leads every data group dies: the groups are counted by
     // their new leaders, none twice, none left out.
@@ -187,7 +205,8 @@ async fn volume_list_and_info_show_what_each_volume_stores() -> anyhow::Result<(
     let cl2 = cl.clone();
     tokio::task::spawn_blocking(move || {
         expect_stored(&cl2, "du-a", data_blocks, kept_blocks)?;
-        expect_stored(&cl2, "du-b", 0, 0)
+        expect_stored(&cl2, "du-b", 0, 0)?;
+        expect_stored(&cl2, "du-c", clone_blocks, 0)
     })
     .await??;
     let (out, err) = tokio::task::spawn_blocking(move || text(&cl, &["volume", "list"])).await??;
@@ -196,5 +215,21 @@ async fn volume_list_and_info_show_what_each_volume_stores() -> anyhow::Result<(
         out.lines().next().is_some_and(|h| h.contains("STORED")),
         "{out}"
     );
+    // The STORED column: data plus what the snapshots keep.
+    for (name, blocks) in [
+        ("du-a", data_blocks + kept_blocks),
+        ("du-b", 0),
+        ("du-c", clone_blocks),
+    ] {
+        let row = out
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .ok_or_else(|| anyhow::anyhow!("no row for {name}:\n{out}"))?;
+        // ID NAME SIZE STORED CHUNK, each size two words ("1.4 MiB").
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        anyhow::ensure!(cols.len() == 8, "{row}");
+        let stored = format!("{} {}", cols[4], cols[5]);
+        assert_eq!(stored, format_size(blocks * BLOCK), "{row}");
+    }
     Ok(())
 }

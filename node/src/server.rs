@@ -168,7 +168,8 @@ pub async fn serve(
             reports,
             placement,
             join_lock: tokio::sync::Mutex::new(()),
-            usage_lock: tokio::sync::Mutex::new(()),
+            usage_slot: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
+            usage_cursor: Default::default(),
         }))
         .serve_with_incoming_shutdown(server_security.incoming(listener), async move {
             let _ = stop_server.wait_for(|stop| *stop).await;

@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::CStr;
+use std::marker::PhantomData;
 use std::time::Instant;
 
 use librocksdb_sys as ffi;
@@ -27,32 +28,39 @@ use rocksdb::{AsColumnFamilyRef, AsRawPtr};
 use crate::engine::{Engine, EngineError};
 use crate::keys;
 
-/// Keys a scan steps over between two looks at its deadline.
-const DEADLINE_CHECK_KEYS: u64 = 4096;
+/// Keys a scan steps over between two looks at its deadline (kept
+/// snapshot blocks are read whole: a few dozen reads at most between
+/// looks).
+const DEADLINE_CHECK_KEYS: u64 = 64;
 
 /// Blocks stored and blocks kept for snapshots, per volume id.
 pub type VolumeCounts = BTreeMap<u64, (u64, u64)>;
 
-/// A forward iterator over the `kv` family that leaves blob values unread.
-struct KeyScan {
-    // Destroyed in this order: the iterator refers to the read options,
-    // and the read options to `_upper_bound`.
+/// A forward iterator over the `kv` family that leaves blob values
+/// unread; it borrows the engine whose DB it reads.
+struct KeyScan<'a> {
+    // Destroyed in this order (see `drop`): the iterator keeps a pointer
+    // to the upper bound slice stored inside the read options, and that
+    // slice points into `_upper_bound`.
     iter: *mut ffi::rocksdb_iterator_t,
     opts: *mut ffi::rocksdb_readoptions_t,
     _upper_bound: Vec<u8>,
+    _engine: PhantomData<&'a Engine>,
 }
 
-impl KeyScan {
+impl<'a> KeyScan<'a> {
     /// Positions at the first key of `[start, end)`.
-    fn new(engine: &Engine, start: &[u8], end: &[u8]) -> KeyScan {
+    fn new(engine: &'a Engine, start: &[u8], end: &[u8]) -> KeyScan<'a> {
         let upper_bound = end.to_vec();
         // SAFETY: the read options are created here and destroyed in
-        // `drop`; the upper bound slice points into `upper_bound`, whose
-        // heap buffer does not move when the Vec is moved into the struct
-        // and lives until after the iterator and options are destroyed.
-        // The DB and column family pointers come from `engine`, which
-        // outlives the scan (the scan borrows it for its whole life in
-        // `count`); `rocksdb_create_iterator_cf` copies the options.
+        // `drop`, after the iterator. `rocksdb_create_iterator_cf` copies
+        // the options' fields, but the copied `iterate_upper_bound` still
+        // points at the slice inside `opts`, which points into
+        // `upper_bound`'s heap buffer: that buffer does not move when the
+        // Vec moves into the struct, and both outlive the iterator. The DB
+        // and column family pointers come from `engine`, which the scan
+        // borrows for its whole life ('a). `start` is only read by the
+        // seek, during this call.
         unsafe {
             let opts = ffi::rocksdb_readoptions_create();
             ffi::rocksdb_readoptions_set_allow_unprepared_value(opts, 1);
@@ -70,6 +78,7 @@ impl KeyScan {
                 iter,
                 opts,
                 _upper_bound: upper_bound,
+                _engine: PhantomData,
             }
         }
     }
@@ -118,7 +127,7 @@ impl KeyScan {
     }
 }
 
-impl Drop for KeyScan {
+impl Drop for KeyScan<'_> {
     fn drop(&mut self) {
         // SAFETY: both were created in `new` and are destroyed once, the
         // iterator (which refers to the options) first.
@@ -154,6 +163,9 @@ pub fn count_group(
     };
     let mut seen = 0u64;
     for (start, end) in &block_ranges {
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
         let mut scan = KeyScan::new(engine, start, end);
         while let Some(k) = scan.key() {
             if let Some((volume, _)) = keys::parse_block(group, k) {
@@ -184,6 +196,9 @@ pub fn count_group(
             .collect()
     };
     for (start, end) in snap_ranges {
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
         let mut ro = rocksdb::ReadOptions::default();
         ro.fill_cache(false);
         ro.set_iterate_upper_bound(end);

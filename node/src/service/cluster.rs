@@ -31,7 +31,13 @@ pub struct ClusterService {
     /// Joins run one at a time (see `map::join`).
     pub join_lock: tokio::sync::Mutex<()>,
     /// Usage counts run one at a time: each may scan every block key here.
-    pub usage_lock: tokio::sync::Mutex<()>,
+    /// The permit moves into the blocking scan, so a caller that goes away
+    /// does not free the slot before the scan ends.
+    pub usage_slot: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The group the next usage count starts from: a count that ran out
+    /// of time leaves it at the first group not counted, so repeated
+    /// counts on a node too large for one cover every group in turn.
+    pub usage_cursor: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Volumes one usage request may name.
@@ -312,30 +318,43 @@ impl Cluster for ClusterService {
         }
         volumes.sort_unstable();
         volumes.dedup();
-        let Ok(permit) = tokio::time::timeout(USAGE_WAIT, self.usage_lock.lock()).await else {
-            return fail(PbError::new(
-                ErrorCode::Unavailable,
-                "another usage count is running on this node; try again",
-            ));
-        };
-        let led: Vec<(u64, u64)> = self
+        let permit =
+            match tokio::time::timeout(USAGE_WAIT, self.usage_slot.clone().acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) | Err(_) => {
+                    return fail(PbError::new(
+                        ErrorCode::Unavailable,
+                        "another usage count is running on this node; try again",
+                    ))
+                }
+            };
+        let mut led: Vec<(u64, u64)> = self
             .store
             .views()
             .into_iter()
             .filter(|v| v.role == "leader")
             .map(|v| (v.group, v.term))
             .collect();
+        led.sort_unstable();
+        // Start where the last count that ran out of time stopped.
+        let cursor = self.usage_cursor.clone();
+        let from = cursor.load(Ordering::Relaxed);
+        let start = led.partition_point(|&(g, _)| g < from);
+        led.rotate_left(start);
         let engine = self.store.engine.clone();
         let res = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let deadline = std::time::Instant::now() + USAGE_BUDGET;
             let mut groups = Vec::with_capacity(led.len());
             for (group, term) in led {
                 let mut counts = crate::usage::VolumeCounts::new();
                 if !crate::usage::count_group(&engine, group, &volumes, deadline, &mut counts)? {
+                    cursor.store(group, Ordering::Relaxed);
                     tracing::warn!(
                         group,
+                        counted = groups.len(),
                         budget_ms = USAGE_BUDGET.as_millis() as u64,
-                        "volume usage count ran out of time; the remaining groups are left out"
+                        "volume usage count ran out of time; the groups from this one on are left out (the next count starts here)"
                     );
                     break;
                 }
@@ -356,7 +375,6 @@ impl Cluster for ClusterService {
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
-        drop(permit);
         match res {
             Ok(groups) => Ok(Response::new(VolumeUsageResponse {
                 error: None,
