@@ -5,13 +5,14 @@
 //! messages or create volumes, and the refusal names the role and is
 //! logged with the peer; an `admin` certificate can; a certificate
 //! revoked while the cluster runs is refused within seconds (the CRL is
-//! re-read without a restart).
+//! re-read without a restart), and so is a node's: the raft streams it had
+//! open are cut.
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use raftblk_client::{Client, ClientError, ClientOptions};
-use raftblk_cluster_tests::{tls, ClusterSpec, LocalCluster};
+use raftblk_cluster_tests::{metrics, tls, ClusterSpec, LocalCluster};
 use raftblk_proto::raft_transport_client::RaftTransportClient;
 use raftblk_proto::RaftBatch;
 use raftblk_tls::certs::{write_pem, Ca};
@@ -252,5 +253,82 @@ fn strangers_are_refused_and_roles_are_enforced() -> anyhow::Result<()> {
         cluster.client().await?.list_volumes().await?;
         anyhow::Ok(())
     })?;
+
+    // A node's certificate revoked while it runs: the raft streams it
+    // already had open (which passed the role gate once, when they opened)
+    // are cut within seconds, and it cannot open new ones; the other two
+    // nodes go on serving writes.
+    let node3 = raftblk_tls::files::load_certs(&tls::dir().join("node3.pem"))?;
+    let node3_serial = raftblk_tls::cert_facts(node3[0].as_ref()).serial;
+    let addrs: Vec<_> = (1..=2)
+        .map(|i| {
+            cluster
+                .metrics_addr(i)
+                .ok_or_else(|| anyhow::anyhow!("node {i} serves no metrics"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    // Raft messages nodes 1 and 2 have received from node 3.
+    let from3 = || -> anyhow::Result<f64> {
+        let mut n = 0.0;
+        for a in &addrs {
+            n += metrics::sum(
+                &metrics::scrape(*a)?,
+                "raftblk_node_raft_messages_received_total",
+                &[("peer", "3")],
+            );
+        }
+        Ok(n)
+    };
+    rt.block_on(async {
+        let admin = cluster.client().await?;
+        admin.create_volume("rv", 16 << 20).await?;
+        let vol = admin.open_volume("rv").await?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let writer = tokio::spawn(async move {
+            let until = Instant::now() + Duration::from_secs(90);
+            let mut n = 0u64;
+            while Instant::now() < until && !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                vol.write((n * 4096 * 61) % (16 << 20), &[n as u8; 4096]).await?;
+                n += 1;
+            }
+            anyhow::Ok((n, vol))
+        });
+        let before = from3()?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        anyhow::ensure!(
+            from3()? > before,
+            "nodes 1 and 2 hear nothing from node 3 even before the revocation"
+        );
+        write_pem(
+            &tls::dir().join("crl.pem"),
+            &ca.crl(&[c.serial.clone(), node3_serial], 3)?,
+            false,
+        )?;
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let a = from3()?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            if from3()? == a {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < until,
+                "nodes 1 and 2 still receive raft messages from node 3 30 s after its certificate was revoked"
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (writes, vol) = writer.await??;
+        anyhow::ensure!(writes > 0, "no write went through");
+        // Writes still go through on nodes 1 and 2.
+        vol.write(0, &[9u8; 4096]).await?;
+        anyhow::ensure!(vol.read(0, 4096).await? == vec![9u8; 4096]);
+        anyhow::Ok(())
+    })?;
+    let logs: String = (1..=2).map(|i| cluster.log_tail(i, 400)).collect();
+    assert!(
+        logs.contains("raft stream cut"),
+        "no log line says why node 3's stream was cut"
+    );
     Ok(())
 }

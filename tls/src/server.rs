@@ -48,6 +48,15 @@ pub struct PeerInfo {
     pub not_after_unix: i64,
 }
 
+impl PeerInfo {
+    /// Why this peer's certificate, accepted at its handshake, may no
+    /// longer be used (revoked or expired since); None while it may. For
+    /// long-lived streams, which pass the role gate once.
+    pub fn no_longer_valid(&self) -> Option<&'static str> {
+        no_longer_valid(self)
+    }
+}
+
 /// The serials the server's current CRL revokes (one server per process;
 /// replaced at each (re)load of the TLS files).
 static REVOKED: std::sync::RwLock<Vec<Vec<u8>>> = std::sync::RwLock::new(Vec::new());
@@ -87,7 +96,29 @@ pub enum ServerSecurity {
     Tls(Arc<Reloading<ServerConfig>>),
 }
 
+/// A node serves only with a `node` certificate: checked at start and at
+/// every reload (a rotation to another role's certificate keeps the old).
+fn check_node_cert(f: &TlsFiles) -> Result<(), TlsError> {
+    let own = load_certs(&f.cert)?;
+    let Some(first) = own.first() else {
+        return Err(TlsError::Config(format!(
+            "{}: no certificate in the file",
+            f.cert.display()
+        )));
+    };
+    let (role, subject) = role_of_cert(first);
+    if role != Some(Role::Node) {
+        return Err(TlsError::Config(format!(
+            "{}: a node needs a certificate with the `node` role ({subject} has {})",
+            f.cert.display(),
+            role.map_or("none".to_owned(), |r| r.to_string())
+        )));
+    }
+    Ok(())
+}
+
 fn build_server_config(f: &TlsFiles) -> Result<ServerConfig, TlsError> {
+    check_node_cert(f)?;
     let provider = crate::provider();
     let roots = load_roots(&f.ca)?;
     let mut verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
@@ -120,15 +151,6 @@ fn build_server_config(f: &TlsFiles) -> Result<ServerConfig, TlsError> {
 impl ServerSecurity {
     /// TLS from `files`, reloaded when they change (call on a runtime).
     pub fn tls(files: TlsFiles) -> Result<ServerSecurity, TlsError> {
-        let own = load_certs(&files.cert)?;
-        let (role, subject) = role_of_cert(&own[0]);
-        if role != Some(Role::Node) {
-            return Err(TlsError::Config(format!(
-                "{}: a node needs a certificate with the `node` role ({subject} has {})",
-                files.cert.display(),
-                role.map_or("none".to_owned(), |r| r.to_string())
-            )));
-        }
         Ok(ServerSecurity::Tls(Reloading::watch(
             files,
             "server",

@@ -22,6 +22,28 @@ use crate::store::StoreHandle;
 
 /// Envelopes accepted in one batch.
 const BATCH_ENVELOPES_MAX: usize = 4096;
+/// How often a raft stream re-checks its sender's certificate against the
+/// current CRL and clock (the role gate saw it once, when the stream
+/// opened).
+const PEER_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Refuses a stream whose sender's certificate was revoked or expired
+/// since the stream opened.
+fn still_trusted(peer: Option<&raftblk_tls::PeerInfo>, from: u64) -> Result<(), Status> {
+    let Some(p) = peer else {
+        return Ok(());
+    };
+    match p.no_longer_valid() {
+        None => Ok(()),
+        Some(why) => {
+            tracing::warn!(node = from, subject = %p.subject, why, "raft stream cut: its certificate may no longer be used");
+            Err(Status::permission_denied(format!(
+                "the certificate ({}) was {why}",
+                p.subject
+            )))
+        }
+    }
+}
 
 pub struct RaftService {
     pub store: StoreHandle,
@@ -33,6 +55,8 @@ pub struct RaftService {
 impl RaftTransport for RaftService {
     async fn send(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<Empty>, Status> {
         let me = self.store.config.node_id;
+        let peer = req.extensions().get::<raftblk_tls::PeerInfo>().cloned();
+        let mut checked = std::time::Instant::now();
         let mut stream = req.into_inner();
         // The sender, checked on its first batch: later ones must match.
         let mut sender: Option<(u64, bytes::Bytes)> = None;
@@ -63,6 +87,10 @@ impl RaftTransport for RaftService {
             }
             if batch.envelopes.len() > BATCH_ENVELOPES_MAX {
                 return Err(Status::invalid_argument("too many envelopes in one batch"));
+            }
+            if checked.elapsed() >= PEER_RECHECK {
+                checked = std::time::Instant::now();
+                still_trusted(peer.as_ref(), batch.from_node)?;
             }
             self.store.liveness.heard(batch.from_node);
             if let Some((count, bytes)) = &received {
@@ -134,6 +162,7 @@ impl RaftTransport for RaftService {
         req: Request<Streaming<SnapshotPiece>>,
     ) -> Result<Response<Empty>, Status> {
         let me = self.store.config.node_id;
+        let peer = req.extensions().get::<raftblk_tls::PeerInfo>().cloned();
         let mut stream = req.into_inner();
         let stall = std::time::Duration::from_secs(self.store.config.placement.snapshot_stall_secs);
         let first = tokio::time::timeout(stall, stream.message())
@@ -174,6 +203,12 @@ impl RaftTransport for RaftService {
                 return Err(e);
             }
         };
+        // The stream may have run for minutes: its sender must still be
+        // trusted for the snapshot to count.
+        if let Err(e) = still_trusted(peer.as_ref(), first.from_node) {
+            writer.abandon();
+            return Err(e);
+        }
         if total != writer.count() {
             let got = writer.count();
             writer.abandon();
