@@ -74,9 +74,11 @@ static CPU_SECONDS: std::sync::LazyLock<prometheus::Counter> = std::sync::LazyLo
 });
 
 fn update_cpu_seconds() {
-    // SAFETY: getrusage(2) fills the zeroed struct we own; RUSAGE_SELF is
-    // always valid.
+    // SAFETY: `rusage` is a plain C struct of integers, for which all
+    // zero bytes is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage(2) only writes the struct we own and pass by
+    // exclusive reference; RUSAGE_SELF is always a valid target.
     if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
         return;
     }
@@ -134,9 +136,26 @@ async fn accept_loop(listener: TcpListener, refresh: Option<Refresh>) {
         };
         let refresh = refresh.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let refresh = refresh.clone();
-                async move { Ok::<_, Infallible>(respond(&req, refresh.as_deref())) }
+                let method = req.method().clone();
+                let path = req.uri().path().to_owned();
+                async move {
+                    // The refresh reads RocksDB properties and the disk,
+                    // and scrapes queue on one lock: off the async workers.
+                    let r = tokio::task::spawn_blocking(move || {
+                        respond(&method, &path, refresh.as_deref())
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        let mut r = Response::new(Full::new(Bytes::from(format!(
+                            "metrics refresh failed: {e}\n"
+                        ))));
+                        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                        r
+                    });
+                    Ok::<_, Infallible>(r)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -151,7 +170,8 @@ async fn accept_loop(listener: TcpListener, refresh: Option<Refresh>) {
 }
 
 fn respond(
-    req: &Request<Incoming>,
+    method: &Method,
+    path: &str,
     refresh: Option<&(dyn Fn() + Send + Sync)>,
 ) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, ctype: &str, body: String| {
@@ -162,14 +182,14 @@ fn respond(
         }
         r
     };
-    if req.method() != Method::GET && req.method() != Method::HEAD {
+    if method != Method::GET && method != Method::HEAD {
         return reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "only GET /metrics is served\n".into(),
         );
     }
-    if req.uri().path() != "/metrics" {
+    if path != "/metrics" {
         return reply(
             StatusCode::NOT_FOUND,
             "text/plain",

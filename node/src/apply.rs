@@ -211,6 +211,7 @@ impl<'a> Applier<'a> {
                     keys::snap_volume_end(group, p.volume_id),
                 );
                 self.delete(wb, keys::snap_cut(group, p.volume_id));
+                crate::metrics::METRICS.forget_volume(p.volume_id);
                 Ok(Ok(ApplyOutput::Done))
             }
             Cmd::Fence(c) => self.fence(wb, group, c),

@@ -26,7 +26,8 @@ use crate::store::StoreHandle;
 pub static BOUND_ADDR: std::sync::OnceLock<std::net::SocketAddr> = std::sync::OnceLock::new();
 
 /// Volumes with series of their own on one node; later ones count under
-/// `volume="other"`.
+/// `volume="other"` (a deleted volume's slot is freed when its blocks are
+/// purged here).
 pub const VOLUME_SERIES_MAX: usize = 64;
 
 /// A group whose applied index trails its commit index (or, on a leader,
@@ -310,6 +311,23 @@ impl NodeMetrics {
         };
         all.insert(if full { u64::MAX } else { volume }, s.clone());
         s
+    }
+}
+
+impl NodeMetrics {
+    /// Drops `volume`'s own series (its blocks were purged: it was
+    /// deleted), freeing its slot under the cap for another volume.
+    pub fn forget_volume(&self, volume: u64) {
+        let mut all = self.volumes.write().unwrap_or_else(|p| p.into_inner());
+        if all.remove(&volume).is_none() {
+            return;
+        }
+        let label = volume.to_string();
+        for op in ["read", "write"] {
+            let _ = self.block_requests.remove_label_values(&[op, &label]);
+            let _ = self.block_bytes.remove_label_values(&[op, &label]);
+            let _ = self.volume_seconds.remove_label_values(&[op, &label]);
+        }
     }
 }
 

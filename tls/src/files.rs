@@ -143,6 +143,9 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         });
         let weak = Arc::downgrade(&this);
         let mut stamp = files.stamp();
+        // The state of the files last reported as not loading: one warning
+        // per change, not one per poll.
+        let mut reported = None;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(RELOAD_POLL).await;
@@ -160,7 +163,10 @@ impl<T: Send + Sync + 'static> Reloading<T> {
                     Err(e) => {
                         // Keep the old config; try again at the next poll
                         // (a file may be half written).
-                        tracing::warn!(error = %e, "{what}: TLS files changed but do not load; keeping the previous ones");
+                        if reported.as_ref() != Some(&now) {
+                            tracing::warn!(error = %e, "{what}: TLS files changed but do not load; keeping the previous ones");
+                            reported = Some(now);
+                        }
                     }
                 }
             }
