@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod attach;
+pub mod catalog;
 pub mod clone;
 pub mod diff;
 pub mod error;
