@@ -36,6 +36,10 @@ pub enum CertsCmd {
         /// Host names or addresses to add as subject alternative names.
         #[arg(long, value_delimiter = ',')]
         hosts: Vec<String>,
+        /// With --role node (and only then): the node's id. The
+        /// certificate names it, and the node may speak only for itself.
+        #[arg(long)]
+        node_id: Option<u64>,
         #[arg(long, default_value_t = 825)]
         days: u64,
     },
@@ -89,10 +93,20 @@ pub fn run(cmd: &CertsCmd) -> anyhow::Result<()> {
             name,
             role,
             hosts,
+            node_id,
             days,
         } => {
             check_name(name)?;
             let role = Role::parse(role).context("role")?;
+            match (role, node_id) {
+                (Role::Node, None) => anyhow::bail!(
+                    "--node-id: a node certificate names its node (the node may speak only for itself)"
+                ),
+                (Role::Node, Some(0)) => anyhow::bail!("--node-id: node ids start at 1"),
+                (Role::Node, Some(_)) => {}
+                (_, Some(_)) => anyhow::bail!("--node-id is for --role node only"),
+                (_, None) => {}
+            }
             let ca = load_ca(dir)?;
             let (cert, key) = (
                 dir.join(format!("{name}.pem")),
@@ -103,13 +117,17 @@ pub fn run(cmd: &CertsCmd) -> anyhow::Result<()> {
                 "{} already exists: choose another name",
                 cert.display()
             );
-            let c = ca.issue(&format!("raftblk {name}"), role, hosts, valid(*days)?)?;
+            let c = match node_id {
+                Some(id) => ca.issue_node(&format!("raftblk {name}"), *id, hosts, valid(*days)?)?,
+                None => ca.issue(&format!("raftblk {name}"), role, hosts, valid(*days)?)?,
+            };
             certs::write_pem(&cert, &c.cert_pem, false)?;
             certs::write_pem(&key, &c.key_pem, true)?;
             outln!(
-                "issued {} and {} (role {role})",
+                "issued {} and {} (role {role}{})",
                 cert.display(),
-                key.display()
+                key.display(),
+                node_id.map_or(String::new(), |id| format!(", node {id}"))
             );
         }
         CertsCmd::Revoke { dir, certs: files } => {

@@ -41,7 +41,8 @@ pub async fn serve(
     // TLS first: joining already talks to other nodes.
     let server_security = match config.tls.as_ref().and_then(|t| t.files()) {
         Some(files) => {
-            let server = ServerSecurity::tls(files.clone()).context("TLS (tls.* keys)")?;
+            let server =
+                ServerSecurity::tls(files.clone(), config.node_id).context("TLS (tls.* keys)")?;
             crate::transport::set_security(ClientSecurity::tls(files).context("TLS (tls.* keys)")?);
             tracing::info!(node = config.node_id, "mutual TLS on");
             server

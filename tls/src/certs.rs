@@ -109,6 +109,38 @@ impl Ca {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<Issued, TlsError> {
+        self.issue_inner(name, role, None, hosts, not_before, not_after)
+    }
+
+    /// A `node` certificate for node `id` (its URI names the node: the
+    /// node may speak only for itself), valid from an hour ago for `valid`.
+    pub fn issue_node(
+        &self,
+        name: &str,
+        id: u64,
+        hosts: &[String],
+        valid: Duration,
+    ) -> Result<Issued, TlsError> {
+        let now = SystemTime::now();
+        self.issue_inner(
+            name,
+            Role::Node,
+            Some(id),
+            hosts,
+            now - Duration::from_secs(3600),
+            now + valid,
+        )
+    }
+
+    fn issue_inner(
+        &self,
+        name: &str,
+        role: Role,
+        node: Option<u64>,
+        hosts: &[String],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Issued, TlsError> {
         let key = KeyPair::generate().map_err(gen)?;
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
         let mut dn = DistinguishedName::new();
@@ -116,6 +148,10 @@ impl Ca {
         dn.push(DnType::OrganizationName, "raftblk");
         p.distinguished_name = dn;
         let mut sans = vec![SanType::URI(role.uri().try_into().map_err(gen)?)];
+        if let Some(id) = node {
+            let uri = format!("{}{id}", crate::NODE_URI_PREFIX);
+            sans.push(SanType::URI(uri.try_into().map_err(gen)?));
+        }
         for h in hosts {
             sans.push(match h.parse::<std::net::IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
@@ -233,7 +269,7 @@ pub fn init_dir(dir: &Path, nodes: &[u64], valid: Duration) -> Result<InitDir, T
     write_pem(&dir.join("ca.pem"), &ca.cert_pem, false)?;
     write_pem(&dir.join("ca.key"), &ca.key_pem, true)?;
     for id in nodes {
-        let c = ca.issue(&format!("raftblk node {id}"), Role::Node, &[], valid)?;
+        let c = ca.issue_node(&format!("raftblk node {id}"), *id, &[], valid)?;
         write_pem(&dir.join(format!("node{id}.pem")), &c.cert_pem, false)?;
         write_pem(&dir.join(format!("node{id}.key")), &c.key_pem, true)?;
     }
@@ -259,10 +295,15 @@ mod tests {
                 .expect("issue");
             let der = crate::files::load_certs_from_pem(&c.cert_pem).expect("pem");
             assert_eq!(crate::role_of_cert(&der[0]).0, Some(role));
+            assert_eq!(crate::cert_facts(&der[0]).node_id, None);
         }
         let dir = tempfile::tempdir().expect("dir");
         init_dir(dir.path(), &[1, 2, 3], Duration::from_secs(86_400)).expect("init");
         assert!(dir.path().join("node3.key").exists());
+        // Node certificates name their node.
+        let der = crate::files::load_certs(&dir.path().join("node3.pem")).expect("node3");
+        let facts = crate::cert_facts(&der[0]);
+        assert_eq!((facts.role, facts.node_id), (Some(Role::Node), Some(3)));
         assert!(init_dir(dir.path(), &[1], Duration::from_secs(60)).is_err());
         let loaded =
             Ca::load(&dir.path().join("ca.pem"), &dir.path().join("ca.key")).expect("load");

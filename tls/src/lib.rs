@@ -39,6 +39,10 @@ pub enum Role {
 
 /// The URI SAN prefix naming a role.
 pub const ROLE_URI_PREFIX: &str = "raftblk:role:";
+/// URI subject alternative name prefix naming the node a `node`
+/// certificate belongs to (`raftblk:node:3`): that node may speak only for
+/// itself in raft streams and heartbeats.
+pub const NODE_URI_PREFIX: &str = "raftblk:node:";
 
 impl Role {
     pub fn name(self) -> &'static str {
@@ -120,23 +124,43 @@ pub struct CertFacts {
     /// End of validity, Unix seconds (0 if unreadable: then it counts as
     /// expired).
     pub not_after_unix: i64,
+    /// The node it names (`raftblk:node:ID`), if exactly one.
+    pub node_id: Option<u64>,
 }
 
 /// Role, subject, serial and end of validity of a certificate (DER).
 pub fn cert_facts(der: &[u8]) -> CertFacts {
     let (role, subject) = role_of_cert(der);
-    let (serial, not_after_unix) = match x509_parser::parse_x509_certificate(der) {
-        Ok((_, c)) => (
-            c.tbs_certificate.raw_serial().to_vec(),
-            c.validity().not_after.timestamp(),
-        ),
-        Err(_) => (Vec::new(), 0),
+    let (serial, not_after_unix, node_id) = match x509_parser::parse_x509_certificate(der) {
+        Ok((_, c)) => {
+            let mut ids = Vec::new();
+            if let Ok(Some(san)) = c.subject_alternative_name() {
+                for name in &san.value.general_names {
+                    if let x509_parser::extensions::GeneralName::URI(uri) = name {
+                        if let Some(id) = uri.strip_prefix(NODE_URI_PREFIX) {
+                            ids.push(id.parse::<u64>().ok());
+                        }
+                    }
+                }
+            }
+            let node_id = match ids.as_slice() {
+                [Some(id)] => Some(*id),
+                _ => None,
+            };
+            (
+                c.tbs_certificate.raw_serial().to_vec(),
+                c.validity().not_after.timestamp(),
+                node_id,
+            )
+        }
+        Err(_) => (Vec::new(), 0, None),
     };
     CertFacts {
         role,
         subject,
         serial,
         not_after_unix,
+        node_id,
     }
 }
 

@@ -23,7 +23,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::files::{load_certs, load_crls, load_key, load_roots, Reloading, TlsFiles};
-use crate::{cert_facts, role_of_cert, Role, TlsError};
+use crate::{cert_facts, Role, TlsError};
 
 /// Longest a client may take to complete its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -46,9 +46,37 @@ pub struct PeerInfo {
     /// revocation (or an expiry) cannot go on using the certificate.
     pub serial: Vec<u8>,
     pub not_after_unix: i64,
+    /// The node its certificate names (`raftblk:node:ID`), if any.
+    pub node_id: Option<u64>,
+    /// Whether the connection is TLS (false: plaintext, trusted network).
+    pub tls: bool,
 }
 
 impl PeerInfo {
+    /// Ok if this peer may speak for node `node` (a raft stream's or a
+    /// heartbeat's sender): over TLS only with a certificate naming that
+    /// node, so one node's certificate cannot pose as another node;
+    /// without TLS anyone may (the network is trusted). Else
+    /// PERMISSION_DENIED saying whose certificate it is, and a
+    /// (rate-limited) log line naming the peer.
+    pub fn speaks_for(&self, node: u64) -> Result<(), tonic::Status> {
+        if !self.tls || self.node_id == Some(node) {
+            return Ok(());
+        }
+        let msg = match self.node_id {
+            Some(id) => format!(
+                "the certificate ({}) is node {id}'s; it may not speak for node {node}",
+                self.subject
+            ),
+            None => format!(
+                "the certificate ({}) names no node (raftblk:node:ID); it may not speak for node {node}",
+                self.subject
+            ),
+        };
+        denied(self.addr, &msg);
+        Err(tonic::Status::permission_denied(msg))
+    }
+
     /// Why this peer's certificate, accepted at its handshake, may no
     /// longer be used (revoked or expired since); None while it may. For
     /// long-lived streams, which pass the role gate once.
@@ -96,9 +124,10 @@ pub enum ServerSecurity {
     Tls(Arc<Reloading<ServerConfig>>),
 }
 
-/// A node serves only with a `node` certificate: checked at start and at
-/// every reload (a rotation to another role's certificate keeps the old).
-fn check_node_cert(f: &TlsFiles) -> Result<(), TlsError> {
+/// A node serves only with a `node` certificate naming it: checked at
+/// start and at every reload (a rotation to another role's or another
+/// node's certificate keeps the old one).
+fn check_node_cert(f: &TlsFiles, node: u64) -> Result<(), TlsError> {
     let own = load_certs(&f.cert)?;
     let Some(first) = own.first() else {
         return Err(TlsError::Config(format!(
@@ -106,19 +135,31 @@ fn check_node_cert(f: &TlsFiles) -> Result<(), TlsError> {
             f.cert.display()
         )));
     };
-    let (role, subject) = role_of_cert(first);
-    if role != Some(Role::Node) {
+    let facts = cert_facts(first);
+    if facts.role != Some(Role::Node) {
         return Err(TlsError::Config(format!(
-            "{}: a node needs a certificate with the `node` role ({subject} has {})",
+            "{}: a node needs a certificate with the `node` role ({} has {})",
             f.cert.display(),
-            role.map_or("none".to_owned(), |r| r.to_string())
+            facts.subject,
+            facts.role.map_or("none".to_owned(), |r| r.to_string())
+        )));
+    }
+    if facts.node_id != Some(node) {
+        return Err(TlsError::Config(format!(
+            "{}: {}; this is node {node} (issue one with `raftblk certs issue DIR NAME --role node --node-id {node}`)",
+            f.cert.display(),
+            facts
+                .node_id
+                .map_or("the certificate names no node".to_owned(), |n| format!(
+                    "the certificate is node {n}'s"
+                )),
         )));
     }
     Ok(())
 }
 
-fn build_server_config(f: &TlsFiles) -> Result<ServerConfig, TlsError> {
-    check_node_cert(f)?;
+fn build_server_config(f: &TlsFiles, node: u64) -> Result<ServerConfig, TlsError> {
+    check_node_cert(f, node)?;
     let provider = crate::provider();
     let roots = load_roots(&f.ca)?;
     let mut verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
@@ -149,12 +190,13 @@ fn build_server_config(f: &TlsFiles) -> Result<ServerConfig, TlsError> {
 }
 
 impl ServerSecurity {
-    /// TLS from `files`, reloaded when they change (call on a runtime).
-    pub fn tls(files: TlsFiles) -> Result<ServerSecurity, TlsError> {
+    /// TLS for node `node` from `files`, reloaded when they change (call
+    /// on a runtime).
+    pub fn tls(files: TlsFiles, node: u64) -> Result<ServerSecurity, TlsError> {
         Ok(ServerSecurity::Tls(Reloading::watch(
             files,
             "server",
-            build_server_config,
+            move |f| build_server_config(f, node),
         )?))
     }
 
@@ -183,6 +225,8 @@ impl ServerSecurity {
                             subject: "plaintext".into(),
                             serial: Vec::new(),
                             not_after_unix: i64::MAX,
+                            node_id: None,
+                            tls: false,
                         };
                         if tx.send(Ok(Conn::Plain(stream, peer))).await.is_err() {
                             return;
@@ -219,6 +263,8 @@ impl ServerSecurity {
                                         subject: facts.subject,
                                         serial: facts.serial,
                                         not_after_unix: facts.not_after_unix,
+                                        node_id: facts.node_id,
+                                        tls: true,
                                     };
                                     // The slot is held until the server
                                     // takes the connection.
@@ -444,5 +490,27 @@ fn denied(addr: Option<SocketAddr>, msg: &str) {
     if let Some(suppressed) = LOG.allow() {
         let peer = addr.map_or("?".to_owned(), |a| a.to_string());
         tracing::warn!(peer, suppressed, "request refused: {msg}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_serves_only_with_its_own_node_certificate() {
+        let dir = tempfile::tempdir().expect("dir");
+        crate::certs::init_dir(dir.path(), &[1, 2, 3], Duration::from_secs(86_400)).expect("init");
+        let files = |name: &str| TlsFiles {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join(format!("{name}.pem")),
+            key: dir.path().join(format!("{name}.key")),
+            crl: Some(dir.path().join("crl.pem")),
+        };
+        check_node_cert(&files("node3"), 3).expect("node 3's own certificate");
+        let other = check_node_cert(&files("node3"), 2).expect_err("node 3's for node 2");
+        assert!(other.to_string().contains("node 3's"), "{other}");
+        let admin = check_node_cert(&files("admin"), 1).expect_err("an admin certificate");
+        assert!(admin.to_string().contains("`node` role"), "{admin}");
     }
 }

@@ -136,6 +136,9 @@ impl Cluster for ClusterService {
         &self,
         req: Request<NodeHeartbeat>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        if let Some(p) = req.extensions().get::<raftblk_tls::PeerInfo>() {
+            p.speaks_for(req.get_ref().node_id)?;
+        }
         Ok(Response::new(
             super::map::heartbeat(&self.store, &self.reports, req.into_inner()).await,
         ))

@@ -75,6 +75,9 @@ impl RaftTransport for RaftService {
                     return Err(Status::invalid_argument("a raft stream changed its sender"))
                 }
                 None => {
+                    if let Some(p) = &peer {
+                        p.speaks_for(batch.from_node)?;
+                    }
                     check_sender(&self.store, batch.from_node, &batch.from_store_uuid)?;
                     sender = Some((batch.from_node, batch.from_store_uuid.clone()));
                     let peer = [batch.from_node.to_string()];
@@ -183,6 +186,9 @@ impl RaftTransport for RaftService {
             return Err(Status::invalid_argument(
                 "snapshot header is not a MsgSnapshot for this node",
             ));
+        }
+        if let Some(p) = &peer {
+            p.speaks_for(first.from_node)?;
         }
         let group = header.group_id;
         if self.store.view(group).is_none() {
