@@ -38,7 +38,7 @@ pub(crate) async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
         }
         VolumeCmd::List if cli.output == cli_output::Output::Json => {
             let vols = client.list_volumes().await?;
-            let usage = usage_or_warn(&client, &[]).await;
+            let usage = usage_or_warn(&client, &vols).await;
             let all: Vec<_> = vols
                 .iter()
                 .map(|v| cli_output::volume_summary(v, usage.as_ref()))
@@ -47,7 +47,7 @@ pub(crate) async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
         }
         VolumeCmd::Info { name } if cli.output == cli_output::Output::Json => {
             let (v, lease) = client.volume_status(name).await?;
-            let usage = usage_or_warn(&client, &[v.id]).await;
+            let usage = usage_or_warn(&client, std::slice::from_ref(&v)).await;
             outln!(
                 "{:#}",
                 cli_output::volume_detail(&v, lease.as_ref(), usage.as_ref())
@@ -55,7 +55,7 @@ pub(crate) async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
         }
         VolumeCmd::List => {
             let vols = client.list_volumes().await?;
-            let usage = usage_or_warn(&client, &[]).await;
+            let usage = usage_or_warn(&client, &vols).await;
             outln!(
                 "{:<6} {:<32} {:>14} {:>14} {:>12}",
                 "ID",
@@ -77,7 +77,7 @@ pub(crate) async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
         }
         VolumeCmd::Info { name } => {
             let (v, lease) = client.volume_status(name).await?;
-            let usage = usage_or_warn(&client, &[v.id]).await;
+            let usage = usage_or_warn(&client, std::slice::from_ref(&v)).await;
             outln!("name:       {}", v.name);
             outln!("id:         {}", v.id);
             outln!(
@@ -163,9 +163,9 @@ fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
 /// groups it lacks named here.
 async fn usage_or_warn(
     client: &Client,
-    volume_ids: &[u64],
+    volumes: &[raftblk_proto::VolumeInfo],
 ) -> Option<raftblk_client::usage::UsageReport> {
-    match client.volume_usage(volume_ids).await {
+    match client.volume_usage(volumes).await {
         Ok(u) => {
             if !u.complete() {
                 eprintln!(

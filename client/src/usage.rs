@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use raftblk_proto::cluster_client::ClusterClient;
-use raftblk_proto::{GroupUsage, VolumeUsageRequest, BLOCK_BYTES};
+use raftblk_proto::{GroupUsage, VolumeInfo, VolumeUsageRequest, BLOCK_BYTES};
 
 use crate::error::ClientError;
 use crate::router::{status_text, Client};
@@ -22,8 +22,11 @@ const NODE_TIMEOUT: Duration = Duration::from_secs(15);
 const ROUNDS_MAX: u32 = 2;
 /// Pause between rounds (an election settles in about a second).
 const ROUND_PAUSE: Duration = Duration::from_millis(1500);
-/// Volume ids one request names; more are asked as "every volume".
+/// Clones one request may name (the node's limit).
 const NAMED_VOLUMES_MAX: usize = 4096;
+/// Volumes one request names, each its own range scan; more are asked as
+/// "every volume" (one scan of every block) and filtered here.
+const NAMED_VOLUMES_SCAN_MAX: usize = 64;
 
 /// One group's count: the counting leader's term, and per volume id its
 /// blocks and kept blocks.
@@ -33,6 +36,8 @@ type GroupCount = (u64, BTreeMap<u64, (u64, u64)>);
 enum Failure {
     /// This program's certificate may not ask: no other member will differ.
     Denied(String),
+    /// The member predates `Cluster.VolumeUsage`.
+    Unimplemented,
     Other(String),
 }
 
@@ -70,19 +75,31 @@ impl UsageReport {
 }
 
 impl Client {
-    /// Stored bytes of `volume_ids` (empty: of every volume), summed over
-    /// the groups' leaders.
-    pub async fn volume_usage(&self, volume_ids: &[u64]) -> Result<UsageReport, ClientError> {
+    /// Stored bytes of `volumes`, summed over the groups' leaders.
+    pub async fn volume_usage(&self, volumes: &[VolumeInfo]) -> Result<UsageReport, ClientError> {
         self.refresh_topology().await;
         let topo = self.topology();
         let expected: BTreeSet<u64> = topo.groups.keys().copied().collect();
-        let wanted: BTreeSet<u64> = volume_ids.iter().copied().collect();
+        let wanted: BTreeSet<u64> = volumes.iter().map(|v| v.id).collect();
+        let whiteout_volume_ids: Vec<u64> = volumes
+            .iter()
+            .filter(|v| v.whiteouts || v.parent.is_some())
+            .map(|v| v.id)
+            .collect();
+        if whiteout_volume_ids.len() > NAMED_VOLUMES_MAX {
+            return Err(ClientError::InvalidArgument(format!(
+                "{} clones in one count; at most {NAMED_VOLUMES_MAX}",
+                whiteout_volume_ids.len()
+            )));
+        }
         let req = VolumeUsageRequest {
-            volume_ids: if volume_ids.len() > NAMED_VOLUMES_MAX {
+            // Many volumes: one scan of every block, kept for those asked.
+            volume_ids: if wanted.len() > NAMED_VOLUMES_SCAN_MAX {
                 Vec::new()
             } else {
-                volume_ids.to_vec()
+                wanted.iter().copied().collect()
             },
+            whiteout_volume_ids,
         };
         let mut counted: BTreeMap<u64, GroupCount> = BTreeMap::new();
         let mut errors = Vec::new();
@@ -91,6 +108,7 @@ impl Client {
                 tokio::time::sleep(ROUND_PAUSE).await;
             }
             errors.clear();
+            let mut unimplemented = 0;
             let calls = topo.nodes.iter().map(|(&id, addr)| {
                 let req = req.clone();
                 let ch = self.channel(addr);
@@ -111,6 +129,9 @@ impl Client {
                         {
                             Err(Failure::Denied(s.message().to_owned()))
                         }
+                        Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
+                            Err(Failure::Unimplemented)
+                        }
                         Ok(Err(s)) => Err(Failure::Other(status_text(&s))),
                         Err(_) => Err(Failure::Other("timed out".to_owned())),
                     };
@@ -127,6 +148,13 @@ impl Client {
                         errors.push(format!("node {id}: {msg}"));
                         continue;
                     }
+                    Err(Failure::Unimplemented) => {
+                        unimplemented += 1;
+                        errors.push(format!(
+                            "node {id}: does not count stored bytes (an older version)"
+                        ));
+                        continue;
+                    }
                 };
                 if let Some(e) = resp.error {
                     errors.push(format!("node {id}: {}", e.message));
@@ -135,6 +163,11 @@ impl Client {
                 for g in resp.groups {
                     take_group(&mut counted, g, &wanted);
                 }
+            }
+            if unimplemented > 0 && unimplemented == topo.nodes.len() {
+                return Err(ClientError::InvalidArgument(
+                    "no node counts stored bytes: they run an older version".into(),
+                ));
             }
             if expected.iter().all(|g| counted.contains_key(g)) {
                 break;

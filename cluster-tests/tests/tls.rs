@@ -171,7 +171,8 @@ fn strangers_are_refused_and_roles_are_enforced() -> anyhow::Result<()> {
         );
 
         // One node's certificate cannot pose as another node: node 3's,
-        // in a raft stream or a heartbeat claiming to be node 2.
+        // in a raft stream, a heartbeat, a join or a snapshot claiming to
+        // be node 2.
         let node3 = ClientSecurity::tls(tls::files("node3"))?;
         let ch = node3
             .connect(tonic::transport::Endpoint::from_shared(format!(
@@ -192,13 +193,31 @@ fn strangers_are_refused_and_roles_are_enforced() -> anyhow::Result<()> {
             status.message().contains("is node 3's") && status.message().contains("node 2"),
             "{status:?}"
         );
-        let status = raftblk_proto::cluster_client::ClusterClient::new(ch)
+        let status = raftblk_proto::cluster_client::ClusterClient::new(ch.clone())
             .heartbeat(raftblk_proto::NodeHeartbeat {
                 node_id: 2,
                 ..Default::default()
             })
             .await
             .expect_err("node 3's certificate sent node 2's heartbeat");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        let status = raftblk_proto::cluster_client::ClusterClient::new(ch.clone())
+            .join(raftblk_proto::JoinRequest {
+                node_id: 2,
+                addr: "127.0.0.1:1".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("node 3's certificate re-registered node 2");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        let status = RaftTransportClient::new(ch)
+            .snapshot(tokio_stream::iter(vec![raftblk_proto::SnapshotPiece {
+                from_node: 2,
+                to_node: 1,
+                ..Default::default()
+            }]))
+            .await
+            .expect_err("node 3's certificate sent a snapshot as node 2");
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
 
         // Nor finish (delete) a snapshot that is ready, delete one through

@@ -2,7 +2,8 @@
 //! show them (like `rbd du`): blocks written count once each (a partial
 //! write stores its whole block, a discard frees its blocks), blocks
 //! never written count nothing, blocks kept for a snapshot count apart,
-//! and a clone counts only the blocks it wrote; the figures match what the replicas' digests count, and stay
+//! and a clone counts only the blocks it wrote (not the whiteouts its
+//! discards leave); the figures match what the replicas' digests count, and stay
 //! the same (no group counted twice or left out) after a node dies and
 //! its groups elect new leaders.
 
@@ -176,6 +177,9 @@ async fn volume_list_and_info_show_what_each_volume_stores() -> anyhow::Result<(
     let cv = client.open_volume("du-c").await?;
     cv.write(2 << 20, &payload(6, 2 * BLOCK as usize)).await?;
     cv.write((512 << 10) + 512, &payload(7, 512)).await?;
+    // Discarding blocks the parent holds stores whiteouts (so they read
+    // as zeros, not as the parent's): they hold no data.
+    cv.discard(600 << 10, 2 * BLOCK).await?;
     let clone_blocks = 3;
     let cl2 = cl.clone();
     tokio::task::spawn_blocking(move || {
@@ -186,14 +190,18 @@ async fn volume_list_and_info_show_what_each_volume_stores() -> anyhow::Result<(
 
     // The library call agrees, and so do the replicas' own digests
     // (counted with the values read, on one running replica per group).
-    let report = client.volume_usage(&[a.id]).await?;
+    let report = client
+        .volume_usage(&[client.volume_info("du-a").await?])
+        .await?;
     assert!(report.complete(), "{report:?}");
     assert_eq!(report.of(a.id).stored_bytes, data_blocks * BLOCK);
     assert_eq!(report.of(a.id).snapshot_bytes, kept_blocks * BLOCK);
     let groups = c.status(1).await?.data_group_count;
+    // The digests count every block key, the clone's two whiteouts too.
+    let whiteouts = 2;
     assert_eq!(
         digests(&c, groups).await?,
-        (data_blocks + clone_blocks, kept_blocks)
+        (data_blocks + clone_blocks + whiteouts, kept_blocks)
     );
 
     // A node that leads every data group dies: the groups are counted by

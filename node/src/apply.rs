@@ -451,6 +451,7 @@ impl<'a> Applier<'a> {
             qos: c.qos,
             snapshots: Vec::new(),
             next_snapshot_id: 1,
+            whiteouts: c.parent.is_some(),
             parent: c.parent,
         };
         self.put(wb, next_key, (id + 1).to_be_bytes().to_vec());

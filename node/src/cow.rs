@@ -28,7 +28,7 @@ use crate::engine::{Engine, EngineError, OwnedSnapshot};
 use crate::keys;
 
 /// The kept value of a block that was a whiteout (a clone's zeroed block).
-const KEPT_WHITEOUT: &[u8] = b"W";
+pub(crate) const KEPT_WHITEOUT: &[u8] = b"W";
 
 /// The kept form of a block's current stored value (`None`: absent).
 pub fn kept_encode(current: Option<&[u8]>) -> Vec<u8> {

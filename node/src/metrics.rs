@@ -271,7 +271,7 @@ impl NodeMetrics {
             if let Some(s) = all.get(&volume) {
                 return s.clone();
             }
-            if all.len() > VOLUME_SERIES_MAX {
+            if own_series(&all) >= VOLUME_SERIES_MAX {
                 if let Some(s) = all.get(&u64::MAX) {
                     return s.clone();
                 }
@@ -281,7 +281,7 @@ impl NodeMetrics {
         // Past the cap, every further volume shares one cached `other`
         // entry (key u64::MAX, never a volume id), found by the read path
         // below on its next request.
-        let full = all.len() >= VOLUME_SERIES_MAX;
+        let full = own_series(&all) >= VOLUME_SERIES_MAX;
         if full {
             if let Some(s) = all.get(&u64::MAX) {
                 return s.clone();
@@ -312,6 +312,12 @@ impl NodeMetrics {
         all.insert(if full { u64::MAX } else { volume }, s.clone());
         s
     }
+}
+
+/// Volumes with series of their own (the shared `other` entry, key
+/// u64::MAX, is not one).
+fn own_series(all: &HashMap<u64, VolumeSeries>) -> usize {
+    all.len() - usize::from(all.contains_key(&u64::MAX))
 }
 
 impl NodeMetrics {
@@ -515,5 +521,48 @@ impl Scrape {
                 m.cluster_nodes.with_label_values(&[state]).set(n);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raftblk_metrics::prometheus::core::Collector as _;
+
+    fn labels(m: &NodeMetrics) -> Vec<String> {
+        let mut out: Vec<String> = m
+            .block_requests
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric().iter())
+            .filter_map(|s| {
+                s.get_label()
+                    .iter()
+                    .find(|l| l.name() == "volume")
+                    .map(|l| l.value().to_owned())
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    #[test]
+    fn a_deleted_volume_frees_its_series_slot() {
+        let m = NodeMetrics::new();
+        let took = std::time::Duration::from_micros(100);
+        for v in 1..=VOLUME_SERIES_MAX as u64 + 2 {
+            m.block_io(true, v, 4096, took);
+        }
+        let seen = labels(&m);
+        assert!(seen.contains(&"other".to_owned()));
+        assert!(!seen.contains(&(VOLUME_SERIES_MAX as u64 + 1).to_string()));
+        m.forget_volume(1);
+        assert!(!labels(&m).contains(&"1".to_owned()));
+        // The freed slot goes to the next new volume.
+        m.block_io(false, 1000, 4096, took);
+        assert!(labels(&m).contains(&"1000".to_owned()));
+        m.block_io(false, 1001, 4096, took);
+        assert!(!labels(&m).contains(&"1001".to_owned()));
     }
 }

@@ -43,7 +43,9 @@ pub async fn serve(
         Some(files) => {
             let server =
                 ServerSecurity::tls(files.clone(), config.node_id).context("TLS (tls.* keys)")?;
-            crate::transport::set_security(ClientSecurity::tls(files).context("TLS (tls.* keys)")?);
+            crate::transport::set_security(
+                ClientSecurity::tls_for_node(files, config.node_id).context("TLS (tls.* keys)")?,
+            );
             tracing::info!(node = config.node_id, "mutual TLS on");
             server
         }

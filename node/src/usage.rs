@@ -139,20 +139,24 @@ impl Drop for KeyScan<'_> {
 }
 
 /// Adds `group`'s stored and kept blocks of `volumes` (every volume when
-/// empty) to `out`. Returns false, leaving `out` partly filled, when
-/// `deadline` passed first.
+/// empty) to `out`. Blocks of the volumes in `whiteouts` (sorted) are
+/// counted with their values read, leaving whiteouts (empty values) out;
+/// the others from their keys alone. Returns false, leaving `out` partly
+/// filled, when `deadline` passed first.
 pub fn count_group(
     engine: &Engine,
     group: u64,
     volumes: &[u64],
+    whiteouts: &[u64],
     deadline: Instant,
     out: &mut VolumeCounts,
 ) -> Result<bool, EngineError> {
-    let block_ranges: Vec<(Vec<u8>, Vec<u8>)> = if volumes.is_empty() {
+    let key_ranges: Vec<(Vec<u8>, Vec<u8>)> = if volumes.is_empty() {
         vec![(keys::block(group, 0, 0), keys::blocks_end(group))]
     } else {
         volumes
             .iter()
+            .filter(|v| whiteouts.binary_search(v).is_err())
             .map(|&v| {
                 (
                     keys::volume_blocks_start(group, v),
@@ -162,40 +166,56 @@ pub fn count_group(
             .collect()
     };
     let mut seen = 0u64;
-    for (start, end) in &block_ranges {
+    let mut tick = || {
+        seen += 1;
+        seen.is_multiple_of(DEADLINE_CHECK_KEYS) && Instant::now() >= deadline
+    };
+    for (start, end) in &key_ranges {
         if Instant::now() >= deadline {
             return Ok(false);
         }
         let mut scan = KeyScan::new(engine, start, end);
         while let Some(k) = scan.key() {
             if let Some((volume, _)) = keys::parse_block(group, k) {
-                out.entry(volume).or_default().0 += 1;
+                if whiteouts.binary_search(&volume).is_err() {
+                    out.entry(volume).or_default().0 += 1;
+                }
             }
-            seen += 1;
-            if seen.is_multiple_of(DEADLINE_CHECK_KEYS) && Instant::now() >= deadline {
+            if tick() {
                 return Ok(false);
             }
             scan.next();
         }
         scan.status()?;
     }
-    let snap_ranges: Vec<(Vec<u8>, Vec<u8>)> = if volumes.is_empty() {
-        vec![(
+    // Values read: the blocks of volumes that may hold whiteouts, and the
+    // kept snapshot blocks (an empty kept value marks a block absent at
+    // the snapshot, a kept whiteout one that read as zeros: neither holds
+    // data).
+    let mut value_ranges: Vec<(Vec<u8>, Vec<u8>)> = whiteouts
+        .iter()
+        .filter(|v| volumes.is_empty() || volumes.binary_search(v).is_ok())
+        .map(|&v| {
+            (
+                keys::volume_blocks_start(group, v),
+                keys::volume_blocks_end(group, v),
+            )
+        })
+        .collect();
+    if volumes.is_empty() {
+        value_ranges.push((
             keys::snap_block(group, 0, 0, 0),
             keys::snap_volume_end(group, u64::MAX),
-        )]
+        ));
     } else {
-        volumes
-            .iter()
-            .map(|&v| {
-                (
-                    keys::snap_block(group, v, 0, 0),
-                    keys::snap_volume_end(group, v),
-                )
-            })
-            .collect()
-    };
-    for (start, end) in snap_ranges {
+        value_ranges.extend(volumes.iter().map(|&v| {
+            (
+                keys::snap_block(group, v, 0, 0),
+                keys::snap_volume_end(group, v),
+            )
+        }));
+    }
+    for (start, end) in value_ranges {
         if Instant::now() >= deadline {
             return Ok(false);
         }
@@ -209,13 +229,16 @@ pub fn count_group(
         );
         for item in iter {
             let (k, v) = item?;
-            if let Some((volume, _, _)) = keys::parse_snap_block(group, &k) {
+            if let Some((volume, _)) = keys::parse_block(group, &k) {
                 if !v.is_empty() {
+                    out.entry(volume).or_default().0 += 1;
+                }
+            } else if let Some((volume, _, _)) = keys::parse_snap_block(group, &k) {
+                if !v.is_empty() && &*v != crate::cow::KEPT_WHITEOUT {
                     out.entry(volume).or_default().1 += 1;
                 }
             }
-            seen += 1;
-            if seen.is_multiple_of(DEADLINE_CHECK_KEYS) && Instant::now() >= deadline {
+            if tick() {
                 return Ok(false);
             }
         }
@@ -263,16 +286,16 @@ mod tests {
                 e.db().flush_cf(e.kv_cf()).expect("flush");
             }
             let mut all = VolumeCounts::new();
-            assert!(count_group(&e, 3, &[], far, &mut all).expect("count"));
+            assert!(count_group(&e, 3, &[], &[], far, &mut all).expect("count"));
             assert_eq!(all.get(&1), Some(&(10, 2)), "flushed={flushed}");
             assert_eq!(all.get(&2), Some(&(4, 0)), "flushed={flushed}");
             assert_eq!(all.len(), 2);
             let mut one = VolumeCounts::new();
-            assert!(count_group(&e, 3, &[2], far, &mut one).expect("count"));
+            assert!(count_group(&e, 3, &[2], &[], far, &mut one).expect("count"));
             assert_eq!(one.into_iter().collect::<Vec<_>>(), vec![(2, (4, 0))]);
         }
         let mut none = VolumeCounts::new();
-        assert!(count_group(&e, 5, &[], far, &mut none).expect("count"));
+        assert!(count_group(&e, 5, &[], &[], far, &mut none).expect("count"));
         assert!(none.is_empty());
     }
 
@@ -301,21 +324,63 @@ mod tests {
         assert!(e.db().get_cf(e.kv_cf(), keys::block(2, 5, 0)).is_err());
         let mut out = VolumeCounts::new();
         let far = Instant::now() + Duration::from_secs(60);
-        assert!(count_group(&e, 2, &[], far, &mut out).expect("count"));
+        assert!(count_group(&e, 2, &[], &[], far, &mut out).expect("count"));
         assert_eq!(out.get(&5), Some(&(64, 0)));
     }
 
     #[test]
-    fn a_passed_deadline_stops_a_long_count() {
+    fn whiteouts_and_kept_whiteouts_hold_no_data() {
         let dir = tempfile::tempdir().expect("tempdir");
         let e = engine(dir.path());
+        let data = block::encode(&[3u8; BLOCK_BYTES as usize]);
         let mut wb = WriteBatch::default();
-        for b in 0..(2 * DEADLINE_CHECK_KEYS) {
-            wb.put_cf(e.kv_cf(), keys::block(1, 9, b), b"small");
-        }
+        // Volume 6 (a clone): two blocks and one whiteout; a kept block
+        // and a kept whiteout.
+        wb.put_cf(e.kv_cf(), keys::block(1, 6, 0), &data);
+        wb.put_cf(e.kv_cf(), keys::block(1, 6, 1), &data);
+        wb.put_cf(e.kv_cf(), keys::block(1, 6, 2), block::WHITEOUT);
+        wb.put_cf(e.kv_cf(), keys::snap_block(1, 6, 0, 1), &data);
+        wb.put_cf(
+            e.kv_cf(),
+            keys::snap_block(1, 6, 2, 1),
+            crate::cow::KEPT_WHITEOUT,
+        );
+        // Volume 7: not a clone.
+        wb.put_cf(e.kv_cf(), keys::block(1, 7, 0), &data);
         e.write(wb, true).expect("write");
+        e.db().flush_cf(e.kv_cf()).expect("flush");
+        let far = Instant::now() + Duration::from_secs(60);
+        for volumes in [&[][..], &[6, 7][..]] {
+            let mut out = VolumeCounts::new();
+            assert!(count_group(&e, 1, volumes, &[6], far, &mut out).expect("count"));
+            assert_eq!(out.get(&6), Some(&(2, 1)), "volumes {volumes:?}");
+            assert_eq!(out.get(&7), Some(&(1, 0)), "volumes {volumes:?}");
+        }
+    }
+
+    #[test]
+    fn a_deadline_stops_a_count_part_way() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = engine(dir.path());
+        let total = 400_000u64;
+        for part in 0..4 {
+            let mut wb = WriteBatch::default();
+            for b in part * total / 4..(part + 1) * total / 4 {
+                wb.put_cf(e.kv_cf(), keys::block(1, 9, b), b"small");
+            }
+            e.write(wb, true).expect("write");
+        }
+        // Past before the first range: nothing counted.
         let mut out = VolumeCounts::new();
-        let finished = count_group(&e, 1, &[], Instant::now(), &mut out).expect("count");
-        assert!(!finished);
+        assert!(!count_group(&e, 1, &[], &[], Instant::now(), &mut out).expect("count"));
+        assert!(out.is_empty());
+        // Passing during the scan: stopped part way, by the checks
+        // between keys.
+        let mut out = VolumeCounts::new();
+        let soon = Instant::now() + Duration::from_millis(3);
+        let finished = count_group(&e, 1, &[], &[], soon, &mut out).expect("count");
+        let counted = out.get(&9).map_or(0, |c| c.0);
+        assert!(!finished, "{total} keys counted within 3 ms");
+        assert!(counted < total, "{counted}");
     }
 }

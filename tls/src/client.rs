@@ -140,6 +140,21 @@ impl ClientSecurity {
         )?))
     }
 
+    /// TLS for node `node`'s own outgoing connections: like [`Self::tls`],
+    /// but the certificate must be a `node` certificate naming `node`, at
+    /// start and at every reload (a rotation to another node's certificate
+    /// keeps the old one, rather than presenting an identity peers refuse).
+    pub fn tls_for_node(files: TlsFiles, node: u64) -> Result<ClientSecurity, TlsError> {
+        Ok(ClientSecurity::Tls(Reloading::watch(
+            files,
+            "client",
+            move |f| {
+                crate::server::check_node_cert(f, node)?;
+                build_client_config(f)
+            },
+        )?))
+    }
+
     /// TLS presenting no certificate at all (what a stranger does): for
     /// tests and diagnostics; nodes refuse it at the handshake.
     pub fn anonymous(ca: &std::path::Path) -> Result<ClientSecurity, TlsError> {

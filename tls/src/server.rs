@@ -127,7 +127,7 @@ pub enum ServerSecurity {
 /// A node serves only with a `node` certificate naming it: checked at
 /// start and at every reload (a rotation to another role's or another
 /// node's certificate keeps the old one).
-fn check_node_cert(f: &TlsFiles, node: u64) -> Result<(), TlsError> {
+pub(crate) fn check_node_cert(f: &TlsFiles, node: u64) -> Result<(), TlsError> {
     let own = load_certs(&f.cert)?;
     let Some(first) = own.first() else {
         return Err(TlsError::Config(format!(

@@ -145,6 +145,14 @@ impl Cluster for ClusterService {
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        // A node joins as itself (an operator's `admin` certificate may
+        // register any node): one node's key cannot take over another's
+        // record and address.
+        if let Some(p) = req.extensions().get::<raftblk_tls::PeerInfo>() {
+            if p.role == Some(raftblk_tls::Role::Node) {
+                p.speaks_for(req.get_ref().node_id)?;
+            }
+        }
         Ok(Response::new(
             super::map::join(&self.store, &self.join_lock, req.into_inner()).await,
         ))
@@ -309,18 +317,22 @@ impl Cluster for ClusterService {
                 groups: Vec::new(),
             }))
         };
-        let mut volumes = req.into_inner().volume_ids;
-        if volumes.len() > USAGE_VOLUMES_MAX {
+        let r = req.into_inner();
+        let (mut volumes, mut whiteouts) = (r.volume_ids, r.whiteout_volume_ids);
+        if volumes.len() > USAGE_VOLUMES_MAX || whiteouts.len() > USAGE_VOLUMES_MAX {
             return fail(PbError::new(
                 ErrorCode::InvalidArgument,
                 format!(
-                    "{} volumes named; at most {USAGE_VOLUMES_MAX} per request (none: every volume)",
-                    volumes.len()
+                    "{} volumes and {} with whiteouts named; at most {USAGE_VOLUMES_MAX} of each per request (no volumes: every volume)",
+                    volumes.len(),
+                    whiteouts.len()
                 ),
             ));
         }
-        volumes.sort_unstable();
-        volumes.dedup();
+        for ids in [&mut volumes, &mut whiteouts] {
+            ids.sort_unstable();
+            ids.dedup();
+        }
         let permit =
             match tokio::time::timeout(USAGE_WAIT, self.usage_slot.clone().acquire_owned()).await {
                 Ok(Ok(p)) => p,
@@ -351,7 +363,14 @@ impl Cluster for ClusterService {
             let mut groups = Vec::with_capacity(led.len());
             for (group, term) in led {
                 let mut counts = crate::usage::VolumeCounts::new();
-                if !crate::usage::count_group(&engine, group, &volumes, deadline, &mut counts)? {
+                if !crate::usage::count_group(
+                    &engine,
+                    group,
+                    &volumes,
+                    &whiteouts,
+                    deadline,
+                    &mut counts,
+                )? {
                     cursor.store(group, Ordering::Relaxed);
                     tracing::warn!(
                         group,

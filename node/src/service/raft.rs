@@ -174,6 +174,9 @@ impl RaftTransport for RaftService {
         let Some(first) = first else {
             return Err(Status::invalid_argument("empty snapshot stream"));
         };
+        if let Some(p) = &peer {
+            p.speaks_for(first.from_node)?;
+        }
         let header = first
             .header
             .ok_or_else(|| Status::invalid_argument("first snapshot piece lacks the header"))?;
@@ -181,14 +184,12 @@ impl RaftTransport for RaftService {
             .map_err(|e| Status::invalid_argument(format!("undecodable snapshot header: {e}")))?;
         if msg.get_msg_type() != MessageType::MsgSnapshot
             || crate::membership::node_of(msg.to) != me
+            || crate::membership::node_of(msg.from) != first.from_node
             || first.to_node != me
         {
             return Err(Status::invalid_argument(
-                "snapshot header is not a MsgSnapshot for this node",
+                "snapshot header is not a MsgSnapshot from the stream's sender to this node",
             ));
-        }
-        if let Some(p) = &peer {
-            p.speaks_for(first.from_node)?;
         }
         let group = header.group_id;
         if self.store.view(group).is_none() {
