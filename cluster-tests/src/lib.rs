@@ -752,7 +752,15 @@ impl LocalCluster {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!("cluster not healthy after {timeout:?}: groups with a leader {led:?}");
+                // What each node last said, for whoever reads the failure.
+                let tails: String = (1..=self.spec.nodes)
+                    .filter(|&i| self.is_running(i))
+                    .map(|i| format!("\n--- node {i} (last lines) ---\n{}", self.log_tail(i, 12)))
+                    .collect();
+                bail!(
+                    "cluster not healthy after {timeout:?}: groups with a leader {led:?} of {}{tails}",
+                    self.spec.data_groups + 1
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
