@@ -709,6 +709,49 @@ impl LocalCluster {
         }
     }
 
+    /// Waits until every running replica of `group` has applied what its
+    /// leader had committed when this was called (writes may go on: unlike
+    /// `wait_replicas_identical`, this holds under a workload).
+    pub async fn wait_applied(&self, group: u64, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let commit = loop {
+            if let Some((_, st)) = self.group_status(group).await {
+                break st.commit_index;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "group {group} has no leader after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        loop {
+            let mut behind = Vec::new();
+            for r in self.members_of(group).await {
+                let i = r as usize;
+                if !self.is_running(i) {
+                    continue;
+                }
+                let applied = self.status(i).await.ok().and_then(|s| {
+                    s.groups
+                        .into_iter()
+                        .find(|g| g.group_id == group)
+                        .map(|g| g.applied_index)
+                });
+                if applied.is_none_or(|a| a < commit) {
+                    behind.push((r, applied));
+                }
+            }
+            if behind.is_empty() {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "replicas of group {group} did not apply index {commit} within {timeout:?}: (node, applied) {behind:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until node `i` no longer hosts `group` (its replica moved away).
     pub async fn wait_gone(&self, i: usize, group: u64, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
