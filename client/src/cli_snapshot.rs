@@ -53,19 +53,6 @@ fn state_name(s: i32) -> &'static str {
     }
 }
 
-fn bytes_bar(total: u64, what: &str) -> indicatif::ProgressBar {
-    let pb = indicatif::ProgressBar::new(total);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    pb.set_message(what.to_owned());
-    pb
-}
-
 pub async fn snapshot(client: &Client, cmd: &SnapshotCmd) -> anyhow::Result<()> {
     match cmd {
         SnapshotCmd::Create { spec } => {
@@ -134,7 +121,7 @@ pub async fn image(client: &Client, cmd: &ImageCmd) -> anyhow::Result<()> {
         }
         ImageCmd::Flatten { name } => {
             let size = client.volume_info(name).await?.size_bytes;
-            let pb = bytes_bar(size, "flatten");
+            let pb = crate::cli_volume::progress(size, "flatten");
             let v = client.flatten(name, |n| pb.inc(n)).await?;
             pb.finish_and_clear();
             outln!("volume {} no longer depends on a snapshot", v.name);
@@ -159,7 +146,7 @@ pub async fn image(client: &Client, cmd: &ImageCmd) -> anyhow::Result<()> {
             let created = !file.exists();
             let out = std::fs::File::create(file)
                 .with_context(|| format!("cannot create {}", file.display()))?;
-            let pb = bytes_bar(size, "export-diff");
+            let pb = crate::cli_volume::progress(size, "export-diff");
             let r = client
                 .export_diff(
                     vol,
@@ -201,7 +188,7 @@ pub async fn image(client: &Client, cmd: &ImageCmd) -> anyhow::Result<()> {
                 .await
                 .and_then(|a| a.check())
                 .with_context(|| format!("cannot attach volume {name}"))?;
-            let pb = bytes_bar(meta.len(), "import-diff");
+            let pb = crate::cli_volume::progress(meta.len(), "import-diff");
             let r = raftblk_client::diff::import_diff(&vol, file, |n| pb.inc(n)).await;
             pb.finish_and_clear();
             if let Some(a) = vol.attachment() {

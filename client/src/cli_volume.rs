@@ -144,7 +144,8 @@ pub(crate) async fn volume(cli: &Cli, cmd: &VolumeCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
+/// A byte-count progress bar for the long volume and image commands.
+pub(crate) fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(total);
     pb.set_style(
         indicatif::ProgressStyle::with_template(

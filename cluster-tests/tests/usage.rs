@@ -15,28 +15,8 @@ use raftblk_cluster_tests::{bin, payload, ClusterSpec, LocalCluster};
 const HEALTHY: Duration = Duration::from_secs(30);
 const BLOCK: u64 = 4096;
 
-/// Runs `raftblk --output json ARGS` against the cluster.
-fn json(cluster: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let out = std::process::Command::new(bin("raftblk"))
-        .envs(raftblk_cluster_tests::tls::cli_env())
-        .args([
-            "--cluster",
-            cluster,
-            "--timeout-secs",
-            "20",
-            "--output",
-            "json",
-        ])
-        .args(args)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "raftblk {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
+/// Runs `raftblk ARGS` against the cluster: (stdout, stderr), or an error
+/// naming the failed command.
 fn text(cluster: &str, args: &[&str]) -> anyhow::Result<(String, String)> {
     let out = std::process::Command::new(bin("raftblk"))
         .envs(raftblk_cluster_tests::tls::cli_env())
@@ -52,6 +32,12 @@ fn text(cluster: &str, args: &[&str]) -> anyhow::Result<(String, String)> {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+/// Runs `raftblk --output json ARGS` against the cluster.
+fn json(cluster: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let args: Vec<&str> = ["--output", "json"].iter().chain(args).copied().collect();
+    Ok(serde_json::from_str(&text(cluster, &args)?.0)?)
 }
 
 /// `(data bytes, snapshot bytes, complete)` of `name` in `volume list`.
